@@ -1,0 +1,37 @@
+# One command to run the gateway, one to run the tests; each does its own set-up.
+#   make run    the gateway on the embedded default (SMTP on 127.0.0.1:2525, Maildir delivery)
+#   make test   lint, type checks and the whole test suite (installs Postfix for its tests)
+#   make bench  the benchmark against the bare pass-through proxy (bench/RESULTS.md)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench system-deps lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/gateway serve $(ARGS)
+
+# Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink).
+system-deps:
+	@if ! command -v postfix >/dev/null 2>&1 || ! command -v smtp-sink >/dev/null 2>&1; then \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway quarantine tests bench
+	$(BIN)/mypy
+
+test: $(STAMP) system-deps lint
+	$(BIN)/pytest
+
+bench: $(STAMP) system-deps
+	$(BIN)/python bench/run.py $(ARGS)

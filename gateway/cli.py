@@ -1,0 +1,242 @@
+"""Command line: `gateway serve | scan | check-config | quarantine ...`.
+
+What the admin reads here is French; log lines stay English.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+import time
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__, config, headers
+from gateway.config import Config
+from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailable
+from gateway.message import Direction, Inbound, header_section_end
+from gateway.relay import create_next_hop, deliver
+from gateway.service import build_runtime, quarantine_root, serve
+from quarantine.crypto import KeyFileError
+from quarantine.store import Item, NotFound, Store
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FICHIER", help="fichier de configuration TOML")
+    p.add_argument("--domain", action="append", metavar="D", dest="domains",
+                   help="domaine du cabinet (répétable) ; remplace gateway.domains")
+    p.add_argument("--data-dir", metavar="DOSSIER", help="dossier des données (quarantaine, clés)")
+    p.add_argument("--dns", metavar="HOTE:PORT", help="serveur DNS utilisé par les vérifications")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gateway", description="Passerelle de sécurité mail du cabinet")
+    ap.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="relais MX entrant (SMTP)")
+    _common(p)
+    p.add_argument("--listen", metavar="HOTE:PORT", help="adresse d'écoute SMTP")
+    p.add_argument("--next-hop", metavar="HOTE:PORT",
+                   help="serveur de messagerie du cabinet ; sans lui : Maildir local")
+    p.add_argument("--workers", type=int, metavar="N", help="processus de service (0 = un par cœur)")
+
+    p = sub.add_parser("scan", help="analyser des messages hors ligne, sans les relayer")
+    _common(p)
+    p.add_argument("files", nargs="+", metavar="FICHIER")
+    p.add_argument("--json", action="store_true", help="un objet JSON par message")
+    p.add_argument("--client-ip", default="127.0.0.1")
+    p.add_argument("--helo", default="localhost")
+    p.add_argument("--mail-from", default="")
+    p.add_argument("--rcpt", action="append", default=[])
+    p.add_argument("--direction", choices=[d.value for d in Direction], default="inbound")
+
+    p = sub.add_parser("check-config", help="valider un fichier de configuration")
+    p.add_argument("file", metavar="FICHIER")
+
+    p = sub.add_parser("quarantine", help="consulter et traiter la quarantaine")
+    _common(p)
+    qsub = p.add_subparsers(dest="qcommand", required=True)
+    q = qsub.add_parser("list", help="lister les messages retenus")
+    q.add_argument("--state", choices=["quarantined", "released", "deleted"])
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--json", action="store_true")
+    for name, text in (("show", "afficher un message"), ("release", "libérer (remettre) un message"),
+                       ("delete", "supprimer un message")):
+        q = qsub.add_parser(name, help=text)
+        q.add_argument("id")
+        if name == "show":
+            q.add_argument("--raw", action="store_true", help="écrire le message brut (.eml)")
+    q = qsub.add_parser("purge", help="supprimer les messages plus anciens que la rétention")
+    q.add_argument("--days", type=float, help="par défaut : quarantine.retention_days")
+    return ap
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    cfg = config.load(args.config)
+    return config.override(
+        cfg,
+        gateway__domains=tuple(args.domains) if getattr(args, "domains", None) else None,
+        gateway__data_dir=getattr(args, "data_dir", None),
+        gateway__workers=getattr(args, "workers", None),
+        smtp__listen=getattr(args, "listen", None),
+        next_hop__address=getattr(args, "next_hop", None),
+        dns__nameservers=(args.dns,) if getattr(args, "dns", None) else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            config.load(args.file)
+            print(f"{args.file} : configuration valide")
+            return 0
+        cfg = load_config(args)
+        if args.command == "serve":
+            return serve(cfg)
+        if args.command == "scan":
+            return asyncio.run(_scan(cfg, args))
+        return asyncio.run(_quarantine(cfg, args))
+    except ConfigError as exc:
+        print(f"Configuration invalide :\n{exc}", file=sys.stderr)
+        return 2
+    except KeyFileError as exc:
+        print(f"Clé de quarantaine inutilisable : {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---- scan --------------------------------------------------------------------------------
+
+
+def to_crlf(raw: bytes) -> bytes:
+    """Files on disk usually have LF line ends; SMTP data has CRLF."""
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+async def _scan(cfg: Config, args: argparse.Namespace) -> int:
+    runtime = await build_runtime(cfg, with_store=False)
+    rcpts = tuple(args.rcpt) or (f"postmaster@{sorted(cfg.domains)[0]}",)
+    status = 0
+    try:
+        for name in args.files:
+            try:
+                raw = to_crlf(await asyncio.to_thread(Path(name).read_bytes))
+            except OSError as exc:
+                print(json.dumps({"file": name, "error": str(exc)}, ensure_ascii=False)
+                      if args.json else f"{name} : illisible ({exc.strerror})")
+                status = 1
+                continue
+            inbound = Inbound(queue_id="scan", peer_ip=args.client_ip, helo=args.helo,
+                              mail_from=args.mail_from, rcpts=rcpts, raw=raw,
+                              direction=Direction(args.direction))
+            analysis = await runtime.pipeline.analyse(inbound)
+            v = analysis.verdict
+            if args.json:
+                print(json.dumps({
+                    "file": name, "action": v.action.value, "score": v.score,
+                    "symbols": [{"name": s.name, "score": s.score, "description": s.description,
+                                 "detail": s.detail} for s in v.symbols],
+                }, ensure_ascii=False), flush=True)
+            else:
+                print(f"{name} : {_ACTION_FR[v.action.value]} (score {v.score:g})")
+                for s in v.symbols:
+                    print(f"  {s.name} ({s.score:g}) : {s.description}")
+    finally:
+        await runtime.close()
+    return status
+
+
+_ACTION_FR = {"accept": "accepté", "tag": "marqué comme suspect", "quarantine": "mis en quarantaine",
+              "reject": "refusé", "tempfail": "refusé temporairement"}
+_STATE_FR = {"quarantined": "en quarantaine", "released": "libéré", "deleted": "supprimé"}
+
+
+# ---- quarantine --------------------------------------------------------------------------
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%d/%m/%Y %H:%M", time.localtime(ts))
+
+
+async def _quarantine(cfg: Config, args: argparse.Namespace) -> int:
+    store = await Store.open(quarantine_root(cfg), cfg.key_file)
+    try:
+        return await _quarantine_cmd(cfg, args, store)
+    except NotFound as exc:
+        print(f"Introuvable : {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+
+
+async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, store: Store) -> int:
+    by = f"cli:{getpass.getuser()}"
+    cmd = args.qcommand
+    if cmd == "list":
+        items = await store.list_items(state=args.state, limit=args.limit)
+        if args.json:
+            for it in items:
+                print(json.dumps(_item_json(it), ensure_ascii=False))
+            return 0
+        if not items:
+            print("Aucun message en quarantaine.")
+        for it in items:
+            print(f"{it.id}  {_when(it.received_at)}  {_STATE_FR[it.state]:<15} "
+                  f"score {it.score:<6g} de {it.mail_from or '<>'}  objet : {it.subject[:60]}")
+        return 0
+    if cmd == "show":
+        item, raw = await store.get(args.id)
+        if args.raw:
+            sys.stdout.buffer.write(raw)
+            return 0
+        print(json.dumps(_item_json(item), ensure_ascii=False, indent=2))
+        end = header_section_end(raw)
+        print("\n--- en-tête du message ---")
+        print(raw[: end if end > 0 else len(raw)].decode("utf-8", "replace").rstrip())
+        return 0
+    if cmd == "release":
+        hop = create_next_hop(cfg)
+
+        async def _deliver(item: Item, raw: bytes) -> None:
+            stamp = f"by {by}; {formatdate(time.time())}; id {item.id}"
+            data = headers.prepend(raw, [("X-Gateway-Released", stamp)])
+            await deliver(hop, item.mail_from, item.rcpts, data)
+
+        try:
+            item = await store.release(args.id, by=by, deliver=_deliver)
+        except (DownstreamUnavailable, DownstreamRejected) as exc:
+            print(f"Remise impossible : {exc}", file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            print(f"Impossible : {exc}", file=sys.stderr)
+            return 1
+        print(f"{item.id} libéré et remis à {', '.join(item.rcpts)}")
+        return 0
+    if cmd == "delete":
+        await store.delete(args.id, by=by)
+        print(f"{args.id} supprimé")
+        return 0
+    if cmd == "purge":
+        days = args.days if args.days is not None else cfg.quarantine.retention_days
+        n = await store.purge(older_than_days=days)
+        print(f"{n} message(s) de plus de {days:g} jours supprimé(s)")
+        return 0
+    raise AssertionError(cmd)
+
+
+def _item_json(it: Item) -> dict[str, Any]:
+    return {
+        "id": it.id, "received_at": it.received_at, "state": it.state, "action": it.action,
+        "score": it.score, "mail_from": it.mail_from, "rcpts": list(it.rcpts),
+        "subject": it.subject, "from": it.from_header, "client_ip": it.client_ip,
+        "size": it.size, "symbols": [{"name": s.name, "score": s.score, "detail": s.detail}
+                                     for s in it.symbols],
+        "state_by": it.state_by, "state_changed_at": it.state_changed_at,
+    }

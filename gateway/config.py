@@ -1,0 +1,266 @@
+"""TOML configuration -> frozen dataclasses. The only code that reads the config file.
+
+Validation (types, unknown keys) is done by pydantic over plain stdlib dataclasses; the checks
+that span several keys (thresholds order, addresses, files) follow. Every error names its key
+path, and everything is checked before any port opens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from gateway.errors import ConfigError
+
+_STRICT = ConfigDict(extra="forbid")
+
+DEFAULT_RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: str, *, key: str) -> HostPort:
+    """`host:port`, `[v6]:port`; raises ConfigError naming `key`."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT (e.g. 127.0.0.1:2525), got {value!r}")
+    return HostPort(host=host, port=int(port))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySection:
+    __pydantic_config__ = _STRICT
+    hostname: str = "gateway.localdomain"  # name in the banner, EHLO and Received headers
+    domains: tuple[str, ...] = ()  # the practice's own domains: mail is accepted only for these
+    data_dir: str = "./gateway-data"  # quarantine, keys, embedded Maildir
+    rules_dir: str = ""  # default: the rules/ folder shipped beside the code
+    workers: int = 0  # serving processes on the SMTP port; 0 = one per core
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmtpSection:
+    __pydantic_config__ = _STRICT
+    listen: str = "127.0.0.1:2525"
+    max_message_bytes: int = 50 * 1024 * 1024  # advertised as SIZE and enforced
+    max_recipients: int = 100
+    idle_timeout_s: float = 300.0  # between commands (RFC 5321: 5 minutes)
+    data_timeout_s: float = 180.0  # without any DATA bytes arriving
+    tls_cert: str = ""  # PEM; STARTTLS is offered when set
+    tls_key: str = ""
+    max_connections: int = 200  # per serving process; above it new clients get 421
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NextHopSection:
+    __pydantic_config__ = _STRICT
+    address: str = ""  # HOST:PORT of the practice's mailbox server; empty = embedded Maildir
+    starttls: Literal["opportunistic", "required", "off"] = "opportunistic"
+    tls_verify: bool = True  # verify the next hop's certificate when STARTTLS is used
+    tls_ca_file: str = ""
+    timeout_s: float = 60.0  # per command to the next hop
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DnsSection:
+    __pydantic_config__ = _STRICT
+    nameservers: tuple[str, ...] = ()  # HOST or HOST:PORT; empty = /etc/resolv.conf
+    timeout_s: float = 3.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoringSection:
+    __pydantic_config__ = _STRICT
+    tag: float = 5.0  # score >= tag: banner and subject tag
+    quarantine: float = 10.0  # score >= quarantine: held in the encrypted quarantine
+    reject: float = 20.0  # score >= reject: 550 at end of DATA
+    message_budget_s: float = 45.0  # all checks of one message; past it: 451
+    parse_timeout_s: float = 20.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuarantineSection:
+    __pydantic_config__ = _STRICT
+    key_file: str = ""  # default: <data_dir>/quarantine.key, created at first start (0600)
+    retention_days: int = 30
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoggingSection:
+    __pydantic_config__ = _STRICT
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    __pydantic_config__ = _STRICT
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    smtp: SmtpSection = field(default_factory=SmtpSection)
+    next_hop: NextHopSection = field(default_factory=NextHopSection)
+    dns: DnsSection = field(default_factory=DnsSection)
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+    quarantine: QuarantineSection = field(default_factory=QuarantineSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    # Derived values, read by the rest of the code.
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.gateway.data_dir)
+
+    @property
+    def rules_dir(self) -> Path:
+        return Path(self.gateway.rules_dir) if self.gateway.rules_dir else DEFAULT_RULES_DIR
+
+    @property
+    def key_file(self) -> Path:
+        if self.quarantine.key_file:
+            return Path(self.quarantine.key_file)
+        return self.data_dir / "quarantine.key"
+
+    @property
+    def listen(self) -> HostPort:
+        return parse_host_port(self.smtp.listen, key="smtp.listen")
+
+    @property
+    def next_hop_address(self) -> HostPort | None:
+        if not self.next_hop.address:
+            return None
+        return parse_host_port(self.next_hop.address, key="next_hop.address")
+
+    @property
+    def domains(self) -> frozenset[str]:
+        return frozenset(d.lower().rstrip(".") for d in self.gateway.domains)
+
+    @property
+    def worker_count(self) -> int:
+        return self.gateway.workers or (os.cpu_count() or 1)
+
+
+_ADAPTER = TypeAdapter(Config)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int)) or "(top level)"
+
+
+def build(data: dict[str, Any], *, source: str = "config") -> Config:
+    """Validate a parsed TOML document; raise ConfigError naming every bad key."""
+    try:
+        cfg = _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = "unknown key" if err["type"] == "unexpected_keyword_argument" else err["msg"]
+            lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    validate(cfg, source=source)
+    return cfg
+
+
+def validate(cfg: Config, *, source: str = "config") -> None:
+    """Checks that span keys or touch the file system."""
+    problems: list[str] = []
+
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            problems.append(f"{source}: {key}: {msg}")
+
+    s = cfg.scoring
+    check(0 < s.tag < s.quarantine < s.reject, "scoring",
+          f"thresholds must be ordered 0 < tag < quarantine < reject, got "
+          f"tag={s.tag} quarantine={s.quarantine} reject={s.reject}")
+    check(s.message_budget_s > 0, "scoring.message_budget_s", "must be > 0")
+    check(s.message_budget_s < cfg.smtp.idle_timeout_s, "scoring.message_budget_s",
+          "must stay under smtp.idle_timeout_s, or clients give up before the verdict")
+    check(s.parse_timeout_s > 0, "scoring.parse_timeout_s", "must be > 0")
+    for key, value in (("smtp.listen", cfg.smtp.listen), ("next_hop.address", cfg.next_hop.address)):
+        if value:
+            try:
+                parse_host_port(value, key=key)
+            except ConfigError as exc:
+                problems.append(f"{source}: {exc}")
+    for i, ns in enumerate(cfg.dns.nameservers):
+        try:
+            _nameserver(ns)
+        except ConfigError:
+            problems.append(f"{source}: dns.nameservers[{i}]: expected an IP or IP:PORT, got {ns!r}")
+    check(cfg.dns.timeout_s > 0, "dns.timeout_s", "must be > 0")
+    check(cfg.smtp.max_message_bytes >= 1024, "smtp.max_message_bytes", "must be >= 1024")
+    check(cfg.smtp.max_recipients >= 1, "smtp.max_recipients", "must be >= 1")
+    check(cfg.smtp.max_connections >= 1, "smtp.max_connections", "must be >= 1")
+    check(cfg.gateway.workers >= 0, "gateway.workers", "must be >= 0 (0 = one per core)")
+    check(cfg.quarantine.retention_days >= 1, "quarantine.retention_days", "must be >= 1")
+    check(bool(cfg.domains), "gateway.domains",
+          "at least one domain is needed (the practice's own): mail for others is refused")
+    for d in cfg.domains:
+        check("." in d and " " not in d and "@" not in d, "gateway.domains", f"not a domain: {d!r}")
+    check(bool(cfg.smtp.tls_cert) == bool(cfg.smtp.tls_key), "smtp.tls_cert",
+          "tls_cert and tls_key go together")
+    for key, path in (("smtp.tls_cert", cfg.smtp.tls_cert), ("smtp.tls_key", cfg.smtp.tls_key),
+                      ("next_hop.tls_ca_file", cfg.next_hop.tls_ca_file)):
+        check(not path or Path(path).is_file(), key, f"file not found: {path}")
+    check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"folder not found: {cfg.rules_dir}")
+    key_file = cfg.key_file
+    if key_file.exists():
+        mode = key_file.stat().st_mode & 0o777
+        check(mode == 0o600, "quarantine.key_file",
+              f"key file {key_file} has mode {mode:04o}; expected 0600 (chmod 600 {key_file})")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _nameserver(value: str) -> tuple[str, int]:
+    try:
+        return str(ipaddress.ip_address(value)), 53
+    except ValueError:
+        hp = parse_host_port(value, key="dns.nameservers")
+        return str(ipaddress.ip_address(hp.host)), hp.port
+
+
+def nameservers(cfg: Config) -> list[tuple[str, int]]:
+    return [_nameserver(ns) for ns in cfg.dns.nameservers]
+
+
+def load(path: str | Path | None) -> Config:
+    """Load and validate a TOML file; None gives the embedded default."""
+    if path is None:
+        return build({"gateway": {"domains": ["cabinet.localhost"]}}, source="(default)")
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return build(data, source=str(p))
+
+
+def override(cfg: Config, **changes: Any) -> Config:
+    """Apply command-line overrides given as `section__key=value`, then re-validate."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in changes.items():
+        if value is None or value == () or value == []:
+            continue
+        section, _, key = name.partition("__")
+        sections.setdefault(section, {})[key] = value
+    new = cfg
+    for section, values in sections.items():
+        new = replace(new, **{section: replace(getattr(new, section), **values)})
+    validate(new, source="command line")
+    return new

@@ -1,0 +1,197 @@
+"""Inbound (envelope facts) and ParsedMessage (parsed once, read-only).
+
+`parse_message` is CPU work: the pipeline runs it in the worker pool, never on the event loop.
+It never raises on hostile input: what the parser could not make sense of is recorded in
+`ParsedMessage.defects` / `header_problems`, and the structural check turns those into symbols.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import enum
+import time
+from dataclasses import dataclass, field
+from email.message import Message
+
+# Limits that keep a hostile message from costing unbounded work.
+MAX_PARTS = 1000
+MAX_DEPTH = 20
+
+
+class Direction(enum.Enum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inbound:
+    """One message as received: envelope facts and the raw bytes (CRLF line ends)."""
+
+    queue_id: str
+    peer_ip: str
+    helo: str
+    mail_from: str
+    rcpts: tuple[str, ...]
+    raw: bytes
+    received_at: float = field(default_factory=time.time)
+    tls: bool = False
+    direction: Direction = Direction.INBOUND
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Part:
+    """One leaf or container of the MIME tree (payload stays in the raw message)."""
+
+    path: str  # "1.2.1", as IMAP numbers parts
+    content_type: str
+    filename: str | None
+    disposition: str | None
+    charset: str | None
+    transfer_encoding: str | None
+    depth: int
+    is_multipart: bool
+    size: int  # encoded size of the payload, in bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParsedMessage:
+    """Read-only facts about one message. Checks never re-parse the raw bytes."""
+
+    headers: tuple[tuple[str, str], ...]  # (name, raw unfolded value), in order
+    from_addresses: tuple[str, ...]  # addr-specs found in From
+    from_display: str  # decoded display name of the first From
+    subject: str  # decoded
+    parts: tuple[Part, ...]
+    defects: tuple[str, ...]  # parser defect class names, with the part path
+    header_problems: tuple[str, ...]  # headers whose encoded words or syntax could not be read
+    parts_truncated: bool  # MAX_PARTS or MAX_DEPTH reached: the rest was not walked
+    body_offset: int  # where the body starts in the raw bytes (-1: no header/body separator)
+
+    def header_count(self, name: str) -> int:
+        lname = name.lower()
+        return sum(1 for n, _ in self.headers if n.lower() == lname)
+
+    def header(self, name: str) -> str | None:
+        lname = name.lower()
+        for n, v in self.headers:
+            if n.lower() == lname:
+                return v
+        return None
+
+
+_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
+
+
+def decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words; raises ValueError/LookupError on broken ones."""
+    return str(email.header.make_header(email.header.decode_header(value)))
+
+
+def header_section_end(raw: bytes) -> int:
+    """Offset of the body (after the blank line), or -1 when there is no blank line."""
+    if raw.startswith(b"\r\n"):
+        return 2
+    idx = raw.find(b"\r\n\r\n")
+    if idx >= 0:
+        return idx + 4
+    idx = raw.find(b"\n\n")
+    return idx + 2 if idx >= 0 else -1
+
+
+def parse_message(raw: bytes) -> ParsedMessage:
+    """Parse once, robustly. Never raises for malformed input."""
+    msg = _PARSER.parsebytes(raw)
+    defects: list[str] = []
+    problems: list[str] = []
+    headers = tuple((str(k), _unfold(v)) for k, v in msg.raw_items())
+
+    addrs: list[str] = []
+    display = ""
+    from_values = [v for k, v in headers if k.lower() == "from"]
+    for value in from_values:
+        try:
+            pairs = email.utils.getaddresses([value])
+        except Exception:  # noqa: BLE001 - the stdlib address parser has raised on odd input
+            problems.append("From")
+            continue
+        for name, addr in pairs:
+            if addr and "@" in addr:
+                addrs.append(addr)
+                if not display and name:
+                    display = _safe_decode(name, "From", problems)
+    subject_raw = msg.get("Subject")
+    subject = _safe_decode(str(subject_raw), "Subject", problems) if subject_raw else ""
+    for field_name in ("To", "Cc", "Reply-To"):
+        field_value = msg.get(field_name)
+        if field_value is not None:
+            _safe_decode(str(field_value), field_name, problems)
+
+    parts: list[Part] = []
+    truncated = _walk(msg, "1", 0, parts, defects)
+    return ParsedMessage(
+        headers=headers,
+        from_addresses=tuple(addrs),
+        from_display=display,
+        subject=subject,
+        parts=tuple(parts),
+        defects=tuple(defects),
+        header_problems=tuple(dict.fromkeys(problems)),
+        parts_truncated=truncated,
+        body_offset=header_section_end(raw),
+    )
+
+
+def _unfold(value: object) -> str:
+    text = str(value) if not isinstance(value, email.header.Header) else value.encode()
+    return " ".join(text.replace("\r", "").split("\n")).strip()
+
+
+def _safe_decode(value: str, name: str, problems: list[str]) -> str:
+    try:
+        return decode_words(value)
+    except Exception:  # noqa: BLE001 - unknown charsets, broken base64 in encoded words
+        problems.append(name)
+        return value
+
+
+def _walk(msg: Message, path: str, depth: int, out: list[Part], defects: list[str]) -> bool:
+    """Depth-first walk; returns True when a limit stopped it."""
+    if len(out) >= MAX_PARTS or depth > MAX_DEPTH:
+        return True
+    for d in msg.defects:
+        defects.append(f"{path}:{type(d).__name__}")
+    payload = msg.get_payload()
+    is_multi = msg.is_multipart()
+    size = len(payload) if isinstance(payload, str | bytes) else 0
+    try:
+        filename = msg.get_filename()
+    except Exception:  # noqa: BLE001
+        filename = None
+        defects.append(f"{path}:BadFilename")
+    try:
+        charset = msg.get_content_charset()
+    except Exception:  # noqa: BLE001
+        charset = None
+    cte = msg.get("Content-Transfer-Encoding")
+    out.append(Part(
+        path=path,
+        content_type=msg.get_content_type(),
+        filename=filename,
+        disposition=msg.get_content_disposition(),
+        charset=charset,
+        transfer_encoding=str(cte).strip().lower() if cte is not None else None,
+        depth=depth,
+        is_multipart=is_multi,
+        size=size,
+    ))
+    if is_multi and isinstance(payload, list):
+        for i, sub in enumerate(payload, 1):
+            if not isinstance(sub, Message):
+                continue
+            if _walk(sub, f"{path}.{i}", depth + 1, out, defects):
+                return True
+    return False
+

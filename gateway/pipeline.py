@@ -1,0 +1,218 @@
+"""One message: parse -> checks -> verdict -> act. Owns the per-message deadline.
+
+`analyse` is the offline part (used by `gateway scan` too); `process` adds the action and
+returns an Outcome, which only gateway/smtp.py turns into an SMTP reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+from gateway import headers
+from gateway.checks.base import Check, CheckContext, CheckResult, Hit, runner_symbols
+from gateway.config import Config
+from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
+from gateway.logs import log_message
+from gateway.message import Inbound, ParsedMessage, parse_message
+from gateway.relay import Transaction
+from gateway.symbols import SymbolTable
+from gateway.verdict import Action, Verdict, decide
+from gateway.workers import Workers
+from quarantine.store import NewItem, Store, SymbolRecord
+
+log = logging.getLogger(__name__)
+
+PIPELINE_SYMBOLS = frozenset({"MESSAGE_UNPARSABLE"})
+
+
+class OutcomeKind(enum.Enum):
+    DELIVERED = "delivered"
+    QUARANTINED = "quarantined"
+    REJECTED = "rejected"  # our policy
+    DOWNSTREAM_REJECTED = "downstream_rejected"  # next hop 5xx, passed back
+    TEMPFAIL_SCAN = "tempfail_scan"
+    TEMPFAIL_DOWNSTREAM = "tempfail_downstream"
+    TEMPFAIL_QUARANTINE = "tempfail_quarantine"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Analysis:
+    parsed: ParsedMessage | None
+    results: tuple[CheckResult, ...]
+    verdict: Verdict
+    durations: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    kind: OutcomeKind
+    analysis: Analysis | None = None
+    quarantine_id: str | None = None
+    downstream_code: int | None = None
+    downstream_text: str = ""
+
+
+class Pipeline:
+    def __init__(self, *, cfg: Config, checks: Sequence[Check], table: SymbolTable,
+                 workers: Workers, store: Store | None) -> None:
+        self._cfg = cfg
+        self._phases = [
+            [c for c in checks if c.phase == 1],
+            [c for c in checks if c.phase == 2],
+        ]
+        self._table = table
+        self._workers = workers
+        self._store = store
+
+    # ---- analysis ---------------------------------------------------------------------
+
+    async def analyse(self, inbound: Inbound) -> Analysis:
+        """Parse once (off the loop), run every check within the budget, decide."""
+        budget = self._cfg.scoring.message_budget_s
+        deadline = time.monotonic() + budget
+        durations: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            parsed = await self._workers.run(
+                parse_message, inbound.raw, limit_s=min(self._cfg.scoring.parse_timeout_s, budget))
+        except ScanTimeout:
+            raise
+        except Exception:  # noqa: BLE001 - a parser bug must not lose or bounce the message
+            log.exception("parsing failed")
+            result = CheckResult.of("pipeline", Hit(symbol="MESSAGE_UNPARSABLE",
+                                                    detail="parser raised"))
+            return Analysis(parsed=None, results=(result,),
+                            verdict=decide([result], self._table, self._cfg.scoring))
+        durations["parse"] = time.perf_counter() - t0
+        results: list[CheckResult] = []
+        for phase in self._phases:
+            if not phase:
+                continue
+            ctx = CheckContext(cfg=self._cfg, inbound=inbound, earlier=tuple(results))
+            results.extend(await self._run_phase(phase, parsed, ctx, deadline))
+        for r in results:
+            durations[r.check] = r.duration_s
+        verdict = decide(results, self._table, self._cfg.scoring)
+        return Analysis(parsed=parsed, results=tuple(results), verdict=verdict,
+                        durations=durations)
+
+    async def _run_phase(self, checks: list[Check], parsed: ParsedMessage, ctx: CheckContext,
+                         deadline: float) -> list[CheckResult]:
+        tasks = {c.name: asyncio.create_task(_run_one(c, parsed, ctx)) for c in checks}
+        remaining = max(deadline - time.monotonic(), 0.001)
+        done, pending = await asyncio.wait(tasks.values(), timeout=remaining)
+        for task in pending:
+            task.cancel()
+        out: list[CheckResult] = []
+        for name, task in tasks.items():
+            if task in done:
+                out.append(task.result())
+            else:
+                out.append(CheckResult.of(name, Hit(symbol=f"{name.upper()}_TIMEOUT",
+                                                    detail="message budget exhausted")))
+        return out
+
+    # ---- action -----------------------------------------------------------------------
+
+    async def process(self, inbound: Inbound, txn: Transaction) -> Outcome:
+        started = time.perf_counter()
+        try:
+            analysis = await self.analyse(inbound)
+        except ScanTimeout as exc:
+            txn.abort()
+            log.warning("scan timeout: %s", exc)
+            outcome = Outcome(kind=OutcomeKind.TEMPFAIL_SCAN)
+            log_message(inbound, outcome, time.perf_counter() - started)
+            return outcome
+        outcome = await self._act(inbound, analysis, txn)
+        log_message(inbound, outcome, time.perf_counter() - started)
+        return outcome
+
+    async def _act(self, inbound: Inbound, analysis: Analysis, txn: Transaction) -> Outcome:
+        verdict = analysis.verdict
+        action = verdict.action
+        if action in (Action.ACCEPT, Action.TAG):
+            data = self.final_bytes(inbound, verdict)
+            try:
+                await txn.send(data)
+            except DownstreamUnavailable as exc:
+                log.warning("next hop unavailable: %s", exc)
+                return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis)
+            except DownstreamRejected as exc:
+                return Outcome(kind=OutcomeKind.DOWNSTREAM_REJECTED, analysis=analysis,
+                               downstream_code=exc.code, downstream_text=exc.text)
+            return Outcome(kind=OutcomeKind.DELIVERED, analysis=analysis)
+        txn.abort()
+        if action is Action.QUARANTINE:
+            return await self._quarantine(inbound, analysis)
+        if action is Action.REJECT:
+            return Outcome(kind=OutcomeKind.REJECTED, analysis=analysis)
+        return Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, analysis=analysis)
+
+    async def _quarantine(self, inbound: Inbound, analysis: Analysis) -> Outcome:
+        if self._store is None:
+            return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)
+        verdict = analysis.verdict
+        parsed = analysis.parsed
+        new = NewItem(
+            queue_id=inbound.queue_id, received_at=inbound.received_at,
+            direction=inbound.direction.value, action=verdict.action.value, score=verdict.score,
+            symbols=tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail)
+                          for s in verdict.symbols),
+            mail_from=inbound.mail_from, rcpts=inbound.rcpts,
+            subject=parsed.subject if parsed else "",
+            from_header=(parsed.header("From") or "") if parsed else "",
+            client_ip=inbound.peer_ip, helo=inbound.helo)
+        try:
+            item_id = await self._store.put(new, self.final_bytes(inbound, verdict))
+        except Exception:  # noqa: BLE001 - disk full, permissions: the sender must retry
+            log.exception("quarantine write failed")
+            return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)
+        return Outcome(kind=OutcomeKind.QUARANTINED, analysis=analysis, quarantine_id=item_id)
+
+    def final_bytes(self, inbound: Inbound, verdict: Verdict) -> bytes:
+        """The message as it leaves: our trace and result headers, forged copies removed."""
+        fields = [
+            ("Received", self._received(inbound)),
+            ("X-Gateway-Action", verdict.action.value),
+            ("X-Gateway-Score", f"{verdict.score:g}"),
+        ]
+        if verdict.symbols:
+            fields.append(("X-Gateway-Symbols", verdict.symbols_header()))
+        return headers.prepend(headers.strip_own_headers(inbound.raw), fields)
+
+    def _received(self, inbound: Inbound) -> str:
+        proto = "ESMTPS" if inbound.tls else "ESMTP"
+        helo = inbound.helo or "unknown"
+        value = (f"from {helo} ([{inbound.peer_ip}]) by {self._cfg.gateway.hostname} "
+                 f"(gateway) with {proto} id {inbound.queue_id}")
+        if len(inbound.rcpts) == 1:
+            value += f" for <{inbound.rcpts[0]}>"
+        return f"{value}; {formatdate(inbound.received_at, localtime=True)}"
+
+
+async def _run_one(check: Check, parsed: ParsedMessage, ctx: CheckContext) -> CheckResult:
+    t0 = time.perf_counter()
+    try:
+        result = await check.run(parsed, ctx)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failing check never cancels its siblings
+        log.exception("check %s failed", check.name)
+        result = CheckResult.of(check.name, Hit(symbol=f"{check.name.upper()}_ERROR",
+                                                detail=type(exc).__name__))
+    return CheckResult(check=result.check, hits=result.hits,
+                       duration_s=time.perf_counter() - t0)
+
+
+def emitted_symbols(checks: Sequence[Check]) -> frozenset[str]:
+    out = set(PIPELINE_SYMBOLS)
+    for c in checks:
+        out |= c.symbols | runner_symbols(c.name)
+    return frozenset(out)

@@ -1,0 +1,276 @@
+"""Delivery to the next hop: the practice's mailbox server over SMTP, or the embedded Maildir.
+
+Recipient rule (before-queue, no silent drop): the next hop is asked about each recipient at
+RCPT time, on a downstream transaction opened at the first RCPT of the client's transaction
+(Postfix's before-queue proxy does the same). Its answer for that recipient is passed back to
+the client, so a recipient the mailbox server refuses is refused to the sender, who gets the
+bounce from its own server. At end of DATA, the message goes out on that same downstream
+transaction; if the connection was lost meanwhile it is opened again, and any recipient now
+refused makes the whole message fail temporarily (nothing was delivered, the sender retries).
+
+Errors: next hop down, timing out, or answering 4xx -> DownstreamUnavailable (451 to the sender);
+5xx -> DownstreamRejected (passed back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from gateway.config import Config, HostPort
+from gateway.errors import DownstreamRejected, DownstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RcptAnswer:
+    code: int
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        return 200 <= self.code < 300
+
+
+class Transaction(Protocol):
+    async def add_recipient(self, rcpt: str) -> RcptAnswer: ...
+
+    async def send(self, data: bytes) -> str:
+        """Deliver to the accepted recipients; returns the next hop's reply text."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class NextHop(Protocol):
+    name: str
+
+    async def begin(self, mail_from: str, *, smtputf8: bool = False) -> Transaction: ...
+
+
+def _is_ascii(text: str) -> bool:
+    return text.isascii()
+
+
+# ---- SMTP next hop ----------------------------------------------------------------------
+
+
+class SmtpNextHop:
+    def __init__(self, cfg: Config, address: HostPort) -> None:
+        self._address = address
+        self._local_hostname = cfg.gateway.hostname
+        self._timeout = cfg.next_hop.timeout_s
+        mode = cfg.next_hop.starttls
+        self._start_tls: bool | None = {"opportunistic": None, "required": True, "off": False}[mode]
+        self._validate = cfg.next_hop.tls_verify
+        self._ca = cfg.next_hop.tls_ca_file or None
+        self.name = f"smtp:{address}"
+
+    async def begin(self, mail_from: str, *, smtputf8: bool = False) -> SmtpTransaction:
+        txn = SmtpTransaction(self, mail_from, smtputf8)
+        await txn.open()
+        return txn
+
+    async def connect(self) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname=self._address.host, port=self._address.port,
+            local_hostname=self._local_hostname, timeout=self._timeout,
+            start_tls=self._start_tls, validate_certs=self._validate, cert_bundle=self._ca)
+        try:
+            await client.connect()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            raise _unavailable("connect", exc) from None
+        return client
+
+
+class SmtpTransaction:
+    def __init__(self, hop: SmtpNextHop, mail_from: str, smtputf8: bool) -> None:
+        self._hop = hop
+        self._mail_from = mail_from
+        self._smtputf8 = smtputf8 or not _is_ascii(mail_from)
+        self._client: aiosmtplib.SMTP | None = None
+        self._accepted: list[str] = []
+
+    async def open(self) -> None:
+        client = await self._hop.connect()
+        options: list[str] = []
+        encoding = "ascii"
+        if client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if self._smtputf8:
+            if not client.supports_extension("smtputf8"):
+                client.close()
+                raise DownstreamRejected(553, "5.6.7 Next hop does not support SMTPUTF8")
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        try:
+            await client.mail(self._mail_from, options=options, encoding=encoding)
+        except aiosmtplib.SMTPResponseException as exc:
+            client.close()
+            raise _from_response("MAIL", exc) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            raise _unavailable("MAIL", exc) from None
+        self._client = client
+
+    async def add_recipient(self, rcpt: str) -> RcptAnswer:
+        client = self._client
+        if client is None:
+            raise DownstreamUnavailable("transaction closed")
+        encoding = "utf-8" if self._smtputf8 else "ascii"
+        try:
+            resp = await client.rcpt(rcpt, encoding=encoding)
+        except aiosmtplib.SMTPResponseException as exc:
+            return RcptAnswer(code=exc.code, text=exc.message)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.abort()
+            raise _unavailable("RCPT", exc) from None
+        self._accepted.append(rcpt)
+        return RcptAnswer(code=resp.code, text=resp.message)
+
+    async def send(self, data: bytes) -> str:
+        if not self._accepted:
+            raise DownstreamUnavailable("no recipient accepted")
+        client = self._client
+        if client is None or not client.is_connected:
+            await self._reopen()
+            client = self._client
+        assert client is not None
+        try:
+            resp = await client.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _from_response("DATA", exc) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise _unavailable("DATA", exc) from None
+        finally:
+            self.abort()
+        return resp.message
+
+    async def _reopen(self) -> None:
+        """The downstream connection dropped while we scanned: replay MAIL and RCPT."""
+        log.info("next hop connection lost before DATA; reconnecting")
+        self.abort()
+        rcpts, self._accepted = self._accepted, []
+        await self.open()
+        for rcpt in rcpts:
+            answer = await self.add_recipient(rcpt)
+            if not answer.accepted:
+                self.abort()
+                raise DownstreamUnavailable(
+                    f"recipient refused on reconnect: {answer.code}", code=answer.code)
+
+    def abort(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def _unavailable(stage: str, exc: BaseException) -> DownstreamUnavailable:
+    return DownstreamUnavailable(f"next hop {stage}: {type(exc).__name__}: {exc}")
+
+
+def _from_response(stage: str, exc: aiosmtplib.SMTPResponseException) -> Exception:
+    if 500 <= exc.code < 600:
+        return DownstreamRejected(exc.code, exc.message)
+    return DownstreamUnavailable(f"next hop {stage}: {exc.code} {exc.message}", code=exc.code)
+
+
+# ---- embedded Maildir next hop ------------------------------------------------------------
+
+
+class MaildirNextHop:
+    """Delivers to <root>/<recipient>/new, one Maildir per recipient; durable before 250."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.name = f"maildir:{root}"
+        self._host = socket.gethostname().replace("/", "_").replace(":", "_")
+        self._seq = itertools.count()
+
+    async def begin(self, mail_from: str, *, smtputf8: bool = False) -> MaildirTransaction:
+        return MaildirTransaction(self)
+
+    def deliver_sync(self, rcpts: list[str], data: bytes) -> None:
+        body = data.replace(b"\r\n", b"\n")
+        for rcpt in rcpts:
+            box = self.root / _mailbox_name(rcpt)
+            for sub in ("tmp", "new", "cur"):
+                (box / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            name = f"{time.time():.6f}.P{os.getpid()}Q{next(self._seq)}.{self._host}"
+            tmp = box / "tmp" / name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                head = f"Delivered-To: {rcpt}\n".encode("utf-8", "surrogateescape")
+                view = memoryview(head + body)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, box / "new" / name)
+            dfd = os.open(box / "new", os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
+def _mailbox_name(rcpt: str) -> str:
+    name = rcpt.strip().lower().replace(os.sep, "_").replace("\0", "_")
+    return name.lstrip(".") or "_"
+
+
+class MaildirTransaction:
+    def __init__(self, hop: MaildirNextHop) -> None:
+        self._hop = hop
+        self._rcpts: list[str] = []
+
+    async def add_recipient(self, rcpt: str) -> RcptAnswer:
+        self._rcpts.append(rcpt)
+        return RcptAnswer(code=250, text="2.1.5 OK")
+
+    async def send(self, data: bytes) -> str:
+        if not self._rcpts:
+            raise DownstreamUnavailable("no recipient accepted")
+        try:
+            await asyncio.to_thread(self._hop.deliver_sync, self._rcpts, data)
+        except OSError as exc:
+            raise DownstreamUnavailable(f"maildir write failed: {exc}") from None
+        return "2.0.0 delivered to maildir"
+
+    def abort(self) -> None:
+        self._rcpts = []
+
+
+def create_next_hop(cfg: Config) -> NextHop:
+    address = cfg.next_hop_address
+    if address is None:
+        return MaildirNextHop(cfg.data_dir / "maildir")
+    return SmtpNextHop(cfg, address)
+
+
+async def deliver(hop: NextHop, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> None:
+    """Whole-message delivery (quarantine release): every recipient must be accepted."""
+    txn = await hop.begin(mail_from, smtputf8=not all(_is_ascii(r) for r in rcpts))
+    try:
+        for rcpt in rcpts:
+            answer = await txn.add_recipient(rcpt)
+            if not answer.accepted:
+                if answer.code >= 500:
+                    raise DownstreamRejected(answer.code, f"{rcpt}: {answer.text}")
+                raise DownstreamUnavailable(f"{rcpt}: {answer.code} {answer.text}",
+                                            code=answer.code)
+        await txn.send(data)
+    finally:
+        txn.abort()

@@ -1,0 +1,215 @@
+"""Start-up and serving: assemble the runtime, open the SMTP port, run the serving processes.
+
+Several serving processes share one listening socket (pre-fork): each runs its own event loop,
+pipeline and worker threads, so both cores do SMTP I/O, parsing and checks. The parent binds
+the port, prepares the data folder, the quarantine key and index, then forks; it restarts a
+child that dies and forwards SIGTERM/SIGINT for a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway import logs
+from gateway.checks import create_checks
+from gateway.checks.base import Check, Services
+from gateway.config import Config
+from gateway.pipeline import Pipeline, emitted_symbols
+from gateway.relay import NextHop, create_next_hop
+from gateway.smtp import ConnectionCounter, Handler, smtp_factory
+from gateway.symbols import SymbolTable, check_consistency, load_table
+from gateway.workers import Workers
+from quarantine.store import Store
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 30.0
+
+
+def symbol_table_path(cfg: Config) -> Path:
+    return cfg.rules_dir / "symbols.toml"
+
+
+def quarantine_root(cfg: Config) -> Path:
+    return cfg.data_dir / "quarantine"
+
+
+@dataclass(slots=True, kw_only=True)
+class Runtime:
+    cfg: Config
+    table: SymbolTable
+    workers: Workers
+    pipeline: Pipeline
+    next_hop: NextHop
+    store: Store | None
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+        self.workers.close()
+
+
+def load_rules(cfg: Config, workers: Workers) -> tuple[SymbolTable, list[Check]]:
+    """The symbol table and the checks, refusing any symbol missing on either side."""
+    table = load_table(symbol_table_path(cfg))
+    checks = create_checks(Services(cfg=cfg, workers=workers))
+    check_consistency(table, emitted_symbols(checks), path=symbol_table_path(cfg))
+    return table, checks
+
+
+def prepare(cfg: Config) -> None:
+    """Blocking start-up checks, before any port opens: rules, data folder, key, index."""
+    os.umask(0o077)
+    load_rules(cfg, Workers())
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    Store.open_sync(quarantine_root(cfg), cfg.key_file).close_sync()
+
+
+async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
+    workers = Workers()
+    table, checks = load_rules(cfg, workers)
+    store = None
+    if with_store:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = await Store.open(quarantine_root(cfg), cfg.key_file)
+    pipeline = Pipeline(cfg=cfg, checks=checks, table=table, workers=workers, store=store)
+    return Runtime(cfg=cfg, table=table, workers=workers, pipeline=pipeline,
+                   next_hop=create_next_hop(cfg), store=store)
+
+
+@dataclass(slots=True, kw_only=True)
+class Running:
+    runtime: Runtime
+    server: asyncio.Server
+    counter: ConnectionCounter
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        self.server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.counter.idle.wait(), grace_s)
+        await self.runtime.close()
+
+
+async def start(cfg: Config, *, sock: socket.socket | None = None) -> Running:
+    """Serve SMTP in the running loop (in-process; the tests use this with port 0)."""
+    runtime = await build_runtime(cfg)
+    counter = ConnectionCounter(cfg.smtp.max_connections)
+    handler = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.next_hop)
+    loop = asyncio.get_running_loop()
+    factory = smtp_factory(cfg, handler, counter)
+    if sock is None:
+        listen = cfg.listen
+        server = await loop.create_server(factory, listen.host, listen.port, backlog=1024,
+                                          reuse_address=True)
+    else:
+        server = await loop.create_server(factory, sock=sock, backlog=1024)
+    log.info("SMTP listening", extra={"fields": {
+        "listen": [str(s.getsockname()) for s in server.sockets],
+        "next_hop": runtime.next_hop.name, "domains": sorted(cfg.domains), "pid": os.getpid()}})
+    return Running(runtime=runtime, server=server, counter=counter)
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config) -> AsyncIterator[Running]:
+    gw = await start(cfg)
+    try:
+        yield gw
+    finally:
+        await gw.stop(grace_s=5)
+
+
+# ---- the serving processes -----------------------------------------------------------------
+
+
+def bind(cfg: Config) -> socket.socket:
+    listen = cfg.listen
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024,
+                                reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve_forever(cfg: Config, sock: socket.socket) -> None:
+    gw = await start(cfg, sock=sock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: no new connections, waiting for sessions in progress")
+    await gw.stop()
+
+
+def _child(cfg: Config, sock: socket.socket) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        asyncio.run(_serve_forever(cfg, sock))
+    except Exception:  # noqa: BLE001
+        log.exception("serving process failed")
+        os._exit(1)
+    os._exit(0)
+
+
+def serve(cfg: Config) -> int:
+    """Run the gateway until SIGTERM/SIGINT. Returns the exit status."""
+    logs.setup(cfg.logging.level)
+    prepare(cfg)
+    sock = bind(cfg)
+    n = cfg.worker_count
+    log.info("gateway starting", extra={"fields": {"listen": str(cfg.listen), "workers": n}})
+    if n == 1:
+        asyncio.run(_serve_forever(cfg, sock))
+        return 0
+    children: dict[int, int] = {}  # pid -> slot
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _child(cfg, sock)
+        children[pid] = slot
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for slot in range(n):
+        spawn(slot)
+    last_restart = 0.0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in children or stopping:
+            children.pop(pid, None)
+            continue
+        slot = children.pop(pid)
+        log.error("serving process %d exited (status %d); restarting it", pid, status)
+        if time.monotonic() - last_restart < 1.0:
+            time.sleep(1.0)
+        last_restart = time.monotonic()
+        spawn(slot)
+    sock.close()
+    return 0

@@ -1,0 +1,287 @@
+"""The SMTP side: aiosmtpd server and handler. Envelope -> Inbound; Outcome -> reply.
+
+`GatewaySMTP` replaces aiosmtpd's line-by-line DATA reader with one that reads large chunks.
+Its end-of-data rule is aiosmtpd's (1.4.5+, against SMTP smuggling): data ends only at
+CRLF "." CRLF; a dot line delimited by a bare CR or LF is data. Dot-unstuffing removes the first
+dot of every line that starts with one (RFC 5321 section 4.5.2), as aiosmtpd does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gateway import replies
+from gateway.config import Config
+from gateway.errors import DownstreamRejected, DownstreamUnavailable
+from gateway.logs import queue_id_var
+from gateway.message import Direction, Inbound
+from gateway.pipeline import Outcome, OutcomeKind, Pipeline
+from gateway.relay import NextHop, Transaction
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+_END = b"\r\n.\r\n"
+_B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+
+
+def new_queue_id() -> str:
+    return "".join(secrets.choice(_B32) for _ in range(12))
+
+
+class GatewaySession(Session):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.txn: Transaction | None = None
+
+    def abort_txn(self) -> None:
+        txn, self.txn = self.txn, None
+        if txn is not None:
+            txn.abort()
+
+
+class ConnectionCounter:
+    """Sessions of one serving process; `idle` is set when none is open."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def opened(self) -> None:
+        self.active += 1
+        self.idle.clear()
+
+    def closed(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
+
+
+class GatewaySMTP(SMTP):
+    def __init__(self, handler: Handler, *, counter: ConnectionCounter, data_timeout: float,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._counter = counter
+        self._data_timeout = data_timeout
+        self._counted = False
+
+    def _create_session(self) -> GatewaySession:
+        return GatewaySession(self.loop)
+
+    def _set_rset_state(self) -> None:
+        # RSET, EHLO/HELO and STARTTLS end a transaction: drop its downstream side too.
+        session = getattr(self, "session", None)
+        if isinstance(session, GatewaySession):
+            session.abort_txn()
+        super()._set_rset_state()  # type: ignore[no-untyped-call]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and self.transport is None:
+            if self._counter.active >= self._counter.limit:
+                log.warning("connection limit %d reached; refusing a client", self._counter.limit)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(f"{replies.TOO_BUSY}\r\n".encode())
+                transport.close()
+                return
+            self._counter.opened()
+            self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.session is None:  # refused at connection_made
+            return
+        if self._counted:
+            self._counted = False
+            self._counter.closed()
+        if isinstance(self.session, GatewaySession):
+            self.session.abort_txn()
+        super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_data()
+        if content is None:
+            await self.push(str(replies.TOO_LARGE))
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        self._reset_timeout()
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+    async def _read_data(self) -> bytes | None:
+        """Read up to CRLF.CRLF in large chunks; None when over the size limit."""
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command line
+        scan_from = 0
+        too_much = False
+        while True:
+            self._reset_timeout(self._data_timeout)
+            chunk = await reader.read(CHUNK)
+            if not chunk:  # EOF mid-DATA: eof_received cancels this task anyway
+                raise ConnectionResetError("connection closed during DATA")
+            buf += chunk
+            end = buf.find(_END, scan_from)
+            if end >= 0:
+                leftover = bytes(buf[end + len(_END):])
+                del buf[end + 2:]
+                if leftover:  # pipelined commands after the end of data go back to the reader
+                    # StreamReader has no unread(); aiosmtpd itself edits _buffer likewise.
+                    reader._buffer[:0] = leftover  # type: ignore[attr-defined]
+                break
+            if limit and len(buf) - 2 > limit:
+                too_much = True
+            if too_much:  # keep draining to the end marker, holding only a possible prefix
+                del buf[:-4]
+                scan_from = 0
+            else:
+                scan_from = len(buf) - 4
+        if too_much:
+            return None
+        del buf[:2]
+        data = bytes(buf)
+        del buf
+        if data.startswith(b".") or b"\r\n." in data:
+            data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
+        if limit and len(data) > limit:
+            return None
+        return data
+
+
+class Handler:
+    """aiosmtpd hooks. Nothing of aiosmtpd goes deeper than this class."""
+
+    def __init__(self, *, cfg: Config, pipeline: Pipeline, next_hop: NextHop,
+                 direction: Direction = Direction.INBOUND) -> None:
+        self._cfg = cfg
+        self._domains = cfg.domains
+        self._pipeline = pipeline
+        self._next_hop = next_hop
+        self._direction = direction
+
+    async def handle_MAIL(self, server: GatewaySMTP, session: GatewaySession,
+                          envelope: Envelope, address: str, mail_options: list[str]) -> str:
+        session.abort_txn()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: GatewaySMTP, session: GatewaySession,
+                          envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
+        domain = address.rpartition("@")[2].lower().rstrip(".")
+        if "@" not in address or not domain:
+            return str(replies.BAD_ADDRESS)
+        if domain not in self._domains:
+            return str(replies.RELAY_DENIED)
+        if len(envelope.rcpt_tos) >= self._cfg.smtp.max_recipients:
+            return str(replies.TOO_MANY_RCPTS)
+        if address in envelope.rcpt_tos:
+            return str(replies.RCPT_OK)
+        try:
+            if session.txn is None:
+                session.txn = await self._next_hop.begin(
+                    envelope.mail_from or "", smtputf8=envelope.smtp_utf8)
+            answer = await session.txn.add_recipient(address)
+        except DownstreamUnavailable as exc:
+            log.warning("next hop unavailable at RCPT: %s", exc)
+            session.abort_txn()
+            return str(replies.TEMPFAIL_DOWNSTREAM)
+        except DownstreamRejected as exc:  # MAIL FROM refused by the next hop
+            session.abort_txn()
+            return replies.downstream_reply(exc.code, exc.text)
+        if answer.accepted:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            return str(replies.RCPT_OK)
+        return replies.downstream_reply(answer.code, answer.text)
+
+    async def handle_RSET(self, server: GatewaySMTP, session: GatewaySession,
+                          envelope: Envelope) -> str:
+        session.abort_txn()
+        return "250 2.0.0 OK"
+
+    async def handle_DATA(self, server: GatewaySMTP, session: GatewaySession,
+                          envelope: Envelope) -> str:
+        txn = session.txn
+        session.txn = None
+        if txn is None:
+            return str(replies.TEMPFAIL_DOWNSTREAM)
+        queue_id = new_queue_id()
+        token = queue_id_var.set(queue_id)
+        try:
+            raw = envelope.original_content
+            assert isinstance(raw, bytes)
+            peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+            inbound = Inbound(
+                queue_id=queue_id, peer_ip=peer, helo=session.host_name or "",
+                mail_from=envelope.mail_from or "", rcpts=tuple(envelope.rcpt_tos), raw=raw,
+                tls=session.ssl is not None, direction=self._direction)
+            outcome = await self._pipeline.process(inbound, txn)
+            return reply_for(outcome, queue_id)
+        finally:
+            txn.abort()
+            queue_id_var.reset(token)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error", exc_info=error)
+        return str(replies.TEMPFAIL_INTERNAL)
+
+
+def reply_for(outcome: Outcome, queue_id: str) -> str:
+    kind = outcome.kind
+    if kind is OutcomeKind.DELIVERED:
+        return f"{replies.DELIVERED} id={queue_id}"
+    if kind is OutcomeKind.QUARANTINED:
+        return f"{replies.QUARANTINED} id={queue_id}"
+    if kind is OutcomeKind.REJECTED:
+        return str(replies.POLICY_REJECT)
+    if kind is OutcomeKind.DOWNSTREAM_REJECTED:
+        return replies.downstream_reply(outcome.downstream_code or 550, outcome.downstream_text)
+    if kind is OutcomeKind.TEMPFAIL_DOWNSTREAM:
+        return str(replies.TEMPFAIL_DOWNSTREAM)
+    if kind is OutcomeKind.TEMPFAIL_QUARANTINE:
+        return str(replies.TEMPFAIL_QUARANTINE)
+    return str(replies.TEMPFAIL_SCAN)
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    if not cfg.smtp.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.smtp.tls_cert, cfg.smtp.tls_key)
+    return ctx
+
+
+def smtp_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> Any:
+    ctx = tls_context(cfg)
+
+    def make() -> GatewaySMTP:
+        return GatewaySMTP(
+            handler, counter=counter, data_timeout=cfg.smtp.data_timeout_s,
+            hostname=cfg.gateway.hostname, ident="gateway",
+            data_size_limit=cfg.smtp.max_message_bytes,
+            enable_SMTPUTF8=True, decode_data=False, tls_context=ctx,
+            timeout=cfg.smtp.idle_timeout_s)
+    return make

@@ -1,0 +1,101 @@
+"""The symbol table: rules/symbols.toml read into frozen values.
+
+Each symbol has a group, a default score, an optional forced action and a French explanation
+for the people who read banners and the quarantine page. At start-up the table and the checks
+must agree: a symbol a check may emit without an entry, or an entry no check emits, is an error.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import ConfigError
+from gateway.verdict import Action
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Symbol:
+    name: str
+    group: str
+    score: float
+    description: str  # French
+    action: Action | None = None  # forced minimum action
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SymbolTable:
+    symbols: Mapping[str, Symbol]
+    group_caps: Mapping[str, float]  # group -> maximum total score it may add
+
+    def __getitem__(self, name: str) -> Symbol:
+        return self.symbols[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.symbols
+
+
+_SYMBOL_KEYS = {"group", "score", "description", "action"}
+
+
+def load_table(path: Path) -> SymbolTable:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"symbol table not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    problems: list[str] = []
+    caps: dict[str, float] = {}
+    for group, spec in data.pop("groups", {}).items():
+        if not isinstance(spec, dict) or set(spec) - {"max_score"}:
+            problems.append(f"{path}: groups.{group}: only max_score is allowed")
+            continue
+        caps[group] = float(spec["max_score"])
+    symbols: dict[str, Symbol] = {}
+    for name, spec in data.get("symbols", {}).items():
+        where = f"{path}: symbols.{name}"
+        if not isinstance(spec, dict):
+            problems.append(f"{where}: expected a table")
+            continue
+        unknown = set(spec) - _SYMBOL_KEYS
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        if not name.isupper() or " " in name:
+            problems.append(f"{where}: symbol names are UPPER_SNAKE_CASE")
+        if not isinstance(spec.get("score"), int | float):
+            problems.append(f"{where}.score: a number is required")
+            continue
+        if not isinstance(spec.get("description"), str) or not spec["description"].strip():
+            problems.append(f"{where}.description: a French explanation is required")
+            continue
+        action = None
+        if "action" in spec:
+            try:
+                action = Action(spec["action"])
+            except ValueError:
+                problems.append(f"{where}.action: one of {', '.join(a.value for a in Action)}")
+                continue
+        symbols[name] = Symbol(
+            name=name, group=str(spec.get("group", "misc")), score=float(spec["score"]),
+            description=spec["description"].strip(), action=action)
+    if set(data) - {"symbols"}:
+        problems.append(f"{path}: unknown top-level key(s) {', '.join(sorted(set(data) - {'symbols'}))}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return SymbolTable(symbols=symbols, group_caps=caps)
+
+
+def check_consistency(table: SymbolTable, emitted: frozenset[str], *, path: Path) -> None:
+    """Refuse a symbol a check may emit without a table entry, and the reverse."""
+    missing = sorted(emitted - set(table.symbols))
+    unused = sorted(set(table.symbols) - emitted)
+    problems = []
+    if missing:
+        problems.append(f"{path}: no entry for symbol(s) {', '.join(missing)}")
+    if unused:
+        problems.append(f"{path}: entries no check emits: {', '.join(unused)}")
+    if problems:
+        raise ConfigError("\n".join(problems))

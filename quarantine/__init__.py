@@ -1,0 +1,1 @@
+"""Durable, encrypted quarantine store."""

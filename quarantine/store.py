@@ -1,0 +1,357 @@
+"""Durable encrypted quarantine: one sealed file per message, and an SQLite index.
+
+A message is answered 250 only after `put` returned: its file was written to a temporary name,
+fsynced, renamed and the folder fsynced, then the index row committed. The file holds all there
+is to know about the message (envelope, verdict, raw bytes), so the index can be rebuilt from
+the files (`open` re-indexes any file it does not know, e.g. after a crash between the two).
+
+What is personal data (sender, recipients, subject, client address) is sealed in the index too;
+the clear columns are the id, dates, direction, action, score, symbol names, state and size.
+All blocking work (files, SQLite) runs in threads; the methods are coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from quarantine.crypto import RecordError, Sealer, load_or_create_key
+
+log = logging.getLogger(__name__)
+
+STATES = ("quarantined", "released", "deleted")
+_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{12}$")
+_META = b"meta"
+_MSG = b"message"
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SymbolRecord:
+    name: str
+    score: float
+    detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Item:
+    id: str
+    received_at: float
+    direction: str
+    action: str
+    score: float
+    symbols: tuple[SymbolRecord, ...]
+    state: str
+    size: int
+    # sealed at rest:
+    queue_id: str
+    mail_from: str
+    rcpts: tuple[str, ...]
+    subject: str
+    from_header: str
+    client_ip: str
+    helo: str
+    state_changed_at: float | None = None
+    state_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewItem:
+    """What the pipeline hands to `put`."""
+
+    queue_id: str
+    received_at: float
+    direction: str
+    action: str
+    score: float
+    symbols: tuple[SymbolRecord, ...]
+    mail_from: str
+    rcpts: tuple[str, ...]
+    subject: str
+    from_header: str
+    client_ip: str
+    helo: str
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    received_at REAL NOT NULL,
+    direction TEXT NOT NULL,
+    action TEXT NOT NULL,
+    score REAL NOT NULL,
+    symbols TEXT NOT NULL,
+    state TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    meta BLOB NOT NULL,
+    state_changed_at REAL,
+    state_by TEXT
+);
+CREATE INDEX IF NOT EXISTS items_received ON items(received_at);
+"""
+
+_PERSONAL = ("queue_id", "mail_from", "rcpts", "subject", "from_header", "client_ip", "helo")
+
+
+def _new_id(now: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(6)
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty file with mode 0600 if absent (SQLite then keeps that mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+class Store:
+    def __init__(self, root: Path, sealer: Sealer, *, clock: Callable[[], float] = time.time):
+        self.root = root
+        self._sealer = sealer
+        self._clock = clock
+        self._msgs = root / "msgs"
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, root: Path, key_file: Path, *,
+                   clock: Callable[[], float] = time.time) -> Store:
+        return await asyncio.to_thread(cls.open_sync, root, key_file, clock=clock)
+
+    @classmethod
+    def open_sync(cls, root: Path, key_file: Path, *,
+                  clock: Callable[[], float] = time.time) -> Store:
+        """Blocking open, for start-up before any event loop or thread exists."""
+        store = cls(root, Sealer(load_or_create_key(key_file)), clock=clock)
+        store._open_sync()
+        return store
+
+    def _open_sync(self) -> None:
+        self._msgs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+        os.chmod(self._msgs, 0o700)
+        index = self.root / "index.sqlite3"
+        _create_private(index)
+        db = sqlite3.connect(index, check_same_thread=False, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        self._db = db
+        self._reindex()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_sync)
+
+    def close_sync(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("quarantine store is closed")
+        return self._db
+
+    def _reindex(self) -> None:
+        known = {row[0] for row in self._conn().execute("SELECT id FROM items")}
+        for path in self._msgs.glob("*.qmsg"):
+            if path.stem in known:
+                continue
+            try:
+                item, _ = self._read_file(path.stem)
+            except (RecordError, OSError, ValueError) as exc:
+                log.error("quarantine file %s not re-indexed: %s", path.name, exc)
+                continue
+            self._insert(item)
+            log.warning("quarantine item %s re-indexed from its file", item.id)
+
+    # ---- writing ----------------------------------------------------------------------
+
+    async def put(self, new: NewItem, raw: bytes) -> str:
+        """Seal and store durably; returns the item id once it is on disk."""
+        return await asyncio.to_thread(self._put_sync, new, raw)
+
+    def _put_sync(self, new: NewItem, raw: bytes) -> str:
+        item_id = _new_id(new.received_at)
+        item = Item(id=item_id, state="quarantined", size=len(raw), **_fields(new))
+        meta = json.dumps(_to_json(item), ensure_ascii=False).encode()
+        plain = struct.pack(">I", len(meta)) + meta + raw
+        blob = self._sealer.seal(plain, record_id=item_id, purpose=_MSG)
+        final = self._msgs / f"{item_id}.qmsg"
+        tmp = self._msgs / f".{item_id}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        dfd = os.open(self._msgs, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._insert(item)
+        return item_id
+
+    def _insert(self, item: Item) -> None:
+        personal = {k: getattr(item, k) for k in _PERSONAL}
+        sealed = self._sealer.seal(json.dumps(personal, ensure_ascii=False).encode(),
+                                   record_id=item.id, purpose=_META)
+        symbols = json.dumps([asdict(s) for s in item.symbols])
+        with self._lock:
+            self._conn().execute(
+                "INSERT OR REPLACE INTO items VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (item.id, item.received_at, item.direction, item.action, item.score, symbols,
+                 item.state, item.size, sealed, item.state_changed_at, item.state_by))
+
+    # ---- reading ----------------------------------------------------------------------
+
+    async def list_items(self, *, state: str | None = None, limit: int = 50,
+                         offset: int = 0) -> list[Item]:
+        return await asyncio.to_thread(self._list_sync, state, limit, offset)
+
+    def _list_sync(self, state: str | None, limit: int, offset: int) -> list[Item]:
+        sql = "SELECT * FROM items"
+        args: list[Any] = []
+        if state:
+            sql += " WHERE state = ?"
+            args.append(state)
+        sql += " ORDER BY received_at DESC, id DESC LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        with self._lock:
+            rows = self._conn().execute(sql, args).fetchall()
+        return [self._row_item(r) for r in rows]
+
+    async def count(self, *, state: str | None = None) -> int:
+        def _count() -> int:
+            with self._lock:
+                if state:
+                    row = self._conn().execute(
+                        "SELECT count(*) FROM items WHERE state = ?", (state,)).fetchone()
+                else:
+                    row = self._conn().execute("SELECT count(*) FROM items").fetchone()
+            return int(row[0])
+        return await asyncio.to_thread(_count)
+
+    async def get(self, item_id: str) -> tuple[Item, bytes]:
+        """The item and its raw message bytes (NotFound once deleted or purged)."""
+        _check_id(item_id)
+
+        def _get() -> tuple[Item, bytes]:
+            item = self._item_sync(item_id)
+            try:
+                _, raw = self._read_file(item_id)
+            except FileNotFoundError:
+                raise NotFound(f"quarantine item {item_id} has no stored message "
+                               f"(state {item.state})") from None
+            return item, raw
+        return await asyncio.to_thread(_get)
+
+    async def item(self, item_id: str) -> Item:
+        _check_id(item_id)
+        return await asyncio.to_thread(self._item_sync, item_id)
+
+    def _item_sync(self, item_id: str) -> Item:
+        with self._lock:
+            row = self._conn().execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no quarantine item {item_id}")
+        return self._row_item(row)
+
+    def _row_item(self, row: Sequence[Any]) -> Item:
+        (item_id, received_at, direction, action, score, symbols, state, size, sealed,
+         changed_at, changed_by) = row
+        personal = json.loads(self._sealer.open(sealed, record_id=item_id, purpose=_META))
+        personal["rcpts"] = tuple(personal["rcpts"])
+        return Item(id=item_id, received_at=received_at, direction=direction, action=action,
+                    score=score, symbols=tuple(SymbolRecord(**s) for s in json.loads(symbols)),
+                    state=state, size=size, state_changed_at=changed_at, state_by=changed_by,
+                    **personal)
+
+    def _read_file(self, item_id: str) -> tuple[Item, bytes]:
+        blob = (self._msgs / f"{item_id}.qmsg").read_bytes()
+        plain = self._sealer.open(blob, record_id=item_id, purpose=_MSG)
+        (n,) = struct.unpack(">I", plain[:4])
+        data = json.loads(plain[4:4 + n])
+        data["rcpts"] = tuple(data["rcpts"])
+        data["symbols"] = tuple(SymbolRecord(**s) for s in data["symbols"])
+        return Item(**data), plain[4 + n:]
+
+    # ---- state changes ----------------------------------------------------------------
+
+    async def release(self, item_id: str, *, by: str,
+                      deliver: Callable[[Item, bytes], Awaitable[None]]) -> Item:
+        """Re-inject the original message through `deliver`, then mark it released."""
+        item, raw = await self.get(item_id)
+        if item.state != "quarantined":
+            raise ValueError(f"quarantine item {item_id} is {item.state}, not quarantined")
+        await deliver(item, raw)
+        await asyncio.to_thread(self._set_state, item_id, "released", by)
+        return await self.item(item_id)
+
+    async def delete(self, item_id: str, *, by: str) -> None:
+        """Remove the message file for good; the index row stays, in state `deleted`."""
+        _check_id(item_id)
+
+        def _delete() -> None:
+            self._item_sync(item_id)
+            (self._msgs / f"{item_id}.qmsg").unlink(missing_ok=True)
+            self._set_state(item_id, "deleted", by)
+        await asyncio.to_thread(_delete)
+
+    def _set_state(self, item_id: str, state: str, by: str) -> None:
+        with self._lock:
+            self._conn().execute(
+                "UPDATE items SET state = ?, state_changed_at = ?, state_by = ? WHERE id = ?",
+                (state, self._clock(), by, item_id))
+
+    async def purge(self, *, older_than_days: float) -> int:
+        """Remove items (files and rows) received before the retention period."""
+        cutoff = self._clock() - older_than_days * 86400
+
+        def _purge() -> int:
+            with self._lock:
+                ids = [r[0] for r in self._conn().execute(
+                    "SELECT id FROM items WHERE received_at < ?", (cutoff,))]
+            for item_id in ids:
+                (self._msgs / f"{item_id}.qmsg").unlink(missing_ok=True)
+                with self._lock:
+                    self._conn().execute("DELETE FROM items WHERE id = ?", (item_id,))
+            return len(ids)
+        return await asyncio.to_thread(_purge)
+
+
+def _check_id(item_id: str) -> None:
+    if not _ID_RE.match(item_id):
+        raise NotFound(f"not a quarantine item id: {item_id!r}")
+
+
+def _fields(new: NewItem) -> dict[str, Any]:
+    return {k: getattr(new, k) for k in NewItem.__dataclass_fields__}
+
+
+def _to_json(item: Item) -> dict[str, Any]:
+    data = asdict(item)
+    data["rcpts"] = list(item.rcpts)
+    return data

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from gateway.service import Running, running
+from tests.support.sink import Sink
+
+CORPUS = Path(os.environ.get("GATEWAY_CORPUS",
+                             Path(__file__).resolve().parents[2] / "shared" / "corpus"))
+DOMAIN = "cabinet.test"
+
+
+@pytest.fixture
+def corpus() -> Path:
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared corpus not found at {CORPUS} (set GATEWAY_CORPUS)")
+    return CORPUS
+
+
+def make_config(data_dir: Path, **sections: dict) -> config.Config:
+    data: dict = {"gateway": {"domains": [DOMAIN], "data_dir": str(data_dir), "workers": 1,
+                              "hostname": "mx.cabinet.test"},
+                  "smtp": {"listen": "127.0.0.1:0"}}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config.build(data, source="test")
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s = Sink()
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, sink: Sink) -> AsyncIterator[Running]:
+    cfg = make_config(tmp_path / "data", next_hop={"address": sink.address, "starttls": "off"})
+    async with running(cfg) as gw:
+        yield gw

@@ -1,0 +1,87 @@
+"""Downstream SMTP sink for tests: a real aiosmtpd server on loopback feeding a queue.
+
+It can be told to answer 4xx/5xx at RCPT or DATA, to refuse given recipients, or to be down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+
+from aiosmtpd.smtp import SMTP
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpts: list[str]
+    data: bytes
+
+
+@dataclass
+class SinkBehaviour:
+    data_reply: str | None = None  # e.g. "451 4.3.0 try later"; None = 250
+    refuse_rcpts: dict[str, str] = field(default_factory=dict)  # address -> reply
+
+
+class _LenientSMTP(SMTP):
+    # Accept lines longer than RFC 5322's 998 characters, as Postfix and Exchange do.
+    line_length_limit = 1 << 20
+
+
+class _Handler:
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.sink.behaviour.refuse_rcpts.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.sink.behaviour.data_reply:
+            return self.sink.behaviour.data_reply
+        await self.sink.queue.put(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                           envelope.original_content))
+        return "250 2.0.0 queued as SINK"
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Received] = asyncio.Queue()
+        self.behaviour = SinkBehaviour()
+        self.port = _free_port()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        handler = _Handler(self)
+        self._server = await loop.create_server(
+            lambda: _LenientSMTP(handler, hostname="sink.test", decode_data=False,
+                         enable_SMTPUTF8=True, data_size_limit=None),
+            "127.0.0.1", self.port, reuse_address=True)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def get(self, timeout: float = 10) -> Received:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    def empty(self) -> bool:
+        return self.queue.empty()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,87 @@
+"""The commands as an admin runs them: `gateway serve` (several processes) and `gateway scan`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiosmtplib
+
+from tests.conftest import DOMAIN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("gateway did not open its port")
+
+
+async def test_serve_on_embedded_default_delivers_to_maildir(tmp_path: Path):
+    port = free_port()
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+         "--domain", DOMAIN, "--data-dir", str(data), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_port(port, proc)
+        for i in range(10):
+            msg = (f"From: <a@labo.example>\r\nSubject: n{i}\r\n"
+                   f"Date: Sat, 28 Nov 2026 10:00:00 +0100\r\n\r\ncorps {i}\r\n").encode()
+            _, reply = await aiosmtplib.send(msg, sender="a@labo.example",
+                                             recipients=[f"docteur@{DOMAIN}"],
+                                             hostname="127.0.0.1", port=port, start_tls=False)
+            assert reply.startswith("2.0.0")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    box = data / "maildir" / f"docteur@{DOMAIN}" / "new"
+    delivered = sorted(p.read_bytes() for p in box.iterdir())
+    assert len(delivered) == 10
+    assert all(m.startswith(f"Delivered-To: docteur@{DOMAIN}\nReceived: ".encode())
+               for m in delivered)
+    assert {m.rsplit(b"corps ", 1)[1] for m in delivered} == {f"{i}\n".encode() for i in range(10)}
+    # One structured log line per message, with no subject or body.
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    summaries = [e for e in events if e.get("event") == "message"]
+    assert len(summaries) == 10
+    assert {e["pid"] for e in events if e["msg"] == "SMTP listening"}.__len__() == 2
+    assert "Subject" not in stderr and "corps" not in stderr
+    assert oct(os.stat(data).st_mode & 0o777) == "0o700"
+
+
+def test_scan_json(tmp_path: Path):
+    good = tmp_path / "good.eml"
+    good.write_bytes(b"From: a@labo.example\nDate: Sat, 28 Nov 2026 10:00:00 +0100\n"
+                     b"Message-ID: <1@labo.example>\nSubject: ok\n\nbonjour\n")
+    bad = tmp_path / "bad.eml"
+    bad.write_bytes(b"Subject: =?x-unknown?B?????=\nFrom: a@x.example, b@y.example\n\nbody\n")
+    res = subprocess.run([sys.executable, "-m", "gateway", "scan", "--json", "--domain", DOMAIN,
+                          str(good), str(bad)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    first, second = (json.loads(line) for line in res.stdout.splitlines())
+    assert first == {"file": str(good), "action": "accept", "score": 0.0, "symbols": []}
+    assert second["file"] == str(bad)
+    names = {s["name"] for s in second["symbols"]}
+    assert {"FROM_MULTIPLE", "DATE_MISSING", "MESSAGE_ID_MISSING"} <= names
+    assert all(s["description"] and isinstance(s["score"], float) for s in second["symbols"])

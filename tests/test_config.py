@@ -1,0 +1,70 @@
+"""Configuration is validated before any port opens, and errors name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from gateway.errors import ConfigError
+
+
+def check_config(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_valid_config(tmp_path: Path):
+    res = check_config(tmp_path, '[gateway]\ndomains = ["cabinet-dupont.fr"]\n'
+                                 '[next_hop]\naddress = "10.0.0.5:25"\n')
+    assert res.returncode == 0, res.stderr
+    assert "configuration valide" in res.stdout
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ('[gateway]\ndomains = ["a.fr"]\n[smtp]\nlisten_port = 25\n', "smtp.listen_port: unknown key"),
+    ('[gateway]\ndomains = ["a.fr"]\n[smtp]\nmax_recipients = "many"\n', "smtp.max_recipients"),
+    ('[gateway]\ndomains = ["a.fr"]\n[scoring]\ntag = 9\nquarantine = 5\n', "scoring: thresholds"),
+    ('[gateway]\ndomains = []\n', "gateway.domains"),
+    ('[gateway]\ndomains = ["a.fr"]\n[next_hop]\naddress = "mailhost"\n', "next_hop.address"),
+    ('[gateway]\ndomains = ["a.fr"]\n[next_hop]\nstarttls = "maybe"\n', "next_hop.starttls"),
+    ('[gateway]\ndomains = ["a.fr"]\n[dns]\nnameservers = ["resolver"]\n', "dns.nameservers[0]"),
+    ('[gateway]\ndomains = ["a.fr"]\n[smtp]\ntls_cert = "/nonexistent.pem"\n', "smtp.tls_cert"),
+    ('[gateway\n', "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, named: str):
+    res = check_config(tmp_path, text)
+    assert res.returncode == 2
+    assert named in res.stderr, res.stderr
+
+
+def test_key_file_with_loose_mode_is_refused(tmp_path: Path):
+    key = tmp_path / "q.key"
+    key.write_text("00" * 32)
+    key.chmod(0o644)
+    with pytest.raises(ConfigError) as exc:
+        config.build({"gateway": {"domains": ["a.fr"]}, "quarantine": {"key_file": str(key)}})
+    assert f"key file {key} has mode 0644; expected 0600" in str(exc.value)
+
+
+def test_command_line_overrides(tmp_path: Path):
+    cfg = config.load(None)
+    cfg = config.override(cfg, gateway__domains=("b.fr",), next_hop__address="127.0.0.1:2526",
+                          dns__nameservers=("127.0.0.1:5353",), gateway__data_dir=str(tmp_path))
+    assert cfg.domains == frozenset({"b.fr"})
+    assert cfg.next_hop_address is not None and cfg.next_hop_address.port == 2526
+    assert config.nameservers(cfg) == [("127.0.0.1", 5353)]
+    with pytest.raises(ConfigError, match="smtp.listen"):
+        config.override(cfg, smtp__listen="nowhere")
+
+
+def test_example_config_is_valid():
+    example = Path(__file__).resolve().parents[1] / "docker" / "gateway.example.toml"
+    cfg = config.load(example)
+    assert cfg.domains == frozenset({"cabinet-dupont.fr"})
+    assert str(cfg.next_hop_address) == "10.0.0.5:25"
