@@ -206,8 +206,8 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, store: Store) -
 
         async def _deliver(item: Item, raw: bytes) -> None:
             stamp = f"by {by}; {formatdate(time.time())}; id {item.id}"
-            data = headers.prepend(raw, [("X-Gateway-Released", stamp)])
-            await deliver(hop, item.mail_from, item.rcpts, data)
+            head = headers.encode_fields([("X-Gateway-Released", stamp)])
+            await deliver(hop, item.mail_from, item.rcpts, head, raw)
 
         try:
             item = await store.release(args.id, by=by, deliver=_deliver)

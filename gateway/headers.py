@@ -48,5 +48,5 @@ def fold(name: str, value: str, *, width: int = 78) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
-def prepend(raw: bytes, fields: list[tuple[str, str]]) -> bytes:
-    return b"".join(fold(n, v) for n, v in fields) + raw
+def encode_fields(fields: list[tuple[str, str]]) -> bytes:
+    return b"".join(fold(n, v) for n, v in fields)

@@ -138,9 +138,9 @@ class Pipeline:
         verdict = analysis.verdict
         action = verdict.action
         if action in (Action.ACCEPT, Action.TAG):
-            data = self.final_bytes(inbound, verdict)
             try:
-                await txn.send(data)
+                await txn.send(self.result_headers(inbound, verdict),
+                               headers.strip_own_headers(inbound.raw))
             except DownstreamUnavailable as exc:
                 log.warning("next hop unavailable: %s", exc)
                 return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis)
@@ -170,14 +170,16 @@ class Pipeline:
             from_header=(parsed.header("From") or "") if parsed else "",
             client_ip=inbound.peer_ip, helo=inbound.helo)
         try:
-            item_id = await self._store.put(new, self.final_bytes(inbound, verdict))
+            raw = self.result_headers(inbound, verdict) + headers.strip_own_headers(inbound.raw)
+            item_id = await self._store.put(new, raw)
         except Exception:  # noqa: BLE001 - disk full, permissions: the sender must retry
             log.exception("quarantine write failed")
             return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)
         return Outcome(kind=OutcomeKind.QUARANTINED, analysis=analysis, quarantine_id=item_id)
 
-    def final_bytes(self, inbound: Inbound, verdict: Verdict) -> bytes:
-        """The message as it leaves: our trace and result headers, forged copies removed."""
+    def result_headers(self, inbound: Inbound, verdict: Verdict) -> bytes:
+        """Our trace and result header fields, put in front of the message (whose own copies
+        of X-Gateway-* are removed: they are forged)."""
         fields = [
             ("Received", self._received(inbound)),
             ("X-Gateway-Action", verdict.action.value),
@@ -185,7 +187,7 @@ class Pipeline:
         ]
         if verdict.symbols:
             fields.append(("X-Gateway-Symbols", verdict.symbols_header()))
-        return headers.prepend(headers.strip_own_headers(inbound.raw), fields)
+        return headers.encode_fields(fields)
 
     def _received(self, inbound: Inbound) -> str:
         proto = "ESMTPS" if inbound.tls else "ESMTP"

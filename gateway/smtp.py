@@ -9,8 +9,10 @@ dot of every line that starts with one (RFC 5321 section 4.5.2), as aiosmtpd doe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+import socket
 import ssl
 from typing import Any
 
@@ -65,6 +67,17 @@ class ConnectionCounter:
             self.idle.set()
 
 
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Disable Nagle: aiosmtpd writes a multi-line reply line by line, and with Nagle on, each
+    line after the first waits for the client's delayed ACK (40 ms). asyncio sets TCP_NODELAY
+    itself only on sockets whose proto is IPPROTO_TCP, which a socket inherited from a
+    pre-forking parent (or made with proto 0) is not."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class GatewaySMTP(SMTP):
     def __init__(self, handler: Handler, *, counter: ConnectionCounter, data_timeout: float,
                  **kwargs: Any) -> None:
@@ -93,6 +106,7 @@ class GatewaySMTP(SMTP):
                 return
             self._counter.opened()
             self._counted = True
+            _no_delay(transport)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:

@@ -278,3 +278,20 @@ async def test_fifty_concurrent_sessions_all_delivered(gateway, sink: Sink):
         n = g.rcpts[0].split("@")[0].removeprefix("docteur")
         assert f"Subject: n{n}\r\n".encode() in g.data
 
+
+
+@pytest.mark.parametrize("raw", [
+    b"plain\r\nlines\r\n",
+    b".leading dot\r\n..two\r\n.\r\nend",
+    b"bare\nlf\n.\nsmuggled\r\n.\nmixed\r.\rcr",
+    b"",
+    b"no final newline",
+    b"\r\n\r\n.\r\n",
+])
+def test_wire_lines_matches_aiosmtplib(raw: bytes):
+    """Our fast DATA encoding gives the bytes aiosmtplib's SMTP.data() would send."""
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    from gateway.relay import wire_lines
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(raw)) if raw else b""
+    assert wire_lines(raw) == expected

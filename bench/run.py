@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Benchmark: the gateway against the bare pass-through proxy, in the same run.
+
+    python bench/run.py [-c 10] [--runs 3] [--workers 0] [--also-c 50]
+
+For each system (the bare aiosmtpd pass-through `../shared/bench/pyproxy.py` when present, and
+the gateway with its structural checks), starts it in front of Postfix's `smtp-sink` on
+loopback, sends the corpus at concurrency C with the load generator, and samples the RSS of its
+whole process tree. Reports messages/s, p50/p99 latency (connect to final 250) and peak memory
+(PSS of the process tree: what RSS means for several processes sharing pages) as a
+Markdown table and JSON lines (bench/out/results.jsonl). The corpus is the shared reference one
+(`../shared/bench/make_corpus.py -n 500`), else bench/corpus.py; the load generator is
+`../shared/bench/smtpload.py`, else bench/load.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = ROOT.parent / "shared" / "bench"
+OUT = HERE / "out"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited early: {proc.args}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} never opened: {proc.args}")
+
+
+def tree_memory_kb(pid: int) -> int:
+    """Proportional set size (PSS) of a process and all its descendants, in KiB.
+
+    PSS counts a page shared by n processes as 1/n in each, so the sum over a pre-forked tree is
+    the memory it really holds (summing RSS would count shared pages once per process); for a
+    single process it equals RSS less its share of shared libraries.
+    """
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids = (task / "children").read_text().split()
+                todo.extend(int(k) for k in kids)
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak_kb = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak_kb = max(self.peak_kb, tree_memory_kb(self.pid))
+            self._stop_event.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak_kb
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], port: int, **kw: object) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, **kw)  # type: ignore[call-overload]
+    try:
+        wait_port(port, proc)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def ensure_corpus(n: int) -> Path:
+    source = "shared" if (SHARED / "make_corpus.py").exists() else "own"
+    corpus = OUT / f"corpus-{source}-{n}"
+    if not (corpus / "manifest.json").exists():
+        gen = SHARED / "make_corpus.py" if source == "shared" else HERE / "corpus.py"
+        print(f"generating corpus with {gen} ...", file=sys.stderr)
+        subprocess.run([sys.executable, str(gen), "-n", str(n), "-o", str(corpus)], check=True,
+                       stdout=subprocess.DEVNULL)
+    return corpus
+
+
+def load(port: int, corpus: Path, concurrency: int, count: int) -> dict[str, object]:
+    shared = SHARED / "smtpload.py"
+    tool = shared if shared.exists() else HERE / "load.py"
+    cmd = [sys.executable, str(tool), "--port", str(port), "-c", str(concurrency),
+           "-n", str(count), "--corpus", str(corpus)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    result["load_tool"] = tool.name
+    return result
+
+
+def measure(name: str, cmd: list[str], port: int, corpus: Path, concurrency: int,
+            count: int) -> dict[str, object]:
+    with process(cmd, port) as proc:
+        load(port, corpus, concurrency, min(count, 20))  # warm-up: imports, first connections
+        sampler = RssSampler(proc.pid)
+        sampler.start()
+        result = load(port, corpus, concurrency, count)
+        result["peak_mem_mb"] = round(sampler.stop() / 1024, 1)
+    result["system"] = name
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-c", "--concurrency", type=int, default=10)
+    ap.add_argument("-n", "--count", type=int, default=500, help="messages per measurement")
+    ap.add_argument("--corpus-size", type=int, default=500)
+    ap.add_argument("--runs", type=int, default=1, help="repeat and report medians")
+    ap.add_argument("--workers", type=int, default=0, help="gateway serving processes (0 = cores)")
+    ap.add_argument("--also-c", type=int, action="append", default=[],
+                    help="extra concurrency levels to measure (e.g. 50)")
+    args = ap.parse_args()
+
+    sink_bin = shutil.which("smtp-sink")
+    if not sink_bin:
+        raise SystemExit("smtp-sink not found: install Debian's postfix (make bench does)")
+    OUT.mkdir(exist_ok=True)
+    corpus = ensure_corpus(args.corpus_size)
+    sink_port = free_port()
+    sink = subprocess.Popen([sink_bin, "-u", "nobody", f"127.0.0.1:{sink_port}", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows: list[dict[str, object]] = []
+    try:
+        wait_port(sink_port, sink)  # type: ignore[arg-type]
+        data_dir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+        systems: list[tuple[str, list[str], int]] = []
+        if (SHARED / "pyproxy.py").exists():
+            p = free_port()
+            systems.append(("bare pass-through (pyproxy.py)",
+                            [sys.executable, str(SHARED / "pyproxy.py"), "--listen",
+                             f"127.0.0.1:{p}", "--downstream", f"127.0.0.1:{sink_port}"], p))
+        g = free_port()
+        systems.append((f"gateway (workers={args.workers or os.cpu_count()})",
+                        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{g}",
+                         "--next-hop", f"127.0.0.1:{sink_port}", "--domain", "corp.example",
+                         "--data-dir", str(data_dir), "--workers", str(args.workers)], g))
+        for concurrency in [args.concurrency, *args.also_c]:
+            for name, cmd, port in systems:
+                runs = [measure(name, cmd, port, corpus, concurrency, args.count)
+                        for _ in range(args.runs)]
+                rows.append(summarise(runs))
+        shutil.rmtree(data_dir, ignore_errors=True)
+    finally:
+        sink.terminate()
+        sink.wait()
+    with (OUT / "results.jsonl").open("a") as f:
+        for row in rows:
+            f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **row}) + "\n")
+    print(f"corpus: {corpus.name}, {args.count} messages per run, medians of {args.runs} run(s)\n")
+    print("| system | c | msg/s | p50 / p99 ms | peak memory (PSS) MB | failed |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['system']} | {r['concurrency']} | {r['msgs_per_s']} | "
+              f"{r['p50_ms']} / {r['p99_ms']} | {r['peak_mem_mb']} | {r['fail']} |")
+
+
+def summarise(runs: list[dict[str, object]]) -> dict[str, object]:
+    def med(key: str, sub: str | None = None) -> float:
+        vals = [float(r[key][sub] if sub else r[key]) for r in runs]  # type: ignore[index]
+        return round(statistics.median(vals), 1)
+    first = runs[0]
+    return {"system": first["system"], "concurrency": first["concurrency"],
+            "msgs_per_s": med("msgs_per_s"), "p50_ms": med("lat_total_ms", "p50"),
+            "p99_ms": med("lat_total_ms", "p99"), "peak_mem_mb": med("peak_mem_mb"),
+            "fail": sum(int(r["fail"]) for r in runs),  # type: ignore[call-overload]
+            "load_tool": first["load_tool"], "runs": len(runs)}
+
+
+if __name__ == "__main__":
+    main()
