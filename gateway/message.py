@@ -8,13 +8,12 @@ It never raises on hostile input: what the parser could not make sense of is rec
 from __future__ import annotations
 
 import email.header
-import email.parser
-import email.policy
 import email.utils
 import enum
 import time
 from dataclasses import dataclass, field
-from email.message import Message
+
+from gateway.mime import Node, parse_tree
 
 # Limits that keep a hostile message from costing unbounded work.
 MAX_PARTS = 1000
@@ -53,7 +52,12 @@ class Part:
     transfer_encoding: str | None
     depth: int
     is_multipart: bool
-    size: int  # encoded size of the payload, in bytes
+    spans: tuple[tuple[int, int], ...]  # byte ranges of the payload in the raw message
+    size: int  # payload bytes, still transfer-encoded
+
+    def payload(self, raw: bytes) -> bytes:
+        """The payload as sent (transfer-encoded), from the message it was parsed from."""
+        return b"".join(raw[a:b] for a, b in self.spans)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,7 +72,6 @@ class ParsedMessage:
     defects: tuple[str, ...]  # parser defect class names, with the part path
     header_problems: tuple[str, ...]  # headers whose encoded words or syntax could not be read
     parts_truncated: bool  # MAX_PARTS or MAX_DEPTH reached: the rest was not walked
-    body_offset: int  # where the body starts in the raw bytes (-1: no header/body separator)
 
     def header_count(self, name: str) -> int:
         lname = name.lower()
@@ -80,9 +83,6 @@ class ParsedMessage:
             if n.lower() == lname:
                 return v
         return None
-
-
-_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 
 
 def decode_words(value: str) -> str:
@@ -103,8 +103,8 @@ def header_section_end(raw: bytes) -> int:
 
 def parse_message(raw: bytes) -> ParsedMessage:
     """Parse once, robustly. Never raises for malformed input."""
-    msg = _PARSER.parsebytes(raw)
-    defects: list[str] = []
+    root, truncated = parse_tree(raw, max_parts=MAX_PARTS, max_depth=MAX_DEPTH)
+    msg = root.headers
     problems: list[str] = []
     headers = tuple((str(k), _unfold(v)) for k, v in msg.raw_items())
 
@@ -130,7 +130,8 @@ def parse_message(raw: bytes) -> ParsedMessage:
             _safe_decode(str(field_value), field_name, problems)
 
     parts: list[Part] = []
-    truncated = _walk(msg, "1", 0, parts, defects)
+    defects: list[str] = []
+    _collect(root, "1", parts, defects)
     return ParsedMessage(
         headers=headers,
         from_addresses=tuple(addrs),
@@ -140,7 +141,6 @@ def parse_message(raw: bytes) -> ParsedMessage:
         defects=tuple(defects),
         header_problems=tuple(dict.fromkeys(problems)),
         parts_truncated=truncated,
-        body_offset=header_section_end(raw),
     )
 
 
@@ -157,41 +157,31 @@ def _safe_decode(value: str, name: str, problems: list[str]) -> str:
         return value
 
 
-def _walk(msg: Message, path: str, depth: int, out: list[Part], defects: list[str]) -> bool:
-    """Depth-first walk; returns True when a limit stopped it."""
-    if len(out) >= MAX_PARTS or depth > MAX_DEPTH:
-        return True
-    for d in msg.defects:
-        defects.append(f"{path}:{type(d).__name__}")
-    payload = msg.get_payload()
-    is_multi = msg.is_multipart()
-    size = len(payload) if isinstance(payload, str | bytes) else 0
+def _collect(node: Node, path: str, out: list[Part], defects: list[str]) -> None:
+    """Flatten the tree depth-first, numbering parts as IMAP does ("1", "1.2", ...)."""
+    headers = node.headers
+    defects.extend(f"{path}:{d}" for d in node.defects)
     try:
-        filename = msg.get_filename()
-    except Exception:  # noqa: BLE001
+        filename = headers.get_filename()
+    except Exception:  # noqa: BLE001 - RFC 2231 parameters the stdlib cannot decode
         filename = None
         defects.append(f"{path}:BadFilename")
     try:
-        charset = msg.get_content_charset()
+        charset = headers.get_content_charset()
     except Exception:  # noqa: BLE001
         charset = None
-    cte = msg.get("Content-Transfer-Encoding")
+    cte = headers.get("Content-Transfer-Encoding")
     out.append(Part(
         path=path,
-        content_type=msg.get_content_type(),
+        content_type=headers.get_content_type(),
         filename=filename,
-        disposition=msg.get_content_disposition(),
+        disposition=headers.get_content_disposition(),
         charset=charset,
         transfer_encoding=str(cte).strip().lower() if cte is not None else None,
-        depth=depth,
-        is_multipart=is_multi,
-        size=size,
+        depth=node.depth,
+        is_multipart=node.is_multipart,
+        spans=node.spans,
+        size=node.size,
     ))
-    if is_multi and isinstance(payload, list):
-        for i, sub in enumerate(payload, 1):
-            if not isinstance(sub, Message):
-                continue
-            if _walk(sub, f"{path}.{i}", depth + 1, out, defects):
-                return True
-    return False
-
+    for i, child in enumerate(node.children, 1):
+        _collect(child, f"{path}.{i}", out, defects)

@@ -18,7 +18,7 @@ class StructureCheck:
     name: ClassVar[str] = "structure"
     phase: ClassVar[int] = 1
     symbols: ClassVar[frozenset[str]] = frozenset({
-        "MIME_MALFORMED", "MIME_TOO_COMPLEX", "MIME_NO_BODY_SEPARATOR",
+        "MIME_MALFORMED", "MIME_TOO_COMPLEX",
         "FROM_MISSING", "FROM_MULTIPLE", "FROM_UNPARSABLE",
         "DATE_MISSING", "MESSAGE_ID_MISSING", "HEADER_DUPLICATE", "HEADER_ENCODING_BROKEN",
         "SMTP_BARE_LF_DOT",
@@ -35,8 +35,6 @@ class StructureCheck:
         if msg.parts_truncated:
             hits.append(Hit(symbol="MIME_TOO_COMPLEX",
                             detail=f"more than the part or depth limit ({len(msg.parts)} parts)"))
-        if msg.body_offset < 0:
-            hits.append(Hit(symbol="MIME_NO_BODY_SEPARATOR"))
 
         from_count = msg.header_count("From")
         if from_count == 0:
