@@ -65,6 +65,13 @@ class Node:
         return out
 
 
+# Lines looked at one by one (header lines, boundary candidates, delivery-status lines) in one
+# message: past it the walk stops and reports itself truncated. It keeps a hostile message (a
+# 50 MB header block, a body of dash lines under a "-" boundary) to a fraction of a second.
+STEP_BUDGET = 200_000
+MAX_HEADER_LINES = 10_000  # of one entity; real mail has a few hundred at most
+
+
 @dataclass(slots=True)
 class Walk:
     raw: bytes
@@ -72,6 +79,15 @@ class Walk:
     max_depth: int
     count: int = 0
     truncated: bool = False
+    steps: int = STEP_BUDGET
+
+    def step(self) -> bool:
+        """Spend one step; False (and truncated) once the budget is gone."""
+        self.steps -= 1
+        if self.steps < 0:
+            self.truncated = True
+            return False
+        return True
 
 
 def parse_tree(raw: bytes, *, max_parts: int, max_depth: int) -> tuple[Node, bool]:
@@ -97,7 +113,13 @@ def _entity(walk: Walk, start: int, end: int, *, depth: int, default_type: str) 
     body_start = end
     last_line = -1  # start of the last header line
     gap: tuple[int, int] | None = None
+    lines_left = MAX_HEADER_LINES
     while pos < end:
+        lines_left -= 1
+        if lines_left < 0 or not walk.step():
+            walk.truncated = True
+            body_start = pos
+            break
         nxt = _line_end(raw, pos, end)
         if not _HEADER_LINE.match(raw, pos, nxt):
             if raw[pos:pos + 1] in (b"\r", b"\n"):
@@ -171,7 +193,7 @@ def _multipart(walk: Walk, node: Node, ctype: str) -> None:
     cte = str(headers.get("content-transfer-encoding", "8bit")).lower()
     if cte not in ("7bit", "8bit", "binary"):
         node.defects.append("InvalidMultipartContentTransferEncodingDefect")
-    lines = _boundary_lines(walk.raw, boundary, node.body_start, node.body_end)
+    lines = _boundary_lines(walk, boundary, node.body_start, node.body_end)
     if not lines or lines[0][1]:
         # Only what came before a (close) boundary line is kept as the payload.
         node.defects.append("StartBoundaryNotFoundDefect")
@@ -220,16 +242,17 @@ def _strip_eol(raw: bytes, start: int, end: int) -> int:
     return end
 
 
-def _boundary_lines(raw: bytes, boundary: str, start: int,
+def _boundary_lines(walk: Walk, boundary: str, start: int,
                     end: int) -> list[tuple[int, bool, int]]:
     """(line start, is close boundary, next line start) of each boundary line in [start, end)."""
     try:
         sep = b"--" + boundary.encode("ascii", "surrogateescape")
     except UnicodeEncodeError:
         return []  # a decoded RFC 2231 boundary with real non-ASCII text matches no line
+    raw = walk.raw
     found = []
     pos = raw.find(sep, start, end)
-    while pos >= 0:
+    while pos >= 0 and walk.step():
         if pos == start or raw[pos - 1] in b"\r\n":
             q = pos + len(sep)
             close = raw[q:q + 2] == b"--" and q + 2 <= end
@@ -264,6 +287,8 @@ def _delivery_status(walk: Walk, node: Node) -> None:
     while True:
         block_end = pos
         while block_end < end and raw[block_end:block_end + 1] not in (b"\r", b"\n"):
+            if not walk.step():
+                return
             block_end = _line_end(raw, block_end, end)
         if walk.count >= walk.max_parts:
             walk.truncated = True

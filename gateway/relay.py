@@ -15,12 +15,14 @@ Errors: next hop down, timing out, or answering 4xx -> DownstreamUnavailable (45
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import re
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -106,11 +108,8 @@ class SmtpNextHop:
             hostname=self._address.host, port=self._address.port,
             local_hostname=self._local_hostname, timeout=self.timeout_s,
             start_tls=self._start_tls, validate_certs=self._validate, cert_bundle=self._ca)
-        try:
+        with _errors("connect", client):
             await client.connect()
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            client.close()
-            raise _unavailable("connect", exc) from None
         return client
 
 
@@ -124,6 +123,9 @@ class SmtpTransaction:
 
     async def open(self) -> None:
         client = await self._hop.connect()
+        if client.last_ehlo_response is None:  # without STARTTLS, connect() sent no EHLO
+            with _errors("EHLO", client):
+                await client.ehlo()
         options: list[str] = []
         encoding = "ascii"
         if client.supports_extension("8bitmime"):
@@ -134,14 +136,8 @@ class SmtpTransaction:
                 raise DownstreamRejected(553, "5.6.7 Next hop does not support SMTPUTF8")
             options.append("SMTPUTF8")
             encoding = "utf-8"
-        try:
+        with _errors("MAIL", client):
             await client.mail(self._mail_from, options=options, encoding=encoding)
-        except aiosmtplib.SMTPResponseException as exc:
-            client.close()
-            raise _from_response("MAIL", exc) from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            client.close()
-            raise _unavailable("MAIL", exc) from None
         self._client = client
 
     async def add_recipient(self, rcpt: str) -> RcptAnswer:
@@ -168,24 +164,21 @@ class SmtpTransaction:
             client = self._client
         assert client is not None
         try:
-            resp = await client.execute_command(b"DATA")
-            if resp.code != 354:
-                raise aiosmtplib.SMTPDataError(resp.code, resp.message)
-            # The body is written through the protocol rather than SMTP.data(), whose
-            # regex-based line-end normalisation and dot-stuffing cost as much CPU as our
-            # whole parse; wire_lines() gives the same bytes (tests/test_relay.py).
-            protocol = client.protocol
-            assert protocol is not None
-            protocol.write(wire_lines(head))
-            protocol.write(wire_lines(raw))
-            protocol.write(b".\r\n")
-            resp = await protocol.read_response(timeout=self._hop.timeout_s)
-            if resp.code != 250:
-                raise aiosmtplib.SMTPDataError(resp.code, resp.message)
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _from_response("DATA", exc) from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise _unavailable("DATA", exc) from None
+            with _errors("DATA", client):
+                resp = await client.execute_command(b"DATA")
+                if resp.code != 354:
+                    raise aiosmtplib.SMTPDataError(resp.code, resp.message)
+                # The body is written through the protocol rather than SMTP.data(), whose
+                # regex-based line-end normalisation and dot-stuffing cost as much CPU as our
+                # whole parse; wire_lines() gives the same bytes (tests/test_relay.py).
+                protocol = client.protocol
+                assert protocol is not None
+                protocol.write(wire_lines(head))
+                protocol.write(wire_lines(raw))
+                protocol.write(b".\r\n")
+                resp = await protocol.read_response(timeout=self._hop.timeout_s)
+                if resp.code != 250:
+                    raise aiosmtplib.SMTPDataError(resp.code, resp.message)
         finally:
             self.abort()
         return resp.message
@@ -207,6 +200,20 @@ class SmtpTransaction:
         client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+@contextlib.contextmanager
+def _errors(stage: str, client: aiosmtplib.SMTP) -> Iterator[None]:
+    """Map the client's errors: 5xx -> DownstreamRejected, the rest -> DownstreamUnavailable;
+    the connection is closed in either case."""
+    try:
+        yield
+    except aiosmtplib.SMTPResponseException as exc:
+        client.close()
+        raise _from_response(stage, exc) from None
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        client.close()
+        raise _unavailable(stage, exc) from None
 
 
 def _unavailable(stage: str, exc: BaseException) -> DownstreamUnavailable:

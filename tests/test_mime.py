@@ -108,3 +108,13 @@ def test_generated_shapes_parse_as_cpython_does(head: str, body: str):
     if UNIX_FROM_CONTAINER in ours[1]:
         return  # the one shape we flag instead of following (see gateway/mime.py)
     assert ours == cpython_view(data)
+
+
+def test_hostile_shapes_stay_cheap_and_are_flagged():
+    """Work that grows with lines is bounded: a huge header block or a body of boundary-like
+    lines ends the walk early, flagged as truncated (MIME_TOO_COMPLEX), never a long stall."""
+    huge_headers = b"X-A: b\r\n" * 400_000 + b"\r\nbody\r\n"
+    dashes = (b'Content-Type: multipart/mixed; boundary="-"\r\n\r\n' + b"---\r\n" * 400_000)
+    for data in (huge_headers, dashes):
+        root, truncated = parse_tree(data, max_parts=1000, max_depth=20)
+        assert truncated
