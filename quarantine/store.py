@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,43 +50,33 @@ class SymbolRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Item:
-    id: str
-    received_at: float
-    direction: str
-    action: str
-    score: float
-    symbols: tuple[SymbolRecord, ...]
-    state: str
-    size: int
-    # sealed at rest:
-    queue_id: str
-    mail_from: str
-    rcpts: tuple[str, ...]
-    subject: str
-    from_header: str
-    client_ip: str
-    helo: str
-    state_changed_at: float | None = None
-    state_by: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class NewItem:
     """What the pipeline hands to `put`."""
 
-    queue_id: str
     received_at: float
     direction: str
     action: str
     score: float
     symbols: tuple[SymbolRecord, ...]
+    # personal data, sealed in the index too (_PERSONAL):
+    queue_id: str
     mail_from: str
     rcpts: tuple[str, ...]
     subject: str
     from_header: str
     client_ip: str
     helo: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Item(NewItem):
+    """A stored item: what was put, plus its id, size and state."""
+
+    id: str
+    state: str
+    size: int
+    state_changed_at: float | None = None
+    state_by: str | None = None
 
 
 _SCHEMA = """
@@ -348,7 +338,7 @@ def _check_id(item_id: str) -> None:
 
 
 def _fields(new: NewItem) -> dict[str, Any]:
-    return {k: getattr(new, k) for k in NewItem.__dataclass_fields__}
+    return {f.name: getattr(new, f.name) for f in fields(NewItem)}
 
 
 def _to_json(item: Item) -> dict[str, Any]:
