@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/gateway serve $(ARGS)
 
-# Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink).
+# Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink)
+# and Chromium (the banner as a mail reader renders it).
 system-deps:
-	@if ! command -v postfix >/dev/null 2>&1 || ! command -v smtp-sink >/dev/null 2>&1; then \
+	@if ! command -v postfix >/dev/null 2>&1 || ! command -v smtp-sink >/dev/null 2>&1 \
+	    || ! command -v chromium >/dev/null 2>&1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix chromium; \
 	fi
 
 lint: $(STAMP)

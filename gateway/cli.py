@@ -19,10 +19,10 @@ from gateway import __version__, config, headers
 from gateway.config import Config
 from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailable
 from gateway.message import Direction, Inbound, header_section_end
-from gateway.relay import create_next_hop, deliver
-from gateway.service import build_runtime, quarantine_root, serve
+from gateway.relay import deliver
+from gateway.service import Runtime, build_runtime, serve
 from quarantine.crypto import KeyFileError
-from quarantine.store import Item, NotFound, Store
+from quarantine.store import Item, NotFound
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -166,17 +166,19 @@ def _when(ts: float) -> str:
 
 
 async def _quarantine(cfg: Config, args: argparse.Namespace) -> int:
-    store = await Store.open(quarantine_root(cfg), cfg.key_file)
+    runtime = await build_runtime(cfg)
     try:
-        return await _quarantine_cmd(cfg, args, store)
+        return await _quarantine_cmd(cfg, args, runtime)
     except NotFound as exc:
         print(f"Introuvable : {exc}", file=sys.stderr)
         return 1
     finally:
-        await store.close()
+        await runtime.close()
 
 
-async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, store: Store) -> int:
+async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtime) -> int:
+    store = runtime.store
+    assert store is not None
     by = f"cli:{getpass.getuser()}"
     cmd = args.qcommand
     if cmd == "list":
@@ -202,12 +204,11 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, store: Store) -
         print(raw[: end if end > 0 else len(raw)].decode("utf-8", "replace").rstrip())
         return 0
     if cmd == "release":
-        hop = create_next_hop(cfg)
-
         async def _deliver(item: Item, raw: bytes) -> None:
             stamp = f"by {by}; {formatdate(time.time())}; id {item.id}"
             head = headers.encode_fields([("X-Gateway-Released", stamp)])
-            await deliver(hop, item.mail_from, item.rcpts, head, raw)
+            body = await runtime.pipeline.released((s.name for s in item.symbols), raw)
+            await deliver(runtime.next_hop, item.mail_from, item.rcpts, head, body)
 
         try:
             item = await store.release(args.id, by=by, deliver=_deliver)

@@ -102,6 +102,15 @@ class QuarantineSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BannerSection:
+    __pydantic_config__ = _STRICT
+    enabled: bool = True  # banner and subject tag on suspect ("tag") and released mail
+    templates: str = ""  # wording and colours; default: <rules_dir>/banner.toml
+    external_mark: bool = False  # mark outside mail that uses a colleague's name
+    colleagues: tuple[str, ...] = ()  # names as they appear in From, e.g. "Dr Claire Martin"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingSection:
     __pydantic_config__ = _STRICT
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -116,6 +125,7 @@ class Config:
     dns: DnsSection = field(default_factory=DnsSection)
     scoring: ScoringSection = field(default_factory=ScoringSection)
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
+    banner: BannerSection = field(default_factory=BannerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     # Derived values, read by the rest of the code.
@@ -126,6 +136,10 @@ class Config:
     @property
     def rules_dir(self) -> Path:
         return Path(self.gateway.rules_dir) if self.gateway.rules_dir else DEFAULT_RULES_DIR
+
+    @property
+    def banner_templates(self) -> Path:
+        return Path(self.banner.templates) if self.banner.templates else self.rules_dir / "banner.toml"
 
     @property
     def key_file(self) -> Path:
@@ -216,6 +230,10 @@ def validate(cfg: Config, *, source: str = "config") -> None:
                       ("next_hop.tls_ca_file", cfg.next_hop.tls_ca_file)):
         check(not path or Path(path).is_file(), key, f"file not found: {path}")
     check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"folder not found: {cfg.rules_dir}")
+    check(cfg.banner_templates.is_file(), "banner.templates",
+          f"file not found: {cfg.banner_templates}")
+    check(not cfg.banner.external_mark or bool(cfg.banner.colleagues), "banner.colleagues",
+          "external_mark needs the colleagues' names")
     key_file = cfg.key_file
     if key_file.exists():
         mode = key_file.stat().st_mode & 0o777

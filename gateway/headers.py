@@ -1,15 +1,49 @@
-"""Edits of the raw header section that keep the body byte-identical.
+"""Edits of raw header blocks that leave every other byte of the message identical.
 
 The message is never re-serialised by the `email` package: that would change bytes that DKIM
-signed. Only whole header fields are removed, and new ones are prepended.
+signed. Whole header fields are removed, replaced or added; nothing else moves.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from gateway.message import header_section_end
 
 # Headers we set: copies arriving from outside are forged and removed.
 OWN_PREFIX = b"x-gateway-"
+
+
+def fields(block: bytes) -> list[bytes]:
+    """Split a header block into fields (each with its continuation lines and line ends);
+    a trailing blank line, if any, is the last element."""
+    out: list[bytes] = []
+    for line in block.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and out and out[-1].strip():
+            out[-1] += line
+        else:
+            out.append(line)
+    return out
+
+
+def field_name(field: bytes) -> bytes:
+    return field.split(b":", 1)[0].strip().lower() if b":" in field else b""
+
+
+def remove_fields(block: bytes, drop: Callable[[bytes], bool]) -> bytes:
+    """The block without the fields whose lower-case name `drop` accepts."""
+    return b"".join(f for f in fields(block) if not drop(field_name(f)))
+
+
+def set_field(block: bytes, name: str, value: str) -> bytes:
+    """Replace every `name` field by one with `value`, placed before the blank line (which
+    is added when the block had none, so that the body cannot be read as headers)."""
+    lname = name.lower().encode()
+    kept = [f for f in fields(block) if field_name(f) != lname]
+    blank = kept.pop() if kept and not kept[-1].strip() else b"\r\n"
+    if kept and not kept[-1].endswith((b"\n", b"\r")):
+        kept[-1] += b"\r\n"
+    return b"".join(kept) + fold(name, value) + blank
 
 
 def strip_own_headers(raw: bytes) -> bytes:
@@ -18,28 +52,17 @@ def strip_own_headers(raw: bytes) -> bytes:
     head = raw if end < 0 else raw[:end]
     if OWN_PREFIX not in head.lower():
         return raw
-    out: list[bytes] = []
-    dropping = False
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                out.append(line)
-            continue
-        dropping = line.lower().startswith(OWN_PREFIX)
-        if not dropping:
-            out.append(line)
-    return b"".join(out) + (b"" if end < 0 else raw[end:])
+    return remove_fields(head, lambda n: n.startswith(OWN_PREFIX)) + (b"" if end < 0 else raw[end:])
 
 
 def fold(name: str, value: str, *, width: int = 78) -> bytes:
     """One header field, folded at spaces to stay under `width` where possible, CRLF ended."""
-    words = value.split(" ")
     lines: list[str] = []
     current = f"{name}:"
-    for word in words:
+    for word in value.split(" "):
         if not word:
             continue
-        if len(current) + 1 + len(word) > width and current.strip() and current != f"{name}:":
+        if len(current) + 1 + len(word) > width and current != f"{name}:":
             lines.append(current)
             current = "\t" + word
         else:
@@ -48,5 +71,5 @@ def fold(name: str, value: str, *, width: int = 78) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
-def encode_fields(fields: list[tuple[str, str]]) -> bytes:
-    return b"".join(fold(n, v) for n, v in fields)
+def encode_fields(pairs: list[tuple[str, str]]) -> bytes:
+    return b"".join(fold(n, v) for n, v in pairs)

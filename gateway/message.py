@@ -52,6 +52,8 @@ class Part:
     transfer_encoding: str | None
     depth: int
     is_multipart: bool
+    start: int  # where the part's header block starts in the raw message
+    body_start: int  # where its payload starts (after the blank line)
     spans: tuple[tuple[int, int], ...]  # byte ranges of the payload in the raw message
     size: int  # payload bytes, still transfer-encoded
 
@@ -180,6 +182,8 @@ def _collect(node: Node, path: str, out: list[Part], defects: list[str]) -> None
         transfer_encoding=str(cte).strip().lower() if cte is not None else None,
         depth=node.depth,
         is_multipart=node.is_multipart,
+        start=node.start,
+        body_start=node.body_start,
         spans=node.spans,
         size=node.size,
     ))

@@ -10,11 +10,12 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
-from gateway import headers
+from gateway import banner, headers
 from gateway.checks.base import Check, CheckContext, CheckResult, Hit, runner_symbols
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
@@ -60,8 +61,12 @@ class Outcome:
 
 class Pipeline:
     def __init__(self, *, cfg: Config, checks: Sequence[Check], table: SymbolTable,
-                 workers: Workers, store: Store | None) -> None:
+                 workers: Workers, store: Store | None, templates: banner.Templates,
+                 mark: str) -> None:
         self._cfg = cfg
+        self._templates = templates
+        self._mark = mark
+        self._colleagues = [_fold_name(n) for n in cfg.banner.colleagues]
         self._phases = [
             [c for c in checks if c.phase == 1],
             [c for c in checks if c.phase == 2],
@@ -138,9 +143,15 @@ class Pipeline:
         verdict = analysis.verdict
         action = verdict.action
         if action in (Action.ACCEPT, Action.TAG):
+            raw: bytes = inbound.raw
+            extra: tuple[tuple[str, str], ...] = ()
+            warning = self._warning_for(inbound, analysis)
+            if warning is not None and analysis.parsed is not None:
+                result = await self._with_banner(inbound.raw, analysis.parsed, warning)
+                raw, extra = result.raw, result.fields
             try:
-                await txn.send(self.result_headers(inbound, verdict),
-                               headers.strip_own_headers(inbound.raw))
+                await txn.send(self.result_headers(inbound, verdict, extra),
+                               headers.strip_own_headers(raw))
             except DownstreamUnavailable as exc:
                 log.warning("next hop unavailable: %s", exc)
                 return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis)
@@ -177,7 +188,8 @@ class Pipeline:
             return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)
         return Outcome(kind=OutcomeKind.QUARANTINED, analysis=analysis, quarantine_id=item_id)
 
-    def result_headers(self, inbound: Inbound, verdict: Verdict) -> bytes:
+    def result_headers(self, inbound: Inbound, verdict: Verdict,
+                       extra: Sequence[tuple[str, str]] = ()) -> bytes:
         """Our trace and result header fields, put in front of the message (whose own copies
         of X-Gateway-* are removed: they are forged)."""
         fields = [
@@ -187,7 +199,58 @@ class Pipeline:
         ]
         if verdict.symbols:
             fields.append(("X-Gateway-Symbols", verdict.symbols_header()))
+        fields.extend(extra)
         return headers.encode_fields(fields)
+
+    # ---- banners ----------------------------------------------------------------------
+
+    def _warning_for(self, inbound: Inbound, analysis: Analysis) -> banner.Warning | None:
+        if not self._cfg.banner.enabled:
+            return None
+        verdict = analysis.verdict
+        if verdict.action is Action.TAG:
+            return banner.Warning(style=self._templates.suspect,
+                                  reasons=self.reasons(s.name for s in verdict.symbols))
+        parsed = analysis.parsed
+        if (self._colleagues and self._cfg.banner.external_mark and parsed is not None
+                and parsed.from_addresses):
+            domain = parsed.from_addresses[0].rpartition("@")[2].lower().rstrip(".")
+            name = _fold_name(parsed.from_display)
+            if domain not in self._cfg.domains and any(c in name for c in self._colleagues):
+                return banner.Warning(style=self._templates.external, reasons=())
+        return None
+
+    def reasons(self, symbols: Iterable[str]) -> tuple[str, ...]:
+        """French reasons for the banner: descriptions of the scoring symbols, heaviest first."""
+        out: list[str] = []
+        for name in symbols:
+            sym = self._table.symbols.get(name)
+            if sym is None or sym.score <= 0 or sym.description in out:
+                continue
+            out.append(sym.description)
+        return tuple(out[:self._templates.max_reasons])
+
+    async def _with_banner(self, raw: bytes, parsed: ParsedMessage,
+                           warning: banner.Warning) -> banner.Result:
+        try:
+            return await self._workers.run(banner.apply, raw, parsed, warning, self._templates,
+                                           self._mark, limit_s=self._cfg.scoring.parse_timeout_s)
+        except Exception:  # noqa: BLE001 - a banner bug must not hold mail back: tag only
+            log.exception("banner failed; subject tag only")
+            return banner.Result(raw=banner.tag_subject(raw, warning.style.subject_tag),
+                                 body_changed=False, fields=())
+
+    async def released(self, symbols: Iterable[str], raw: bytes) -> bytes:
+        """A quarantined message as released: with the banner, the reasons it was held and
+        a note that it was released."""
+        if not self._cfg.banner.enabled:
+            return raw
+        parsed = await self._workers.run(parse_message, raw,
+                                         limit_s=self._cfg.scoring.parse_timeout_s)
+        warning = banner.Warning(style=self._templates.suspect, reasons=self.reasons(symbols),
+                                 note=self._templates.released_note)
+        result = await self._with_banner(raw, parsed, warning)
+        return headers.encode_fields(list(result.fields)) + result.raw
 
     def _received(self, inbound: Inbound) -> str:
         proto = "ESMTPS" if inbound.tls else "ESMTP"
@@ -197,6 +260,12 @@ class Pipeline:
         if len(inbound.rcpts) == 1:
             value += f" for <{inbound.rcpts[0]}>"
         return f"{value}; {formatdate(inbound.received_at, localtime=True)}"
+
+
+def _fold_name(name: str) -> str:
+    """Case- and accent-insensitive form of a display name, for colleague matching."""
+    decomposed = unicodedata.normalize("NFKD", name.casefold())
+    return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).split())
 
 
 async def _run_one(check: Check, parsed: ParsedMessage, ctx: CheckContext) -> CheckResult:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import logs
+from gateway.banner import load_templates, marker
 from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
 from gateway.config import Config
@@ -28,6 +29,7 @@ from gateway.relay import NextHop, create_next_hop
 from gateway.smtp import ConnectionCounter, Handler, smtp_factory
 from gateway.symbols import SymbolTable, check_consistency, load_table
 from gateway.workers import Workers
+from quarantine.crypto import load_or_create_key
 from quarantine.store import Store
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ def prepare(cfg: Config) -> None:
     """Blocking start-up checks, before any port opens: rules, data folder, key, index."""
     os.umask(0o077)
     load_rules(cfg, Workers())
+    load_templates(cfg.banner_templates)
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     Store.open_sync(quarantine_root(cfg), cfg.key_file).close_sync()
 
@@ -81,7 +84,12 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
     if with_store:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = await Store.open(quarantine_root(cfg), cfg.key_file)
-    pipeline = Pipeline(cfg=cfg, checks=checks, table=table, workers=workers, store=store)
+    # The banner marker comes from the installation's secret; `scan` without a data folder
+    # has none and uses a fixed one.
+    secret = (await asyncio.to_thread(load_or_create_key, cfg.key_file)
+              if with_store or cfg.key_file.exists() else b"scan")
+    pipeline = Pipeline(cfg=cfg, checks=checks, table=table, workers=workers, store=store,
+                        templates=load_templates(cfg.banner_templates), mark=marker(secret))
     return Runtime(cfg=cfg, table=table, workers=workers, pipeline=pipeline,
                    next_hop=create_next_hop(cfg), store=store)
 

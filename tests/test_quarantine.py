@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import os
 import shutil
 import stat
@@ -93,8 +95,14 @@ async def test_release_through_the_cli_delivers_the_original(tmp_path: Path, sin
     assert status == 0
     got = await sink.get()
     assert got.mail_from == SENDER and got.rcpts == [f"docteur@{DOMAIN}"]
-    assert got.data.endswith(SUSPECT)
     assert got.data.startswith(b"X-Gateway-Released: by cli:")
+    # The reader sees why it was held, that it was released, and the original text.
+    msg = email.message_from_bytes(got.data, policy=email.policy.default)
+    assert str(msg["Subject"]) == "[SUSPECT] " + SUBJECT.decode()
+    text = msg.get_content()
+    assert text.index("retenu en quarantaine, puis libéré") < text.index(BODY.decode())
+    assert "n'a pas de date d'envoi" in text
+    assert msg.get_content_charset() == "utf-8"
     # Released once: a second release is refused, the state says who did it.
     assert await asyncio.to_thread(cli.main, ["quarantine", "--config", str(conf),
                                               "release", item.id]) == 1
