@@ -28,12 +28,13 @@ import hmac
 import html
 import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import headers
 from gateway.errors import ConfigError
-from gateway.message import ParsedMessage, Part, decode_words
+from gateway.message import ParsedMessage, Part, decode_words, header_section_end
 
 _BODY_TAG = re.compile(r"<body\b[^>]*>", re.IGNORECASE)
 _READABLE = ("text/plain", "text/html")
@@ -185,8 +186,8 @@ def _is_protected(raw: bytes, parsed: ParsedMessage, tpl: Templates) -> bool:
 
 def tag_subject(raw: bytes, tag: str) -> bytes:
     """Put `tag` in front of the first Subject (adding one if there is none), once."""
-    end = raw.find(b"\r\n\r\n")
-    head_end = end + 2 if end >= 0 else len(raw)
+    end = header_section_end(raw)
+    head_end = end if end >= 0 else len(raw)
     block = raw[:head_end]
     parts = headers.fields(block)
     for i, field in enumerate(parts):
@@ -203,7 +204,8 @@ def tag_subject(raw: bytes, tag: str) -> bytes:
         stripped = field[colon:].lstrip(b" \t")
         parts[i] = field[:colon] + b" " + _ascii_or_encoded(tag) + b" " + stripped
         return b"".join(parts) + raw[head_end:]
-    return headers.fold("Subject", tag) + raw
+    # None: add one at the end of the header block (the top could demote a unix-from line).
+    return headers.set_field(block, "Subject", tag) + raw[head_end:]
 
 
 def _ascii_or_encoded(text: str) -> bytes:
@@ -257,6 +259,9 @@ def _rewrite_part(raw: bytes, part: Part, warning: Warning,
     if mark in text:
         return None  # already carries our banner
     eol = "\r\n" if "\r\n" in text or not text else "\n"
+    # Text that did not decode cleanly in its charset cannot be moved to another one: then
+    # the banner itself is written in what that charset can hold.
+    clean = not any("\udc80" <= ch <= "\udcff" for ch in text)
     if part.content_type == "text/html":
         banner_html = html_banner(warning, mark, eol)
         m = _BODY_TAG.search(text)
@@ -265,7 +270,10 @@ def _rewrite_part(raw: bytes, part: Part, warning: Warning,
         else:
             new_text = banner_html + eol + text
     else:
-        new_text = text_banner(warning, mark, eol) + eol + text
+        banner_text = text_banner(warning, mark, eol)
+        if not clean and not _fits(banner_text, codec):
+            banner_text = _transliterate(banner_text, codec)
+        new_text = banner_text + eol + text
     out_charset = charset
     try:
         body = new_text.encode(codec, "surrogateescape")
@@ -282,6 +290,26 @@ def _rewrite_part(raw: bytes, part: Part, warning: Warning,
     if out_cte != cte:
         block = headers.set_field(block, "Content-Transfer-Encoding", out_cte)
     return part.start, end, block + payload
+
+
+def _fits(text: str, codec: str) -> bool:
+    try:
+        text.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _transliterate(text: str, codec: str) -> str:
+    """Accents dropped and other characters replaced, so that `codec` can hold the text."""
+    out = []
+    for ch in text:
+        if not _fits(ch, codec):
+            ch = "".join(c for c in unicodedata.normalize("NFKD", ch)
+                         if not unicodedata.combining(c))
+            ch = ch if ch and _fits(ch, codec) else "!" if ch == "\u26a0" else "?"
+        out.append(ch)
+    return "".join(out)
 
 
 def _choose_cte(cte: str, body: bytes) -> str:

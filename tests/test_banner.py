@@ -137,7 +137,17 @@ def defects(data: bytes) -> set[str]:
 
 def text_of(part: Message) -> str:
     raw = part.get_payload(decode=True)
-    return raw.decode(part.get_content_charset() or "us-ascii", "replace")
+    try:
+        return raw.decode(part.get_content_charset() or "us-ascii", "replace")
+    except LookupError:  # a charset name no codec has
+        return raw.decode("latin-1")
+
+
+def same_text(a: str, b: str) -> bool:
+    """Equal, but for line ends (a bare LF coded =0A in quoted-printable comes back a CRLF)."""
+    def norm(t: str) -> str:
+        return t.replace("\r\n", "\n").replace("\r", "\n")
+    return norm(a) == norm(b)
 
 
 def without_banner(text: str) -> str:
@@ -145,7 +155,21 @@ def without_banner(text: str) -> str:
                   count=1, flags=re.DOTALL)
     if html != text:
         return html
-    return re.sub(r"\A⚠ .*?\n-{72}\r?\n\r?\n?", "", text, count=1, flags=re.DOTALL)
+    return re.sub(r"\A[⚠!] .*?\n-{72}\r?\n\r?\n?", "", text, count=1, flags=re.DOTALL)
+
+
+def rewritable(part) -> bool:
+    import codecs
+    try:
+        codecs.lookup(part.charset or "us-ascii")
+    except LookupError:
+        return False
+    return (part.transfer_encoding or "7bit") in ("7bit", "8bit", "binary", "base64",
+                                                  "quoted-printable")
+
+
+def drop_subject(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in items if k.lower() != "subject"]
 
 
 def check_banner(data: bytes) -> bytes:
@@ -153,7 +177,10 @@ def check_banner(data: bytes) -> bytes:
     parsed = parse_message(data)
     result = banner.apply(data, parsed, WARNING, TPL, MARK)
     out = result.raw
-    readable = {p.path for p in banner.readable_parts(parsed)}
+    # Signed or encrypted: no part changes. Parts we cannot re-encode (unknown charset or
+    # transfer encoding) keep their bytes too.
+    readable = set() if result.fields else {
+        p.path for p in banner.readable_parts(parsed) if rewritable(p)}
     before, after = leaves(data), leaves(out)
     assert before.keys() == after.keys()
     for path, part in after.items():
@@ -165,14 +192,15 @@ def check_banner(data: bytes) -> bytes:
                 assert text.count(f'data-gateway-banner="{MARK}"') == 1, path
             else:
                 assert text.count(MARK) == 1, path
-                assert text.startswith("⚠ ATTENTION : CE MESSAGE SEMBLE SUSPECT")
-            assert without_banner(text) == text_of(before[path]), path  # the rest, intact
+                assert text.startswith(("⚠ ATTENTION : CE MESSAGE SEMBLE SUSPECT",
+                                        "! ATTENTION : CE MESSAGE SEMBLE SUSPECT"))
+            assert same_text(without_banner(text), text_of(before[path])), path  # the rest
         else:
             assert part.get_payload() == before[path].get_payload(), path
-            assert part.items() == before[path].items(), path
+            assert drop_subject(part.items()) == drop_subject(before[path].items()), path
     assert defects(out) <= defects(data)
     subject = email.message_from_bytes(out, policy=email.policy.default)["Subject"]
-    assert str(subject).startswith("[SUSPECT] ")
+    assert str(subject).startswith("[SUSPECT]")
     # Idempotent: a second pass changes nothing.
     again = banner.apply(out, parse_message(out), WARNING, TPL, MARK)
     assert again.raw == out and not again.body_changed
@@ -223,14 +251,19 @@ def test_forged_marker_does_not_keep_our_banner_out():
 
 
 def test_corpus_messages_take_the_banner_without_damage(corpus: Path):
-    for path in edge_case_messages(corpus):
+    files = edge_case_messages(corpus)
+    files += sorted((corpus / "phishing-pot" / "samples").glob("*.eml"))
+    files += sorted((corpus / "spamassassin-ham").glob("*/*.eml"))
+    failures = []
+    for path in files:
         if path.name == "enclosed-endless.eml":
             continue
         data = path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        parsed = parse_message(data)
-        result = banner.apply(data, parsed, WARNING, TPL, MARK)
-        assert defects(result.raw) <= defects(data), path.name
-        assert len(leaves(result.raw)) == len(leaves(data)), path.name
+        try:
+            check_banner(data)
+        except AssertionError as exc:
+            failures.append(f"{path.name}: {exc}")
+    assert not failures
 
 
 async def test_tag_verdict_delivers_banner_and_subject_tag_over_smtp(tmp_path: Path, sink: Sink):
