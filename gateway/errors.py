@@ -11,6 +11,7 @@
         ├── PolicyReject
         ├── MessageTooLarge
         └── DownstreamRejected    (next hop answered 5xx: passed back)
+    ├── DnsPermanentError         (a name that cannot be looked up: a fact, not a retry)
     ConfigError                   (stands apart: raised before any port opens)
 
 Only gateway/smtp.py turns these into SMTP replies (through gateway/replies.py).
@@ -33,6 +34,10 @@ class PermanentError(GatewayError):
 
 class DnsTemporaryError(TemporaryError):
     pass
+
+
+class DnsPermanentError(GatewayError):
+    """The name cannot be a DNS name (empty or over-long label): no lookup is possible."""
 
 
 class ScanTimeout(TemporaryError, TimeoutError):

@@ -44,3 +44,14 @@ async def gateway(tmp_path: Path, sink: Sink) -> AsyncIterator[Running]:
     cfg = make_config(tmp_path / "data", next_hop={"address": sink.address, "starttls": "off"})
     async with running(cfg) as gw:
         yield gw
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
+    """The RFC 7208 suite's tally, deviations included (tests/test_spf.py lists them)."""
+    stats = terminalreporter.stats
+    ours = "test_spf_rfc7208_suite["
+    passed = sum(1 for r in stats.get("passed", []) if ours in r.nodeid)
+    deviations = sum(1 for r in stats.get("xfailed", []) if ours in r.nodeid)
+    if passed or deviations:
+        terminalreporter.write_line(
+            f"RFC 7208 SPF suite: {passed} passed, {deviations} deviations")
