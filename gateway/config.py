@@ -102,6 +102,15 @@ class QuarantineSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuthSection:
+    __pydantic_config__ = _STRICT
+    authserv_id: str = ""  # in Authentication-Results; default: gateway.hostname
+    dkim_min_key_bits: int = 1024  # smaller RSA keys do not count as a DKIM pass
+    dmarc_reject_action: Literal["reject", "quarantine"] = "reject"  # for failing p=reject
+    trusted_arc_sealers: tuple[str, ...] = ()  # forwarders/lists whose ARC results we accept
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BannerSection:
     __pydantic_config__ = _STRICT
     enabled: bool = True  # banner and subject tag on suspect ("tag") and released mail
@@ -125,6 +134,7 @@ class Config:
     dns: DnsSection = field(default_factory=DnsSection)
     scoring: ScoringSection = field(default_factory=ScoringSection)
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
+    auth: AuthSection = field(default_factory=AuthSection)
     banner: BannerSection = field(default_factory=BannerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -136,6 +146,10 @@ class Config:
     @property
     def rules_dir(self) -> Path:
         return Path(self.gateway.rules_dir) if self.gateway.rules_dir else DEFAULT_RULES_DIR
+
+    @property
+    def authserv_id(self) -> str:
+        return self.auth.authserv_id or self.gateway.hostname
 
     @property
     def banner_templates(self) -> Path:

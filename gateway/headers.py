@@ -46,13 +46,20 @@ def set_field(block: bytes, name: str, value: str) -> bytes:
     return b"".join(kept) + fold(name, value) + blank
 
 
-def strip_own_headers(raw: bytes) -> bytes:
-    """Remove every header field named X-Gateway-* (with its continuation lines)."""
+def strip_own_headers(raw: bytes, authserv_id: str) -> bytes:
+    """Remove the header fields only we may write, forged when they arrive from outside:
+    X-Gateway-*, and Authentication-Results claiming our authserv-id (RFC 8601 5)."""
     end = header_section_end(raw)
     head = raw if end < 0 else raw[:end]
-    if OWN_PREFIX not in head.lower():
+    lower = head.lower()
+    ours = authserv_id.lower().encode()
+    if OWN_PREFIX not in lower and not (b"authentication-results" in lower and ours in lower):
         return raw
-    return remove_fields(head, lambda n: n.startswith(OWN_PREFIX)) + (b"" if end < 0 else raw[end:])
+    forged = [f for f in fields(head) if field_name(f) == b"authentication-results"
+              and f.split(b":", 1)[1].split(b";", 1)[0].strip().lower() == ours]
+    kept = [f for f in fields(head) if not field_name(f).startswith(OWN_PREFIX)
+            and f not in forged]
+    return b"".join(kept) + (b"" if end < 0 else raw[end:])
 
 
 def fold(name: str, value: str, *, width: int = 78) -> bytes:

@@ -7,6 +7,7 @@ returns an Outcome, which only gateway/smtp.py turns into an SMTP reply.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from gateway import banner, headers
+from gateway.auth import ArcFacts, AuthResult, DkimFacts, DmarcFacts, SpfFacts
 from gateway.checks.base import Check, CheckContext, CheckResult, Hit, runner_symbols
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
@@ -150,8 +152,8 @@ class Pipeline:
                 result = await self._with_banner(inbound.raw, analysis.parsed, warning)
                 raw, extra = result.raw, result.fields
             try:
-                await txn.send(self.result_headers(inbound, verdict, extra),
-                               headers.strip_own_headers(raw))
+                await txn.send(self.result_headers(inbound, analysis, extra),
+                               headers.strip_own_headers(raw, self._cfg.authserv_id))
             except DownstreamUnavailable as exc:
                 log.warning("next hop unavailable: %s", exc)
                 return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis)
@@ -181,19 +183,23 @@ class Pipeline:
             from_header=(parsed.header("From") or "") if parsed else "",
             client_ip=inbound.peer_ip, helo=inbound.helo)
         try:
-            raw = self.result_headers(inbound, verdict) + headers.strip_own_headers(inbound.raw)
+            raw = (self.result_headers(inbound, analysis)
+                   + headers.strip_own_headers(inbound.raw, self._cfg.authserv_id))
             item_id = await self._store.put(new, raw)
         except Exception:  # noqa: BLE001 - disk full, permissions: the sender must retry
             log.exception("quarantine write failed")
             return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)
         return Outcome(kind=OutcomeKind.QUARANTINED, analysis=analysis, quarantine_id=item_id)
 
-    def result_headers(self, inbound: Inbound, verdict: Verdict,
+    def result_headers(self, inbound: Inbound, analysis: Analysis,
                        extra: Sequence[tuple[str, str]] = ()) -> bytes:
         """Our trace and result header fields, put in front of the message (whose own copies
-        of X-Gateway-* are removed: they are forged)."""
+        are removed: they are forged)."""
+        verdict = analysis.verdict
         fields = [
             ("Received", self._received(inbound)),
+            ("Authentication-Results", authentication_results(
+                self._cfg.authserv_id, analysis.results, inbound)),
             ("X-Gateway-Action", verdict.action.value),
             ("X-Gateway-Score", f"{verdict.score:g}"),
         ]
@@ -262,6 +268,37 @@ class Pipeline:
         return f"{value}; {formatdate(inbound.received_at, localtime=True)}"
 
 
+def authentication_results(authserv_id: str, results: Sequence[CheckResult],
+                           inbound: Inbound) -> str:
+    """RFC 8601 header value from the authentication facts."""
+    parts = []
+    for r in results:
+        f = r.facts
+        if isinstance(f, SpfFacts):
+            prop = "smtp.mailfrom" if f.identity == "mailfrom" else "smtp.helo"
+            value = inbound.mail_from if f.identity == "mailfrom" else f.domain
+            parts.append(f"spf={f.result.value} {prop}={_ar_value(value or f.domain)}")
+        elif isinstance(f, DkimFacts):
+            parts += [f"dkim={s.result.value} header.d={_ar_value(s.domain)} "
+                      f"header.s={_ar_value(s.selector)} header.b={_ar_value(s.b)}"
+                      for s in f.signatures if s.domain]
+        elif isinstance(f, ArcFacts) and f.result is not AuthResult.NONE:
+            parts.append(f"arc={f.result.value}")
+        elif isinstance(f, DmarcFacts) and f.from_domain:
+            extra = f" policy.dmarc={f.policy}" if f.policy else ""
+            override = " (trusted ARC sealer)" if f.arc_override else ""
+            parts.append(f"dmarc={f.result.value}{override} "
+                         f"header.from={_ar_value(f.from_domain)}{extra}")
+    return "; ".join([authserv_id, *parts]) if parts else f"{authserv_id}; none"
+
+
+def _ar_value(value: str) -> str:
+    """A property value, quoted when it is not a plain token (RFC 8601 2.2)."""
+    if value and all(c.isalnum() or c in "-._@+/=" for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _fold_name(name: str) -> str:
     """Case- and accent-insensitive form of a display name, for colleague matching."""
     decomposed = unicodedata.normalize("NFKD", name.casefold())
@@ -278,8 +315,7 @@ async def _run_one(check: Check, parsed: ParsedMessage, ctx: CheckContext) -> Ch
         log.exception("check %s failed", check.name)
         result = CheckResult.of(check.name, Hit(symbol=f"{check.name.upper()}_ERROR",
                                                 detail=type(exc).__name__))
-    return CheckResult(check=result.check, hits=result.hits,
-                       duration_s=time.perf_counter() - t0)
+    return dataclasses.replace(result, duration_s=time.perf_counter() - t0)
 
 
 def emitted_symbols(checks: Sequence[Check]) -> frozenset[str]:

@@ -23,7 +23,8 @@ from gateway import logs
 from gateway.banner import load_templates, marker
 from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
-from gateway.config import Config
+from gateway.config import Config, nameservers
+from gateway.dns import Resolver
 from gateway.pipeline import Pipeline, emitted_symbols
 from gateway.relay import NextHop, create_next_hop
 from gateway.smtp import ConnectionCounter, Handler, smtp_factory
@@ -60,10 +61,14 @@ class Runtime:
         self.workers.close()
 
 
+def create_resolver(cfg: Config) -> Resolver:
+    return Resolver(nameservers(cfg), timeout_s=cfg.dns.timeout_s)
+
+
 def load_rules(cfg: Config, workers: Workers) -> tuple[SymbolTable, list[Check]]:
     """The symbol table and the checks, refusing any symbol missing on either side."""
     table = load_table(symbol_table_path(cfg))
-    checks = create_checks(Services(cfg=cfg, workers=workers))
+    checks = create_checks(Services(cfg=cfg, workers=workers, resolver=create_resolver(cfg)))
     check_consistency(table, emitted_symbols(checks), path=symbol_table_path(cfg))
     return table, checks
 

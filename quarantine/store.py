@@ -205,10 +205,12 @@ class Store:
         return item_id
 
     def _insert(self, item: Item) -> None:
+        # Symbol details can name the sender's domain or a file name: sealed with the rest.
         personal = {k: getattr(item, k) for k in _PERSONAL}
+        personal["details"] = [s.detail for s in item.symbols]
         sealed = self._sealer.seal(json.dumps(personal, ensure_ascii=False).encode(),
                                    record_id=item.id, purpose=_META)
-        symbols = json.dumps([asdict(s) for s in item.symbols])
+        symbols = json.dumps([{"name": s.name, "score": s.score} for s in item.symbols])
         with self._lock:
             self._conn().execute(
                 "INSERT OR REPLACE INTO items VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -274,8 +276,11 @@ class Store:
          changed_at, changed_by) = row
         personal = json.loads(self._sealer.open(sealed, record_id=item_id, purpose=_META))
         personal["rcpts"] = tuple(personal["rcpts"])
+        details = personal.pop("details")
+        symbols_ = tuple(SymbolRecord(name=s["name"], score=s["score"], detail=d)
+                         for s, d in zip(json.loads(symbols), details, strict=True))
         return Item(id=item_id, received_at=received_at, direction=direction, action=action,
-                    score=score, symbols=tuple(SymbolRecord(**s) for s in json.loads(symbols)),
+                    score=score, symbols=symbols_,
                     state=state, size=size, state_changed_at=changed_at, state_by=changed_by,
                     **personal)
 

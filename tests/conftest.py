@@ -8,11 +8,23 @@ import pytest
 
 from gateway import config
 from gateway.service import Running, running
+from tests.support.dnsserver import ThreadedDnsServer
 from tests.support.sink import Sink
 
 CORPUS = Path(os.environ.get("GATEWAY_CORPUS",
                              Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 DOMAIN = "cabinet.test"
+
+
+# Every test talks to this loopback DNS server, never to the machine's resolver. Tests that
+# need records load a zone (and get a fresh server state back for the next test).
+DNS = ThreadedDnsServer()
+
+
+@pytest.fixture(autouse=True)
+def dns_zone() -> ThreadedDnsServer:
+    DNS.load({})
+    return DNS
 
 
 @pytest.fixture
@@ -25,7 +37,8 @@ def corpus() -> Path:
 def make_config(data_dir: Path, **sections: dict) -> config.Config:
     data: dict = {"gateway": {"domains": [DOMAIN], "data_dir": str(data_dir), "workers": 1,
                               "hostname": "mx.cabinet.test"},
-                  "smtp": {"listen": "127.0.0.1:0"}}
+                  "smtp": {"listen": "127.0.0.1:0"},
+                  "dns": {"nameservers": [DNS.address], "timeout_s": 0.5}}
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return config.build(data, source="test")

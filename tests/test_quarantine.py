@@ -44,7 +44,8 @@ def write_config(tmp_path: Path, cfg) -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(
         f'[gateway]\ndomains = ["{DOMAIN}"]\ndata_dir = "{cfg.gateway.data_dir}"\n'
-        f'[next_hop]\naddress = "{cfg.next_hop.address}"\nstarttls = "off"\n')
+        f'[next_hop]\naddress = "{cfg.next_hop.address}"\nstarttls = "off"\n'
+        f'[dns]\nnameservers = ["{cfg.dns.nameservers[0]}"]\n')
     return path
 
 

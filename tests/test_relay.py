@@ -53,19 +53,29 @@ async def test_delivered_bytes_and_result_headers(gateway, sink: Sink):
     assert lines[0].startswith(b"Received: from client.example ([127.0.0.1]) by mx.cabinet.test")
     parsed = message_from_bytes(got.data)
     assert parsed["X-Gateway-Action"] == "accept"
-    assert float(parsed["X-Gateway-Score"]) == 0
+    # No DNS records for labo.example on the test DNS server: only SPF_NONE scores.
+    assert parsed["X-Gateway-Symbols"].startswith("SPF_NONE(0.5)")
+    assert float(parsed["X-Gateway-Score"]) == 0.5
+    assert " ".join(parsed["Authentication-Results"].split()) == (
+        "mx.cabinet.test; spf=none smtp.mailfrom=resultats@labo.example; "
+        "dmarc=none header.from=labo.example")
     qid = reply.rsplit("=", 1)[1]
     assert qid in parsed["Received"]
 
 
 async def test_forged_result_headers_are_removed(gateway, sink: Sink):
     forged = (b"X-Gateway-Action: accept\r\nX-Gateway-Score: -100\r\n"
+              b"Authentication-Results: MX.cabinet.test; dmarc=pass\r\n\theader.from=ameli.fr\r\n"
+              b"Authentication-Results: mx.google.example; dkim=pass\r\n"
               b"X-GATEWAY-Symbols: NONE,\r\n\tcontinued\r\n") + MSG
     await send(gateway.port, forged, [f"docteur@{DOMAIN}"])
     got = await sink.get()
     parsed = message_from_bytes(got.data)
-    assert parsed.get_all("X-Gateway-Score") == ["0"]
-    assert parsed.get_all("X-Gateway-Symbols") is None
+    assert parsed.get_all("X-Gateway-Score") == ["0.5"]
+    results = parsed.get_all("Authentication-Results")
+    assert len(results) == 2 and "ameli.fr" not in got.data.decode()
+    assert results[1] == "mx.google.example; dkim=pass"  # another server's: kept
+    assert len(parsed.get_all("X-Gateway-Symbols")) == 1  # ours only
     assert b"continued" not in got.data
     assert got.data.endswith(MSG)
 
@@ -259,9 +269,9 @@ async def test_pipelined_commands_after_end_of_data(gateway, sink: Sink):
     first, second = await sink.get(), await sink.get()
     assert first.mail_from == "a@labo.example" and first.data.endswith(MSG)
     assert second.mail_from == "b@labo.example"
-    # The empty message arrives as our trace and result headers alone.
+    # The empty message arrives too, scored (no From, no Date) and so tagged.
     assert second.data.startswith(b"Received: ") and b"FROM_MISSING" in second.data
-    assert b"\r\n\r\n" not in second.data
+    assert b"X-Gateway-Action: tag" in second.data
 
 
 async def test_fifty_concurrent_sessions_all_delivered(gateway, sink: Sink):

@@ -7,11 +7,15 @@ live in rules/symbols.toml, never in a check.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
+from gateway.auth import Facts
 from gateway.config import Config
+from gateway.dns import Resolver
 from gateway.message import Inbound, ParsedMessage
 from gateway.workers import Workers
+
+F = TypeVar("F")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,10 +30,11 @@ class CheckResult:
     check: str
     hits: tuple[Hit, ...] = ()
     duration_s: float = 0.0
+    facts: Facts | None = None  # what later checks and the result headers read
 
     @staticmethod
-    def of(check: str, *hits: Hit) -> CheckResult:
-        return CheckResult(check=check, hits=hits)
+    def of(check: str, *hits: Hit, facts: Facts | None = None) -> CheckResult:
+        return CheckResult(check=check, hits=hits, facts=facts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,6 +43,7 @@ class Services:
 
     cfg: Config
     workers: Workers
+    resolver: Resolver
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +53,13 @@ class CheckContext:
     cfg: Config
     inbound: Inbound
     earlier: tuple[CheckResult, ...] = field(default=())
+
+    def facts(self, kind: type[F]) -> F | None:
+        """The facts of that kind an earlier phase produced, if any."""
+        for r in self.earlier:
+            if isinstance(r.facts, kind):
+                return r.facts
+        return None
 
 
 class Check(Protocol):

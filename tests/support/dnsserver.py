@@ -153,3 +153,43 @@ class _Udp(asyncio.DatagramProtocol):
         out = self.server.answer(data, tcp=False)
         if out is not None and self.transport is not None:
             self.transport.sendto(out, addr)
+
+
+class ThreadedDnsServer:
+    """The server on its own event loop in a thread, for a whole test session: tests and
+    subprocesses point at `address`, and change the zone with `load()`."""
+
+    def __init__(self) -> None:
+        import threading
+        self.server = DnsServer()
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self.server.start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="test-dns", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def load(self, zone: Zone) -> None:
+        self._loop.call_soon_threadsafe(self.server.load, zone)
+        import time
+        time.sleep(0.01)
+
+    def close(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop)
+        fut.result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

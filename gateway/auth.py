@@ -1,0 +1,59 @@
+"""Facts the authentication checks hand to each other (through CheckResult.facts) and to the
+Authentication-Results header: what was checked, for which domain, with which result."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class AuthResult(enum.Enum):
+    """RFC 8601 result values shared by SPF, DKIM, DMARC and ARC."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SOFTFAIL = "softfail"
+    NEUTRAL = "neutral"
+    NONE = "none"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+    POLICY = "policy"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpfFacts:
+    result: AuthResult
+    domain: str
+    identity: str  # "mailfrom" or "helo"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DkimSignature:
+    result: AuthResult
+    domain: str  # d=
+    selector: str  # s=
+    b: str  # first characters of b=, to tell signatures apart in Authentication-Results
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DkimFacts:
+    signatures: tuple[DkimSignature, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArcFacts:
+    result: AuthResult  # chain validation: pass, fail or none
+    sealers: tuple[str, ...]  # d= of each ARC-Seal, newest first
+    oldest_results: str  # the Authentication-Results the first sealer recorded (its AAR)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DmarcFacts:
+    result: AuthResult
+    from_domain: str
+    policy: str  # "none", "quarantine", "reject" (after sp= and pct=), or "" without record
+    arc_override: bool = False
+
+
+Facts = SpfFacts | DkimFacts | ArcFacts | DmarcFacts

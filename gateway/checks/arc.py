@@ -1,0 +1,105 @@
+"""ARC (RFC 8617) chain validation with dkimpy, keys fetched first on our resolver.
+
+The chain result and who sealed it are facts for DMARC: a trusted sealer (a forwarder or list
+named in auth.trusted_arc_sealers) vouching for a message keeps a DMARC failure caused by the
+forwarding from counting against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import ClassVar
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from gateway.auth import ArcFacts, AuthResult
+from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.checks.dkim import TEMP
+from gateway.errors import DnsPermanentError, DnsTemporaryError
+from gateway.message import ParsedMessage
+
+_INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
+
+
+class ArcCheck:
+    name: ClassVar[str] = "arc"
+    phase: ClassVar[int] = 1
+    symbols: ClassVar[frozenset[str]] = frozenset({"ARC_PASS", "ARC_FAIL", "ARC_NONE",
+                                                   "ARC_TEMPERROR"})
+
+    def __init__(self, services: Services) -> None:
+        self._resolver = services.resolver
+        self._workers = services.workers
+        self._minkey = services.cfg.auth.dkim_min_key_bits
+        self._limit_s = services.cfg.scoring.parse_timeout_s
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        seals = [v for n, v in msg.headers if n.lower() == "arc-seal"]
+        if not seals:
+            return CheckResult.of(self.name, Hit(symbol="ARC_NONE"), facts=ArcFacts(
+                result=AuthResult.NONE, sealers=(), oldest_results=""))
+        names = set()
+        for n, v in msg.headers:
+            if n.lower() in ("arc-seal", "arc-message-signature"):
+                try:
+                    t = parse_tag_value(v.encode("utf-8", "surrogateescape"))
+                except InvalidTagValueList:
+                    continue
+                if t.get(b"s") and t.get(b"d"):
+                    names.add((t[b"s"] + b"._domainkey." + t[b"d"]).decode("ascii", "replace"))
+        keys = dict(zip(names, await asyncio.gather(*(self._key(n) for n in names)), strict=True))
+        sealers = _sealers(seals)
+        aar = sorted(((_instance(v), v) for n, v in msg.headers
+                      if n.lower() == "arc-authentication-results"), key=lambda x: x[0])
+        oldest = aar[0][1] if aar else ""
+        if any(v is TEMP for v in keys.values()):
+            return CheckResult.of(self.name, Hit(symbol="ARC_TEMPERROR"), facts=ArcFacts(
+                result=AuthResult.TEMPERROR, sealers=sealers, oldest_results=oldest))
+        cv, reason = await self._workers.run(verify_chain, ctx.inbound.raw, keys, self._minkey,
+                                             limit_s=self._limit_s)
+        result = {"pass": AuthResult.PASS, "none": AuthResult.NONE}.get(cv, AuthResult.FAIL)
+        symbol = {AuthResult.PASS: "ARC_PASS", AuthResult.NONE: "ARC_NONE"}.get(result, "ARC_FAIL")
+        return CheckResult.of(self.name, Hit(symbol=symbol, detail=f"{cv} {reason}"[:200]),
+                              facts=ArcFacts(result=result, sealers=sealers, oldest_results=oldest))
+
+    async def _key(self, name: str) -> object:
+        try:
+            return await self._resolver.dkim_txt(name)
+        except DnsTemporaryError:
+            return TEMP
+        except DnsPermanentError:
+            return None
+
+
+def _instance(value: str) -> int:
+    m = _INSTANCE.search(value)
+    return int(m.group(1)) if m else 0
+
+
+def _sealers(seals: list[str]) -> tuple[str, ...]:
+    out = []
+    for v in sorted(seals, key=_instance, reverse=True):
+        try:
+            d = parse_tag_value(v.encode("utf-8", "surrogateescape")).get(b"d", b"")
+        except InvalidTagValueList:
+            continue
+        out.append(d.decode("ascii", "replace").lower())
+    return tuple(out)
+
+
+def verify_chain(raw: bytes, keys: dict[str, object], minkey: int) -> tuple[str, str]:
+    """CPU part, for the worker pool: dkimpy's chain validation with the prefetched keys."""
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        value = keys.get(name.decode("ascii", "replace").rstrip("."))
+        return value if isinstance(value, bytes) else None
+
+    try:
+        cv, _results, reason = dkim.arc_verify(raw, dnsfunc=lookup, minkey=minkey)
+    except dkim.DKIMException as exc:
+        return "fail", f"{type(exc).__name__}: {exc}"
+    return cv.decode("ascii", "replace").lower(), str(reason)
+
+
+CHECKS = (ArcCheck,)

@@ -1,0 +1,138 @@
+"""DKIM (RFC 6376, RFC 8463): every signature, with dkimpy, keys fetched on our resolver.
+
+Keys are looked up first, concurrently, on the gateway's resolver; dkimpy then verifies in the
+worker pool with a lookup function that only reads those answers. A key lookup that failed for
+a temporary reason gives DKIM_TEMPERROR for that signature, never a forged-signature result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import ClassVar
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from gateway.auth import AuthResult, DkimFacts, DkimSignature
+from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.errors import DnsPermanentError, DnsTemporaryError
+from gateway.message import ParsedMessage
+
+TEMP = object()  # marker: the key lookup failed temporarily
+
+
+class DkimCheck:
+    name: ClassVar[str] = "dkim"
+    phase: ClassVar[int] = 1
+    symbols: ClassVar[frozenset[str]] = frozenset({
+        "DKIM_PASS", "DKIM_FAIL", "DKIM_NONE", "DKIM_TEMPERROR", "DKIM_PERMERROR",
+        "DKIM_KEY_TOO_SMALL", "DKIM_EXPIRED", "DKIM_LENGTH_LIMIT", "DKIM_FROM_NOT_SIGNED",
+    })
+
+    def __init__(self, services: Services) -> None:
+        self._resolver = services.resolver
+        self._workers = services.workers
+        self._minkey = services.cfg.auth.dkim_min_key_bits
+        self._limit_s = services.cfg.scoring.parse_timeout_s
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        values = [v for n, v in msg.headers if n.lower() == "dkim-signature"]
+        if not values:
+            return CheckResult.of(self.name, Hit(symbol="DKIM_NONE"),
+                                  facts=DkimFacts(signatures=()))
+        tags = [_tags(v) for v in values]
+        names = {_key_name(t) for t in tags if t is not None and _key_name(t)}
+        keys = dict(zip(names, await asyncio.gather(*(self._key(n) for n in names)),
+                        strict=True))
+        sigs = await self._workers.run(verify_all, ctx.inbound.raw, tags, keys, self._minkey,
+                                       time.time(), limit_s=self._limit_s)
+        hits = []
+        for sig, t in zip(sigs, tags, strict=True):
+            detail = f"d={sig.domain} s={sig.selector} {sig.reason}".strip()[:200]
+            hits.append(Hit(symbol=f"DKIM_{sig.result.name}", detail=detail))
+            if t is not None and sig.result is AuthResult.PASS:
+                if b"l" in t:
+                    hits.append(Hit(symbol="DKIM_LENGTH_LIMIT", detail=f"d={sig.domain}"))
+                if b"from" not in [h.strip().lower() for h in t.get(b"h", b"").split(b":")]:
+                    hits.append(Hit(symbol="DKIM_FROM_NOT_SIGNED", detail=f"d={sig.domain}"))
+            if sig.reason.startswith("key too small"):
+                hits.append(Hit(symbol="DKIM_KEY_TOO_SMALL", detail=detail))
+            if sig.reason.startswith("expired"):
+                hits.append(Hit(symbol="DKIM_EXPIRED", detail=detail))
+        return CheckResult(check=self.name, hits=tuple(hits),
+                           facts=DkimFacts(signatures=tuple(sigs)))
+
+    async def _key(self, name: str) -> object:
+        try:
+            return await self._resolver.dkim_txt(name)
+        except DnsTemporaryError:
+            return TEMP
+        except DnsPermanentError:
+            return None
+
+
+def _tags(value: str) -> dict[bytes, bytes] | None:
+    try:
+        tags: dict[bytes, bytes] = parse_tag_value(value.encode("utf-8", "surrogateescape"))
+        return tags
+    except InvalidTagValueList:
+        return None
+
+
+def _key_name(tags: dict[bytes, bytes]) -> str:
+    s, d = tags.get(b"s", b""), tags.get(b"d", b"")
+    if not s or not d:
+        return ""
+    return (s + b"._domainkey." + d).decode("ascii", "replace")
+
+
+def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str, object],
+               minkey: int, now: float) -> list[DkimSignature]:
+    """CPU part, for the worker pool: verify each signature with the prefetched keys."""
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        value = keys.get(name.decode("ascii", "replace").rstrip("."))
+        return value if isinstance(value, bytes) else None
+
+    verifier = dkim.DKIM(raw, minkey=minkey)
+    out = []
+    for idx, t in enumerate(tags):
+        if t is None:
+            out.append(DkimSignature(result=AuthResult.PERMERROR, domain="", selector="", b="",
+                                     reason="unparsable signature"))
+            continue
+        domain = t.get(b"d", b"").decode("ascii", "replace")
+        selector = t.get(b"s", b"").decode("ascii", "replace")
+        b = b"".join(t.get(b"b", b"").split())[:8].decode("ascii", "replace")
+        base = {"domain": domain, "selector": selector, "b": b}
+        if keys.get(_key_name(t)) is TEMP:
+            out.append(DkimSignature(result=AuthResult.TEMPERROR, reason="key lookup failed",
+                                     **base))
+            continue
+        x = t.get(b"x")
+        if x is not None and x.strip().isdigit() and int(x) < now:
+            out.append(DkimSignature(result=AuthResult.FAIL, reason="expired (x=)", **base))
+            continue
+        try:
+            ok = verifier.verify(idx=idx, dnsfunc=lookup)
+        except dkim.KeyFormatError as exc:
+            text = str(exc)
+            reason = "key too small" if "too small" in text else f"key: {text[:80]}"
+            result = AuthResult.FAIL if "too small" in text else AuthResult.PERMERROR
+            out.append(DkimSignature(result=result, reason=reason, **base))
+            continue
+        except dkim.DKIMException as exc:
+            out.append(DkimSignature(result=AuthResult.PERMERROR,
+                                     reason=f"{type(exc).__name__}: {str(exc)[:80]}", **base))
+            continue
+        if ok:
+            out.append(DkimSignature(result=AuthResult.PASS, **base))
+        elif lookup((_key_name(t)).encode()) is None:
+            out.append(DkimSignature(result=AuthResult.PERMERROR, reason="no key", **base))
+        else:
+            out.append(DkimSignature(result=AuthResult.FAIL, reason="signature mismatch",
+                                     **base))
+    return out
+
+
+CHECKS = (DkimCheck,)

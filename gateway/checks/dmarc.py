@@ -1,0 +1,114 @@
+"""DMARC (RFC 7489), from the SPF, DKIM and ARC facts of phase 1 (no lookup is redone).
+
+A failing p=reject gives DMARC_POLICY_REJECT (or DMARC_POLICY_QUARANTINE when the practice
+prefers, auth.dmarc_reject_action); p=quarantine gives DMARC_POLICY_QUARANTINE; p=none gives
+DMARC_FAIL. pct= below 100 applies the policy to that share of failing mail, the next weaker
+policy to the rest (6.6.4). When a trusted ARC sealer vouches for the message (chain pass,
+sealer in auth.trusted_arc_sealers), a DMARC failure is not held against it (DMARC_ARC_OVERRIDE).
+Temporary DNS trouble is never a pass nor a fail: DMARC_TEMPERROR, and a retry (451) when the
+domain publishes p=reject or the DMARC record itself could not be read.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import ClassVar
+
+from gateway.auth import ArcFacts, AuthResult, DkimFacts, DmarcFacts, SpfFacts
+from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.dmarc import aligned, discover, domain_exists, org_domain
+from gateway.errors import DnsTemporaryError
+from gateway.message import ParsedMessage
+
+
+class DmarcCheck:
+    name: ClassVar[str] = "dmarc"
+    phase: ClassVar[int] = 2
+    symbols: ClassVar[frozenset[str]] = frozenset({
+        "DMARC_PASS", "DMARC_FAIL", "DMARC_NONE", "DMARC_POLICY_QUARANTINE",
+        "DMARC_POLICY_REJECT", "DMARC_TEMPERROR", "DMARC_TEMPERROR_RETRY", "DMARC_PERMERROR",
+        "DMARC_ARC_OVERRIDE",
+    })
+
+    def __init__(self, services: Services) -> None:
+        self._resolver = services.resolver
+        self._cfg = services.cfg
+        self._trusted = frozenset(d.lower().rstrip(".") for d in services.cfg.auth.trusted_arc_sealers)
+        self._random = random.Random()
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        addrs = {a.rpartition("@")[2].lower().rstrip(".") for a in msg.from_addresses}
+        if len(addrs) != 1 or not next(iter(addrs)):
+            return self._result(AuthResult.PERMERROR, "", "", "DMARC_PERMERROR",
+                                "no single From domain")
+        from_domain = next(iter(addrs))
+        try:
+            found = await discover(self._resolver, from_domain)
+        except DnsTemporaryError as exc:
+            return self._result(AuthResult.TEMPERROR, from_domain, "", "DMARC_TEMPERROR_RETRY",
+                                str(exc))
+        if found.error:
+            return self._result(AuthResult.PERMERROR, from_domain, "", "DMARC_PERMERROR",
+                                found.error)
+        record = found.record
+        if record is None:
+            return self._result(AuthResult.NONE, from_domain, "", "DMARC_NONE", "no record")
+
+        spf = ctx.facts(SpfFacts)
+        dkim = ctx.facts(DkimFacts)
+        spf_ok = (spf is not None and spf.identity == "mailfrom"
+                  and spf.result is AuthResult.PASS
+                  and aligned(from_domain, spf.domain, record.aspf))
+        dkim_ok = dkim is not None and any(
+            s.result is AuthResult.PASS and aligned(from_domain, s.domain, record.adkim)
+            for s in dkim.signatures)
+        if spf_ok or dkim_ok:
+            return self._result(AuthResult.PASS, from_domain, record.p, "DMARC_PASS",
+                                "spf aligned" if spf_ok else "dkim aligned")
+
+        policy = record.p
+        if found.at_org or from_domain != org_domain(from_domain):
+            if found.at_org and record.np and not await self._exists(from_domain):
+                policy = record.np
+            elif found.at_org and record.sp:
+                policy = record.sp
+        if record.pct < 100 and self._random.randrange(100) >= record.pct:
+            policy = {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)
+
+        temp = (spf is not None and spf.result is AuthResult.TEMPERROR) or (
+            dkim is not None and any(s.result is AuthResult.TEMPERROR for s in dkim.signatures))
+        if temp:
+            symbol = "DMARC_TEMPERROR_RETRY" if policy == "reject" else "DMARC_TEMPERROR"
+            return self._result(AuthResult.TEMPERROR, from_domain, policy, symbol,
+                                "SPF or DKIM lookup failed")
+
+        arc = ctx.facts(ArcFacts)
+        if (arc is not None and arc.result is AuthResult.PASS and arc.sealers
+                and any(s.lower().rstrip(".") in self._trusted for s in arc.sealers)):
+            return CheckResult.of(self.name, Hit(symbol="DMARC_ARC_OVERRIDE",
+                                                 detail=f"sealed by {arc.sealers[0]}"),
+                                  facts=DmarcFacts(result=AuthResult.FAIL, from_domain=from_domain,
+                                                   policy=policy, arc_override=True))
+        if policy == "reject":
+            symbol = ("DMARC_POLICY_REJECT" if self._cfg.auth.dmarc_reject_action == "reject"
+                      else "DMARC_POLICY_QUARANTINE")
+        elif policy == "quarantine":
+            symbol = "DMARC_POLICY_QUARANTINE"
+        else:
+            symbol = "DMARC_FAIL"
+        return self._result(AuthResult.FAIL, from_domain, policy, symbol,
+                            f"p={record.p} applied={policy}")
+
+    async def _exists(self, domain: str) -> bool:
+        try:
+            return await domain_exists(self._resolver, domain)
+        except DnsTemporaryError:
+            return True  # in doubt, the subdomain exists: sp= rather than np=
+
+    def _result(self, result: AuthResult, domain: str, policy: str, symbol: str,
+                detail: str) -> CheckResult:
+        return CheckResult.of(self.name, Hit(symbol=symbol, detail=f"{domain} {detail}"[:200]),
+                              facts=DmarcFacts(result=result, from_domain=domain, policy=policy))
+
+
+CHECKS = (DmarcCheck,)
