@@ -23,6 +23,10 @@ class DmarcSyntaxError(ValueError):
     pass
 
 
+class DmarcNoPolicy(DmarcSyntaxError):
+    """No usable p= and no rua=: RFC 7489 6.6.3 says to apply no DMARC processing."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DmarcRecord:
     p: str
@@ -49,10 +53,10 @@ def parse_record(text: str) -> DmarcRecord:
         tags.setdefault(k.strip().lower(), v.strip())
     p = tags.get("p", "").lower()
     if p not in _POLICIES:
-        if "p" not in tags and "rua" in tags:
+        if "rua" in tags:
             p = "none"
         else:
-            raise DmarcSyntaxError(f"p= missing or invalid: {tags.get('p')!r}")
+            raise DmarcNoPolicy(f"p= missing or invalid: {tags.get('p')!r}")
     sp = tags.get("sp", "").lower() or None
     np = tags.get("np", "").lower() or None
     if sp is not None and sp not in _POLICIES:
@@ -105,6 +109,8 @@ async def discover(resolver: Resolver, from_domain: str) -> Discovery:
         if len(records) == 1:
             try:
                 return Discovery(record=parse_record(records[0]), domain=name, at_org=i > 0)
+            except DmarcNoPolicy:
+                return Discovery(record=None, domain=name, at_org=i > 0)
             except DmarcSyntaxError as exc:
                 return Discovery(record=None, domain=name, at_org=i > 0, error=str(exc))
     return Discovery(record=None, domain=domain, at_org=False)

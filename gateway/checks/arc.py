@@ -37,7 +37,8 @@ class ArcCheck:
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         seals = [v for n, v in msg.headers if n.lower() == "arc-seal"]
-        if not seals:
+        arc_headers = ("arc-seal", "arc-message-signature", "arc-authentication-results")
+        if not any(n.lower() in arc_headers for n, _ in msg.headers):
             return CheckResult.of(self.name, Hit(symbol="ARC_NONE"), facts=ArcFacts(
                 result=AuthResult.NONE, sealers=(), oldest_results=""))
         names = set()

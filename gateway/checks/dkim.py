@@ -113,6 +113,14 @@ def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str
         if x is not None and x.strip().isdigit() and int(x) < now:
             out.append(DkimSignature(result=AuthResult.FAIL, reason="expired (x=)", **base))
             continue
+        record = keys.get(_key_name(t))
+        if isinstance(record, bytes):
+            try:  # dkimpy's verify() turns a bad key record into a bare False: check it first
+                dkim.evaluate_pk(_key_name(t).encode() + b".", record)
+            except dkim.KeyFormatError as exc:
+                out.append(DkimSignature(result=AuthResult.PERMERROR,
+                                         reason=f"key record: {str(exc)[:80]}", **base))
+                continue
         try:
             ok = verifier.verify(idx=idx, dnsfunc=lookup)
         except dkim.KeyFormatError as exc:

@@ -37,11 +37,21 @@ class DmarcCheck:
         self._random = random.Random()
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
-        addrs = {a.rpartition("@")[2].lower().rstrip(".") for a in msg.from_addresses}
-        if len(addrs) != 1 or not next(iter(addrs)):
+        domains = list(dict.fromkeys(a.rpartition("@")[2].lower().rstrip(".")
+                                     for a in msg.from_addresses))
+        if not domains or not all(domains):
             return self._result(AuthResult.PERMERROR, "", "", "DMARC_PERMERROR",
-                                "no single From domain")
-        from_domain = next(iter(addrs))
+                                "no From domain")
+        # Several From domains (RFC 7489 6.6.1): each is evaluated; the first that does not
+        # pass decides.
+        results = [await self._evaluate(d, ctx) for d in domains]
+        for r in results:
+            if isinstance(r.facts, DmarcFacts) and r.facts.result in (AuthResult.FAIL,
+                                                                      AuthResult.TEMPERROR):
+                return r
+        return results[0]
+
+    async def _evaluate(self, from_domain: str, ctx: CheckContext) -> CheckResult:
         try:
             found = await discover(self._resolver, from_domain)
         except DnsTemporaryError as exc:

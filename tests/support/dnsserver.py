@@ -29,8 +29,11 @@ def _rdata(rtype: str, value: object) -> dns.rdata.Rdata:
     t = dns.rdatatype.from_text(rtype)
     if rtype in ("TXT", "SPF"):
         strings = value if isinstance(value, list) else [value]
-        return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, t, [
-            s if isinstance(s, bytes) else str(s).encode("utf-8") for s in strings])
+        chunks: list[bytes] = []
+        for s in strings:  # a character-string holds at most 255 bytes
+            data = s if isinstance(s, bytes) else str(s).encode("utf-8")
+            chunks += [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+        return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, t, chunks)
     if rtype == "MX":
         pref, host = value  # type: ignore[misc]
         return dns.rdata.from_text(dns.rdataclass.IN, t, f"{pref} {host.rstrip('.')}.")
