@@ -36,6 +36,11 @@ POLICY_REJECT = Reply(
     code=550, status="5.7.1",
     text="Message refuse par la politique de securite du destinataire",
 )
+DMARC_REJECT = Reply(
+    code=550, status="5.7.1",
+    text="Message refuse : il n'a pas ete envoye par les serveurs du domaine de l'expediteur, "
+         "qui demande de refuser ces messages (DMARC)",
+)
 TEMPFAIL_SCAN = Reply(
     code=451, status="4.7.1",
     text="Analyse du message impossible pour le moment, merci de reessayer plus tard",

@@ -270,6 +270,9 @@ def reply_for(outcome: Outcome, queue_id: str) -> str:
     if kind is OutcomeKind.QUARANTINED:
         return f"{replies.QUARANTINED} id={queue_id}"
     if kind is OutcomeKind.REJECTED:
+        names = {s.name for s in outcome.analysis.verdict.symbols} if outcome.analysis else set()
+        if "DMARC_POLICY_REJECT" in names:
+            return str(replies.DMARC_REJECT)
         return str(replies.POLICY_REJECT)
     if kind is OutcomeKind.DOWNSTREAM_REJECTED:
         return replies.downstream_reply(outcome.downstream_code or 550, outcome.downstream_text)

@@ -1,0 +1,129 @@
+"""Authentication end to end over SMTP: DMARC p=reject, DNS outage, a trusted ARC forwarder."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+
+import aiosmtplib
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.service import running
+from tests.conftest import DOMAIN, make_config
+from tests.support.dnsserver import ThreadedDnsServer
+from tests.support.sink import Sink
+
+
+def keypair() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
+
+
+HOSPITAL_KEY, HOSPITAL_DNS = keypair()
+LIST_KEY, LIST_DNS = keypair()
+ZONE = {
+    "hopital.example": [("TXT", "v=spf1 ip4:192.0.2.1 -all"), ("A", "192.0.2.1")],
+    "_dmarc.hopital.example": [("TXT", "v=DMARC1; p=reject")],
+    "sel._domainkey.hopital.example": [("TXT", HOSPITAL_DNS)],
+    "liste.example": [("TXT", "v=spf1 ip4:127.0.0.1 -all")],
+    "arc._domainkey.liste.example": [("TXT", LIST_DNS)],
+}
+
+
+def original() -> bytes:
+    msg = (b"From: CHU <secretariat@hopital.example>\r\n"
+           b"To: <docteur@" + DOMAIN.encode() + b">\r\n"
+           b"Subject: Compte rendu\r\nDate: Sat, 28 Nov 2026 10:00:00 +0100\r\n"
+           b"Message-ID: <cr1@hopital.example>\r\n\r\nVoir le dossier.\r\n")
+    sig = dkim.sign(msg, b"sel", b"hopital.example", HOSPITAL_KEY,
+                    include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    return sig + msg
+
+
+def forwarded_by_list(msg: bytes) -> bytes:
+    """What a mailing list does: changes the subject (DKIM breaks), records what it verified,
+    and seals it with ARC."""
+    changed = msg.replace(b"Subject: Compte rendu", b"Subject: [liste] Compte rendu")
+    ar = (b"Authentication-Results: liste.example; dkim=pass header.d=hopital.example; "
+          b"spf=pass smtp.mailfrom=hopital.example; dmarc=pass header.from=hopital.example\r\n")
+    with_ar = ar + changed
+    seal = dkim.arc_sign(with_ar, b"arc", b"liste.example", LIST_KEY, b"liste.example")
+    return b"".join(seal) + with_ar
+
+
+async def send(port: int, data: bytes, sender: str) -> str:
+    _, reply = await aiosmtplib.send(data, sender=sender, recipients=[f"docteur@{DOMAIN}"],
+                                     hostname="127.0.0.1", port=port, start_tls=False)
+    return reply
+
+
+async def test_dmarc_reject_domain_spoofed_gets_french_550(tmp_path: Path, sink: Sink,
+                                                           dns_zone: ThreadedDnsServer):
+    dns_zone.load(ZONE)
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"})
+    spoof = original().replace(b"Voir le dossier.", b"Cliquez ici pour le dossier.")
+    async with running(cfg) as gw:
+        with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+            await send(gw.port, spoof, "bounce@attaquant.example")
+        assert exc.value.code == 550
+        assert exc.value.message.startswith("5.7.1 Message refuse : il n'a pas ete envoye")
+        # The genuine message, from the hospital's server IP as the SPF record says, is not.
+    assert sink.empty()
+
+
+async def test_genuine_signed_mail_passes_dmarc(tmp_path: Path, sink: Sink,
+                                                dns_zone: ThreadedDnsServer):
+    dns_zone.load(ZONE)
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"})
+    async with running(cfg) as gw:
+        assert (await send(gw.port, original(), "bounce@liste.example")).startswith("2.0.0")
+    got = await sink.get()
+    ar = " ".join(got.data.split(b"\r\n\r\n")[0].decode().split())
+    assert "dkim=pass header.d=hopital.example header.s=sel" in ar
+    assert "dmarc=pass header.from=hopital.example policy.dmarc=reject" in ar
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_trusted_arc_forwarder_is_delivered(tmp_path: Path, sink: Sink,
+                                                  dns_zone: ThreadedDnsServer, trusted: bool):
+    dns_zone.load(ZONE)
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"},
+                      auth={"trusted_arc_sealers": ["liste.example"] if trusted else []})
+    message = forwarded_by_list(original())
+    async with running(cfg) as gw:
+        if trusted:
+            assert (await send(gw.port, message, "bounce@liste.example")).startswith("2.0.0")
+        else:
+            with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+                await send(gw.port, message, "bounce@liste.example")
+            assert exc.value.code == 550
+    if trusted:
+        got = await sink.get()
+        head = " ".join(got.data.split(b"\r\n\r\n")[0].decode().split())
+        assert "arc=pass" in head and "dmarc=fail (trusted ARC sealer)" in head
+        assert "DMARC_ARC_OVERRIDE" in head and "X-Gateway-Action: accept" in head
+    assert sink.empty()
+
+
+async def test_dns_outage_gives_451_without_hanging(tmp_path: Path, sink: Sink,
+                                                     dns_zone: ThreadedDnsServer):
+    dns_zone.load({name: ["TIMEOUT"] for name in ZONE} | {"hopital.example": ["TIMEOUT"]})
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"},
+                      dns={"timeout_s": 0.5})
+    async with running(cfg) as gw:
+        t0 = time.monotonic()
+        with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+            await asyncio.wait_for(send(gw.port, original(), "bounce@liste.example"), 30)
+        assert exc.value.code == 451
+        assert exc.value.message.startswith("4.7.1 ")
+        assert time.monotonic() - t0 < 10
+    assert sink.empty()
