@@ -44,7 +44,14 @@ class Resolver:
         r.cache = dns.resolver.Cache()
         self._r = r
         self.timeout_s = timeout_s
-        self.queries = 0  # sent, cache misses included (for benchmarks and tests)
+        self.lookups = 0  # asked of this resolver, answered from cache or not
+
+    @property
+    def sent(self) -> int:
+        """Queries that went to a nameserver (cache misses)."""
+        cache = self._r.cache
+        assert isinstance(cache, dns.resolver.Cache)
+        return int(cache.get_statistics_snapshot().misses)
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> list[object]:
         try:
@@ -53,7 +60,7 @@ class Resolver:
             qname = dns.name.Name([*labels, b""])
         except (dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong) as exc:
             raise DnsPermanentError(f"not a DNS name: {name!r} ({type(exc).__name__})") from None
-        self.queries += 1
+        self.lookups += 1
         try:
             answer = await self._r.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
         except dns.resolver.NXDOMAIN:

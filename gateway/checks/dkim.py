@@ -17,7 +17,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from gateway.auth import AuthResult, DkimFacts, DkimSignature
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.errors import DnsPermanentError, DnsTemporaryError
-from gateway.message import ParsedMessage
+from gateway.message import ParsedMessage, header_section_end
 
 TEMP = object()  # marker: the key lookup failed temporarily
 
@@ -94,7 +94,7 @@ def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str
         value = keys.get(name.decode("ascii", "replace").rstrip("."))
         return value if isinstance(value, bytes) else None
 
-    verifier = dkim.DKIM(raw, minkey=minkey)
+    verifier = _verifier(raw, minkey)
     out = []
     for idx, t in enumerate(tags):
         if t is None:
@@ -141,6 +141,20 @@ def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str
             out.append(DkimSignature(result=AuthResult.FAIL, reason="signature mismatch",
                                      **base))
     return out
+
+
+def _verifier(raw: bytes, minkey: int) -> dkim.DKIM:
+    """dkimpy's verifier. dkimpy splits the whole message into lines to find the body and
+    rejoin it with CRLF; when the body's line ends are all CRLF already (SMTP data), only the
+    header block is given to it and the body is set as is: the same bytes, a fraction of the
+    cost on large attachments."""
+    end = header_section_end(raw)
+    if end > 0 and raw[end - 4:end] == b"\r\n\r\n" \
+            and raw.count(b"\n", end) == raw.count(b"\r\n", end):
+        verifier = dkim.DKIM(raw[:end], minkey=minkey)
+        verifier.body = raw[end:]
+        return verifier
+    return dkim.DKIM(raw, minkey=minkey)
 
 
 CHECKS = (DkimCheck,)
