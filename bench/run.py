@@ -36,6 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.dnsserver import ThreadedDnsServer  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "bench"
 OUT = HERE / "out"
 
