@@ -127,3 +127,16 @@ async def test_dns_outage_gives_451_without_hanging(tmp_path: Path, sink: Sink,
         assert exc.value.message.startswith("4.7.1 ")
         assert time.monotonic() - t0 < 10
     assert sink.empty()
+
+
+async def test_dmarc_pct_zero_downgrades_reject_to_quarantine(tmp_path: Path, sink: Sink,
+                                                              dns_zone: ThreadedDnsServer):
+    """pct=0: the published p=reject applies to no failing message; RFC 7489 6.6.4 then
+    applies the next weaker policy, quarantine."""
+    dns_zone.load(ZONE | {"_dmarc.hopital.example": [("TXT", "v=DMARC1; p=reject; pct=0")]})
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"})
+    spoof = original().replace(b"Voir le dossier.", b"Cliquez ici.")
+    async with running(cfg) as gw:
+        reply = await send(gw.port, spoof, "bounce@attaquant.example")
+    assert reply.startswith("2.0.0 Message accepte et mis en quarantaine")
+    assert sink.empty()
