@@ -12,7 +12,7 @@ import enum
 import logging
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
@@ -98,11 +98,20 @@ class Pipeline:
                             verdict=decide([result], self._table, self._cfg.scoring))
         durations["parse"] = time.perf_counter() - t0
         results: list[CheckResult] = []
-        for phase in self._phases:
+        # Phase-2 checks may look up what they will need while phase 1 runs (DMARC's record
+        # beside SPF's and DKIM's lookups): their answers wait in the resolver's cache.
+        ctx = CheckContext(cfg=self._cfg, inbound=inbound)
+        warming = [asyncio.create_task(_quietly(c.prefetch(parsed, ctx)))
+                   for c in self._phases[1] if hasattr(c, "prefetch")]
+        for i, phase in enumerate(self._phases):
+            if i == 1 and warming:
+                await asyncio.wait(warming, timeout=max(deadline - time.monotonic(), 0.001))
             if not phase:
                 continue
             ctx = CheckContext(cfg=self._cfg, inbound=inbound, earlier=tuple(results))
             results.extend(await self._run_phase(phase, parsed, ctx, deadline))
+        for task in warming:
+            task.cancel()
         for r in results:
             durations[r.check] = r.duration_s
         verdict = decide(results, self._table, self._cfg.scoring)
@@ -303,6 +312,14 @@ def _fold_name(name: str) -> str:
     """Case- and accent-insensitive form of a display name, for colleague matching."""
     decomposed = unicodedata.normalize("NFKD", name.casefold())
     return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).split())
+
+
+async def _quietly(coro: Awaitable[None]) -> None:
+    """A prefetch: its failures are seen again, and reported, by the check itself."""
+    try:
+        await coro
+    except Exception:  # noqa: BLE001
+        log.debug("prefetch failed", exc_info=True)
 
 
 async def _run_one(check: Check, parsed: ParsedMessage, ctx: CheckContext) -> CheckResult:

@@ -71,6 +71,9 @@ class Check(Protocol):
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult: ...
 
+    # A phase-2 check may also define `async def prefetch(self, msg, ctx) -> None`: it runs
+    # beside phase 1 to warm the resolver cache with what run() will look up.
+
 
 def runner_symbols(check_name: str) -> frozenset[str]:
     """Symbols the runner emits on a check's behalf: it crashed, or ran out of time."""
