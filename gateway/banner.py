@@ -18,8 +18,6 @@ sender cannot forge a marker to keep our banner out. The subject tag is not doub
 from __future__ import annotations
 
 import base64
-import binascii
-import codecs
 import email.header
 import email.message
 import email.quoprimime
@@ -34,7 +32,14 @@ from pathlib import Path
 
 from gateway import headers
 from gateway.errors import ConfigError
-from gateway.message import ParsedMessage, Part, decode_words, header_section_end
+from gateway.message import (
+    ParsedMessage,
+    Part,
+    decode_transfer,
+    decode_words,
+    header_section_end,
+    text_codec,
+)
 
 _BODY_TAG = re.compile(r"<body\b[^>]*>", re.IGNORECASE)
 _READABLE = ("text/plain", "text/html")
@@ -177,7 +182,7 @@ def _is_protected(raw: bytes, parsed: ParsedMessage, tpl: Templates) -> bool:
         return True
     if tpl.body_markers:
         for part in readable_parts(parsed):
-            text = _decode(part.payload(raw), part.transfer_encoding)
+            text = decode_transfer(part.payload(raw), part.transfer_encoding)
             head = (text or b"")[:4096].lstrip()
             if any(head.startswith(m.encode()) for m in tpl.body_markers):
                 return True
@@ -217,42 +222,14 @@ def _ascii_or_encoded(text: str) -> bytes:
 # ---- one part ------------------------------------------------------------------------------
 
 
-def _decode(payload: bytes, cte: str | None) -> bytes | None:
-    """The part's bytes without transfer encoding; None for an encoding we do not rewrite."""
-    cte = (cte or "7bit").lower()
-    if cte in ("7bit", "8bit", "binary"):
-        return payload
-    if cte == "base64":
-        try:
-            return binascii.a2b_base64(payload)
-        except binascii.Error:
-            return None
-    if cte == "quoted-printable":
-        return binascii.a2b_qp(payload)
-    return None
-
-
-def _codec(charset: str) -> str | None:
-    """Python codec for a MIME charset, if it is one we can edit (ASCII-compatible)."""
-    try:
-        name = codecs.lookup(charset).name
-    except LookupError:
-        return None
-    try:
-        ok = "<a\r\n>".encode(name) == b"<a\r\n>"
-    except (UnicodeEncodeError, LookupError):
-        return None
-    return name if ok else None
-
-
 def _rewrite_part(raw: bytes, part: Part, warning: Warning,
                   mark: str) -> tuple[int, int, bytes] | None:
     if len(part.spans) != 1:
         return None
     start, end = part.spans[0]
-    decoded = _decode(raw[start:end], part.transfer_encoding)
+    decoded = decode_transfer(raw[start:end], part.transfer_encoding)
     charset = part.charset or "us-ascii"
-    codec = _codec(charset)
+    codec = text_codec(charset)
     if decoded is None or codec is None:
         return None
     text = decoded.decode(codec, "surrogateescape")

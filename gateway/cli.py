@@ -207,7 +207,8 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         async def _deliver(item: Item, raw: bytes) -> None:
             stamp = f"by {by}; {formatdate(time.time())}; id {item.id}"
             head = headers.encode_fields([("X-Gateway-Released", stamp)])
-            body = await runtime.pipeline.released((s.name for s in item.symbols), raw)
+            body = await runtime.pipeline.released(
+                ((s.name, s.description) for s in item.symbols), raw)
             await deliver(runtime.next_hop, item.mail_from, item.rcpts, head, body)
 
         try:

@@ -111,12 +111,18 @@ class AuthSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PracticeSection:
+    __pydantic_config__ = _STRICT
+    names: tuple[str, ...] = ()  # the practice's names, e.g. "Cabinet médical Dupont"
+    colleagues: tuple[str, ...] = ()  # names as they appear in From, e.g. "Dr Claire Martin"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BannerSection:
     __pydantic_config__ = _STRICT
     enabled: bool = True  # banner and subject tag on suspect ("tag") and released mail
     templates: str = ""  # wording and colours; default: <rules_dir>/banner.toml
     external_mark: bool = False  # mark outside mail that uses a colleague's name
-    colleagues: tuple[str, ...] = ()  # names as they appear in From, e.g. "Dr Claire Martin"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,6 +140,7 @@ class Config:
     dns: DnsSection = field(default_factory=DnsSection)
     scoring: ScoringSection = field(default_factory=ScoringSection)
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
+    practice: PracticeSection = field(default_factory=PracticeSection)
     auth: AuthSection = field(default_factory=AuthSection)
     banner: BannerSection = field(default_factory=BannerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -246,8 +253,8 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"folder not found: {cfg.rules_dir}")
     check(cfg.banner_templates.is_file(), "banner.templates",
           f"file not found: {cfg.banner_templates}")
-    check(not cfg.banner.external_mark or bool(cfg.banner.colleagues), "banner.colleagues",
-          "external_mark needs the colleagues' names")
+    check(not cfg.banner.external_mark or bool(cfg.practice.colleagues), "practice.colleagues",
+          "banner.external_mark needs the colleagues' names")
     key_file = cfg.key_file
     if key_file.exists():
         mode = key_file.stat().st_mode & 0o777

@@ -7,6 +7,8 @@ It never raises on hostile input: what the parser could not make sense of is rec
 
 from __future__ import annotations
 
+import binascii
+import codecs
 import email.header
 import email.utils
 import enum
@@ -61,6 +63,14 @@ class Part:
         """The payload as sent (transfer-encoded), from the message it was parsed from."""
         return b"".join(raw[a:b] for a, b in self.spans)
 
+    def text(self, raw: bytes) -> str | None:
+        """The decoded text of a text part (None when its encoding or charset is unknown)."""
+        data = decode_transfer(self.payload(raw), self.transfer_encoding)
+        codec = text_codec(self.charset or "us-ascii")
+        if data is None or codec is None:
+            return None
+        return data.decode(codec, "replace")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParsedMessage:
@@ -90,6 +100,34 @@ class ParsedMessage:
 def decode_words(value: str) -> str:
     """Decode RFC 2047 encoded words; raises ValueError/LookupError on broken ones."""
     return str(email.header.make_header(email.header.decode_header(value)))
+
+
+def decode_transfer(payload: bytes, cte: str | None) -> bytes | None:
+    """A part's bytes without transfer encoding; None for an encoding we do not handle."""
+    cte = (cte or "7bit").lower()
+    if cte in ("7bit", "8bit", "binary"):
+        return payload
+    if cte == "base64":
+        try:
+            return binascii.a2b_base64(payload)
+        except binascii.Error:
+            return None
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(payload)
+    return None
+
+
+def text_codec(charset: str) -> str | None:
+    """Python codec for a MIME charset, if it is ASCII-compatible (so it can be edited)."""
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        return None
+    try:
+        ok = "<a\r\n>".encode(name) == b"<a\r\n>"
+    except (UnicodeEncodeError, LookupError):
+        return None
+    return name if ok else None
 
 
 def header_section_end(raw: bytes) -> int:

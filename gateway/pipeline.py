@@ -11,7 +11,6 @@ import dataclasses
 import enum
 import logging
 import time
-import unicodedata
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -24,6 +23,7 @@ from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeou
 from gateway.logs import log_message
 from gateway.message import Inbound, ParsedMessage, parse_message
 from gateway.relay import Transaction
+from gateway.senders import fold
 from gateway.symbols import SymbolTable
 from gateway.verdict import Action, Verdict, decide
 from gateway.workers import Workers
@@ -68,7 +68,7 @@ class Pipeline:
         self._cfg = cfg
         self._templates = templates
         self._mark = mark
-        self._colleagues = [_fold_name(n) for n in cfg.banner.colleagues]
+        self._colleagues = [fold(n) for n in cfg.practice.colleagues]
         self._phases = [
             [c for c in checks if c.phase == 1],
             [c for c in checks if c.phase == 2],
@@ -185,8 +185,8 @@ class Pipeline:
         new = NewItem(
             queue_id=inbound.queue_id, received_at=inbound.received_at,
             direction=inbound.direction.value, action=verdict.action.value, score=verdict.score,
-            symbols=tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail)
-                          for s in verdict.symbols),
+            symbols=tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail,
+                                       description=s.description) for s in verdict.symbols),
             mail_from=inbound.mail_from, rcpts=inbound.rcpts,
             subject=parsed.subject if parsed else "",
             from_header=(parsed.header("From") or "") if parsed else "",
@@ -225,24 +225,27 @@ class Pipeline:
         verdict = analysis.verdict
         if verdict.action is Action.TAG:
             return banner.Warning(style=self._templates.suspect,
-                                  reasons=self.reasons(s.name for s in verdict.symbols))
+                                  reasons=self.reasons((s.name, s.description)
+                                                       for s in verdict.symbols))
         parsed = analysis.parsed
         if (self._colleagues and self._cfg.banner.external_mark and parsed is not None
                 and parsed.from_addresses):
             domain = parsed.from_addresses[0].rpartition("@")[2].lower().rstrip(".")
-            name = _fold_name(parsed.from_display)
+            name = fold(parsed.from_display)
             if domain not in self._cfg.domains and any(c in name for c in self._colleagues):
                 return banner.Warning(style=self._templates.external, reasons=())
         return None
 
-    def reasons(self, symbols: Iterable[str]) -> tuple[str, ...]:
-        """French reasons for the banner: descriptions of the scoring symbols, heaviest first."""
+    def reasons(self, symbols: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+        """French reasons for the banner: (name, description) of the scoring symbols, heaviest
+        first; an empty description is the table's."""
         out: list[str] = []
-        for name in symbols:
+        for name, description in symbols:
             sym = self._table.symbols.get(name)
-            if sym is None or sym.score <= 0 or sym.description in out:
+            text = description or (sym.description if sym else "")
+            if sym is None or sym.score <= 0 or not text or text in out:
                 continue
-            out.append(sym.description)
+            out.append(text)
         return tuple(out[:self._templates.max_reasons])
 
     async def _with_banner(self, raw: bytes, parsed: ParsedMessage,
@@ -255,7 +258,7 @@ class Pipeline:
             return banner.Result(raw=banner.tag_subject(raw, warning.style.subject_tag),
                                  body_changed=False, fields=())
 
-    async def released(self, symbols: Iterable[str], raw: bytes) -> bytes:
+    async def released(self, symbols: Iterable[tuple[str, str]], raw: bytes) -> bytes:
         """A quarantined message as released: with the banner, the reasons it was held and
         a note that it was released."""
         if not self._cfg.banner.enabled:
@@ -306,12 +309,6 @@ def _ar_value(value: str) -> str:
     if value and all(c.isalnum() or c in "-._@+/=" for c in value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _fold_name(name: str) -> str:
-    """Case- and accent-insensitive form of a display name, for colleague matching."""
-    decomposed = unicodedata.normalize("NFKD", name.casefold())
-    return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).split())
 
 
 async def _quietly(coro: Awaitable[None]) -> None:

@@ -52,6 +52,21 @@ class Verdict:
         return ", ".join(f"{s.name}({s.score:g})" for s in self.symbols)
 
 
+class _Keep(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def fill(description: str, args: dict[str, str]) -> str:
+    """The French description with its placeholders ({org}, {domain}...) filled in."""
+    if "{" not in description:
+        return description
+    try:
+        return description.format_map(_Keep(args))
+    except (ValueError, IndexError):
+        return description
+
+
 def decide(results: Iterable[CheckResult], table: SymbolTable, scoring: ScoringSection) -> Verdict:
     by_group: dict[str, float] = {}
     scored: list[ScoredSymbol] = []
@@ -61,7 +76,8 @@ def decide(results: Iterable[CheckResult], table: SymbolTable, scoring: ScoringS
             sym = table[hit.symbol]
             value = round(sym.score * hit.factor, 3)
             by_group[sym.group] = by_group.get(sym.group, 0.0) + value
-            scored.append(ScoredSymbol(name=sym.name, score=value, description=sym.description,
+            scored.append(ScoredSymbol(name=sym.name, score=value,
+                                       description=fill(sym.description, dict(hit.args)),
                                        detail=hit.detail))
             if sym.action is not None and sym.action.severity > forced.severity:
                 forced = sym.action

@@ -47,6 +47,7 @@ class SymbolRecord:
     name: str
     score: float
     detail: str
+    description: str = ""  # French, as shown when the message was held
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,7 +208,7 @@ class Store:
     def _insert(self, item: Item) -> None:
         # Symbol details can name the sender's domain or a file name: sealed with the rest.
         personal = {k: getattr(item, k) for k in _PERSONAL}
-        personal["details"] = [s.detail for s in item.symbols]
+        personal["details"] = [[s.detail, s.description] for s in item.symbols]
         sealed = self._sealer.seal(json.dumps(personal, ensure_ascii=False).encode(),
                                    record_id=item.id, purpose=_META)
         symbols = json.dumps([{"name": s.name, "score": s.score} for s in item.symbols])
@@ -277,8 +278,8 @@ class Store:
         personal = json.loads(self._sealer.open(sealed, record_id=item_id, purpose=_META))
         personal["rcpts"] = tuple(personal["rcpts"])
         details = personal.pop("details")
-        symbols_ = tuple(SymbolRecord(name=s["name"], score=s["score"], detail=d)
-                         for s, d in zip(json.loads(symbols), details, strict=True))
+        symbols_ = tuple(SymbolRecord(name=s["name"], score=s["score"], detail=d, description=t)
+                         for s, (d, t) in zip(json.loads(symbols), details, strict=True))
         return Item(id=item_id, received_at=received_at, direction=direction, action=action,
                     score=score, symbols=symbols_,
                     state=state, size=size, state_changed_at=changed_at, state_by=changed_by,

@@ -286,7 +286,8 @@ async def test_tag_verdict_delivers_banner_and_subject_tag_over_smtp(tmp_path: P
 
 
 async def test_colleague_name_from_outside_gets_the_external_mark(tmp_path: Path, sink: Sink):
-    cfg = make_config(tmp_path, banner={"external_mark": True, "colleagues": ["Dr Claire Martin"]},
+    cfg = make_config(tmp_path, banner={"external_mark": True},
+                      practice={"colleagues": ["Dr Claire Martin"]},
                       next_hop={"address": sink.address, "starttls": "off"})
     m = base("Urgent")
     del m["From"]

@@ -22,7 +22,9 @@ F = TypeVar("F")
 class Hit:
     symbol: str
     factor: float = 1.0
-    detail: str = ""  # English, for logs and the admin; never personal data
+    detail: str = ""  # English, for logs and the admin
+    # Values for the placeholders of the symbol's French description, e.g. {org}, {domain}.
+    args: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

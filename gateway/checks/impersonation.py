@@ -1,0 +1,198 @@
+"""Impersonation of protected senders: the Assurance Maladie, hospitals, ARS, labs, MSSanté,
+the practice itself (rules/senders/*.toml and the [practice] config).
+
+Reads the authentication facts of phase 1 and DMARC (no lookup is redone). Signals:
+mail from a protected domain that did not authenticate; a protected organisation (or the
+practice, or a colleague) named in the display name or subject while writing from elsewhere;
+look-alike domains in From, Reply-To, Return-Path and links; a Reply-To that leads elsewhere;
+links whose text shows one domain and whose target is another, IP literals, shorteners; and,
+only together with those, French lure vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import re
+import tomllib
+from typing import ClassVar
+
+from gateway.auth import AuthResult, DkimFacts, DmarcFacts, SpfFacts
+from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.dmarc import aligned, org_domain
+from gateway.links import Content, extract
+from gateway.message import ParsedMessage, decode_words
+from gateway.senders import Organisation, Registry, fold, load_registry
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".>") if "@" in address else ""
+
+
+class ImpersonationCheck:
+    name: ClassVar[str] = "impersonation"
+    phase: ClassVar[int] = 2
+    symbols: ClassVar[frozenset[str]] = frozenset({
+        "IMPERSONATION_UNAUTHENTICATED", "IMPERSONATION_TEMPERROR", "IMPERSONATION_DISPLAY_NAME",
+        "IMPERSONATION_SUBJECT_NAME", "IMPERSONATION_PRACTICE_NAME", "LOOKALIKE_FROM",
+        "LOOKALIKE_REPLY_TO", "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
+        "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
+        "LINK_SHORTENER", "LURE_FR",
+    })
+
+    def __init__(self, services: Services) -> None:
+        cfg = services.cfg
+        self._workers = services.workers
+        self._limit_s = cfg.scoring.parse_timeout_s
+        practice = Organisation(
+            id="practice", name="le cabinet", domains=tuple(sorted(cfg.domains)),
+            names=tuple(cfg.practice.names) + tuple(cfg.practice.colleagues))
+        self._registry = Registry([*load_registry(cfg.rules_dir / "senders"), practice])
+        lists = tomllib.loads((cfg.rules_dir / "domain-lists.toml").read_text(encoding="utf-8"))
+        self._freemail = frozenset(lists["freemail"])
+        self._shorteners = frozenset(lists["shorteners"])
+        lures = tomllib.loads((cfg.rules_dir / "lures.toml").read_text(encoding="utf-8"))
+        self._lures = [re.compile(p) for p in lures["lures"]]
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        hits: list[Hit] = []
+        from_domain = _domain(msg.from_addresses[0]) if msg.from_addresses else ""
+        claimed: Organisation | None = None
+        trusted: Organisation | None = None  # authenticated sender: its own links are its own
+        owner = self._registry.owner(from_domain) if from_domain else None
+        if owner is not None:
+            claimed = owner
+            if owner.authenticate:
+                state = self._authenticated(ctx, from_domain)
+                if state is None:
+                    hits.append(_hit("IMPERSONATION_TEMPERROR", owner, from_domain))
+                elif not state:
+                    hits.append(_hit("IMPERSONATION_UNAUTHENTICATED", owner, from_domain))
+                else:
+                    trusted = owner
+        else:
+            named = self._registry.named_in(msg.from_display) if msg.from_display else None
+            if named is not None:
+                claimed = named
+                symbol = ("IMPERSONATION_PRACTICE_NAME" if named.id == "practice"
+                          else "IMPERSONATION_DISPLAY_NAME")
+                hits.append(_hit(symbol, named, from_domain))
+            subject_org = self._registry.named_in(msg.subject) if msg.subject else None
+            if subject_org is not None and subject_org.id != "practice" and named is None:
+                claimed = claimed or subject_org
+                hits.append(_hit("IMPERSONATION_SUBJECT_NAME", subject_org, from_domain))
+            look = self._registry.lookalike(from_domain) if from_domain else None
+            if look is not None:
+                claimed = claimed or look.org
+                hits.append(_hit("LOOKALIKE_FROM", look.org, from_domain, look.kind))
+
+        for symbol, domain in (("LOOKALIKE_REPLY_TO", d) for d in self._reply_to(msg)):
+            look = self._registry.lookalike(domain)
+            if look is not None:
+                hits.append(_hit(symbol, look.org, domain, look.kind))
+            elif claimed is not None and self._registry.owner(domain) is not claimed and \
+                    org_domain(domain) != (org_domain(from_domain) if from_domain else ""):
+                kind = "freemail" if org_domain(domain) in self._freemail else "unrelated"
+                hits.append(_hit("REPLYTO_ELSEWHERE", claimed, domain, kind))
+        return_path = _domain(ctx.inbound.mail_from)
+        if return_path and return_path != from_domain:
+            look = self._registry.lookalike(return_path)
+            if look is not None:
+                hits.append(_hit("LOOKALIKE_RETURN_PATH", look.org, return_path, look.kind))
+
+        content = await self._workers.run(extract, ctx.inbound.raw, msg, limit_s=self._limit_s)
+        link_hits = self._links(content, trusted)
+        hits += link_hits
+        # Lure phrases are weak signals: they count only beside an impersonation signal.
+        if any(h.symbol in _STRONG for h in hits):
+            found = self._lure_count(f"{msg.subject}\n{content.text}")
+            if found:
+                hits.append(Hit(symbol="LURE_FR", factor=float(min(found, 3)),
+                                detail=f"{found} lure phrases"))
+        return CheckResult(check=self.name, hits=tuple(hits))
+
+    def _authenticated(self, ctx: CheckContext, from_domain: str) -> bool | None:
+        """Did mail from a protected domain authenticate? None: could not tell (DNS trouble)."""
+        dmarc = ctx.facts(DmarcFacts)
+        if dmarc is not None:
+            if dmarc.result is AuthResult.PASS or dmarc.arc_override:
+                return True
+            if dmarc.result is AuthResult.TEMPERROR:
+                return None
+            if dmarc.result is AuthResult.FAIL:
+                return False
+        # No DMARC verdict (no record): an aligned DKIM or SPF pass still authenticates.
+        dkim = ctx.facts(DkimFacts)
+        spf = ctx.facts(SpfFacts)
+        if dkim and any(s.result is AuthResult.PASS and aligned(from_domain, s.domain, "r")
+                        for s in dkim.signatures):
+            return True
+        if spf and spf.result is AuthResult.PASS and aligned(from_domain, spf.domain, "r"):
+            return True
+        temp = (spf is not None and spf.result is AuthResult.TEMPERROR) or (
+            dkim is not None and any(s.result is AuthResult.TEMPERROR for s in dkim.signatures))
+        return None if temp else False
+
+    def _reply_to(self, msg: ParsedMessage) -> list[str]:
+        value = msg.header("Reply-To")
+        if not value:
+            return []
+        with contextlib.suppress(ValueError, LookupError):
+            value = decode_words(value)
+        try:
+            pairs = email.utils.getaddresses([value])
+        except Exception:  # noqa: BLE001 - the stdlib address parser has raised on odd input
+            return []
+        return list(dict.fromkeys(d for _, a in pairs if (d := _domain(a))))
+
+    def _links(self, content: Content, trusted: Organisation | None) -> list[Hit]:
+        hits: dict[str, Hit] = {}
+        for link in content.links:
+            host = link.host
+            if not host:
+                continue
+            if "LINK_IP_LITERAL" not in hits and link.is_ip:
+                hits["LINK_IP_LITERAL"] = Hit(symbol="LINK_IP_LITERAL", detail=host,
+                                              args=(("domain", host),))
+                continue
+            if "LINK_SHORTENER" not in hits and (host in self._shorteners
+                                                 or org_domain(host) in self._shorteners):
+                hits["LINK_SHORTENER"] = Hit(symbol="LINK_SHORTENER", detail=host,
+                                             args=(("domain", host),))
+            if "LINK_LOOKALIKE" not in hits:
+                look = self._registry.lookalike(host)
+                if look is not None:
+                    hits["LINK_LOOKALIKE"] = _hit("LINK_LOOKALIKE", look.org, host, look.kind)
+            shown = link.shown_host
+            if shown and org_domain(shown) != org_domain(host):
+                owner = self._registry.owner(shown)
+                if owner is not None and owner is trusted:
+                    continue  # the organisation's own tracking links, in its authenticated mail
+                if owner is not None and "LINK_TEXT_MISMATCH_PROTECTED" not in hits:
+                    hits["LINK_TEXT_MISMATCH_PROTECTED"] = _hit(
+                        "LINK_TEXT_MISMATCH_PROTECTED", owner, host, f"shows {shown}")
+                elif owner is None and "LINK_TEXT_MISMATCH" not in hits:
+                    hits["LINK_TEXT_MISMATCH"] = Hit(
+                        symbol="LINK_TEXT_MISMATCH", detail=f"shows {shown}, goes to {host}",
+                        args=(("domain", host), ("shown", shown)))
+        return list(hits.values())
+
+    def _lure_count(self, text: str) -> int:
+        folded = fold(text[:50_000])
+        return sum(1 for p in self._lures if p.search(folded))
+
+
+_STRONG = frozenset({
+    "IMPERSONATION_UNAUTHENTICATED", "IMPERSONATION_DISPLAY_NAME", "IMPERSONATION_SUBJECT_NAME",
+    "IMPERSONATION_PRACTICE_NAME", "LOOKALIKE_FROM", "LOOKALIKE_REPLY_TO",
+    "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
+    "LINK_TEXT_MISMATCH_PROTECTED",
+})
+
+
+def _hit(symbol: str, org: Organisation, domain: str, kind: str = "") -> Hit:
+    return Hit(symbol=symbol, detail=f"{org.id} {domain} {kind}".strip(),
+               args=(("org", org.name), ("domain", domain)))
+
+
+CHECKS = (ImpersonationCheck,)

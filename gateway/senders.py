@@ -1,0 +1,167 @@
+"""The protected-sender registry (rules/senders/*.toml) and look-alike domain detection.
+
+Look-alikes of a protected domain: the same name under another TLD (ameli.com), a name a typo
+away (arneli.fr, amelli.fr: Damerau-Levenshtein distance, jellyfish), the name combined with
+words (ameli-remboursement.com), the real domain as a subdomain of another one
+(ameli.fr.secure-login.com), and Unicode homographs or punycode (аmeli.fr with a Cyrillic a:
+skeleton through confusable-homoglyphs' Unicode confusables data, UTS #39).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tomllib
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import jellyfish
+from confusable_homoglyphs import confusables
+
+from gateway.dmarc import org_domain
+from gateway.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Organisation:
+    id: str
+    name: str  # French, as in "venant de {org}"
+    domains: tuple[str, ...]
+    subdomains: bool = True
+    names: tuple[str, ...] = ()
+    authenticate: bool = True
+    generic_label: bool = False  # its domain name is a common word: no look-alike by name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lookalike:
+    org: Organisation
+    kind: str  # tld-swap, typo, combo, subdomain, homograph
+    imitated: str  # the protected domain it imitates
+
+
+def fold(text: str) -> str:
+    """Lower case, no accents, words separated by single spaces."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", plain).split())
+
+
+_KEYS = {"id", "name", "domains", "subdomains", "names", "authenticate", "generic_label"}
+
+
+def load_registry(folder: Path) -> list[Organisation]:
+    orgs: list[Organisation] = []
+    seen: set[str] = set()
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        for i, spec in enumerate(data.get("organisation", [])):
+            where = f"{path}: organisation[{i}]"
+            unknown = set(spec) - _KEYS
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+            if not spec.get("id") or not spec.get("name") or not spec.get("domains"):
+                raise ConfigError(f"{where}: id, name and domains are required")
+            if spec["id"] in seen:
+                raise ConfigError(f"{where}: id {spec['id']!r} is already used")
+            seen.add(spec["id"])
+            orgs.append(Organisation(
+                id=spec["id"], name=spec["name"],
+                domains=tuple(d.lower().rstrip(".") for d in spec["domains"]),
+                subdomains=bool(spec.get("subdomains", True)),
+                names=tuple(spec.get("names", ())),
+                authenticate=bool(spec.get("authenticate", True)),
+                generic_label=bool(spec.get("generic_label", False))))
+    return orgs
+
+
+class Registry:
+    def __init__(self, orgs: list[Organisation]) -> None:
+        self.orgs = orgs
+        self._names = sorted(((f" {fold(n)} ", o) for o in orgs for n in o.names if fold(n)),
+                             key=lambda x: -len(x[0]))
+
+    def owner(self, domain: str) -> Organisation | None:
+        """The organisation the domain belongs to (itself or, where allowed, a subdomain)."""
+        d = domain.lower().rstrip(".")
+        for org in self.orgs:
+            for own in org.domains:
+                if d == own or (org.subdomains and d.endswith("." + own)):
+                    return org
+        return None
+
+    def named_in(self, text: str) -> Organisation | None:
+        """The organisation whose name appears in the text, as whole words."""
+        folded = f" {fold(text)} "
+        for name, org in self._names:
+            if name in folded:
+                return org
+        return None
+
+    def lookalike(self, domain: str) -> Lookalike | None:
+        d = domain.lower().rstrip(".")
+        if not d or "." not in d or self.owner(d) is not None:
+            return None
+        unicode_d = _to_unicode(d)
+        skeleton = _skeleton(unicode_d)
+        registrable = org_domain(skeleton)
+        label, _, suffix = registrable.partition(".")
+        for org in self.orgs:
+            for own in org.domains:
+                own_label, _, own_suffix = org_domain(own).partition(".")
+                if own.count(".") > org_domain(own).count("."):
+                    own_label = own.split(".")[0]  # ars.sante.fr: the name is "ars"
+                if skeleton != unicode_d and (skeleton == own or skeleton.endswith("." + own)):
+                    return Lookalike(org=org, kind="homograph", imitated=own)
+                if f".{own}." in f".{skeleton}" and not skeleton.endswith(own):
+                    return Lookalike(org=org, kind="subdomain", imitated=own)
+                if len(own_label) < 4 or org.generic_label:
+                    continue
+                if label == own_label and suffix != own_suffix:
+                    return Lookalike(org=org, kind="tld-swap", imitated=own)
+                tokens = re.split(r"[-_.0-9]+", label)
+                if own_label in tokens and label != own_label:
+                    return Lookalike(org=org, kind="combo", imitated=own)
+                if label != own_label and _visual(label) == _visual(own_label):
+                    return Lookalike(org=org, kind="typo", imitated=own)
+                # A letter changed, added or swapped (not dropped: short words are often
+                # another word minus a letter).
+                limit = 1 if len(own_label) < 6 else 2
+                if label != own_label and len(label) >= len(own_label) and \
+                        jellyfish.damerau_levenshtein_distance(label, own_label) <= limit:
+                    return Lookalike(org=org, kind="typo", imitated=own)
+        return None
+
+
+_VISUAL = (("rn", "m"), ("vv", "w"), ("cl", "d"), ("0", "o"), ("1", "l"), ("i", "l"))
+
+
+def _visual(label: str) -> str:
+    """ASCII letters that read alike at a glance (arneli / ameli, doctoiib / doctolib)."""
+    for a, b in _VISUAL:
+        label = label.replace(a, b)
+    return label
+
+
+def _to_unicode(domain: str) -> str:
+    labels = []
+    for label in domain.split("."):
+        if label.startswith("xn--"):
+            with contextlib.suppress(UnicodeError):
+                label = label.encode("ascii").decode("idna")
+        labels.append(label)
+    return ".".join(labels)
+
+
+def _skeleton(text: str) -> str:
+    """Confusable characters replaced by the Latin letters they imitate."""
+    if text.isascii():
+        return text
+    found = confusables.is_confusable(text, greedy=True, preferred_aliases=["latin"]) or []
+    table = {f["character"]: f["homoglyphs"][0]["c"] for f in found if f.get("homoglyphs")}
+    out = "".join(table.get(c, c) for c in text)
+    return unicodedata.normalize("NFKD", out).encode("ascii", "ignore").decode().lower()

@@ -1,0 +1,238 @@
+"""Impersonation of French health senders: each form caught with its symbol; legitimate mail
+(authenticated Assurance Maladie, a hospital newsletter, a mailing list, a colleague on a
+freemail address) accepted. Through the pipeline, `gateway scan` and SMTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.cli import to_crlf
+from gateway.message import Inbound
+from gateway.service import Runtime, build_runtime, running
+from gateway.verdict import Action
+from tests.conftest import DNS, DOMAIN, make_config
+from tests.support.dnsserver import ThreadedDnsServer
+from tests.support.sink import Sink
+
+
+def keypair() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
+
+
+AMELI_KEY, AMELI_DNS = keypair()
+APHP_KEY, APHP_DNS = keypair()
+ZONE = {
+    "ameli.fr": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
+    "_dmarc.ameli.fr": [("TXT", "v=DMARC1; p=quarantine")],
+    "mail._domainkey.ameli.fr": [("TXT", AMELI_DNS)],
+    "aphp.fr": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
+    "_dmarc.aphp.fr": [("TXT", "v=DMARC1; p=none")],
+    "news._domainkey.aphp.fr": [("TXT", APHP_DNS)],
+}
+ATTACKER_IP = "198.51.100.66"
+
+
+def mail(from_: str, subject: str, body: str, *, html: str | None = None,
+         reply_to: str | None = None, extra: dict[str, str] | None = None) -> bytes:
+    m = EmailMessage()
+    m["From"] = from_
+    m["To"] = f"docteur@{DOMAIN}"
+    m["Subject"] = subject
+    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0100"
+    m["Message-ID"] = f"<{abs(hash((from_, subject)))}@test.example>"
+    if reply_to:
+        m["Reply-To"] = reply_to
+    for k, v in (extra or {}).items():
+        m[k] = v
+    m.set_content(body)
+    if html:
+        m.add_alternative(html, subtype="html")
+    return to_crlf(bytes(m))
+
+
+def signed(raw: bytes, selector: bytes, domain: bytes, key: bytes) -> bytes:
+    return dkim.sign(raw, selector, domain, key,
+                     include_headers=[b"from", b"to", b"subject", b"date"]) + raw
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path, dns_zone: ThreadedDnsServer) -> AsyncIterator[Runtime]:
+    dns_zone.load(ZONE)
+    cfg = make_config(tmp_path, practice={"names": ["Cabinet Dupont"],
+                                          "colleagues": ["Dr Claire Martin"]})
+    rt = await build_runtime(cfg, with_store=False)
+    yield rt
+    await rt.close()
+
+
+async def verdict(rt: Runtime, raw: bytes, *, ip: str = ATTACKER_IP, mail_from: str = ""):
+    analysis = await rt.pipeline.analyse(Inbound(
+        queue_id="t", peer_ip=ip, helo="mail.example", rcpts=(f"docteur@{DOMAIN}",),
+        mail_from=mail_from, raw=raw))
+    return analysis.verdict
+
+
+def names(v) -> set[str]:
+    return {s.name for s in v.symbols}
+
+
+LURE_TEXT = ("Vous avez un remboursement en attente de 248,90 EUR. Pour le recevoir, "
+             "mettez a jour vos coordonnees bancaires sous 24h, sans quoi votre compte "
+             "sera suspendu.")
+
+
+@pytest.mark.parametrize(("case", "from_", "symbol"), [
+    ("spoofed domain", "Assurance Maladie <noreply@ameli.fr>", "IMPERSONATION_UNAUTHENTICATED"),
+    ("display name", "Assurance Maladie <remboursement@secure-mail.example>",
+     "IMPERSONATION_DISPLAY_NAME"),
+    ("combosquatting", "Service client <noreply@ameli-remboursement.example>", "LOOKALIKE_FROM"),
+    ("tld swap", "Service <noreply@ameli.com>", "LOOKALIKE_FROM"),
+    ("typo", "Service <noreply@arneli.fr>", "LOOKALIKE_FROM"),
+    ("subdomain trick", "Service <noreply@ameli.fr.secure-login.example>", "LOOKALIKE_FROM"),
+    ("homograph", "Service <noreply@" + "аmeli.fr".encode("idna").decode() + ">",
+     "LOOKALIKE_FROM"),
+    ("hospital name", "CHU de Bordeaux - Service des admissions <admissions@gmail.com>",
+     "IMPERSONATION_DISPLAY_NAME"),
+])
+async def test_impersonation_of_a_protected_sender_is_quarantined(runtime, case, from_, symbol):
+    v = await verdict(runtime, mail(from_, "Remboursement en attente", LURE_TEXT),
+                      mail_from="bounce@mailer.example")
+    assert symbol in names(v), case
+    assert "LURE_FR" in names(v)
+    assert v.action in (Action.QUARANTINE, Action.REJECT), (case, v)
+    reason = next(s.description for s in v.symbols if s.name == symbol)
+    assert "{org}" not in reason and "{domain}" not in reason
+
+
+async def test_explanation_names_the_organisation(runtime):
+    v = await verdict(runtime, mail("Assurance Maladie <noreply@ameli.fr>", "Info", "Bonjour"))
+    [s] = [s for s in v.symbols if s.name == "IMPERSONATION_UNAUTHENTICATED"]
+    assert s.description == ("Ce message se présente comme venant de l'Assurance Maladie mais "
+                             "n'a pas été envoyé par ses serveurs.")
+
+
+async def test_links_that_lie(runtime):
+    html = ('<html><body><p>Connectez-vous a votre compte : '
+            '<a href="http://ameli-secure.example/login">https://www.ameli.fr</a></p>'
+            '<a href="http://198.51.100.7/x">ici</a> <a href="https://bit.ly/3abc">suivi</a>'
+            "</body></html>")
+    v = await verdict(runtime, mail("Information <info@news-sante.example>", "Votre dossier",
+                                    "Voir la version HTML", html=html))
+    assert {"LINK_TEXT_MISMATCH_PROTECTED", "LINK_LOOKALIKE", "LINK_IP_LITERAL",
+            "LINK_SHORTENER"} <= names(v)
+    assert v.action is not Action.ACCEPT
+
+
+async def test_reply_to_elsewhere_and_lookalike_reply_to(runtime):
+    raw = signed(mail("Assurance Maladie <info@ameli.fr>", "Votre attestation", "Bonjour",
+                      reply_to="service.ameli@gmail.com"), b"mail", b"ameli.fr", AMELI_KEY)
+    v = await verdict(runtime, raw, ip="203.0.113.5", mail_from="bounce@ameli.fr")
+    assert "REPLYTO_ELSEWHERE" in names(v)
+    raw = mail("Laboratoire <resultats@labo.example>", "Resultats", "Bonjour",
+               reply_to="contact@cerballiance-resultats.example")
+    assert "LOOKALIKE_REPLY_TO" in names(await verdict(runtime, raw))
+
+
+async def test_practice_and_colleague_names_from_outside(runtime):
+    v = await verdict(runtime, mail("Cabinet Dupont <secretariat@cabinet-dupont.example>",
+                                    "Urgent", "Merci de regler la facture ci-jointe."))
+    assert "IMPERSONATION_PRACTICE_NAME" in names(v)
+
+
+# ---- legitimate mail is accepted -----------------------------------------------------------
+
+async def test_authenticated_ameli_mail_is_accepted(runtime):
+    raw = signed(mail("Assurance Maladie <info@ameli.fr>", "Votre remboursement est effectué",
+                      "Votre remboursement de 23,00 EUR a été effectué. Consultez votre compte "
+                      "sur ameli.fr.",
+                      html='<html><body><a href="https://www.ameli.fr/">ameli.fr</a></body></html>'),
+                 b"mail", b"ameli.fr", AMELI_KEY)
+    v = await verdict(runtime, raw, ip="203.0.113.5", mail_from="bounce@ameli.fr")
+    assert v.action is Action.ACCEPT and v.score == 0, v
+
+
+async def test_hospital_newsletter_with_many_tracked_links_is_accepted(runtime):
+    links = "".join(f'<p><a href="https://click.emailing.example/t/{i}">www.aphp.fr/actu{i}</a>'
+                    f' <a href="https://click.emailing.example/u/{i}">Lire la suite</a></p>'
+                    for i in range(40))
+    raw = signed(mail("AP-HP <newsletter@aphp.fr>", "La lettre de l'AP-HP",
+                      "Version texte", html=f"<html><body>{links}</body></html>"),
+                 b"news", b"aphp.fr", APHP_KEY)
+    v = await verdict(runtime, raw, ip="192.0.2.200", mail_from="bounce@emailing.example")
+    assert v.action is Action.ACCEPT, v
+    assert "LINK_TEXT_MISMATCH_PROTECTED" not in names(v)
+
+
+async def test_mailing_list_mail_is_accepted(runtime):
+    raw = mail("Jean Durand <jean.durand@univ-exemple.example>", "[med-liste] Congres 2027",
+               "Bonjour a tous, le programme du congres est en ligne : "
+               "https://www.congres-medecine.example/programme",
+               extra={"List-Id": "<med-liste.lists.example>", "Sender": "med-liste@lists.example"})
+    v = await verdict(runtime, raw, ip="192.0.2.10", mail_from="med-liste-bounces@lists.example")
+    assert v.action is Action.ACCEPT, v
+
+
+async def test_colleague_from_freemail_is_accepted(runtime):
+    raw = mail("Dr Claire Martin <claire.martin@gmail.com>", "Remplacement de lundi",
+               "Bonjour, je confirme le remplacement de lundi. Claire")
+    v = await verdict(runtime, raw, ip="192.0.2.44", mail_from="claire.martin@gmail.com")
+    assert "IMPERSONATION_PRACTICE_NAME" in names(v)
+    assert v.action is Action.ACCEPT, v
+
+
+# ---- through gateway scan and SMTP ---------------------------------------------------------
+
+def test_gateway_scan_shows_impersonation(tmp_path: Path):
+    DNS.load(ZONE)
+    path = tmp_path / "spoof.eml"
+    path.write_bytes(mail("Assurance Maladie <remboursement@secure-mail.example>",
+                          "Remboursement en attente", LURE_TEXT))
+    res = subprocess.run([sys.executable, "-m", "gateway", "scan", "--json", "--domain", DOMAIN,
+                          "--dns", DNS.address, "--client-ip", ATTACKER_IP,
+                          "--mail-from", "x@secure-mail.example", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["action"] == "quarantine"
+    [s] = [s for s in out["symbols"] if s["name"] == "IMPERSONATION_DISPLAY_NAME"]
+    assert s["description"].startswith("Le nom de l'expéditeur affiche l'Assurance Maladie")
+
+
+async def test_over_smtp_spoof_quarantined_genuine_delivered(tmp_path: Path, sink: Sink,
+                                                            dns_zone: ThreadedDnsServer):
+    dns_zone.load(ZONE)
+    cfg = make_config(tmp_path / "d", next_hop={"address": sink.address, "starttls": "off"})
+    spoof = mail("Assurance Maladie <remboursement@secure-mail.example>",
+                 "Remboursement en attente", LURE_TEXT)
+    async with running(cfg) as gw:
+        _, reply = await aiosmtplib.send(spoof, sender="x@secure-mail.example",
+                                         recipients=[f"docteur@{DOMAIN}"], hostname="127.0.0.1",
+                                         port=gw.port, start_tls=False)
+        assert reply.startswith("2.0.0 Message accepte et mis en quarantaine")
+        genuine = signed(mail("Assurance Maladie <info@ameli.fr>", "Votre attestation",
+                              "Votre attestation est disponible."), b"mail", b"ameli.fr",
+                         AMELI_KEY)
+        _, reply = await aiosmtplib.send(genuine, sender="bounce@ameli.fr",
+                                         recipients=[f"docteur@{DOMAIN}"], hostname="127.0.0.1",
+                                         port=gw.port, start_tls=False)
+        assert reply.startswith("2.0.0 Message accepte et transmis")
+    got = await sink.get()
+    assert b"Votre attestation" in got.data and b"X-Gateway-Action: accept" in got.data
+    assert sink.empty()
