@@ -58,7 +58,8 @@ class Resolver:
             # Labels as given, byte for byte: SPF macros can put any character in a name.
             labels = name.rstrip(".").encode("utf-8").split(b".")
             qname = dns.name.Name([*labels, b""])
-        except (dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong) as exc:
+        except (dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong,
+                UnicodeEncodeError) as exc:
             raise DnsPermanentError(f"not a DNS name: {name!r} ({type(exc).__name__})") from None
         self.lookups += 1
         try:

@@ -130,7 +130,7 @@ class Registry:
                     return Lookalike(org=org, kind="typo", imitated=own)
                 # A letter changed, added or swapped (not dropped: short words are often
                 # another word minus a letter).
-                limit = 1 if len(own_label) < 6 else 2
+                limit = 1 if len(own_label) < 9 else 2
                 if label != own_label and len(label) >= len(own_label) and \
                         jellyfish.damerau_levenshtein_distance(label, own_label) <= limit:
                     return Lookalike(org=org, kind="typo", imitated=own)

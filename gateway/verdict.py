@@ -62,9 +62,14 @@ def fill(description: str, args: dict[str, str]) -> str:
     if "{" not in description:
         return description
     try:
-        return description.format_map(_Keep(args))
+        text = description.format_map(_Keep(args))
     except (ValueError, IndexError):
         return description
+    # French contractions across the placeholder: "de le laboratoire" -> "du laboratoire".
+    for loose, joined in (("de le ", "du "), ("de les ", "des "), ("à le ", "au "),
+                          ("à les ", "aux ")):
+        text = text.replace(" " + loose, " " + joined)
+    return text
 
 
 def decide(results: Iterable[CheckResult], table: SymbolTable, scoring: ScoringSection) -> Verdict:

@@ -236,3 +236,20 @@ async def test_over_smtp_spoof_quarantined_genuine_delivered(tmp_path: Path, sin
     got = await sink.get()
     assert b"Votre attestation" in got.data and b"X-Gateway-Action: accept" in got.data
     assert sink.empty()
+
+
+async def test_dns_outage_for_a_protected_sender_gives_451(tmp_path: Path, sink: Sink,
+                                                           dns_zone: ThreadedDnsServer):
+    """No DMARC record published here, so only the protected-sender rule can ask for a retry."""
+    dns_zone.load({"ameli.fr": ["TIMEOUT"], "_dmarc.ameli.fr": [],
+                   "mail._domainkey.ameli.fr": ["TIMEOUT"]})
+    cfg = make_config(tmp_path / "d", next_hop={"address": sink.address, "starttls": "off"},
+                      dns={"timeout_s": 0.5})
+    raw = signed(mail("Assurance Maladie <info@ameli.fr>", "Votre attestation", "Bonjour"),
+                 b"mail", b"ameli.fr", AMELI_KEY)
+    async with running(cfg) as gw:
+        with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+            await aiosmtplib.send(raw, sender="bounce@ameli.fr", recipients=[f"docteur@{DOMAIN}"],
+                                  hostname="127.0.0.1", port=gw.port, start_tls=False)
+        assert exc.value.code == 451
+    assert sink.empty()

@@ -68,3 +68,12 @@ def test_table_errors_name_the_symbol(tmp_path: Path):
         load_table(bad)
     assert "symbols.FOO_BAR.score" in str(exc.value)
     assert "symbols.BAZ.action" in str(exc.value)
+
+
+def test_descriptions_name_the_organisation_in_good_french():
+    from gateway.verdict import fill
+    assert fill("Un lien imite celui de {org}.", {"org": "le laboratoire Biogroup"}) == \
+        "Un lien imite celui du laboratoire Biogroup."
+    assert fill("venant de {org} ({domain})", {"org": "l'AP-HP", "domain": "x.fr"}) == \
+        "venant de l'AP-HP (x.fr)"
+    assert fill("sans {inconnu}", {}) == "sans {inconnu}"
