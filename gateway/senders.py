@@ -84,6 +84,16 @@ class Registry:
         self.orgs = orgs
         self._names = sorted(((f" {fold(n)} ", o) for o in orgs for n in o.names if fold(n)),
                              key=lambda x: -len(x[0]))
+        # (organisation, its domain, the name to compare with, its suffix), computed once.
+        self._targets: list[tuple[Organisation, str, str, str]] = []
+        for org in orgs:
+            for own in org.domains:
+                registrable = org_domain(own)
+                own_label, _, own_suffix = registrable.partition(".")
+                if own.count(".") > registrable.count("."):
+                    own_label = own.split(".")[0]  # ars.sante.fr: the name is "ars"
+                self._targets.append((org, own, own_label, own_suffix))
+        self._seen: dict[str, Lookalike | None] = {}
 
     def owner(self, domain: str) -> Organisation | None:
         """The organisation the domain belongs to (itself or, where allowed, a subdomain)."""
@@ -104,36 +114,40 @@ class Registry:
 
     def lookalike(self, domain: str) -> Lookalike | None:
         d = domain.lower().rstrip(".")
+        if d not in self._seen:
+            if len(self._seen) > 50_000:
+                self._seen.clear()
+            self._seen[d] = self._lookalike(d)
+        return self._seen[d]
+
+    def _lookalike(self, d: str) -> Lookalike | None:
         if not d or "." not in d or self.owner(d) is not None:
             return None
         unicode_d = _to_unicode(d)
         skeleton = _skeleton(unicode_d)
         registrable = org_domain(skeleton)
         label, _, suffix = registrable.partition(".")
-        for org in self.orgs:
-            for own in org.domains:
-                own_label, _, own_suffix = org_domain(own).partition(".")
-                if own.count(".") > org_domain(own).count("."):
-                    own_label = own.split(".")[0]  # ars.sante.fr: the name is "ars"
-                if skeleton != unicode_d and (skeleton == own or skeleton.endswith("." + own)):
-                    return Lookalike(org=org, kind="homograph", imitated=own)
-                if f".{own}." in f".{skeleton}" and not skeleton.endswith(own):
-                    return Lookalike(org=org, kind="subdomain", imitated=own)
-                if len(own_label) < 4 or org.generic_label:
-                    continue
-                if label == own_label and suffix != own_suffix:
-                    return Lookalike(org=org, kind="tld-swap", imitated=own)
-                tokens = re.split(r"[-_.0-9]+", label)
-                if own_label in tokens and label != own_label:
-                    return Lookalike(org=org, kind="combo", imitated=own)
-                if label != own_label and _visual(label) == _visual(own_label):
-                    return Lookalike(org=org, kind="typo", imitated=own)
-                # A letter changed, added or swapped (not dropped: short words are often
-                # another word minus a letter).
-                limit = 1 if len(own_label) < 9 else 2
-                if label != own_label and len(label) >= len(own_label) and \
-                        jellyfish.damerau_levenshtein_distance(label, own_label) <= limit:
-                    return Lookalike(org=org, kind="typo", imitated=own)
+        tokens = set(re.split(r"[-_.0-9]+", label))
+        visual = _visual(label)
+        for org, own, own_label, own_suffix in self._targets:
+            if skeleton != unicode_d and (skeleton == own or skeleton.endswith("." + own)):
+                return Lookalike(org=org, kind="homograph", imitated=own)
+            if f".{own}." in f".{skeleton}" and not skeleton.endswith(own):
+                return Lookalike(org=org, kind="subdomain", imitated=own)
+            if len(own_label) < 4 or org.generic_label:
+                continue
+            if label == own_label and suffix != own_suffix:
+                return Lookalike(org=org, kind="tld-swap", imitated=own)
+            if own_label in tokens and label != own_label:
+                return Lookalike(org=org, kind="combo", imitated=own)
+            if label != own_label and visual == _visual(own_label):
+                return Lookalike(org=org, kind="typo", imitated=own)
+            # A letter changed, added or swapped (not dropped: short words are often
+            # another word minus a letter).
+            limit = 1 if len(own_label) < 9 else 2
+            if label != own_label and len(label) >= len(own_label) and \
+                    jellyfish.damerau_levenshtein_distance(label, own_label) <= limit:
+                return Lookalike(org=org, kind="typo", imitated=own)
         return None
 
 
