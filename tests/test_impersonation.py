@@ -253,3 +253,14 @@ async def test_dns_outage_for_a_protected_sender_gives_451(tmp_path: Path, sink:
                                   hostname="127.0.0.1", port=gw.port, start_tls=False)
         assert exc.value.code == 451
     assert sink.empty()
+
+
+async def test_subject_return_path_and_text_links(runtime):
+    v = await verdict(runtime, mail("Service client <client@boutique-sante.example>",
+                                    "Ameli : votre remboursement est en attente",
+                                    "Connectez-vous sur https://ameli-assure.example/login "
+                                    "pour mettre a jour vos coordonnees bancaires."),
+                      mail_from="bounce@cpam-info.ameli.fr.relay.example")
+    assert {"IMPERSONATION_SUBJECT_NAME", "LINK_LOOKALIKE", "LOOKALIKE_RETURN_PATH",
+            "LURE_FR"} <= names(v)
+    assert v.action is not Action.ACCEPT
