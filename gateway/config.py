@@ -111,6 +111,17 @@ class AuthSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AttachmentsSection:
+    __pydantic_config__ = _STRICT
+    yara_dirs: tuple[str, ...] = ()  # extra YARA rule folders (third-party sets), besides rules/yara
+    yara_timeout_s: int = 5  # per scanned file
+    max_depth: int = 3  # archives inside archives
+    max_members: int = 1000  # files in one archive
+    max_total_mb: int = 200  # uncompressed bytes opened per message
+    max_ratio: int = 150  # uncompressed / compressed size of one member
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PracticeSection:
     __pydantic_config__ = _STRICT
     names: tuple[str, ...] = ()  # the practice's names, e.g. "Cabinet médical Dupont"
@@ -140,6 +151,7 @@ class Config:
     dns: DnsSection = field(default_factory=DnsSection)
     scoring: ScoringSection = field(default_factory=ScoringSection)
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
+    attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
     practice: PracticeSection = field(default_factory=PracticeSection)
     auth: AuthSection = field(default_factory=AuthSection)
     banner: BannerSection = field(default_factory=BannerSection)
@@ -251,6 +263,8 @@ def validate(cfg: Config, *, source: str = "config") -> None:
                       ("next_hop.tls_ca_file", cfg.next_hop.tls_ca_file)):
         check(not path or Path(path).is_file(), key, f"file not found: {path}")
     check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"folder not found: {cfg.rules_dir}")
+    for i, d in enumerate(cfg.attachments.yara_dirs):
+        check(Path(d).is_dir(), f"attachments.yara_dirs[{i}]", f"folder not found: {d}")
     check(cfg.banner_templates.is_file(), "banner.templates",
           f"file not found: {cfg.banner_templates}")
     check(not cfg.banner.external_mark or bool(cfg.practice.colleagues), "practice.colleagues",

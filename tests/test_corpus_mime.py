@@ -25,6 +25,7 @@ async def test_every_mime_edge_case_gets_a_verdict(corpus: Path, gateway, sink: 
     assert len(files) > 100
     sem = asyncio.Semaphore(8)
     failures: list[str] = []
+    relayed: list[str] = []
 
     async def one(path: Path) -> None:
         async with sem:
@@ -37,13 +38,15 @@ async def test_every_mime_edge_case_gets_a_verdict(corpus: Path, gateway, sink: 
             except Exception as exc:  # noqa: BLE001 - collected and reported below
                 failures.append(f"{path.relative_to(corpus)}: {type(exc).__name__}: {exc}")
                 return
-            if not reply.startswith("2.0.0"):
+            if not reply.startswith("2.0.0"):  # delivered or quarantined: a verdict, kept
                 failures.append(f"{path.relative_to(corpus)}: {reply}")
+            elif "transmis" in reply:
+                relayed.append(path.name)
 
     await asyncio.gather(*(one(p) for p in files))
     assert not failures, "\n".join(failures)
     delivered = [sink.queue.get_nowait() for _ in range(sink.queue.qsize())]
-    assert len(delivered) == len(files)
+    assert len(delivered) == len(relayed) > len(files) * 0.9
     for got in delivered:
         assert got.data.startswith(b"Received: from ")
         assert b"\r\nX-Gateway-Action: " in got.data

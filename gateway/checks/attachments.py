@@ -1,0 +1,69 @@
+"""Attachments and content: true types, names, archives, Office macros, PDF actions, HTML
+smuggling, YARA (gateway/attachments.py does the work, in the worker pool)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+from gateway.attachments import Policy, analyse
+from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.errors import ConfigError
+from gateway.message import ParsedMessage
+from gateway.yara_rules import YaraRules, compile_rules
+
+
+class AttachmentsCheck:
+    name: ClassVar[str] = "attachments"
+    phase: ClassVar[int] = 1
+    symbols: ClassVar[frozenset[str]] = frozenset({
+        "ATTACH_DANGEROUS_TYPE", "ATTACH_TYPE_MISMATCH", "ATTACH_DOUBLE_EXTENSION",
+        "ATTACH_RTLO_NAME", "ATTACH_EXEC_IN_ARCHIVE", "ATTACH_ARCHIVE_BOMB",
+        "ATTACH_NESTED_ARCHIVE", "ATTACH_ENCRYPTED_ARCHIVE", "ATTACH_ARCHIVE_UNSCANNED",
+        "ATTACH_ARCHIVE_CORRUPT", "ATTACH_OFFICE_MACRO", "ATTACH_MACRO_AUTOEXEC",
+        "ATTACH_REMOTE_TEMPLATE", "ATTACH_PDF_JAVASCRIPT", "ATTACH_PDF_LAUNCH",
+        "ATTACH_PDF_EMBEDDED_FILE", "ATTACH_PDF_AUTO_ACTION", "ATTACH_HTML_SCRIPT",
+        "ATTACH_HTML_SMUGGLING", "ATTACH_HTML_CREDENTIAL_FORM",
+        "YARA_MATCH", "YARA_TIMEOUT", "YARA_EICAR", "YARA_OFFICE_AUTOEXEC",
+        "YARA_PDF_JS_ACTION", "YARA_HTML_SMUGGLING", "YARA_LNK_COMMAND", "YARA_FR_HEALTH_LURE",
+    })
+
+    def __init__(self, services: Services) -> None:
+        cfg = services.cfg
+        a = cfg.attachments
+        self._workers = services.workers
+        self._limit_s = cfg.scoring.parse_timeout_s
+        self._policy = Policy.load(
+            cfg.rules_dir / "attachments.toml", max_depth=a.max_depth,
+            max_members=a.max_members, max_total_bytes=a.max_total_mb * 1024 * 1024,
+            max_ratio=a.max_ratio)
+        self._folders = [cfg.rules_dir / "yara", *(Path(d) for d in a.yara_dirs)]
+        self._timeout = a.yara_timeout_s
+        self._lock = threading.Lock()
+        self.yara: YaraRules = self._compile()
+
+    def _compile(self) -> YaraRules:
+        rules = compile_rules(self._folders, timeout_s=self._timeout)
+        unknown = sorted(rules.symbols - self.symbols)
+        if unknown:
+            raise ConfigError(f"YARA rule metadata names symbol(s) {', '.join(unknown)} "
+                              f"unknown to the attachments check")
+        return rules
+
+    def reload(self) -> None:
+        """Recompile the rules (SIGHUP); on error the rules in use stay."""
+        new = self._compile()
+        with self._lock:
+            self.yara = new
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        findings = await self._workers.run(analyse, ctx.inbound.raw, msg, self._policy,
+                                           self.yara, limit_s=self._limit_s)
+        return CheckResult(check=self.name, hits=tuple(
+            Hit(symbol=f.symbol, detail=f"{f.name}: {f.detail}".strip(": ")[:200],
+                args=(("name", f.name.rsplit("/", 1)[-1] or f.name), ("file", f.name)))
+            for f in findings))
+
+
+CHECKS = (AttachmentsCheck,)
