@@ -13,11 +13,16 @@ import io
 import re
 import threading
 import tomllib
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import magic
+
+with warnings.catch_warnings():  # oletools 0.60 calls a pyparsing API deprecated since 3.1
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from oletools.olevba import VBA_Parser
 
 from gateway.message import ParsedMessage, decode_transfer
 from gateway.yara_rules import YaraRules
@@ -214,7 +219,6 @@ def _ooxml(scan: _Scan, name: str, archive: zipfile.ZipFile, names: set[str]) ->
 
 
 def _ole(scan: _Scan, name: str, data: bytes) -> None:
-    from oletools.olevba import VBA_Parser  # imported here: heavy, used on OLE files only
     try:
         parser = VBA_Parser(name or "document", data=data)
     except Exception:  # noqa: BLE001 - oletools raises many kinds on hostile files

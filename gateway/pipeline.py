@@ -134,6 +134,20 @@ class Pipeline:
                                                     detail="message budget exhausted")))
         return out
 
+    async def reload(self) -> None:
+        """Reload what checks compile at start (YARA rules), off the loop; on an error the
+        rules in use stay and the error is logged."""
+        for check in [c for phase in self._phases for c in phase]:
+            reload = getattr(check, "reload", None)
+            if reload is None:
+                continue
+            try:
+                await asyncio.to_thread(reload)
+            except Exception:  # noqa: BLE001 - a broken rule file must not stop the gateway
+                log.exception("reload of %s failed; previous rules kept", check.name)
+            else:
+                log.info("reloaded %s", check.name)
+
     # ---- action -----------------------------------------------------------------------
 
     async def process(self, inbound: Inbound, txn: Transaction) -> Outcome:

@@ -61,7 +61,7 @@ rule HTML_Smuggling_Blob
         $d1 = "msSaveOrOpenBlob" nocase
         $d2 = ".download" nocase
         $d3 = "createObjectURL" nocase
-        $blob = /[A-Za-z0-9+\/]{2000}/
+        $blob = /[A-Za-z0-9+\/]{1000}/
     condition:
         $script and 2 of ($b*) and any of ($d*) and $blob
 }

@@ -1,0 +1,212 @@
+"""Attachments built as real files: each malicious one caught with its symbol, the files a
+practice receives every day pass clean."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import to_crlf
+from gateway.message import Inbound
+from gateway.service import Runtime, build_runtime
+from gateway.verdict import Action
+from gateway.yara_rules import compile_rules
+from tests.conftest import CORPUS, DOMAIN, make_config
+
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+PE = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff\x00\x00" + b"\x00" * 44 + \
+    b"\x80\x00\x00\x00" + b"\x00" * 64 + b"PE\x00\x00\x4c\x01" + b"\x00" * 300
+
+
+def zip_of(files: dict[str, bytes], *, method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def encrypted(zip_bytes: bytes) -> bytes:
+    """Mark every member encrypted (general purpose bit 0), as a password-protected zip is."""
+    data = bytearray(zip_bytes)
+    for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        pos = data.find(sig)
+        while pos >= 0:
+            flags = struct.unpack_from("<H", data, pos + off)[0]
+            struct.pack_into("<H", data, pos + off, flags | 1)
+            pos = data.find(sig, pos + 4)
+    return bytes(data)
+
+
+CONTENT_TYPES = b'<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>'
+
+
+def docx(extra: dict[str, bytes] | None = None) -> bytes:
+    return zip_of({"[Content_Types].xml": CONTENT_TYPES, "_rels/.rels": b"<Relationships/>",
+                   "word/document.xml": b"<w:document><w:body>Compte rendu</w:body></w:document>",
+                   **(extra or {})})
+
+
+def xlsx() -> bytes:
+    return zip_of({"[Content_Types].xml": CONTENT_TYPES, "_rels/.rels": b"<Relationships/>",
+                   "xl/workbook.xml": b"<workbook/>", "xl/worksheets/sheet1.xml": b"<worksheet/>"})
+
+
+def pdf(extra: bytes = b"") -> bytes:
+    return (b"%PDF-1.7\n1 0 obj << /Type /Catalog /Pages 2 0 R " + extra + b">> endobj\n"
+            b"2 0 obj << /Type /Pages /Kids [] /Count 0 >> endobj\ntrailer << /Root 1 0 R >>\n"
+            b"%%EOF\n")
+
+
+SMUGGLING = (b"<html><body><script>var b64='" + b"QUJD" * 4000 + b"';"
+             b"var bin=atob(b64);var a=new Uint8Array(bin.length);"
+             b"var blob=new Blob([a]);var l=document.createElement('a');"
+             b"l.href=URL.createObjectURL(blob);l.download='facture.iso';l.click();"
+             b"</script></body></html>")
+LNK = (b"L\x00\x00\x00\x01\x14\x02\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00F"
+       + b"\x00" * 60 + "C:\\Windows\\System32\\cmd.exe /c powershell -e ".encode("utf-16-le"))
+OLE = (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 504 + b"VBA_PROJECT"
+       + b"\x00" * 32 + b"Attribute VB_Name = \"ThisDocument\"\r\nSub AutoOpen()\r\n"
+       + b"Shell \"cmd\"\r\nEnd Sub\r\n")
+ISO = b"\x00" * 0x8001 + b"CD001\x01\x00" + b"\x00" * 2000
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + \
+    b"\xff\xdb\x00\x43\x00" + bytes(range(64)) + b"\xff\xd9"
+DICOM = b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\xc8\x00\x00\x00" + b"\x00" * 300
+HPRIM = (b"H|\\^&|||LABO^Laboratoire Exemple|||||||P|H2.1\r\nP|1|||DUPONT^JEAN\r\n"
+         b"OBX|1|NM|GLU^Glycemie||5.4|mmol/l\r\nL|1|N\r\n")
+CDA = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ClinicalDocument xmlns="urn:hl7-org:v3">'
+       b"<title>Compte rendu</title></ClinicalDocument>\n")
+
+MALICIOUS = {
+    "pe renamed pdf": ("facture.pdf", PE, {"ATTACH_TYPE_MISMATCH"}),
+    "docm with vbaProject.bin": ("courrier.docm",
+                                 docx({"word/vbaProject.bin": b"\xd0\xcf\x11\xe0" + b"\x00" * 64}),
+                                 {"ATTACH_OFFICE_MACRO"}),
+    "ole with AutoOpen": ("ordonnance.doc", OLE, {"YARA_OFFICE_AUTOEXEC"}),
+    "pdf OpenAction JavaScript": ("resultats.pdf", pdf(b"/OpenAction << /S /JavaScript /JS "
+                                                       b"(app.alert(1)) >> "),
+                                  {"ATTACH_PDF_JAVASCRIPT", "ATTACH_PDF_AUTO_ACTION",
+                                   "YARA_PDF_JS_ACTION"}),
+    "pdf with escaped name": ("scan.pdf", pdf(b"/OpenAction << /S /J#61vaScript /JS (x) >> "),
+                              {"ATTACH_PDF_JAVASCRIPT"}),
+    "html smuggling": ("document.html", SMUGGLING,
+                       {"ATTACH_HTML_SMUGGLING", "YARA_HTML_SMUGGLING"}),
+    "iso": ("dossier.iso", ISO, {"ATTACH_DANGEROUS_TYPE"}),
+    "lnk": ("document.pdf.lnk", LNK, {"ATTACH_DANGEROUS_TYPE", "YARA_LNK_COMMAND",
+                                      "ATTACH_DOUBLE_EXTENSION"}),
+    "eicar": ("eicar.txt", EICAR, {"YARA_EICAR"}),
+    "zip holding an exe": ("archive.zip", zip_of({"lisezmoi.txt": b"ok", "setup.exe": PE}),
+                           {"ATTACH_EXEC_IN_ARCHIVE"}),
+    "encrypted zip": ("protege.zip", encrypted(zip_of({"facture.pdf": pdf()})),
+                      {"ATTACH_ENCRYPTED_ARCHIVE"}),
+    "3-level nested zip": ("a.zip", zip_of({"b.zip": zip_of({"c.zip": zip_of({"d.txt": b"x"})})}),
+                           {"ATTACH_NESTED_ARCHIVE"}),
+    "zip bomb": ("bombe.zip", zip_of({"zeros.bin": b"\x00" * 60_000_000}),
+                 {"ATTACH_ARCHIVE_BOMB"}),
+    "rtlo name": ("facture\u202efdp.exe", PE, {"ATTACH_RTLO_NAME", "ATTACH_DANGEROUS_TYPE"}),
+}
+CLEAN = {
+    "pdf": ("compte-rendu.pdf", pdf()),
+    "docx": ("courrier.docx", docx()),
+    "xlsx": ("honoraires.xlsx", xlsx()),
+    "jpeg": ("photo.jpg", JPEG),
+    "dicom": ("irm.dcm", DICOM),
+    "hprim": ("resultats.hpr", HPRIM),
+    "cda": ("cr.xml", CDA),
+}
+
+
+def message_with(name: str, data: bytes) -> bytes:
+    m = EmailMessage()
+    m["From"] = "Laboratoire <resultats@labo.example>"
+    m["To"] = f"docteur@{DOMAIN}"
+    m["Subject"] = "Document"
+    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0100"
+    m["Message-ID"] = "<att@labo.example>"
+    m.set_content("Veuillez trouver le document ci-joint.")
+    m.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
+    return to_crlf(bytes(m))
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    rt = await build_runtime(make_config(tmp_path), with_store=False)
+    yield rt
+    await rt.close()
+
+
+async def analyse(rt: Runtime, raw: bytes):
+    return (await rt.pipeline.analyse(Inbound(
+        queue_id="t", peer_ip="192.0.2.1", helo="mail.labo.example", mail_from="",
+        rcpts=(f"docteur@{DOMAIN}",), raw=raw))).verdict
+
+
+@pytest.mark.parametrize("case", list(MALICIOUS))
+async def test_malicious_attachment_is_caught(runtime, case):
+    name, data, expected = MALICIOUS[case]
+    v = await analyse(runtime, message_with(name, data))
+    got = {s.name for s in v.symbols}
+    assert expected <= got, (case, got)
+    if case != "3-level nested zip":  # nesting alone is a weak signal
+        assert v.action is not Action.ACCEPT, (case, v.action)
+    for s in v.symbols:
+        assert "{name}" not in s.description
+
+
+@pytest.mark.parametrize("case", list(CLEAN))
+async def test_everyday_medical_files_pass_clean(runtime, case):
+    name, data = CLEAN[case]
+    v = await analyse(runtime, message_with(name, data))
+    flagged = {s.name for s in v.symbols if s.name.startswith(("ATTACH_", "YARA_"))}
+    assert not flagged, (case, flagged)
+    assert v.action is Action.ACCEPT
+
+
+async def test_banner_names_the_disguised_file(runtime):
+    v = await analyse(runtime, message_with("facture.pdf", PE))
+    [s] = [s for s in v.symbols if s.name == "ATTACH_TYPE_MISMATCH"]
+    assert s.description == ("La pièce jointe facture.pdf est en réalité un programme, déguisé "
+                             "sous un autre type de fichier.")
+
+
+YARA_SETS = sorted(CORPUS.glob("yara-rules-*")) if CORPUS.is_dir() else []
+
+
+@pytest.mark.parametrize("folder", YARA_SETS, ids=[p.name for p in YARA_SETS])
+def test_third_party_yara_sets_load_with_a_report(folder: Path, record_property):
+    rules = compile_rules([folder])
+    report = rules.report
+    record_property("yara", f"{folder.name}: {report.files} files, {report.rules} rules loaded, "
+                            f"{len(report.rejected)} files rejected")
+    print(f"\n{folder.name}: {report.files} files, {report.rules} rules loaded, "
+          f"{len(report.rejected)} files rejected")
+    assert report.files > 0 and report.rules > 0
+    for path, error in report.rejected.items():
+        assert path and error  # each rejected file is named with its compiler error
+    assert rules.scan(EICAR) is not None
+
+
+async def test_sighup_style_reload_picks_up_new_rules(tmp_path: Path):
+    """Rules are recompiled in place (what SIGHUP does); a new rule file is used at once."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    cfg = make_config(tmp_path / "d", attachments={"yara_dirs": [str(extra)]})
+    rt = await build_runtime(cfg, with_store=False)
+    try:
+        raw = message_with("note.txt", b"motif-secret-du-test-42")
+        before = {s.name for s in (await analyse(rt, raw)).symbols}
+        assert "YARA_MATCH" not in before
+        (extra / "local.yar").write_text(
+            'rule Local_Test { strings: $a = "motif-secret-du-test-42" condition: $a }')
+        (extra / "broken.yar").write_text("rule Broken { condition: }")
+        await rt.pipeline.reload()
+        after = {s.name for s in (await analyse(rt, raw)).symbols}
+        assert "YARA_MATCH" in after
+    finally:
+        await rt.close()
