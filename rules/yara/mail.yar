@@ -61,9 +61,10 @@ rule HTML_Smuggling_Blob
         $d1 = "msSaveOrOpenBlob" nocase
         $d2 = ".download" nocase
         $d3 = "createObjectURL" nocase
-        $blob = /[A-Za-z0-9+\/]{1000}/
     condition:
-        $script and 2 of ($b*) and any of ($d*) and $blob
+        // No regex over the blob itself: a pattern without literal atoms makes YARA read
+        // every byte slowly. A page of this size that decodes and saves a blob is enough.
+        filesize > 10KB and $script and 2 of ($b*) and any of ($d*)
 }
 
 rule LNK_Dropper_Command
@@ -89,12 +90,13 @@ rule French_Health_Lure_In_Document
         description = "Document asking for bank details in the name of the Assurance Maladie"
     strings:
         $org1 = "Assurance Maladie" nocase ascii wide
-        $org2 = "ameli" nocase ascii wide
-        $org3 = "carte Vitale" nocase ascii wide
-        $ask1 = "RIB" ascii wide
-        $ask2 = "IBAN" nocase ascii wide
-        $ask3 = "coordonn" nocase ascii wide
+        $org2 = "carte Vitale" nocase ascii wide
+        $org3 = "Mon espace sant" nocase ascii wide
+        $ask1 = "relev\xc3\xa9 d'identit\xc3\xa9 bancaire" nocase ascii
+        $ask2 = "coordonn\xc3\xa9es bancaires" nocase ascii
+        $ask3 = "coordonnees bancaires" nocase ascii wide
         $ask4 = "remboursement" nocase ascii wide
+        $ask5 = "votre IBAN" nocase ascii wide
     condition:
         any of ($org*) and 2 of ($ask*)
 }
