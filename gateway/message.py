@@ -84,6 +84,7 @@ class ParsedMessage:
     defects: tuple[str, ...]  # parser defect class names, with the part path
     header_problems: tuple[str, ...]  # headers whose encoded words or syntax could not be read
     parts_truncated: bool  # MAX_PARTS or MAX_DEPTH reached: the rest was not walked
+    smuggling_dot: bool  # a "." line delimited by a bare LF (see has_smuggling_dot)
 
     def header_count(self, name: str) -> int:
         lname = name.lower()
@@ -100,6 +101,22 @@ class ParsedMessage:
 def decode_words(value: str) -> str:
     """Decode RFC 2047 encoded words; raises ValueError/LookupError on broken ones."""
     return str(email.header.make_header(email.header.decode_header(value)))
+
+
+def has_smuggling_dot(raw: bytes) -> bool:
+    """True when a '.' line is delimited by at least one bare LF (not CRLF on both sides):
+    the shape of SMTP smuggling (CVE-2023-51764 and kin). It did not end DATA here, but other
+    servers may split on it."""
+    start = 0
+    while True:
+        i = raw.find(b"\n.", start)
+        if i < 0:
+            return False
+        start = i + 1
+        before_crlf = i > 0 and raw[i - 1:i] == b"\r"
+        after = raw[i + 2:i + 4]
+        if (after[:1] == b"\n" or after == b"\r\n") and not (before_crlf and after == b"\r\n"):
+            return True
 
 
 def decode_transfer(payload: bytes, cte: str | None) -> bytes | None:
@@ -181,6 +198,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
         defects=tuple(defects),
         header_problems=tuple(dict.fromkeys(problems)),
         parts_truncated=truncated,
+        smuggling_dot=has_smuggling_dot(raw),
     )
 
 

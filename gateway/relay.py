@@ -174,7 +174,9 @@ class SmtpTransaction:
                 protocol = client.protocol
                 assert protocol is not None
                 protocol.write(wire_lines(head))
-                protocol.write(wire_lines(raw))
+                # A large message's passes over its bytes would hold the loop: a thread then.
+                protocol.write(wire_lines(raw) if len(raw) < 1_000_000
+                               else await asyncio.to_thread(wire_lines, raw))
                 protocol.write(b".\r\n")
                 resp = await protocol.read_response(timeout=self._hop.timeout_s)
                 if resp.code != 250:

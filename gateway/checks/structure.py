@@ -53,27 +53,9 @@ class StructureCheck:
             hits.append(Hit(symbol="HEADER_DUPLICATE", detail=", ".join(dups)))
         if msg.header_problems:
             hits.append(Hit(symbol="HEADER_ENCODING_BROKEN", detail=", ".join(msg.header_problems)))
-        # A line holding a lone dot with a bare LF on one side: the shape of SMTP smuggling
-        # (CVE-2023-51764 and kin). It did not end DATA here, but other servers may split on it.
-        if _has_smuggling_dot(ctx.inbound.raw):
+        if msg.smuggling_dot:
             hits.append(Hit(symbol="SMTP_BARE_LF_DOT"))
         return CheckResult(check=self.name, hits=tuple(hits))
-
-
-def _has_smuggling_dot(raw: bytes) -> bool:
-    """True when a '.' line is delimited by at least one bare LF (not CRLF on both sides)."""
-    start = 0
-    while True:
-        i = raw.find(b"\n.", start)
-        if i < 0:
-            return False
-        start = i + 1
-        before_crlf = i > 0 and raw[i - 1:i] == b"\r"
-        after = raw[i + 2:i + 4]
-        if after[:1] == b"\n" or after == b"\r\n":
-            after_crlf = after == b"\r\n"
-            if not (before_crlf and after_crlf):
-                return True
 
 
 CHECKS = (StructureCheck,)
