@@ -8,13 +8,13 @@ and go around the gateway's resolver and cache.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+from gateway.auth import AuthResult
 from gateway.dns import Resolver
 from gateway.errors import DnsPermanentError, DnsTemporaryError
 
@@ -25,23 +25,13 @@ MAX_MX_PTR = 10
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class SpfResult(enum.Enum):
-    PASS = "pass"
-    FAIL = "fail"
-    SOFTFAIL = "softfail"
-    NEUTRAL = "neutral"
-    NONE = "none"
-    TEMPERROR = "temperror"
-    PERMERROR = "permerror"
-
-
-_QUALIFIERS = {"+": SpfResult.PASS, "-": SpfResult.FAIL, "~": SpfResult.SOFTFAIL,
-               "?": SpfResult.NEUTRAL}
+_QUALIFIERS = {"+": AuthResult.PASS, "-": AuthResult.FAIL, "~": AuthResult.SOFTFAIL,
+               "?": AuthResult.NEUTRAL}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SpfOutcome:
-    result: SpfResult
+    result: AuthResult
     domain: str  # the domain checked (MAIL FROM's, or HELO's)
     identity: str  # "mailfrom" or "helo"
     mechanism: str = ""  # the term that decided, for logs
@@ -94,15 +84,15 @@ async def check_host(resolver: Resolver, ip: str, domain: str, sender: str, helo
     state = _State(resolver=resolver, ip=addr, sender=sender, helo=helo, receiver=receiver)
     domain = domain.rstrip(".")
     if not _valid_domain(domain):
-        return SpfOutcome(result=SpfResult.NONE, domain=domain, identity=identity,
+        return SpfOutcome(result=AuthResult.NONE, domain=domain, identity=identity,
                           reason="not a valid domain name")
     try:
         result, term, explanation = await _check(state, domain, depth=0)
     except _Perm as exc:
-        return SpfOutcome(result=SpfResult.PERMERROR, domain=domain, identity=identity,
+        return SpfOutcome(result=AuthResult.PERMERROR, domain=domain, identity=identity,
                           reason=str(exc))
     except _Temp as exc:
-        return SpfOutcome(result=SpfResult.TEMPERROR, domain=domain, identity=identity,
+        return SpfOutcome(result=AuthResult.TEMPERROR, domain=domain, identity=identity,
                           reason=str(exc))
     return SpfOutcome(result=result, domain=domain, identity=identity, mechanism=term,
                       explanation=explanation)
@@ -144,7 +134,7 @@ _CIDR = re.compile(r"^(?:/(0|[1-9]\d{0,2}))?(?://(0|[1-9]\d{0,2}))?$")
 
 @dataclass(frozen=True, slots=True)
 class _Term:
-    qualifier: SpfResult
+    qualifier: AuthResult
     name: str
     arg: str | None
     cidr4: int
@@ -209,7 +199,7 @@ def _mechanism(text: str) -> _Term:
         _check_domain_spec(arg)
     if cidr4 > 32 or cidr6 > 128:
         raise _Perm(f"CIDR length out of range in {text!r}")
-    return _Term(qualifier=_QUALIFIERS.get(qual, SpfResult.PASS), name=name, arg=arg,
+    return _Term(qualifier=_QUALIFIERS.get(qual, AuthResult.PASS), name=name, arg=arg,
                  cidr4=cidr4, cidr6=cidr6, text=text)
 
 
@@ -242,17 +232,17 @@ def _check_domain_spec(value: str) -> None:
         raise _Perm(f"invalid domain-spec {value!r}")
 
 
-async def _check(state: _State, domain: str, depth: int) -> tuple[SpfResult, str, str]:
+async def _check(state: _State, domain: str, depth: int) -> tuple[AuthResult, str, str]:
     if depth > 20:
         raise _Perm("include/redirect loop")
     record = await _record(state, domain)
     if record is None:
-        return SpfResult.NONE, "", ""
+        return AuthResult.NONE, "", ""
     terms, redirect, exp = _parse(record)
     for term in terms:
         if await _matches(state, term, domain, depth):
             explanation = ""
-            if term.qualifier is SpfResult.FAIL and exp:
+            if term.qualifier is AuthResult.FAIL and exp:
                 explanation = await _explain(state, exp, domain)
             return term.qualifier, term.text, explanation
     if redirect is not None:
@@ -261,10 +251,10 @@ async def _check(state: _State, domain: str, depth: int) -> tuple[SpfResult, str
         if not _valid_domain(target):
             raise _Perm(f"redirect to invalid domain {target!r}")
         result, decided_by, explanation = await _check(state, target, depth + 1)
-        if result is SpfResult.NONE:
+        if result is AuthResult.NONE:
             raise _Perm(f"redirect target {target} has no SPF record")
         return result, decided_by, explanation
-    return SpfResult.NEUTRAL, "(default)", ""
+    return AuthResult.NEUTRAL, "(default)", ""
 
 
 async def _matches(state: _State, term: _Term, domain: str, depth: int) -> bool:
@@ -282,11 +272,11 @@ async def _matches(state: _State, term: _Term, domain: str, depth: int) -> bool:
         if not _valid_domain(target):
             raise _Perm(f"include of invalid domain {target!r}")
         result, _, _ = await _check(state, target, depth + 1)
-        if result is SpfResult.PASS:
+        if result is AuthResult.PASS:
             return True
-        if result in (SpfResult.FAIL, SpfResult.SOFTFAIL, SpfResult.NEUTRAL):
+        if result in (AuthResult.FAIL, AuthResult.SOFTFAIL, AuthResult.NEUTRAL):
             return False
-        if result is SpfResult.TEMPERROR:
+        if result is AuthResult.TEMPERROR:
             raise _Temp(f"include:{target}")
         raise _Perm(f"include:{target} gave {result.value}")
     if not _valid_domain(target):

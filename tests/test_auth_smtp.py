@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from pathlib import Path
 
 import aiosmtplib
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.service import running
 from tests.conftest import DOMAIN, make_config
 from tests.support.dnsserver import ThreadedDnsServer
+from tests.support.keys import dkim_keypair
 from tests.support.sink import Sink
 
-
-def keypair() -> tuple[bytes, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
-
-
-HOSPITAL_KEY, HOSPITAL_DNS = keypair()
-LIST_KEY, LIST_DNS = keypair()
+HOSPITAL_KEY, HOSPITAL_DNS = dkim_keypair()
+LIST_KEY, LIST_DNS = dkim_keypair()
 ZONE = {
     "hopital.example": [("TXT", "v=spf1 ip4:192.0.2.1 -all"), ("A", "192.0.2.1")],
     "_dmarc.hopital.example": [("TXT", "v=DMARC1; p=reject")],

@@ -4,7 +4,6 @@ freemail address) accepted. Through the pipeline, `gateway scan` and SMTP."""
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -15,8 +14,6 @@ from pathlib import Path
 import aiosmtplib
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.cli import to_crlf
 from gateway.message import Inbound
@@ -24,20 +21,11 @@ from gateway.service import Runtime, build_runtime, running
 from gateway.verdict import Action
 from tests.conftest import DNS, DOMAIN, make_config
 from tests.support.dnsserver import ThreadedDnsServer
+from tests.support.keys import dkim_keypair
 from tests.support.sink import Sink
 
-
-def keypair() -> tuple[bytes, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
-
-
-AMELI_KEY, AMELI_DNS = keypair()
-APHP_KEY, APHP_DNS = keypair()
+AMELI_KEY, AMELI_DNS = dkim_keypair()
+APHP_KEY, APHP_DNS = dkim_keypair()
 ZONE = {
     "ameli.fr": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
     "_dmarc.ameli.fr": [("TXT", "v=DMARC1; p=quarantine")],

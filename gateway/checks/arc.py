@@ -7,7 +7,6 @@ forwarding from counting against it.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import ClassVar
 
@@ -16,8 +15,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from gateway.auth import ArcFacts, AuthResult
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
-from gateway.checks.dkim import TEMP
-from gateway.errors import DnsPermanentError, DnsTemporaryError
+from gateway.checks.dkim import TEMP, fetch_keys
 from gateway.message import ParsedMessage
 
 _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
@@ -50,7 +48,7 @@ class ArcCheck:
                     continue
                 if t.get(b"s") and t.get(b"d"):
                     names.add((t[b"s"] + b"._domainkey." + t[b"d"]).decode("ascii", "replace"))
-        keys = dict(zip(names, await asyncio.gather(*(self._key(n) for n in names)), strict=True))
+        keys = await fetch_keys(self._resolver, names)
         sealers = _sealers(seals)
         aar = sorted(((_instance(v), v) for n, v in msg.headers
                       if n.lower() == "arc-authentication-results"), key=lambda x: x[0])
@@ -65,13 +63,6 @@ class ArcCheck:
         return CheckResult.of(self.name, Hit(symbol=symbol, detail=f"{cv} {reason}"[:200]),
                               facts=ArcFacts(result=result, sealers=sealers, oldest_results=oldest))
 
-    async def _key(self, name: str) -> object:
-        try:
-            return await self._resolver.dkim_txt(name)
-        except DnsTemporaryError:
-            return TEMP
-        except DnsPermanentError:
-            return None
 
 
 def _instance(value: str) -> int:

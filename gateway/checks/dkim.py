@@ -25,6 +25,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from gateway.auth import AuthResult, DkimFacts, DkimSignature
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.dns import Resolver
 from gateway.errors import DnsPermanentError, DnsTemporaryError
 from gateway.message import ParsedMessage, header_section_end
 
@@ -51,9 +52,8 @@ class DkimCheck:
             return CheckResult.of(self.name, Hit(symbol="DKIM_NONE"),
                                   facts=DkimFacts(signatures=()))
         tags = [_tags(v) for v in values]
-        names = {_key_name(t) for t in tags if t is not None and _key_name(t)}
-        keys = dict(zip(names, await asyncio.gather(*(self._key(n) for n in names)),
-                        strict=True))
+        keys = await fetch_keys(self._resolver,
+                                {_key_name(t) for t in tags if t is not None and _key_name(t)})
         sigs = await self._workers.run(verify_all, ctx.inbound.raw, tags, keys, self._minkey,
                                        time.time(), limit_s=self._limit_s)
         hits = []
@@ -72,13 +72,18 @@ class DkimCheck:
         return CheckResult(check=self.name, hits=tuple(hits),
                            facts=DkimFacts(signatures=tuple(sigs)))
 
-    async def _key(self, name: str) -> object:
+
+
+async def fetch_keys(resolver: Resolver, names: set[str]) -> dict[str, object]:
+    """Key records by name, looked up concurrently: bytes, None (no key) or TEMP."""
+    async def one(name: str) -> object:
         try:
-            return await self._resolver.dkim_txt(name)
+            return await resolver.dkim_txt(name)
         except DnsTemporaryError:
             return TEMP
         except DnsPermanentError:
             return None
+    return dict(zip(names, await asyncio.gather(*(one(n) for n in names)), strict=True))
 
 
 def _tags(value: str) -> dict[bytes, bytes] | None:

@@ -32,7 +32,7 @@ class SpfCheck:
             mail_from = f"postmaster@{domain}"
         outcome = await check_host(self._resolver, inbound.peer_ip, domain, mail_from,
                                    inbound.helo, receiver=self._receiver, identity=identity)
-        result = AuthResult(outcome.result.value)
+        result = outcome.result
         detail = f"{identity}={domain} {outcome.mechanism or outcome.reason}".strip()
         return CheckResult.of(self.name, Hit(symbol=_SYMBOL[result], detail=detail[:200]),
                               facts=SpfFacts(result=result, domain=domain, identity=identity))
