@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 
 class Workers:
-    def __init__(self, threads: int = 4) -> None:
+    def __init__(self, threads: int = 2) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="gw-worker")
 
