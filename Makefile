@@ -20,12 +20,12 @@ run: $(STAMP)
 	$(BIN)/gateway serve $(ARGS)
 
 # Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink)
-# and Chromium (the banner as a mail reader renders it).
+# Chromium (the banner as a mail reader renders it) and libmagic (true file types).
 system-deps:
 	@if ! command -v postfix >/dev/null 2>&1 || ! command -v smtp-sink >/dev/null 2>&1 \
-	    || ! command -v chromium >/dev/null 2>&1; then \
+	    || ! command -v chromium >/dev/null 2>&1 || ! ldconfig -p | grep -q libmagic.so.1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix chromium; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix chromium libmagic1; \
 	fi
 
 lint: $(STAMP)
