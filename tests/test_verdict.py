@@ -27,6 +27,7 @@ def result(*symbols: str, factor: float = 1.0) -> CheckResult:
     (("STRUCTURE_TIMEOUT",), Action.TEMPFAIL),
     (("MESSAGE_UNPARSABLE",), Action.QUARANTINE),
     (("STRUCTURE_ERROR",), Action.ACCEPT),
+    (("ATTACHMENTS_ERROR",), Action.QUARANTINE),  # attachment analysis fails closed
 ])
 def test_thresholds_and_forced_actions(symbols, action):
     assert decide([result(*symbols)], TABLE, SCORING).action is action
