@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__, config, headers
+from gateway.banner import load_templates
 from gateway.config import Config
 from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailable
 from gateway.message import Direction, Inbound, header_section_end
 from gateway.relay import deliver
-from gateway.service import Runtime, build_runtime, serve
+from gateway.service import Runtime, build_runtime, load_rules, serve
+from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
 from quarantine.store import Item, NotFound
 
@@ -93,8 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            config.load(args.file)
-            print(f"{args.file} : configuration valide")
+            # The file, then what it points at: symbol table, checks and their rules (sender
+            # registry, YARA), banner templates, as `serve` loads them before opening a port.
+            checked = config.load(args.file)
+            workers = Workers()
+            try:
+                load_rules(checked, workers)
+                load_templates(checked.banner_templates)
+            finally:
+                workers.close()
+            print(f"{args.file} : configuration valide (règles comprises)")
             return 0
         cfg = load_config(args)
         if args.command == "serve":

@@ -68,3 +68,20 @@ def test_example_config_is_valid():
     cfg = config.load(example)
     assert cfg.domains == frozenset({"cabinet-dupont.fr"})
     assert str(cfg.next_hop_address) == "10.0.0.5:25"
+
+
+def test_check_config_also_checks_the_rules(tmp_path: Path):
+    import shutil
+    rules = tmp_path / "rules"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "rules", rules)
+    (rules / "senders" / "local.toml").write_text(
+        '[[organisation]]\nid = "ch-exemple"\nname = "le CH d\'Exemple"\n'
+        'domains = ["ch-exemple.fr"]\ncolour = "bleu"\n')
+    res = check_config(tmp_path, f'[gateway]\ndomains = ["a.fr"]\nrules_dir = "{rules}"\n')
+    assert res.returncode == 2
+    assert "local.toml: organisation[0]: unknown key(s) colour" in res.stderr
+    (rules / "senders" / "local.toml").write_text(
+        '[[organisation]]\nid = "ch-exemple"\nname = "le CH d\'Exemple"\n'
+        'domains = ["ch-exemple.fr"]\nnames = ["CH d\'Exemple"]\n')
+    res = check_config(tmp_path, f'[gateway]\ndomains = ["a.fr"]\nrules_dir = "{rules}"\n')
+    assert res.returncode == 0, res.stderr
