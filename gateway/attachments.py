@@ -10,13 +10,16 @@ zipfile (stdlib), oletools (VBA in OLE documents), yara-python.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import re
 import threading
 import tomllib
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import magic
 
@@ -50,9 +53,10 @@ class Policy:
     max_members: int = 1000
     max_total_bytes: int = 200 * 1024 * 1024
     max_ratio: int = 150
+    macro_timeout_s: float = 15.0  # oletools runs in a child process killed past this
 
     @staticmethod
-    def load(path: Path, **limits: int) -> Policy:
+    def load(path: Path, **limits: Any) -> Policy:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         return Policy(
             dangerous_extensions=frozenset(e.lower() for e in data["dangerous_extensions"]),
@@ -219,22 +223,53 @@ def _ooxml(scan: _Scan, name: str, archive: zipfile.ZipFile, names: set[str]) ->
 
 
 def _ole(scan: _Scan, name: str, data: bytes) -> None:
+    """oletools is pure Python over a hostile file: it runs in a child process that is killed
+    past policy.macro_timeout_s (a thread could not be stopped)."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_ole_child, args=(name, data, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if parent.poll(scan.policy.macro_timeout_s):
+            macros, autoexec = parent.recv()
+        else:
+            scan.add("ATTACH_ANALYSIS_TIMEOUT", name, "macro analysis")
+            return
+    except (EOFError, OSError):  # the child died: a file that breaks the parser
+        scan.add("ATTACH_ANALYSIS_TIMEOUT", name, "macro analysis failed")
+        return
+    finally:
+        parent.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+    if macros:
+        scan.add("ATTACH_OFFICE_MACRO", name, macros)
+    if autoexec:
+        scan.add("ATTACH_MACRO_AUTOEXEC", name, autoexec)
+
+
+def _ole_child(name: str, data: bytes, out: Connection) -> None:
+    """In the child process: (macro description or "", auto-exec keyword or "")."""
+    macros = autoexec = ""
     try:
         parser = VBA_Parser(name or "document", data=data)
     except Exception:  # noqa: BLE001 - oletools raises many kinds on hostile files
+        out.send((macros, autoexec))
         return
     try:
-        if not parser.detect_vba_macros():
-            return
-        scan.add("ATTACH_OFFICE_MACRO", name, "VBA")
-        for kind, keyword, _ in parser.analyze_macros():
-            if kind == "AutoExec":
-                scan.add("ATTACH_MACRO_AUTOEXEC", name, keyword)
-                break
+        if parser.detect_vba_macros():
+            macros = "VBA"
+            for kind, keyword, _ in parser.analyze_macros():
+                if kind == "AutoExec":
+                    autoexec = str(keyword)
+                    break
     except Exception:  # noqa: BLE001
-        scan.add("ATTACH_OFFICE_MACRO", name, "VBA (unparsable)")
+        macros = "VBA (unparsable)"
     finally:
         parser.close()
+    out.send((macros, autoexec))
 
 
 # ---- PDF -----------------------------------------------------------------------------------

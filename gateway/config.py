@@ -119,6 +119,7 @@ class AttachmentsSection:
     max_members: int = 1000  # files in one archive
     max_total_mb: int = 200  # uncompressed bytes opened per message
     max_ratio: int = 150  # uncompressed / compressed size of one member
+    macro_timeout_s: float = 15.0  # Office macro analysis (a child process, killed past it)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

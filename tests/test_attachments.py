@@ -210,3 +210,15 @@ async def test_sighup_style_reload_picks_up_new_rules(tmp_path: Path):
         assert "YARA_MATCH" in after
     finally:
         await rt.close()
+
+
+async def test_macro_analysis_that_overruns_is_killed_and_held(tmp_path: Path):
+    """oletools runs in a child process; past the limit it is killed and the message held."""
+    cfg = make_config(tmp_path, attachments={"macro_timeout_s": 0.001})
+    rt = await build_runtime(cfg, with_store=False)
+    try:
+        v = await analyse(rt, message_with("ancien.doc", OLE))
+    finally:
+        await rt.close()
+    assert "ATTACH_ANALYSIS_TIMEOUT" in {s.name for s in v.symbols}
+    assert v.action is Action.QUARANTINE

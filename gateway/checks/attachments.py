@@ -24,7 +24,7 @@ class AttachmentsCheck:
         "ATTACH_ARCHIVE_CORRUPT", "ATTACH_OFFICE_MACRO", "ATTACH_MACRO_AUTOEXEC",
         "ATTACH_REMOTE_TEMPLATE", "ATTACH_PDF_JAVASCRIPT", "ATTACH_PDF_LAUNCH",
         "ATTACH_PDF_EMBEDDED_FILE", "ATTACH_PDF_AUTO_ACTION", "ATTACH_HTML_SCRIPT",
-        "ATTACH_HTML_SMUGGLING", "ATTACH_HTML_CREDENTIAL_FORM",
+        "ATTACH_HTML_SMUGGLING", "ATTACH_HTML_CREDENTIAL_FORM", "ATTACH_ANALYSIS_TIMEOUT",
         "YARA_MATCH", "YARA_TIMEOUT", "YARA_EICAR", "YARA_OFFICE_AUTOEXEC",
         "YARA_PDF_JS_ACTION", "YARA_HTML_SMUGGLING", "YARA_LNK_COMMAND", "YARA_FR_HEALTH_LURE",
     })
@@ -37,7 +37,7 @@ class AttachmentsCheck:
         self._policy = Policy.load(
             cfg.rules_dir / "attachments.toml", max_depth=a.max_depth,
             max_members=a.max_members, max_total_bytes=a.max_total_mb * 1024 * 1024,
-            max_ratio=a.max_ratio)
+            max_ratio=a.max_ratio, macro_timeout_s=a.macro_timeout_s)
         self._folders = [cfg.rules_dir / "yara", *(Path(d) for d in a.yara_dirs)]
         self._timeout = a.yara_timeout_s
         self._lock = threading.Lock()
