@@ -18,6 +18,7 @@ from gateway.service import Runtime, build_runtime
 from gateway.verdict import Action
 from gateway.yara_rules import compile_rules
 from tests.conftest import CORPUS, DOMAIN, make_config
+from tests.support.ole import word_document_with_macro
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 PE = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff\x00\x00" + b"\x00" * 44 + \
@@ -71,9 +72,9 @@ SMUGGLING = (b"<html><body><script>var b64='" + b"QUJD" * 4000 + b"';"
              b"</script></body></html>")
 LNK = (b"L\x00\x00\x00\x01\x14\x02\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00F"
        + b"\x00" * 60 + "C:\\Windows\\System32\\cmd.exe /c powershell -e ".encode("utf-16-le"))
-OLE = (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 504 + b"VBA_PROJECT"
-       + b"\x00" * 32 + b"Attribute VB_Name = \"ThisDocument\"\r\nSub AutoOpen()\r\n"
-       + b"Shell \"cmd\"\r\nEnd Sub\r\n")
+# A real compound file (Word 97-2003) with a VBA project, parsed by oletools.
+OLE = word_document_with_macro('Attribute VB_Name = "ThisDocument"\r\nSub AutoOpen()\r\n'
+                               '  Shell "cmd.exe /c powershell -nop -w hidden"\r\nEnd Sub\r\n')
 ISO = b"\x00" * 0x8001 + b"CD001\x01\x00" + b"\x00" * 2000
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + \
     b"\xff\xdb\x00\x43\x00" + bytes(range(64)) + b"\xff\xd9"
@@ -88,7 +89,8 @@ MALICIOUS = {
     "docm with vbaProject.bin": ("courrier.docm",
                                  docx({"word/vbaProject.bin": b"\xd0\xcf\x11\xe0" + b"\x00" * 64}),
                                  {"ATTACH_OFFICE_MACRO"}),
-    "ole with AutoOpen": ("ordonnance.doc", OLE, {"YARA_OFFICE_AUTOEXEC"}),
+    "ole with AutoOpen": ("ordonnance.doc", OLE, {"ATTACH_OFFICE_MACRO", "ATTACH_MACRO_AUTOEXEC",
+                                                  "YARA_OFFICE_AUTOEXEC"}),
     "pdf OpenAction JavaScript": ("resultats.pdf", pdf(b"/OpenAction << /S /JavaScript /JS "
                                                        b"(app.alert(1)) >> "),
                                   {"ATTACH_PDF_JAVASCRIPT", "ATTACH_PDF_AUTO_ACTION",
