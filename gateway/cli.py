@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mail-from", default="")
     p.add_argument("--rcpt", action="append", default=[])
     p.add_argument("--direction", choices=[d.value for d in Direction], default="inbound")
+    p.add_argument("--tls", choices=["yes", "no"], default="no",
+                   help="la session de dépôt était-elle chiffrée (sens sortant)")
 
     p = sub.add_parser("check-config", help="valider un fichier de configuration")
     p.add_argument("file", metavar="FICHIER")
@@ -145,7 +147,7 @@ async def _scan(cfg: Config, args: argparse.Namespace) -> int:
                 continue
             inbound = Inbound(queue_id="scan", peer_ip=args.client_ip, helo=args.helo,
                               mail_from=args.mail_from, rcpts=rcpts, raw=raw,
-                              direction=Direction(args.direction))
+                              direction=Direction(args.direction), tls=args.tls == "yes")
             analysis = await runtime.pipeline.analyse(inbound)
             v = analysis.verdict
             if args.json:

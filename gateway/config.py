@@ -111,6 +111,14 @@ class AuthSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundSection:
+    __pydantic_config__ = _STRICT
+    # Health data leaving in clear (not to *.mssante.fr, not encrypted): "hold" keeps it in
+    # quarantine, "reject" refuses it (550), "warn" lets it go.
+    policy: Literal["hold", "reject", "warn"] = "hold"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttachmentsSection:
     __pydantic_config__ = _STRICT
     yara_dirs: tuple[str, ...] = ()  # extra YARA rule folders (third-party sets), besides rules/yara
@@ -153,6 +161,7 @@ class Config:
     scoring: ScoringSection = field(default_factory=ScoringSection)
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
+    outbound: OutboundSection = field(default_factory=OutboundSection)
     practice: PracticeSection = field(default_factory=PracticeSection)
     auth: AuthSection = field(default_factory=AuthSection)
     banner: BannerSection = field(default_factory=BannerSection)

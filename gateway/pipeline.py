@@ -21,7 +21,7 @@ from gateway.checks.base import Check, CheckContext, CheckResult, Hit, runner_sy
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
 from gateway.logs import log_message
-from gateway.message import Inbound, ParsedMessage, parse_message
+from gateway.message import Direction, Inbound, ParsedMessage, parse_message
 from gateway.relay import Transaction
 from gateway.senders import fold
 from gateway.symbols import SymbolTable
@@ -32,6 +32,7 @@ from quarantine.store import NewItem, Store, SymbolRecord
 log = logging.getLogger(__name__)
 
 PIPELINE_SYMBOLS = frozenset({"MESSAGE_UNPARSABLE"})
+_BOTH = frozenset(Direction)
 
 
 class OutcomeKind(enum.Enum):
@@ -102,14 +103,17 @@ class Pipeline:
         # beside SPF's and DKIM's lookups): their answers wait in the resolver's cache.
         ctx = CheckContext(cfg=self._cfg, inbound=inbound)
         warming = [asyncio.create_task(_quietly(c.prefetch(parsed, ctx)))
-                   for c in self._phases[1] if hasattr(c, "prefetch")]
+                   for c in self._phases[1] if hasattr(c, "prefetch")
+                   and inbound.direction in getattr(c, "directions", _BOTH)]
         for i, phase in enumerate(self._phases):
             if i == 1 and warming:
                 await asyncio.wait(warming, timeout=max(deadline - time.monotonic(), 0.001))
-            if not phase:
+            checks = [c for c in phase
+                      if inbound.direction in getattr(c, "directions", _BOTH)]
+            if not checks:
                 continue
             ctx = CheckContext(cfg=self._cfg, inbound=inbound, earlier=tuple(results))
-            results.extend(await self._run_phase(phase, parsed, ctx, deadline))
+            results.extend(await self._run_phase(checks, parsed, ctx, deadline))
         for task in warming:
             task.cancel()
         for r in results:

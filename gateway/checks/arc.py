@@ -16,7 +16,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from gateway.auth import ArcFacts, AuthResult
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.checks.dkim import TEMP, fetch_keys
-from gateway.message import ParsedMessage
+from gateway.message import Direction, ParsedMessage
 
 _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 
@@ -24,6 +24,7 @@ _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 class ArcCheck:
     name: ClassVar[str] = "arc"
     phase: ClassVar[int] = 1
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({"ARC_PASS", "ARC_FAIL", "ARC_NONE",
                                                    "ARC_TEMPERROR"})
 

@@ -73,6 +73,8 @@ class Check(Protocol):
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult: ...
 
+    # A check may set `directions` (a frozenset of message.Direction) to run only for mail
+    # coming in or going out; without it, it runs for both.
     # A phase-2 check may also define `async def prefetch(self, msg, ctx) -> None`: it runs
     # beside phase 1 to warm the resolver cache with what run() will look up.
 

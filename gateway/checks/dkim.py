@@ -27,7 +27,7 @@ from gateway.auth import AuthResult, DkimFacts, DkimSignature
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.dns import Resolver
 from gateway.errors import DnsPermanentError, DnsTemporaryError
-from gateway.message import ParsedMessage, header_section_end
+from gateway.message import Direction, ParsedMessage, header_section_end
 
 TEMP = object()  # marker: the key lookup failed temporarily
 
@@ -35,6 +35,7 @@ TEMP = object()  # marker: the key lookup failed temporarily
 class DkimCheck:
     name: ClassVar[str] = "dkim"
     phase: ClassVar[int] = 1
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "DKIM_PASS", "DKIM_FAIL", "DKIM_NONE", "DKIM_TEMPERROR", "DKIM_PERMERROR",
         "DKIM_KEY_TOO_SMALL", "DKIM_EXPIRED", "DKIM_LENGTH_LIMIT", "DKIM_FROM_NOT_SIGNED",

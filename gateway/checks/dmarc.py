@@ -19,12 +19,13 @@ from gateway.auth import ArcFacts, AuthResult, DkimFacts, DmarcFacts, SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.dmarc import aligned, discover, domain_exists, org_domain
 from gateway.errors import DnsTemporaryError
-from gateway.message import ParsedMessage
+from gateway.message import Direction, ParsedMessage
 
 
 class DmarcCheck:
     name: ClassVar[str] = "dmarc"
     phase: ClassVar[int] = 2
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "DMARC_PASS", "DMARC_FAIL", "DMARC_NONE", "DMARC_POLICY_QUARANTINE",
         "DMARC_POLICY_REJECT", "DMARC_TEMPERROR", "DMARC_TEMPERROR_RETRY", "DMARC_PERMERROR",

@@ -21,7 +21,7 @@ from gateway.auth import AuthResult, DkimFacts, DmarcFacts, SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.dmarc import aligned, org_domain
 from gateway.links import Content, extract
-from gateway.message import ParsedMessage, decode_words
+from gateway.message import Direction, ParsedMessage, decode_words
 from gateway.senders import Organisation, Registry, fold, load_registry
 
 
@@ -32,6 +32,7 @@ def _domain(address: str) -> str:
 class ImpersonationCheck:
     name: ClassVar[str] = "impersonation"
     phase: ClassVar[int] = 2
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "IMPERSONATION_UNAUTHENTICATED", "IMPERSONATION_TEMPERROR", "IMPERSONATION_DISPLAY_NAME",
         "IMPERSONATION_SUBJECT_NAME", "IMPERSONATION_PRACTICE_NAME", "LOOKALIKE_FROM",

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from gateway.auth import AuthResult, SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
-from gateway.message import ParsedMessage
+from gateway.message import Direction, ParsedMessage
 from gateway.spf import check_host
 
 _SYMBOL: dict[AuthResult, str] = {r: f"SPF_{r.name}" for r in AuthResult
@@ -16,6 +16,7 @@ _SYMBOL: dict[AuthResult, str] = {r: f"SPF_{r.name}" for r in AuthResult
 class SpfCheck:
     name: ClassVar[str] = "spf"
     phase: ClassVar[int] = 1
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset(_SYMBOL.values())
 
     def __init__(self, services: Services) -> None:

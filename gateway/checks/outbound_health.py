@@ -1,0 +1,98 @@
+"""Outbound guard: health data leaving in clear instead of through MSSanté.
+
+Only for mail the practice sends (direction outbound). Finds NIRs (valid key), identifiers near
+health vocabulary, health document formats (HPRIM, HL7 v2, CDA, DICOM, IHE XDM); then looks at
+how the message travels: recipients under *.mssante.fr are the secure channel, S/MIME or PGP
+encryption protects the message, anything else is clear text. Health data in clear gets the
+policy of `[outbound] policy`: hold (quarantine, default), reject, or warn.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import ClassVar
+
+from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.health_data import analyse_text, health_format, mask
+from gateway.links import extract
+from gateway.message import Direction, ParsedMessage, decode_transfer
+
+_ENCRYPTED = {"application/pkcs7-mime", "application/x-pkcs7-mime", "multipart/encrypted",
+              "application/pgp-encrypted"}
+
+
+def secure_recipient(address: str) -> bool:
+    domain = address.rpartition("@")[2].lower().rstrip(".")
+    return domain == "mssante.fr" or domain.endswith(".mssante.fr")
+
+
+def _scan(raw: bytes, msg: ParsedMessage) -> tuple[list[str], bool, list[str], bool]:
+    """Worker-pool part: (NIRs, context, document formats, encrypted)."""
+    content = extract(raw, msg)
+    texts = [msg.subject, content.text]
+    formats: list[str] = []
+    encrypted = any(p.content_type in _ENCRYPTED for p in msg.parts) or \
+        "-----BEGIN PGP MESSAGE-----" in content.text
+    for part in msg.parts:
+        if part.is_multipart or not (part.filename or part.disposition == "attachment"):
+            continue
+        data = decode_transfer(part.payload(raw), part.transfer_encoding)
+        if data is None:
+            continue
+        fmt = health_format(part.filename or "", data)
+        if fmt:
+            formats.append(fmt)
+        if part.content_type.startswith("text/"):
+            texts.append(data[:1_000_000].decode(part.charset or "latin-1", "replace"))
+    nirs, context = analyse_text("\n".join(texts))
+    return nirs, context, formats, encrypted
+
+
+class OutboundHealthCheck:
+    name: ClassVar[str] = "outbound"
+    phase: ClassVar[int] = 1
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.OUTBOUND})
+    symbols: ClassVar[frozenset[str]] = frozenset({
+        "OUTBOUND_NIR", "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_HEALTH_DOCUMENT",
+        "OUTBOUND_HEALTH_CLEARTEXT_HOLD", "OUTBOUND_HEALTH_CLEARTEXT_REJECT",
+        "OUTBOUND_HEALTH_CLEARTEXT_WARN", "OUTBOUND_CLEARTEXT_SESSION",
+    })
+
+    def __init__(self, services: Services) -> None:
+        self._workers = services.workers
+        self._limit_s = services.cfg.scoring.parse_timeout_s
+        self._policy = services.cfg.outbound.policy
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        inbound = ctx.inbound
+        nirs, context, formats, encrypted = await self._workers.run(
+            _scan, inbound.raw, msg, limit_s=self._limit_s)
+        hits: list[Hit] = []
+        if nirs:
+            masked = ", ".join(dict.fromkeys(mask(n) for n in nirs))
+            hits.append(Hit(symbol="OUTBOUND_NIR", detail=masked, args=(("nir", masked),)))
+        if context:
+            hits.append(Hit(symbol="OUTBOUND_HEALTH_CONTEXT"))
+        for fmt in dict.fromkeys(formats):
+            hits.append(Hit(symbol="OUTBOUND_HEALTH_DOCUMENT", detail=fmt,
+                            args=(("format", fmt),)))
+        session_clear = not inbound.tls and not _loopback(inbound.peer_ip)
+        if session_clear:
+            hits.append(Hit(symbol="OUTBOUND_CLEARTEXT_SESSION", detail=inbound.peer_ip))
+        clear = [r for r in inbound.rcpts if not secure_recipient(r)]
+        if (nirs or context or formats) and (clear or session_clear) and not encrypted:
+            symbol = f"OUTBOUND_HEALTH_CLEARTEXT_{self._policy.upper()}"
+            who = ", ".join(clear) if clear else "(session sans chiffrement)"
+            hits.append(Hit(symbol=symbol, detail=f"{len(clear)} recipient(s) in clear",
+                            args=(("recipients", who),)))
+        return CheckResult(check=self.name, hits=tuple(hits))
+
+
+def _loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+CHECKS = (OutboundHealthCheck,)

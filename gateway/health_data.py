@@ -1,0 +1,99 @@
+"""French health data in outgoing mail: social security numbers (NIR), identifiers near health
+vocabulary, and health document formats. CPU work (regexes over text): worker pool.
+
+NIR: 13 characters and a 2-digit key = 97 - (number mod 97), Corsica's 2A/2B read as 19/18
+(python-stdnum's `fr.nir`, a maintained implementation), plus the sex and month rules; spaces or
+dots between the groups are accepted. Only a valid key counts: about 1 % of random 15-digit
+numbers pass, the key's share.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from stdnum.fr import nir as stdnum_nir
+
+_NIR = re.compile(
+    r"(?<![\dA-Za-z])([1-478])[ .]?(\d{2})[ .]?(\d{2})[ .]?(\d{2}|2[AaBb])[ .]?(\d{3})[ .]?"
+    r"(\d{3})[ .]?(\d{2})(?![\dA-Za-z])")
+_DOB = re.compile(r"\bn[ée]e?\s+le\s+\d{1,2}[/.\-]\d{1,2}[/.\-]\d{2,4}|"
+                  r"\bdate de naissance\s*:?\s*\d{1,2}[/.\-]\d{1,2}[/.\-]\d{2,4}", re.IGNORECASE)
+_CIM10 = re.compile(r"\b[A-TV-Z]\d{2}\.\d{1,2}\b")
+_VOCABULARY = [
+    "compte rendu", "compte-rendu", "resultats d'analyse", "resultat d'analyse",
+    "resultats biologiques", "bilan sanguin", "ordonnance", "diagnostic", "antecedents",
+    "traitement", "hospitalisation", "consultation", "examen", "radiographie", "irm", "scanner",
+    "biopsie", "anatomopathologie", "serologie", "glycemie", "hba1c", "creatinine", "cim-10",
+    "lettre de sortie", "certificat medical", "arret de travail", "dossier medical", "patient",
+]
+PROXIMITY = 400  # characters around an identifier where health words count
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthFindings:
+    nirs: tuple[str, ...]  # masked ("2 95 10 ** *** *** **")
+    context: bool  # an identifier with health vocabulary around it
+    documents: tuple[str, ...]  # health document formats found ("HPRIM", "HL7 v2", ...)
+
+
+def _fold(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def valid_nir(number: str) -> bool:
+    """A NIR with a valid key, sex and month (spaces and dots allowed between groups)."""
+    compact = re.sub(r"[ .]", "", number).upper()
+    if len(compact) != 15 or compact[0] not in "123478":
+        return False
+    month = int(compact[3:5])
+    if not (1 <= month <= 12 or 20 <= month <= 42 or 50 <= month <= 99):
+        return False
+    return bool(stdnum_nir.is_valid(compact))
+
+
+def mask(number: str) -> str:
+    compact = re.sub(r"[ .]", "", number).upper()
+    return f"{compact[0]} {compact[1:3]} {compact[3:5]} ** *** *** **"
+
+
+def find_nirs(text: str) -> list[str]:
+    return [m.group(0) for m in _NIR.finditer(text) if valid_nir(m.group(0))]
+
+
+def health_format(name: str, data: bytes) -> str | None:
+    """The health document format of an attachment, if it is one."""
+    head = data[:4096]
+    lname = name.lower()
+    if lname.endswith("ihe_xdm.zip") or (head[:4] == b"PK\x03\x04" and b"IHE_XDM" in head):
+        return "IHE XDM"
+    if data[128:132] == b"DICM":
+        return "DICOM"
+    if b"<ClinicalDocument" in head:
+        return "CDA R2"
+    if head.startswith(b"MSH|") or b"\rMSH|^~\\&" in head or b"\nMSH|^~\\&" in head:
+        return "HL7 v2"
+    if head.startswith(b"H|\\^&") or b"****LAB****" in head or b"****FIN****" in data[-200:] \
+            or lname.endswith((".hpr", ".hprim")):
+        return "HPRIM"
+    return None
+
+
+def analyse_text(text: str) -> tuple[list[str], bool]:
+    """(NIRs found, whether an identifier stands near health vocabulary)."""
+    text = text[:1_000_000]
+    nirs = list(_NIR.finditer(text))
+    valid = [m for m in nirs if valid_nir(m.group(0))]
+    anchors = [m.start() for m in valid] + [m.start() for m in _DOB.finditer(text)]
+    context = False
+    if anchors:
+        folded = _fold(text)
+        for pos in anchors:
+            window = folded[max(0, pos - PROXIMITY):pos + PROXIMITY]
+            if any(word in window for word in _VOCABULARY) or _CIM10.search(
+                    text[max(0, pos - PROXIMITY):pos + PROXIMITY]):
+                context = True
+                break
+    return [m.group(0) for m in valid], context

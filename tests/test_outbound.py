@@ -1,0 +1,151 @@
+"""Outbound guard (first part): health data detection and the clear-text policy, through the
+pipeline and `gateway scan --direction outbound`. The submission listener comes next."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import to_crlf
+from gateway.health_data import find_nirs, mask, valid_nir
+from gateway.message import Direction, Inbound
+from gateway.service import Runtime, build_runtime
+from gateway.verdict import Action
+from tests.conftest import DNS, DOMAIN, make_config
+
+
+def with_key(first13: str) -> str:
+    number = int(first13.replace("2A", "19").replace("2B", "18"))
+    return f"{first13}{97 - number % 97:02d}"
+
+
+NIR = with_key("2951099126111")  # woman, born October 1995
+
+
+@pytest.mark.parametrize(("text", "valid"), [
+    (NIR, True),
+    (NIR[:-2] + f"{(int(NIR[-2:]) + 1) % 100:02d}", False),  # wrong key
+    (with_key("18412" + "2A" + "451089"), True),  # Corsica 2A counts as 19
+    (with_key("18412" + "2B" + "451089"), True),  # 2B counts as 18
+    (with_key("5841299451089"), False),  # sex digit 5 does not exist
+    (with_key("1841399451089"), False),  # month 13
+])
+def test_nir_validation(text: str, valid: bool):
+    assert valid_nir(text) is valid
+
+
+@pytest.mark.parametrize("spelling", ["{0}", "{1} {2} {3} {4} {5} {6} {7}",
+                                      "{1}.{2}.{3}.{4}.{5}.{6}.{7}", "{1}{2}{3} {4}{5}{6} {7}"])
+def test_nir_spacing_variants_are_found(spelling: str):
+    n = NIR
+    parts = (n[0], n[1:3], n[3:5], n[5:7], n[7:10], n[10:13], n[13:15])
+    text = "Patient : " + spelling.format(n, *parts) + " (assuré)"
+    assert find_nirs(text), text
+    assert mask(find_nirs(text)[0]) == "2 95 10 ** *** *** **"
+
+
+def test_random_15_digit_numbers_rarely_pass():
+    rng = random.Random(20261128)
+    n = 50_000
+    hits = sum(valid_nir("".join(rng.choice("0123456789") for _ in range(15))) for _ in range(n))
+    assert 0.002 < hits / n < 0.02  # about the key's 1 %, less the sex and month rules
+
+
+def mail(to: str, body: str, *, subject: str = "Résultats", attachment: tuple[str, bytes] | None
+         = None, ctype: str | None = None) -> bytes:
+    m = EmailMessage()
+    m["From"] = f"secretariat@{DOMAIN}"
+    m["To"] = to
+    m["Subject"] = subject
+    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0100"
+    m["Message-ID"] = f"<out-{abs(hash((to, body)))}@{DOMAIN}>"
+    if ctype:
+        maintype, subtype = ctype.split("/")
+        m.set_content(body.encode(), maintype=maintype, subtype=subtype,
+                      params={"smime-type": "enveloped-data"}, filename="smime.p7m")
+    else:
+        m.set_content(body)
+    if attachment:
+        m.add_attachment(attachment[1], maintype="application", subtype="octet-stream",
+                         filename=attachment[0])
+    return to_crlf(bytes(m))
+
+
+LAB = (f"Bonjour,\nVoici le compte rendu de biologie de Mme Martin, née le 12/03/1980, "
+       f"NIR {NIR[0]} {NIR[1:3]} {NIR[3:5]} {NIR[5:7]} {NIR[7:10]} {NIR[10:13]} {NIR[13:]}.\n"
+       "Glycémie à jeun 1,32 g/l.\n")
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    rt = await build_runtime(make_config(tmp_path), with_store=False)
+    yield rt
+    await rt.close()
+
+
+async def outbound(rt: Runtime, raw: bytes, to: str, *, tls: bool = True):
+    return (await rt.pipeline.analyse(Inbound(
+        queue_id="o", peer_ip="192.0.2.20", helo="poste.cabinet", mail_from=f"s@{DOMAIN}",
+        rcpts=(to,), raw=raw, tls=tls, direction=Direction.OUTBOUND))).verdict
+
+
+async def test_lab_result_to_gmail_is_held(runtime):
+    v = await outbound(runtime, mail("patient@gmail.com", LAB), "patient@gmail.com")
+    names = {s.name for s in v.symbols}
+    assert {"OUTBOUND_NIR", "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_HEALTH_CLEARTEXT_HOLD"} <= names
+    assert v.action is Action.QUARANTINE
+    reason = next(s.description for s in v.symbols if s.name == "OUTBOUND_NIR")
+    assert NIR[5:] not in reason.replace(" ", "") and "2 95 10 **" in reason
+
+
+async def test_same_result_to_mssante_is_delivered(runtime):
+    to = "dr.x@medecin.mssante.fr"
+    v = await outbound(runtime, mail(to, LAB), to)
+    assert "OUTBOUND_NIR" in {s.name for s in v.symbols}
+    assert not any(s.name.startswith("OUTBOUND_HEALTH_CLEARTEXT") for s in v.symbols)
+    assert v.action is Action.ACCEPT
+
+
+async def test_newsletter_mentioning_ordonnance_is_delivered(runtime):
+    body = ("Lettre du cabinet : pensez à renouveler votre ordonnance avant les vacances. "
+            "Le cabinet sera fermé du 1er au 15 août.")
+    v = await outbound(runtime, mail("patients@liste.example", body), "patients@liste.example")
+    assert not any(s.name.startswith("OUTBOUND_") for s in v.symbols)
+    assert v.action is Action.ACCEPT
+
+
+async def test_encrypted_smime_message_is_delivered(runtime):
+    raw = mail("labo@labo.example", "MIAGCSqGSIb3DQEHA6CAMIACAQAx" + NIR,
+               ctype="application/pkcs7-mime")
+    v = await outbound(runtime, raw, "labo@labo.example")
+    assert v.action is Action.ACCEPT
+
+
+async def test_health_document_attachment_to_ordinary_address_is_held(runtime):
+    hprim = b"H|\\^&|||CABINET|||||||P|H2.1\r\nP|1|||MARTIN^ANNE\r\nOBX|1|NM|GLU||1.32\r\nL|1\r\n"
+    v = await outbound(runtime, mail("x@orange.fr", "Ci-joint.", attachment=("res.hpr", hprim)),
+                       "x@orange.fr")
+    assert "OUTBOUND_HEALTH_DOCUMENT" in {s.name for s in v.symbols}
+    assert v.action is Action.QUARANTINE
+
+
+def test_gateway_scan_outbound_shows_the_symbols(tmp_path: Path):
+    path = tmp_path / "lab.eml"
+    path.write_bytes(mail("patient@gmail.com", LAB))
+    res = subprocess.run([sys.executable, "-m", "gateway", "scan", "--json", "--domain", DOMAIN,
+                          "--dns", DNS.address, "--direction", "outbound", "--tls", "no",
+                          "--client-ip", "192.0.2.20", "--mail-from", f"s@{DOMAIN}",
+                          "--rcpt", "patient@gmail.com", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    names = {s["name"] for s in out["symbols"]}
+    assert {"OUTBOUND_NIR", "OUTBOUND_CLEARTEXT_SESSION", "OUTBOUND_HEALTH_CLEARTEXT_HOLD"} <= names
+    assert out["action"] == "quarantine"
