@@ -9,11 +9,18 @@ numbers pass, the key's share.
 
 from __future__ import annotations
 
+import html
+import io
+import logging
 import re
 import unicodedata
+import zipfile
 from dataclasses import dataclass
 
+from pypdf import PdfReader
 from stdnum.fr import nir as stdnum_nir
+
+logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged PDFs are common, not our errors
 
 _NIR = re.compile(
     r"(?<![\dA-Za-z])([1-478])[ .]?(\d{2})[ .]?(\d{2})[ .]?(\d{2}|2[AaBb])[ .]?(\d{3})[ .]?"
@@ -78,6 +85,39 @@ def health_format(name: str, data: bytes) -> str | None:
     if head.startswith(b"H|\\^&") or b"****LAB****" in head or b"****FIN****" in data[-200:] \
             or lname.endswith((".hpr", ".hprim")):
         return "HPRIM"
+    return None
+
+
+MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
+MAX_PDF_PAGES = 20
+MAX_DOCUMENT_TEXT = 500_000
+
+
+def document_text(name: str, data: bytes) -> str | None:
+    """Text of a PDF (pypdf, first pages) or DOCX (its XML) attachment, bounded in size and
+    pages; None for other files or when the document cannot be read."""
+    if len(data) > MAX_DOCUMENT_BYTES:
+        return None
+    if data[:5] == b"%PDF-":
+        try:
+            reader = PdfReader(io.BytesIO(data))
+            pages = [p.extract_text() or "" for p in reader.pages[:MAX_PDF_PAGES]]
+        except Exception:  # noqa: BLE001 - pypdf raises many kinds on damaged files
+            return None
+        return "\n".join(pages)[:MAX_DOCUMENT_TEXT]
+    if data[:4] == b"PK\x03\x04" and name.lower().endswith((".docx", ".docm", ".odt")):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                member = "word/document.xml" if name.lower().endswith((".docx", ".docm")) \
+                    else "content.xml"
+                info = z.getinfo(member)
+                if info.file_size > MAX_DOCUMENT_BYTES:
+                    return None
+                xml = z.read(member).decode("utf-8", "replace")
+        except (zipfile.BadZipFile, KeyError, OSError, RuntimeError):
+            return None
+        xml = re.sub(r"</w:p>|</text:p>", "\n", xml)
+        return html.unescape(re.sub(r"<[^>]+>", "", xml))[:MAX_DOCUMENT_TEXT]
     return None
 
 

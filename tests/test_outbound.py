@@ -149,3 +149,48 @@ def test_gateway_scan_outbound_shows_the_symbols(tmp_path: Path):
     names = {s["name"] for s in out["symbols"]}
     assert {"OUTBOUND_NIR", "OUTBOUND_CLEARTEXT_SESSION", "OUTBOUND_HEALTH_CLEARTEXT_HOLD"} <= names
     assert out["action"] == "quarantine"
+
+
+def text_pdf(text: str) -> bytes:
+    """A one-page PDF showing `text` in Helvetica, with a correct cross-reference table."""
+    stream = f"BT /F1 11 Tf 50 750 Td ({text}) Tj ET".encode("latin-1")
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length " + str(len(stream)).encode() + b" >>\nstream\n" + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def docx_with(text: str) -> bytes:
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("word/document.xml", "<w:document><w:body><w:p><w:r><w:t>" + text
+                   + "</w:t></w:r></w:p></w:body></w:document>")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["pdf", "docx"])
+async def test_nir_inside_a_document_attachment_is_found(runtime, kind: str):
+    line = f"Compte rendu operatoire - patiente nee le 12/03/1980 - NIR {NIR}"
+    attachment = ("cr.pdf", text_pdf(line)) if kind == "pdf" else ("cr.docx", docx_with(line))
+    v = await outbound(runtime, mail("x@orange.fr", "Ci-joint.", attachment=attachment),
+                       "x@orange.fr")
+    names = {s.name for s in v.symbols}
+    assert {"OUTBOUND_NIR", "OUTBOUND_HEALTH_CONTEXT"} <= names, names
+    assert v.action is Action.QUARANTINE

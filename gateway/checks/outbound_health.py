@@ -13,7 +13,7 @@ import ipaddress
 from typing import ClassVar
 
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
-from gateway.health_data import analyse_text, health_format, mask
+from gateway.health_data import analyse_text, document_text, health_format, mask
 from gateway.links import extract
 from gateway.message import Direction, ParsedMessage, decode_transfer
 
@@ -44,6 +44,10 @@ def _scan(raw: bytes, msg: ParsedMessage) -> tuple[list[str], bool, list[str], b
             formats.append(fmt)
         if part.content_type.startswith("text/"):
             texts.append(data[:1_000_000].decode(part.charset or "latin-1", "replace"))
+        else:
+            text = document_text(part.filename or "", data)
+            if text:
+                texts.append(text)
     nirs, context = analyse_text("\n".join(texts))
     return nirs, context, formats, encrypted
 
