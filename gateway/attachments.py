@@ -13,7 +13,6 @@ import io
 import multiprocessing
 import re
 import threading
-import tomllib
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ with warnings.catch_warnings():  # oletools 0.60 calls a pyparsing API deprecate
     warnings.simplefilter("ignore", DeprecationWarning)
     from oletools.olevba import VBA_Parser
 
+from gateway.config import read_toml
+from gateway.errors import ConfigError
 from gateway.message import ParsedMessage, decode_transfer
 from gateway.yara_rules import YaraRules
 
@@ -57,11 +58,14 @@ class Policy:
 
     @staticmethod
     def load(path: Path, **limits: Any) -> Policy:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        return Policy(
-            dangerous_extensions=frozenset(e.lower() for e in data["dangerous_extensions"]),
-            dangerous_types=frozenset(data["dangerous_types"]),
-            unscannable_archives=frozenset(data["unscannable_archives"]), **limits)
+        data = read_toml(path, "attachment policy")
+        try:
+            return Policy(
+                dangerous_extensions=frozenset(e.lower() for e in data["dangerous_extensions"]),
+                dangerous_types=frozenset(data["dangerous_types"]),
+                unscannable_archives=frozenset(data["unscannable_archives"]), **limits)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{path}: missing or invalid list: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

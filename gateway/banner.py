@@ -25,12 +25,12 @@ import hashlib
 import hmac
 import html
 import re
-import tomllib
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import headers
+from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.message import (
     ParsedMessage,
@@ -99,7 +99,7 @@ def marker(secret: bytes) -> str:
 
 def load_templates(path: Path) -> Templates:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = read_toml(path, "banner templates")
         s, e, p = data["suspect"], data["external"], data["protected"]
 
         def style(d: dict[str, object], intro: str = "", advice: str = "", footer: str = "") -> Style:
@@ -120,9 +120,7 @@ def load_templates(path: Path) -> Templates:
             body_markers=tuple(str(m) for m in p.get("body_markers", ())),
             header_markers=frozenset(str(h).lower() for h in p.get("header_markers", ())),
         )
-    except FileNotFoundError:
-        raise ConfigError(f"banner templates not found: {path}") from None
-    except (KeyError, TypeError, ValueError, AssertionError, tomllib.TOMLDecodeError) as exc:
+    except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"{path}: invalid banner templates ({type(exc).__name__}: {exc})") from None
 
 

@@ -300,18 +300,23 @@ def nameservers(cfg: Config) -> list[tuple[str, int]]:
     return [_nameserver(ns) for ns in cfg.dns.nameservers]
 
 
+def read_toml(path: Path, what: str = "file") -> dict[str, Any]:
+    """A TOML file (the config or one under rules/); missing or invalid is a ConfigError
+    naming the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load(path: str | Path | None) -> Config:
     """Load and validate a TOML file; None gives the embedded default."""
     if path is None:
         return build({"gateway": {"domains": ["cabinet.localhost"]}}, source="(default)")
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-    return build(data, source=str(p))
+    return build(read_toml(p, "config file"), source=str(p))
 
 
 def override(cfg: Config, **changes: Any) -> Config:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import tomllib
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import jellyfish
 from confusable_homoglyphs import confusables
 
+from gateway.config import read_toml
 from gateway.dmarc import org_domain
 from gateway.errors import ConfigError
 
@@ -55,10 +55,7 @@ def load_registry(folder: Path) -> list[Organisation]:
     orgs: list[Organisation] = []
     seen: set[str] = set()
     for path in sorted(folder.glob("*.toml")):
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        data = read_toml(path)
         for i, spec in enumerate(data.get("organisation", [])):
             where = f"{path}: organisation[{i}]"
             unknown = set(spec) - _KEYS

@@ -7,11 +7,11 @@ must agree: a symbol a check may emit without an entry, or an entry no check emi
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.verdict import Action
 
@@ -41,12 +41,7 @@ _SYMBOL_KEYS = {"group", "score", "description", "action"}
 
 
 def load_table(path: Path) -> SymbolTable:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"symbol table not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "symbol table")
     problems: list[str] = []
     caps: dict[str, float] = {}
     for group, spec in data.pop("groups", {}).items():

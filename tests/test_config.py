@@ -85,3 +85,14 @@ def test_check_config_also_checks_the_rules(tmp_path: Path):
         'domains = ["ch-exemple.fr"]\nnames = ["CH d\'Exemple"]\n')
     res = check_config(tmp_path, f'[gateway]\ndomains = ["a.fr"]\nrules_dir = "{rules}"\n')
     assert res.returncode == 0, res.stderr
+
+
+def test_a_broken_rules_file_is_named(tmp_path: Path):
+    import shutil
+    rules = tmp_path / "rules"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "rules", rules)
+    (rules / "lures.toml").write_text("lures = [\n")
+    res = check_config(tmp_path, f'[gateway]\ndomains = ["a.fr"]\nrules_dir = "{rules}"\n')
+    assert res.returncode == 2
+    assert f"{rules / 'lures.toml'}: not valid TOML" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import re
-import tomllib
 from typing import ClassVar
 
 from gateway.auth import AuthResult, DkimFacts, DmarcFacts, SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.config import read_toml
 from gateway.dmarc import aligned, org_domain
+from gateway.errors import ConfigError
 from gateway.links import Content, extract
 from gateway.message import Direction, ParsedMessage, decode_words
 from gateway.senders import Organisation, Registry, fold, load_registry
@@ -49,11 +50,14 @@ class ImpersonationCheck:
             id="practice", name="le cabinet", domains=tuple(sorted(cfg.domains)),
             names=tuple(cfg.practice.names) + tuple(cfg.practice.colleagues))
         self._registry = Registry([*load_registry(cfg.rules_dir / "senders"), practice])
-        lists = tomllib.loads((cfg.rules_dir / "domain-lists.toml").read_text(encoding="utf-8"))
-        self._freemail = frozenset(lists["freemail"])
-        self._shorteners = frozenset(lists["shorteners"])
-        lures = tomllib.loads((cfg.rules_dir / "lures.toml").read_text(encoding="utf-8"))
-        self._lures = [re.compile(p) for p in lures["lures"]]
+        lists = read_toml(cfg.rules_dir / "domain-lists.toml")
+        lures = read_toml(cfg.rules_dir / "lures.toml")
+        try:
+            self._freemail = frozenset(lists["freemail"])
+            self._shorteners = frozenset(lists["shorteners"])
+            self._lures = [re.compile(p) for p in lures["lures"]]
+        except (KeyError, TypeError, re.error) as exc:
+            raise ConfigError(f"{cfg.rules_dir}: domain-lists.toml or lures.toml: {exc}") from None
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         hits: list[Hit] = []
