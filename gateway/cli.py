@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__, config, headers
+from gateway.accounts import AccountFile
 from gateway.banner import load_templates
 from gateway.config import Config
 from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailable
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--next-hop", metavar="HOTE:PORT",
                    help="serveur de messagerie du cabinet ; sans lui : Maildir local")
     p.add_argument("--workers", type=int, metavar="N", help="processus de service (0 = un par cœur)")
+    p.add_argument("--submission-listen", metavar="HOTE:PORT",
+                   help="port de dépôt (envoi) pour les logiciels de messagerie du cabinet")
+    p.add_argument("--smarthost", metavar="HOTE:PORT",
+                   help="relais d'envoi du fournisseur ; sans lui : Maildir local « outbox »")
 
     p = sub.add_parser("scan", help="analyser des messages hors ligne, sans les relayer")
     _common(p)
@@ -58,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", choices=[d.value for d in Direction], default="inbound")
     p.add_argument("--tls", choices=["yes", "no"], default="no",
                    help="la session de dépôt était-elle chiffrée (sens sortant)")
+
+    p = sub.add_parser("submission", help="comptes d'envoi (authentification SMTP)")
+    _common(p)
+    usub = p.add_subparsers(dest="ucommand", required=True)
+    u = usub.add_parser("add-user", help="créer un compte d'envoi (mot de passe demandé)")
+    u.add_argument("name", metavar="IDENTIFIANT")
+    u.add_argument("--password-stdin", action="store_true",
+                   help="lire le mot de passe sur l'entrée standard")
+    u = usub.add_parser("passwd", help="changer le mot de passe d'un compte")
+    u.add_argument("name", metavar="IDENTIFIANT")
+    u.add_argument("--password-stdin", action="store_true")
+    u = usub.add_parser("remove-user", help="supprimer un compte")
+    u.add_argument("name", metavar="IDENTIFIANT")
+    usub.add_parser("list-users", help="lister les comptes")
 
     p = sub.add_parser("check-config", help="valider un fichier de configuration")
     p.add_argument("file", metavar="FICHIER")
@@ -89,6 +108,8 @@ def load_config(args: argparse.Namespace) -> Config:
         gateway__workers=getattr(args, "workers", None),
         smtp__listen=getattr(args, "listen", None),
         next_hop__address=getattr(args, "next_hop", None),
+        submission__listen=getattr(args, "submission_listen", None),
+        submission__smarthost=getattr(args, "smarthost", None),
         dns__nameservers=(args.dns,) if getattr(args, "dns", None) else None,
     )
 
@@ -113,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(cfg)
         if args.command == "scan":
             return asyncio.run(_scan(cfg, args))
+        if args.command == "submission":
+            return _users(AccountFile(cfg.submission_users_file), args)
         return asyncio.run(_quarantine(cfg, args))
     except ConfigError as exc:
         print(f"Configuration invalide :\n{exc}", file=sys.stderr)
@@ -122,6 +145,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+# ---- accounts ----------------------------------------------------------------------------
+
+
+def read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Mot de passe : ")
+    if getpass.getpass("Mot de passe (encore) : ") != first:
+        raise ValueError("les deux mots de passe diffèrent")
+    return first
+
+
+def _users(accounts: AccountFile, args: argparse.Namespace, **fields: str) -> int:
+    """add-user / passwd / remove-user / list-users on one accounts file."""
+    cmd = args.ucommand
+    try:
+        if cmd == "list-users":
+            users = accounts.load()
+            if not users:
+                print("Aucun compte.")
+            for a in users.values():
+                role = f"  rôle {a.role}" if a.role else ""
+                print(f"{a.name}{role}  créé le {_when(a.created_at)}")
+            return 0
+        if cmd == "remove-user":
+            accounts.remove(args.name)
+            print(f"Compte {args.name} supprimé.")
+            return 0
+        password = read_password(args.password_stdin)
+        if cmd == "passwd":
+            accounts.set_password(args.name, password)
+            print(f"Mot de passe de {args.name} changé.")
+            return 0
+        account = accounts.add(args.name, password, **fields)
+        print(f"Compte {account.name} créé ({accounts.path}).")
+        return 0
+    except KeyError:
+        print(f"Compte inconnu : {args.name}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"Impossible : {exc}", file=sys.stderr)
+        return 1
 
 
 # ---- scan --------------------------------------------------------------------------------

@@ -116,6 +116,27 @@ class OutboundSection:
     # Health data leaving in clear (not to *.mssante.fr, not encrypted): "hold" keeps it in
     # quarantine, "reject" refuses it (550), "warn" lets it go.
     policy: Literal["hold", "reject", "warn"] = "hold"
+    notify_sender: bool = True  # a French notice to the sender when held or warned
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmissionSection:
+    __pydantic_config__ = _STRICT
+    # The practice's mail clients send here; empty = no submission listener.
+    listen: str = ""
+    # Clients that may send without AUTH (the practice's own mail server), as CIDR.
+    trusted_networks: tuple[str, ...] = ()
+    # AUTH is offered only after STARTTLS, except to clients in these networks.
+    cleartext_auth_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    users_file: str = ""  # default: <data_dir>/submission-users.json (0600, argon2 hashes)
+    # The practice's provider relay; empty = embedded Maildir under <data_dir>/outbox.
+    smarthost: str = ""
+    smarthost_starttls: Literal["required", "opportunistic", "off"] = "required"
+    smarthost_tls_verify: bool = True
+    smarthost_ca_file: str = ""
+    smarthost_username: str = ""  # AUTH towards the smarthost, when it asks for it
+    smarthost_password_file: str = ""  # 0600 file holding only the password
+    max_auth_failures: int = 3  # per connection; then 421 and close
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,6 +183,7 @@ class Config:
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
     outbound: OutboundSection = field(default_factory=OutboundSection)
+    submission: SubmissionSection = field(default_factory=SubmissionSection)
     practice: PracticeSection = field(default_factory=PracticeSection)
     auth: AuthSection = field(default_factory=AuthSection)
     banner: BannerSection = field(default_factory=BannerSection)
@@ -199,6 +221,24 @@ class Config:
         if not self.next_hop.address:
             return None
         return parse_host_port(self.next_hop.address, key="next_hop.address")
+
+    @property
+    def submission_listen(self) -> HostPort | None:
+        if not self.submission.listen:
+            return None
+        return parse_host_port(self.submission.listen, key="submission.listen")
+
+    @property
+    def smarthost(self) -> HostPort | None:
+        if not self.submission.smarthost:
+            return None
+        return parse_host_port(self.submission.smarthost, key="submission.smarthost")
+
+    @property
+    def submission_users_file(self) -> Path:
+        if self.submission.users_file:
+            return Path(self.submission.users_file)
+        return self.data_dir / "submission-users.json"
 
     @property
     def domains(self) -> frozenset[str]:
@@ -246,7 +286,9 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(s.message_budget_s < cfg.smtp.idle_timeout_s, "scoring.message_budget_s",
           "must stay under smtp.idle_timeout_s, or clients give up before the verdict")
     check(s.parse_timeout_s > 0, "scoring.parse_timeout_s", "must be > 0")
-    for key, value in (("smtp.listen", cfg.smtp.listen), ("next_hop.address", cfg.next_hop.address)):
+    for key, value in (("smtp.listen", cfg.smtp.listen), ("next_hop.address", cfg.next_hop.address),
+                       ("submission.listen", cfg.submission.listen),
+                       ("submission.smarthost", cfg.submission.smarthost)):
         if value:
             try:
                 parse_host_port(value, key=key)
@@ -272,6 +314,22 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     for key, path in (("smtp.tls_cert", cfg.smtp.tls_cert), ("smtp.tls_key", cfg.smtp.tls_key),
                       ("next_hop.tls_ca_file", cfg.next_hop.tls_ca_file)):
         check(not path or Path(path).is_file(), key, f"file not found: {path}")
+    sub = cfg.submission
+    for key, nets in (("submission.trusted_networks", sub.trusted_networks),
+                      ("submission.cleartext_auth_networks", sub.cleartext_auth_networks)):
+        for i, net in enumerate(nets):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                problems.append(f"{source}: {key}[{i}]: not a network (CIDR): {net!r}")
+    for key, path in (("submission.smarthost_ca_file", sub.smarthost_ca_file),
+                      ("submission.smarthost_password_file", sub.smarthost_password_file)):
+        check(not path or Path(path).is_file(), key, f"file not found: {path}")
+    check(bool(sub.smarthost_username) == bool(sub.smarthost_password_file),
+          "submission.smarthost_username", "smarthost_username and smarthost_password_file go together")
+    check(sub.max_auth_failures >= 1, "submission.max_auth_failures", "must be >= 1")
+    check(not cfg.submission.listen or cfg.submission.listen != cfg.smtp.listen
+          or cfg.listen.port == 0, "submission.listen", "must differ from smtp.listen")
     check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"folder not found: {cfg.rules_dir}")
     for i, d in enumerate(cfg.attachments.yara_dirs):
         check(Path(d).is_dir(), f"attachments.yara_dirs[{i}]", f"folder not found: {d}")

@@ -25,6 +25,8 @@ logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged PDFs are common, n
 _NIR = re.compile(
     r"(?<![\dA-Za-z])([1-478])[ .]?(\d{2})[ .]?(\d{2})[ .]?(\d{2}|2[AaBb])[ .]?(\d{3})[ .]?"
     r"(\d{3})[ .]?(\d{2})(?![\dA-Za-z])")
+# Patients' MSSanté addresses (Mon espace santé) are built on their INS matricule.
+_PATIENT_ADDRESS = re.compile(r"[A-Za-z0-9._%+-]{1,64}@patient\.mssante\.fr\b", re.IGNORECASE)
 _DOB = re.compile(r"\bn[ée]e?\s+le\s+\d{1,2}[/.\-]\d{1,2}[/.\-]\d{2,4}|"
                   r"\bdate de naissance\s*:?\s*\d{1,2}[/.\-]\d{1,2}[/.\-]\d{2,4}", re.IGNORECASE)
 _CIM10 = re.compile(r"\b[A-TV-Z]\d{2}\.\d{1,2}\b")
@@ -64,6 +66,15 @@ def valid_nir(number: str) -> bool:
 def mask(number: str) -> str:
     compact = re.sub(r"[ .]", "", number).upper()
     return f"{compact[0]} {compact[1:3]} {compact[3:5]} ** *** *** **"
+
+
+def find_patient_addresses(text: str) -> list[str]:
+    return [m.group(0) for m in _PATIENT_ADDRESS.finditer(text[:1_000_000])]
+
+
+def mask_address(address: str) -> str:
+    local, _, domain = address.partition("@")
+    return f"{local[:3]}***@{domain.lower()}"
 
 
 def find_nirs(text: str) -> list[str]:
@@ -126,7 +137,8 @@ def analyse_text(text: str) -> tuple[list[str], bool]:
     text = text[:1_000_000]
     nirs = list(_NIR.finditer(text))
     valid = [m for m in nirs if valid_nir(m.group(0))]
-    anchors = [m.start() for m in valid] + [m.start() for m in _DOB.finditer(text)]
+    anchors = [m.start() for m in valid] + [m.start() for m in _DOB.finditer(text)] + \
+        [m.start() for m in _PATIENT_ADDRESS.finditer(text)]
     context = False
     if anchors:
         folded = _fold(text)

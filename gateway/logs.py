@@ -65,6 +65,7 @@ def log_message(inbound: Inbound, outcome: Outcome, duration_s: float) -> None:
         "size": len(inbound.raw),
         "tls": inbound.tls,
         "direction": inbound.direction.value,
+        **({"auth_user": inbound.auth_user} if inbound.auth_user else {}),
         "outcome": outcome.kind.value,
         "duration_ms": round(duration_s * 1000, 1),
     }

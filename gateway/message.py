@@ -38,8 +38,10 @@ class Inbound:
     rcpts: tuple[str, ...]
     raw: bytes
     received_at: float = field(default_factory=time.time)
-    tls: bool = False
+    tls: bool = False  # the client's session was encrypted
     direction: Direction = Direction.INBOUND
+    auth_user: str = ""  # submission: the SMTP AUTH login
+    next_hop_tls: bool = True  # the leg to the next hop (smarthost) is encrypted
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

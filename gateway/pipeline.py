@@ -22,6 +22,7 @@ from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
 from gateway.logs import log_message
 from gateway.message import Direction, Inbound, ParsedMessage, parse_message
+from gateway.notice import Notifier
 from gateway.relay import Transaction
 from gateway.senders import fold
 from gateway.symbols import SymbolTable
@@ -65,8 +66,9 @@ class Outcome:
 class Pipeline:
     def __init__(self, *, cfg: Config, checks: Sequence[Check], table: SymbolTable,
                  workers: Workers, store: Store | None, templates: banner.Templates,
-                 mark: str) -> None:
+                 mark: str, notifier: Notifier | None = None) -> None:
         self._cfg = cfg
+        self._notifier = notifier
         self._templates = templates
         self._mark = mark
         self._colleagues = [fold(n) for n in cfg.practice.colleagues]
@@ -166,6 +168,11 @@ class Pipeline:
             return outcome
         outcome = await self._act(inbound, analysis, txn)
         log_message(inbound, outcome, time.perf_counter() - started)
+        if self._notifier is not None:
+            self._notifier.after(inbound, analysis.verdict,
+                                 analysis.parsed.subject if analysis.parsed else "",
+                                 delivered=outcome.kind is OutcomeKind.DELIVERED,
+                                 quarantine_id=outcome.quarantine_id)
         return outcome
 
     async def _act(self, inbound: Inbound, analysis: Analysis, txn: Transaction) -> Outcome:

@@ -46,6 +46,8 @@ class RcptAnswer:
 
 
 class Transaction(Protocol):
+    tls: bool  # the leg to the next hop is encrypted (or local)
+
     async def add_recipient(self, rcpt: str) -> RcptAnswer: ...
 
     async def send(self, head: bytes, raw: bytes) -> str:
@@ -88,14 +90,21 @@ def wire_lines(data: bytes) -> bytes:
 
 
 class SmtpNextHop:
-    def __init__(self, cfg: Config, address: HostPort) -> None:
+    """An SMTP server we hand mail to: the practice's mailbox server (inbound) or its
+    provider's relay (the smarthost, outbound)."""
+
+    def __init__(self, address: HostPort, *, local_hostname: str, timeout_s: float,
+                 starttls: str, tls_verify: bool, ca_file: str = "", username: str = "",
+                 password: str = "") -> None:
         self._address = address
-        self._local_hostname = cfg.gateway.hostname
-        self.timeout_s = cfg.next_hop.timeout_s
-        mode = cfg.next_hop.starttls
-        self._start_tls: bool | None = {"opportunistic": None, "required": True, "off": False}[mode]
-        self._validate = cfg.next_hop.tls_verify
-        self._ca = cfg.next_hop.tls_ca_file or None
+        self._local_hostname = local_hostname
+        self.timeout_s = timeout_s
+        self._start_tls: bool | None = {"opportunistic": None, "required": True,
+                                        "off": False}[starttls]
+        self._validate = tls_verify
+        self._ca = ca_file or None
+        self._username = username or None
+        self._password = password or None
         self.name = f"smtp:{address}"
 
     async def begin(self, mail_from: str, *, smtputf8: bool = False) -> SmtpTransaction:
@@ -107,7 +116,8 @@ class SmtpNextHop:
         client = aiosmtplib.SMTP(
             hostname=self._address.host, port=self._address.port,
             local_hostname=self._local_hostname, timeout=self.timeout_s,
-            start_tls=self._start_tls, validate_certs=self._validate, cert_bundle=self._ca)
+            start_tls=self._start_tls, validate_certs=self._validate, cert_bundle=self._ca,
+            username=self._username, password=self._password)
         with _errors("connect", client):
             await client.connect()
         return client
@@ -120,9 +130,11 @@ class SmtpTransaction:
         self._smtputf8 = smtputf8 or not _is_ascii(mail_from)
         self._client: aiosmtplib.SMTP | None = None
         self._accepted: list[str] = []
+        self.tls = False  # whether the connection to the next hop is encrypted
 
     async def open(self) -> None:
         client = await self._hop.connect()
+        self.tls = client.get_transport_info("sslcontext") is not None
         if client.last_ehlo_response is None:  # without STARTTLS, connect() sent no EHLO
             with _errors("EHLO", client):
                 await client.ehlo()
@@ -274,6 +286,8 @@ def _mailbox_name(rcpt: str) -> str:
 
 
 class MaildirTransaction:
+    tls = True  # a local disk, not a network leg
+
     def __init__(self, hop: MaildirNextHop) -> None:
         self._hop = hop
         self._rcpts: list[str] = []
@@ -296,10 +310,28 @@ class MaildirTransaction:
 
 
 def create_next_hop(cfg: Config) -> NextHop:
+    """Inbound mail's next hop: the practice's mailbox server, or the embedded Maildir."""
     address = cfg.next_hop_address
     if address is None:
         return MaildirNextHop(cfg.data_dir / "maildir")
-    return SmtpNextHop(cfg, address)
+    hop = cfg.next_hop
+    return SmtpNextHop(address, local_hostname=cfg.gateway.hostname, timeout_s=hop.timeout_s,
+                       starttls=hop.starttls, tls_verify=hop.tls_verify, ca_file=hop.tls_ca_file)
+
+
+def create_smarthost(cfg: Config) -> NextHop:
+    """Outbound mail's next hop: the provider's relay, or the embedded Maildir `outbox`."""
+    address = cfg.smarthost
+    if address is None:
+        return MaildirNextHop(cfg.data_dir / "outbox")
+    sub = cfg.submission
+    password = ""
+    if sub.smarthost_password_file:
+        password = Path(sub.smarthost_password_file).read_text(encoding="utf-8").strip()
+    return SmtpNextHop(address, local_hostname=cfg.gateway.hostname,
+                       timeout_s=cfg.next_hop.timeout_s, starttls=sub.smarthost_starttls,
+                       tls_verify=sub.smarthost_tls_verify, ca_file=sub.smarthost_ca_file,
+                       username=sub.smarthost_username, password=password)
 
 
 async def deliver(hop: NextHop, mail_from: str, rcpts: tuple[str, ...], head: bytes,

@@ -29,6 +29,18 @@ RELAY_DENIED = Reply(
     code=550, status="5.7.1",
     text="Relais refuse : ce serveur n'accepte que le courrier destine a ses propres domaines",
 )
+AUTH_REQUIRED = Reply(
+    code=530, status="5.7.0",
+    text="Authentification requise : configurez l'identifiant et le mot de passe d'envoi",
+)
+SENDER_DENIED = Reply(
+    code=553, status="5.7.1",
+    text="Adresse d'expediteur refusee : seules les adresses du cabinet peuvent envoyer ici",
+)
+AUTH_OK = Reply(code=235, status="2.7.0", text="Authentification reussie")
+AUTH_FAILED = Reply(code=535, status="5.7.8", text="Identifiant ou mot de passe incorrect")
+AUTH_TOO_MANY = Reply(code=421, status="4.7.0",
+                      text="Trop d'essais d'authentification, connexion fermee")
 TOO_MANY_RCPTS = Reply(code=452, status="4.5.3", text="Trop de destinataires pour ce message")
 BAD_ADDRESS = Reply(code=553, status="5.1.3", text="Adresse de destinataire invalide")
 TOO_LARGE = Reply(code=552, status="5.3.4", text="Message trop volumineux")
@@ -40,6 +52,11 @@ DMARC_REJECT = Reply(
     code=550, status="5.7.1",
     text="Message refuse : il n'a pas ete envoye par les serveurs du domaine de l'expediteur, "
          "qui demande de refuser ces messages (DMARC)",
+)
+HEALTH_DATA_REJECT = Reply(
+    code=550, status="5.7.1",
+    text="Message refuse : il contient des donnees de sante et partait sans protection. "
+         "Envoyez-le par la messagerie securisee de sante (MSSante) ou chiffrez-le",
 )
 TEMPFAIL_SCAN = Reply(
     code=451, status="4.7.1",

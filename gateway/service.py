@@ -18,16 +18,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway import logs
 from gateway.banner import load_templates, marker
 from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
-from gateway.config import Config, nameservers
+from gateway.config import Config, HostPort, nameservers
 from gateway.dns import Resolver
+from gateway.message import Direction
+from gateway.notice import Notifier
 from gateway.pipeline import Pipeline, emitted_symbols
-from gateway.relay import NextHop, create_next_hop
-from gateway.smtp import ConnectionCounter, Handler, smtp_factory
+from gateway.relay import NextHop, create_next_hop, create_smarthost
+from gateway.smtp import ConnectionCounter, Handler, smtp_factory, submission_factory
 from gateway.symbols import SymbolTable, check_consistency, load_table
 from gateway.workers import Workers
 from quarantine.crypto import load_or_create_key
@@ -53,9 +56,12 @@ class Runtime:
     workers: Workers
     pipeline: Pipeline
     next_hop: NextHop
+    smarthost: NextHop
+    notifier: Notifier
     store: Store | None
 
     async def close(self) -> None:
+        await self.notifier.close()
         if self.store is not None:
             await self.store.close()
         self.workers.close()
@@ -93,46 +99,78 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
     # has none and uses a fixed one.
     secret = (await asyncio.to_thread(load_or_create_key, cfg.key_file)
               if with_store or cfg.key_file.exists() else b"scan")
+    next_hop = create_next_hop(cfg)
+    notifier = Notifier(cfg, next_hop)  # notices go to the sender's mailbox, inbound side
     pipeline = Pipeline(cfg=cfg, checks=checks, table=table, workers=workers, store=store,
-                        templates=load_templates(cfg.banner_templates), mark=marker(secret))
+                        templates=load_templates(cfg.banner_templates), mark=marker(secret),
+                        notifier=notifier)
     return Runtime(cfg=cfg, table=table, workers=workers, pipeline=pipeline,
-                   next_hop=create_next_hop(cfg), store=store)
+                   next_hop=next_hop, smarthost=create_smarthost(cfg), notifier=notifier,
+                   store=store)
 
 
 @dataclass(slots=True, kw_only=True)
 class Running:
     runtime: Runtime
     server: asyncio.Server
+    submission: asyncio.Server | None
     counter: ConnectionCounter
 
     @property
     def port(self) -> int:
         return int(self.server.sockets[0].getsockname()[1])
 
+    @property
+    def submission_port(self) -> int:
+        assert self.submission is not None
+        return int(self.submission.sockets[0].getsockname()[1])
+
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         self.server.close()
+        if self.submission is not None:
+            self.submission.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.counter.idle.wait(), grace_s)
         await self.runtime.close()
 
 
-async def start(cfg: Config, *, sock: socket.socket | None = None) -> Running:
-    """Serve SMTP in the running loop (in-process; the tests use this with port 0)."""
+@dataclass(frozen=True, slots=True)
+class Sockets:
+    """Listening sockets bound by the parent before forking (or None: bind in-process)."""
+    smtp: socket.socket | None = None
+    submission: socket.socket | None = None
+
+
+async def _listen(factory: Any, address: HostPort | None,
+                  sock: socket.socket | None) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, backlog=1024)
+    assert address is not None
+    return await loop.create_server(factory, address.host, address.port, backlog=1024,
+                                    reuse_address=True)
+
+
+async def start(cfg: Config, *, sockets: Sockets = Sockets()) -> Running:
+    """Serve SMTP (and submission when configured) in the running loop (in-process; the
+    tests use this with port 0)."""
     runtime = await build_runtime(cfg)
     counter = ConnectionCounter(cfg.smtp.max_connections)
     handler = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.next_hop)
-    loop = asyncio.get_running_loop()
-    factory = smtp_factory(cfg, handler, counter)
-    if sock is None:
-        listen = cfg.listen
-        server = await loop.create_server(factory, listen.host, listen.port, backlog=1024,
-                                          reuse_address=True)
-    else:
-        server = await loop.create_server(factory, sock=sock, backlog=1024)
+    server = await _listen(smtp_factory(cfg, handler, counter), cfg.listen, sockets.smtp)
     log.info("SMTP listening", extra={"fields": {
         "listen": [str(s.getsockname()) for s in server.sockets],
         "next_hop": runtime.next_hop.name, "domains": sorted(cfg.domains), "pid": os.getpid()}})
-    return Running(runtime=runtime, server=server, counter=counter)
+    submission = None
+    if cfg.submission_listen is not None:
+        outbound = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.smarthost,
+                           direction=Direction.OUTBOUND)
+        submission = await _listen(submission_factory(cfg, outbound, counter),
+                                   cfg.submission_listen, sockets.submission)
+        log.info("submission listening", extra={"fields": {
+            "listen": [str(s.getsockname()) for s in submission.sockets],
+            "smarthost": runtime.smarthost.name}})
+    return Running(runtime=runtime, server=server, submission=submission, counter=counter)
 
 
 @contextlib.asynccontextmanager
@@ -147,8 +185,7 @@ async def running(cfg: Config) -> AsyncIterator[Running]:
 # ---- the serving processes -----------------------------------------------------------------
 
 
-def bind(cfg: Config) -> socket.socket:
-    listen = cfg.listen
+def _bind(listen: HostPort) -> socket.socket:
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024,
                                 reuse_port=False)
@@ -156,8 +193,13 @@ def bind(cfg: Config) -> socket.socket:
     return sock
 
 
-async def _serve_forever(cfg: Config, sock: socket.socket) -> None:
-    gw = await start(cfg, sock=sock)
+def bind(cfg: Config) -> Sockets:
+    sub = cfg.submission_listen
+    return Sockets(smtp=_bind(cfg.listen), submission=_bind(sub) if sub else None)
+
+
+async def _serve_forever(cfg: Config, sockets: Sockets) -> None:
+    gw = await start(cfg, sockets=sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -175,10 +217,10 @@ async def _serve_forever(cfg: Config, sock: socket.socket) -> None:
     await gw.stop()
 
 
-def _child(cfg: Config, sock: socket.socket) -> None:
+def _child(cfg: Config, sockets: Sockets) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
-        asyncio.run(_serve_forever(cfg, sock))
+        asyncio.run(_serve_forever(cfg, sockets))
     except Exception:  # noqa: BLE001
         log.exception("serving process failed")
         os._exit(1)
@@ -189,11 +231,12 @@ def serve(cfg: Config) -> int:
     """Run the gateway until SIGTERM/SIGINT. Returns the exit status."""
     logs.setup(cfg.logging.level)
     prepare(cfg)
-    sock = bind(cfg)
+    sockets = bind(cfg)
     n = cfg.worker_count
-    log.info("gateway starting", extra={"fields": {"listen": str(cfg.listen), "workers": n}})
+    log.info("gateway starting", extra={"fields": {
+        "listen": str(cfg.listen), "submission": cfg.submission.listen or None, "workers": n}})
     if n == 1:
-        asyncio.run(_serve_forever(cfg, sock))
+        asyncio.run(_serve_forever(cfg, sockets))
         return 0
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
@@ -201,7 +244,7 @@ def serve(cfg: Config) -> int:
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
-            _child(cfg, sock)
+            _child(cfg, sockets)
         children[pid] = slot
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -238,5 +281,7 @@ def serve(cfg: Config) -> int:
             time.sleep(1.0)
         last_restart = time.monotonic()
         spawn(slot)
-    sock.close()
+    for sock in (sockets.smtp, sockets.submission):
+        if sock is not None:
+            sock.close()
     return 0

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import secrets
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from gateway import replies
+from gateway.accounts import AccountFile
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.logs import queue_id_var
@@ -41,6 +44,8 @@ class GatewaySession(Session):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.txn: Transaction | None = None
+        self.trusted = False  # submission: a client network allowed to send without AUTH
+        self.auth_user = ""  # submission: the login that authenticated
 
     def abort_txn(self) -> None:
         txn, self.txn = self.txn, None
@@ -198,6 +203,12 @@ class Handler:
     async def handle_MAIL(self, server: GatewaySMTP, session: GatewaySession,
                           envelope: Envelope, address: str, mail_options: list[str]) -> str:
         session.abort_txn()
+        if self._direction is Direction.OUTBOUND:
+            # Submission: only the practice's users, and only as the practice's addresses.
+            if not (session.authenticated or session.trusted):
+                return str(replies.AUTH_REQUIRED)
+            if address.rpartition("@")[2].lower().rstrip(".") not in self._domains:
+                return str(replies.SENDER_DENIED)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -207,7 +218,7 @@ class Handler:
         domain = address.rpartition("@")[2].lower().rstrip(".")
         if "@" not in address or not domain:
             return str(replies.BAD_ADDRESS)
-        if domain not in self._domains:
+        if domain not in self._domains and self._direction is Direction.INBOUND:
             return str(replies.RELAY_DENIED)
         if len(envelope.rcpt_tos) >= self._cfg.smtp.max_recipients:
             return str(replies.TOO_MANY_RCPTS)
@@ -251,7 +262,8 @@ class Handler:
             inbound = Inbound(
                 queue_id=queue_id, peer_ip=peer, helo=session.host_name or "",
                 mail_from=envelope.mail_from or "", rcpts=tuple(envelope.rcpt_tos), raw=raw,
-                tls=session.ssl is not None, direction=self._direction)
+                tls=session.ssl is not None, direction=self._direction,
+                auth_user=session.auth_user, next_hop_tls=txn.tls)
             outcome = await self._pipeline.process(inbound, txn)
             return reply_for(outcome, queue_id)
         finally:
@@ -273,6 +285,8 @@ def reply_for(outcome: Outcome, queue_id: str) -> str:
         names = {s.name for s in outcome.analysis.verdict.symbols} if outcome.analysis else set()
         if "DMARC_POLICY_REJECT" in names:
             return str(replies.DMARC_REJECT)
+        if "OUTBOUND_HEALTH_CLEARTEXT_REJECT" in names:
+            return str(replies.HEALTH_DATA_REJECT)
         return str(replies.POLICY_REJECT)
     if kind is OutcomeKind.DOWNSTREAM_REJECTED:
         return replies.downstream_reply(outcome.downstream_code or 550, outcome.downstream_text)
@@ -283,6 +297,97 @@ def reply_for(outcome: Outcome, queue_id: str) -> str:
     return str(replies.TEMPFAIL_SCAN)
 
 
+class SubmissionSMTP(GatewaySMTP):
+    """The submission port: STARTTLS, AUTH PLAIN/LOGIN against the users file (argon2), AUTH
+    offered only over TLS except to `cleartext_auth_networks`; clients in `trusted_networks`
+    may send without AUTH. Too many failed attempts end the connection."""
+
+    def __init__(self, handler: Handler, *, accounts: AccountFile,
+                 trusted: Sequence[IPNetwork], cleartext_auth: Sequence[IPNetwork],
+                 max_failures: int, **kwargs: Any) -> None:
+        super().__init__(handler, auth_require_tls=True, auth_required=False,
+                         auth_exclude_mechanism=[], **kwargs)
+        self._accounts = accounts
+        self._trusted = trusted
+        self._cleartext_auth = cleartext_auth
+        self._max_failures = max_failures
+        self._failures = 0
+        self._credentials: LoginPassword | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        ip = _ip(peer[0] if isinstance(peer, tuple) else "")
+        self._auth_require_tls = not _within(ip, self._cleartext_auth)
+        if isinstance(self.session, GatewaySession):
+            self.session.trusted = _within(ip, self._trusted)
+
+    # aiosmtpd's PLAIN and LOGIN decode the exchange and call the synchronous _authenticate;
+    # the argon2 check is slow, so it only keeps the credentials here, checked after, in a
+    # thread (verify_async).
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        self._credentials = auth_data if isinstance(auth_data, LoginPassword) else None
+        return AuthResult(success=False, handled=False)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        self._credentials = None
+        return await self._check(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        self._credentials = None
+        return await self._check(await super().auth_LOGIN(_, args))
+
+    async def _check(self, decoded: AuthResult) -> AuthResult:
+        creds, self._credentials = self._credentials, None
+        if creds is None:  # malformed exchange, already answered
+            return decoded
+        login = creds.login.decode("utf-8", "replace")
+        password = creds.password.decode("utf-8", "replace")
+        account = await self._accounts.verify_async(login, password)
+        if account is not None and isinstance(self.session, GatewaySession):
+            self.session.auth_user = account.name
+            log.info("submission login", extra={"fields": {"user": account.name,
+                                                           "client": self._peer_ip()}})
+            return AuthResult(success=True, auth_data=account.name,
+                              message=str(replies.AUTH_OK))
+        self._failures += 1
+        log.warning("submission login failed", extra={"fields": {
+            "user": login[:80], "client": self._peer_ip(), "failures": self._failures}})
+        await asyncio.sleep(min(self._failures, 3) * 0.5)  # slows guessing down
+        if self._failures >= self._max_failures:
+            await self.push(str(replies.AUTH_TOO_MANY))
+            assert self.transport is not None
+            self.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))
+
+    def _peer_ip(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(values: Sequence[str]) -> list[IPNetwork]:
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _within(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+            nets: Sequence[IPNetwork]) -> bool:
+    return ip is not None and any(ip.version == n.version and ip in n for n in nets)
+
+
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
     if not cfg.smtp.tls_cert:
         return None
@@ -291,14 +396,30 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def _server_options(cfg: Config, counter: ConnectionCounter) -> dict[str, Any]:
+    return {"counter": counter, "data_timeout": cfg.smtp.data_timeout_s,
+            "hostname": cfg.gateway.hostname, "ident": "gateway",
+            "data_size_limit": cfg.smtp.max_message_bytes, "enable_SMTPUTF8": True,
+            "decode_data": False, "tls_context": tls_context(cfg),
+            "timeout": cfg.smtp.idle_timeout_s}
+
+
 def smtp_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> Any:
-    ctx = tls_context(cfg)
+    options = _server_options(cfg, counter)
 
     def make() -> GatewaySMTP:
-        return GatewaySMTP(
-            handler, counter=counter, data_timeout=cfg.smtp.data_timeout_s,
-            hostname=cfg.gateway.hostname, ident="gateway",
-            data_size_limit=cfg.smtp.max_message_bytes,
-            enable_SMTPUTF8=True, decode_data=False, tls_context=ctx,
-            timeout=cfg.smtp.idle_timeout_s)
+        return GatewaySMTP(handler, **options)
+    return make
+
+
+def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> Any:
+    options = _server_options(cfg, counter)
+    accounts = AccountFile(cfg.submission_users_file)
+    trusted = networks(cfg.submission.trusted_networks)
+    cleartext_auth = networks(cfg.submission.cleartext_auth_networks)
+
+    def make() -> SubmissionSMTP:
+        return SubmissionSMTP(handler, accounts=accounts, trusted=trusted,
+                              cleartext_auth=cleartext_auth,
+                              max_failures=cfg.submission.max_auth_failures, **options)
     return make

@@ -1,5 +1,5 @@
-"""Outbound guard (first part): health data detection and the clear-text policy, through the
-pipeline and `gateway scan --direction outbound`. The submission listener comes next."""
+"""Outbound guard: health data detection and the clear-text policy, through the pipeline and
+`gateway scan --direction outbound` (the submission port end to end: tests/test_submission.py)."""
 
 from __future__ import annotations
 
@@ -194,3 +194,29 @@ async def test_nir_inside_a_document_attachment_is_found(runtime, kind: str):
     names = {s.name for s in v.symbols}
     assert {"OUTBOUND_NIR", "OUTBOUND_HEALTH_CONTEXT"} <= names, names
     assert v.action is Action.QUARANTINE
+
+
+async def test_ins_matricule_of_a_nia_in_a_cda_is_found(runtime):
+    # The INS matricule is the NIR or, while it is pending, the NIA (first digit 7 or 8),
+    # with the same key; CDA documents carry it under the INS OIDs.
+    nia = with_key("7951099126111")
+    cda = (f'<ClinicalDocument xmlns="urn:hl7-org:v3"><recordTarget><patientRole>'
+           f'<id extension="{nia}" root="1.2.250.1.213.1.4.9"/></patientRole></recordTarget>'
+           f'</ClinicalDocument>').encode()
+    v = await outbound(runtime, mail("x@orange.fr", "Ci-joint.", attachment=("cr.xml", cda)),
+                       "x@orange.fr")
+    names = {s.name for s in v.symbols}
+    assert {"OUTBOUND_HEALTH_DOCUMENT", "OUTBOUND_HEALTH_CLEARTEXT_HOLD"} <= names
+    assert find_nirs(f"INS {nia}") == [nia]
+
+
+async def test_patient_mssante_address_copied_to_an_ordinary_mailbox_is_held(runtime):
+    patient = f"{NIR}@patient.mssante.fr"
+    raw = mail("famille@gmail.com", "Bonjour, voici l'adresse de votre mère : " + patient)
+    v = await outbound(runtime, raw, "famille@gmail.com")
+    hit = next(s for s in v.symbols if s.name == "OUTBOUND_PATIENT_ADDRESS")
+    assert "295***@patient.mssante.fr" in hit.description and NIR not in hit.description
+    assert v.action is Action.QUARANTINE
+    # Mail to the patient's own MSSanté address is the secure channel.
+    v = await outbound(runtime, mail(patient, LAB), patient)
+    assert v.action is Action.ACCEPT

@@ -10,10 +10,18 @@ policy of `[outbound] policy`: hold (quarantine, default), reject, or warn.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import ClassVar
 
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
-from gateway.health_data import analyse_text, document_text, health_format, mask
+from gateway.health_data import (
+    analyse_text,
+    document_text,
+    find_patient_addresses,
+    health_format,
+    mask,
+    mask_address,
+)
 from gateway.links import extract
 from gateway.message import Direction, ParsedMessage, decode_transfer
 
@@ -26,10 +34,21 @@ def secure_recipient(address: str) -> bool:
     return domain == "mssante.fr" or domain.endswith(".mssante.fr")
 
 
-def _scan(raw: bytes, msg: ParsedMessage) -> tuple[list[str], bool, list[str], bool]:
-    """Worker-pool part: (NIRs, context, document formats, encrypted)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Found:
+    nirs: list[str]
+    patient_addresses: list[str]  # in the text or the To/Cc header fields
+    context: bool
+    formats: list[str]
+    encrypted: bool
+
+
+def _scan(raw: bytes, msg: ParsedMessage) -> _Found:
+    """Worker-pool part: what the message carries."""
     content = extract(raw, msg)
     texts = [msg.subject, content.text]
+    addresses = find_patient_addresses(" ".join(
+        v for k, v in msg.headers if k.lower() in ("to", "cc")))
     formats: list[str] = []
     encrypted = any(p.content_type in _ENCRYPTED for p in msg.parts) or \
         "-----BEGIN PGP MESSAGE-----" in content.text
@@ -48,8 +67,10 @@ def _scan(raw: bytes, msg: ParsedMessage) -> tuple[list[str], bool, list[str], b
             text = document_text(part.filename or "", data)
             if text:
                 texts.append(text)
-    nirs, context = analyse_text("\n".join(texts))
-    return nirs, context, formats, encrypted
+    text = "\n".join(texts)
+    nirs, context = analyse_text(text)
+    return _Found(nirs=nirs, patient_addresses=addresses + find_patient_addresses(text),
+                  context=context, formats=formats, encrypted=encrypted)
 
 
 class OutboundHealthCheck:
@@ -59,7 +80,8 @@ class OutboundHealthCheck:
     symbols: ClassVar[frozenset[str]] = frozenset({
         "OUTBOUND_NIR", "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_HEALTH_DOCUMENT",
         "OUTBOUND_HEALTH_CLEARTEXT_HOLD", "OUTBOUND_HEALTH_CLEARTEXT_REJECT",
-        "OUTBOUND_HEALTH_CLEARTEXT_WARN", "OUTBOUND_CLEARTEXT_SESSION",
+        "OUTBOUND_HEALTH_CLEARTEXT_WARN", "OUTBOUND_CLEARTEXT_SESSION", "OUTBOUND_CLEARTEXT_RELAY",
+        "OUTBOUND_PATIENT_ADDRESS",
     })
 
     def __init__(self, services: Services) -> None:
@@ -69,26 +91,33 @@ class OutboundHealthCheck:
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         inbound = ctx.inbound
-        nirs, context, formats, encrypted = await self._workers.run(
-            _scan, inbound.raw, msg, limit_s=self._limit_s)
+        found = await self._workers.run(_scan, inbound.raw, msg, limit_s=self._limit_s)
         hits: list[Hit] = []
-        if nirs:
-            masked = ", ".join(dict.fromkeys(mask(n) for n in nirs))
+        if found.nirs:
+            masked = ", ".join(dict.fromkeys(mask(n) for n in found.nirs))
             hits.append(Hit(symbol="OUTBOUND_NIR", detail=masked, args=(("nir", masked),)))
-        if context:
+        if found.patient_addresses:
+            masked = ", ".join(dict.fromkeys(mask_address(a) for a in found.patient_addresses))
+            hits.append(Hit(symbol="OUTBOUND_PATIENT_ADDRESS", detail=masked,
+                            args=(("address", masked),)))
+        if found.context:
             hits.append(Hit(symbol="OUTBOUND_HEALTH_CONTEXT"))
-        for fmt in dict.fromkeys(formats):
+        for fmt in dict.fromkeys(found.formats):
             hits.append(Hit(symbol="OUTBOUND_HEALTH_DOCUMENT", detail=fmt,
                             args=(("format", fmt),)))
         session_clear = not inbound.tls and not _loopback(inbound.peer_ip)
         if session_clear:
             hits.append(Hit(symbol="OUTBOUND_CLEARTEXT_SESSION", detail=inbound.peer_ip))
+        if not inbound.next_hop_tls:
+            hits.append(Hit(symbol="OUTBOUND_CLEARTEXT_RELAY"))
         clear = [r for r in inbound.rcpts if not secure_recipient(r)]
-        if (nirs or context or formats) and (clear or session_clear) and not encrypted:
+        # A leg without TLS exposes every recipient's copy, MSSanté ones included.
+        exposed = list(inbound.rcpts) if session_clear or not inbound.next_hop_tls else clear
+        health = bool(found.nirs or found.patient_addresses or found.context or found.formats)
+        if health and exposed and not found.encrypted:
             symbol = f"OUTBOUND_HEALTH_CLEARTEXT_{self._policy.upper()}"
-            who = ", ".join(clear) if clear else "(session sans chiffrement)"
-            hits.append(Hit(symbol=symbol, detail=f"{len(clear)} recipient(s) in clear",
-                            args=(("recipients", who),)))
+            hits.append(Hit(symbol=symbol, detail=f"{len(exposed)} recipient(s) in clear",
+                            args=(("recipients", ", ".join(exposed)),)))
         return CheckResult(check=self.name, hits=tuple(hits))
 
 

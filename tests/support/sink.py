@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
 
@@ -17,6 +19,7 @@ class Received:
     mail_from: str
     rcpts: list[str]
     data: bytes
+    tls: bool = False
 
 
 @dataclass
@@ -45,12 +48,15 @@ class _Handler:
         if self.sink.behaviour.data_reply:
             return self.sink.behaviour.data_reply
         await self.sink.queue.put(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                           envelope.original_content))
+                                           envelope.original_content, session.ssl is not None))
         return "250 2.0.0 queued as SINK"
 
 
 class Sink:
-    def __init__(self) -> None:
+    """`tls=(cert, key)`: STARTTLS offered and required before MAIL (a provider's relay)."""
+
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        self._tls = tls
         self.queue: asyncio.Queue[Received] = asyncio.Queue()
         self.behaviour = SinkBehaviour()
         self.port = _free_port()
@@ -63,9 +69,14 @@ class Sink:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         handler = _Handler(self)
+        ctx = None
+        if self._tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(*self._tls)
         self._server = await loop.create_server(
             lambda: _LenientSMTP(handler, hostname="sink.test", decode_data=False,
-                         enable_SMTPUTF8=True, data_size_limit=None),
+                                 enable_SMTPUTF8=True, data_size_limit=None, tls_context=ctx,
+                                 require_starttls=ctx is not None),
             "127.0.0.1", self.port, reuse_address=True)
 
     async def stop(self) -> None:

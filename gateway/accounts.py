@@ -1,0 +1,121 @@
+"""Accounts: submission users (SMTP AUTH) and the web page's users, each kind in its own file.
+
+A file is JSON, created with mode 0600 and replaced atomically (temporary file, fsync, rename).
+Passwords are hashed with argon2id (argon2-cffi, its defaults: RFC 9106's low-memory profile).
+The file holds hashes and second-factor secrets: it never goes into logs, pages or the repo.
+Hashing and verifying cost tens of milliseconds and 64 MiB: callers on the event loop use
+`verify_async`, which runs one at a time per process in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from gateway.errors import ConfigError
+
+_HASHER = PasswordHasher()
+# Verified against when the name is unknown, so that unknown and known names cost the same.
+_DUMMY = _HASHER.hash("unknown user")
+MIN_PASSWORD = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Account:
+    name: str
+    password_hash: str
+    role: str = ""  # web page: "admin" or "lecteur"
+    totp_secret: str = ""  # web page: base32 TOTP secret
+    created_at: float = 0.0
+
+
+def normalise(name: str) -> str:
+    return name.strip().lower()
+
+
+class AccountFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cache: tuple[float, dict[str, Account]] | None = None
+        self._lock = asyncio.Lock()
+
+    def load(self) -> dict[str, Account]:
+        """The accounts, re-read when the file changed (users added while serving)."""
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return {}
+        if self._cache is not None and self._cache[0] == mtime:
+            return self._cache[1]
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            accounts = {normalise(a["name"]): Account(**a) for a in data.get("accounts", [])}
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"{self.path}: unreadable accounts file: {exc}") from None
+        self._cache = (mtime, accounts)
+        return accounts
+
+    def _write(self, accounts: dict[str, Account]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        body = json.dumps({"accounts": [asdict(a) for a in accounts.values()]}, indent=1)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, body.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)
+        self._cache = None
+
+    def add(self, name: str, password: str, *, role: str = "", totp_secret: str = "") -> Account:
+        key = normalise(name)
+        if not key or any(c.isspace() for c in key):
+            raise ValueError("nom d'utilisateur vide ou contenant des espaces")
+        if len(password) < MIN_PASSWORD:
+            raise ValueError(f"mot de passe trop court ({MIN_PASSWORD} caractères au moins)")
+        accounts = dict(self.load())
+        if key in accounts:
+            raise ValueError(f"l'utilisateur {key} existe déjà")
+        account = Account(name=key, password_hash=_HASHER.hash(password), role=role,
+                          totp_secret=totp_secret, created_at=time.time())
+        accounts[key] = account
+        self._write(accounts)
+        return account
+
+    def set_password(self, name: str, password: str) -> None:
+        if len(password) < MIN_PASSWORD:
+            raise ValueError(f"mot de passe trop court ({MIN_PASSWORD} caractères au moins)")
+        accounts = dict(self.load())
+        key = normalise(name)
+        if key not in accounts:
+            raise KeyError(key)
+        accounts[key] = replace(accounts[key], password_hash=_HASHER.hash(password))
+        self._write(accounts)
+
+    def remove(self, name: str) -> None:
+        accounts = dict(self.load())
+        if accounts.pop(normalise(name), None) is None:
+            raise KeyError(normalise(name))
+        self._write(accounts)
+
+    def verify(self, name: str, password: str) -> Account | None:
+        """The account when the password is right (blocking: argon2)."""
+        account = self.load().get(normalise(name))
+        try:
+            _HASHER.verify(account.password_hash if account else _DUMMY, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return account
+
+    async def verify_async(self, name: str, password: str) -> Account | None:
+        async with self._lock:
+            return await asyncio.to_thread(self.verify, name, password)

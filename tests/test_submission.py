@@ -1,0 +1,267 @@
+"""Outbound guard end to end: real submission (AUTH over STARTTLS) on the gateway's submission
+port, a loopback smarthost sink that requires STARTTLS, and the practice's mailbox server (a
+sink too) receiving the French notices."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from gateway.accounts import AccountFile
+from gateway.service import Running, running
+from tests.conftest import DOMAIN, make_config
+from tests.support.certs import self_signed
+from tests.support.sink import Received, Sink
+from tests.test_outbound import LAB, NIR, mail
+
+USER = f"secretariat@{DOMAIN}"
+PASSWORD = "ordonnance-2026-solide"
+
+
+@dataclass
+class Setup:
+    gw: Running
+    relay: Sink  # the provider's smarthost
+    mailbox: Sink  # the practice's mailbox server (inbound next hop: notices)
+    cert: Path
+
+
+@pytest.fixture
+def cert(tmp_path: Path) -> tuple[Path, Path]:
+    return self_signed(tmp_path)
+
+
+@pytest.fixture
+async def relay(cert: tuple[Path, Path]) -> AsyncIterator[Sink]:
+    s = Sink(tls=cert)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def start(tmp_path: Path, cert: tuple[Path, Path], relay: Sink, mailbox: Sink,
+                **submission: object):
+    cfg = make_config(
+        tmp_path / "data", smtp={"tls_cert": str(cert[0]), "tls_key": str(cert[1])},
+        next_hop={"address": mailbox.address, "starttls": "off"},
+        submission={"listen": "127.0.0.1:0", "smarthost": relay.address,
+                    "smarthost_ca_file": str(cert[0]), "cleartext_auth_networks": [],
+                    **submission})
+    AccountFile(cfg.submission_users_file).add(USER, PASSWORD)
+    return running(cfg)
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, cert, relay: Sink, sink: Sink) -> AsyncIterator[Setup]:
+    async with await start(tmp_path, cert, relay, sink) as gw:
+        yield Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
+
+
+async def client(s: Setup, *, tls: bool = True, login: tuple[str, str] | None = (USER, PASSWORD)
+                 ) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=s.gw.submission_port, start_tls=False,
+                           tls_context=ssl.create_default_context(cafile=str(s.cert)))
+    await smtp.connect()
+    await smtp.ehlo()
+    if tls:
+        await smtp.starttls(server_hostname="mx.cabinet.test")
+        await smtp.ehlo()
+    if login:
+        await smtp.login(*login)
+    return smtp
+
+
+async def send(s: Setup, to: str, raw: bytes, **kw) -> str:
+    smtp = await client(s, **kw)
+    try:
+        _, reply = await smtp.sendmail(USER, [to], raw)
+        return reply
+    finally:
+        smtp.close()
+
+
+def parsed(got: Received) -> email.message.EmailMessage:
+    return email.message_from_bytes(got.data, policy=email.policy.default)  # type: ignore[return-value]
+
+
+async def test_lab_result_to_gmail_is_held_and_the_sender_gets_the_notice(setup: Setup):
+    reply = await send(setup, "patient@gmail.com", mail("patient@gmail.com", LAB))
+    assert "quarantaine" in reply
+    notice = await setup.mailbox.get()
+    assert notice.mail_from in ("", "<>") and notice.rcpts == [USER]  # null sender
+    msg = parsed(notice)
+    assert msg["Auto-Submitted"] == "auto-generated"
+    assert msg["Subject"].startswith("Message retenu")
+    body = msg.get_content()
+    assert "patient@gmail.com" in body and "RETENU" in body and "MSSanté" in body
+    assert "2 95 10 ** *** *** **" in body  # masked NIR
+    assert NIR not in body.replace(" ", "") and NIR[5:12] not in body.replace(" ", "")
+    reference = msg["X-Gateway-Notice"]
+    assert f"Référence du message retenu : {reference}" in body
+    items = await setup.gw.runtime.store.list_items()  # type: ignore[union-attr]
+    assert [(i.id, i.direction, i.rcpts) for i in items] == [
+        (reference, "outbound", ("patient@gmail.com",))]
+    assert setup.relay.empty()
+
+
+async def test_same_result_to_mssante_is_delivered_over_tls(setup: Setup):
+    to = "dr.x@medecin.mssante.fr"
+    reply = await send(setup, to, mail(to, LAB))
+    assert "transmis" in reply
+    got = await setup.relay.get()
+    assert got.rcpts == [to] and got.tls
+    assert b"X-Gateway-Action: accept" in got.data
+    assert b"with ESMTPS" in got.data.replace(b"\r\n\t", b" ")
+    assert setup.mailbox.empty()
+
+
+async def test_newsletter_and_smime_are_delivered(setup: Setup):
+    news = mail("patients@liste.example", "Pensez à renouveler votre ordonnance avant l'été.")
+    assert "transmis" in await send(setup, "patients@liste.example", news)
+    smime = mail("labo@labo.example", "MIAGCSqGSIb3DQEHA6CAMIACAQAx" + NIR,
+                 ctype="application/pkcs7-mime")
+    assert "transmis" in await send(setup, "labo@labo.example", smime)
+    assert {(await setup.relay.get()).rcpts[0], (await setup.relay.get()).rcpts[0]} == {
+        "patients@liste.example", "labo@labo.example"}
+    assert setup.mailbox.empty()
+
+
+async def test_unauthenticated_client_cannot_relay(setup: Setup):
+    smtp = await client(setup, login=None)
+    try:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as exc:
+            await smtp.sendmail(USER, ["someone@gmail.com"], mail("someone@gmail.com", "Bonjour"))
+        assert exc.value.code == 530 and "Authentification requise" in exc.value.message
+    finally:
+        smtp.close()
+    assert setup.relay.empty()
+
+
+async def test_auth_is_not_offered_before_starttls(setup: Setup):
+    smtp = await client(setup, tls=False, login=None)
+    try:
+        assert not smtp.supports_extension("auth")
+        resp = await smtp.execute_command(b"AUTH", b"PLAIN", b"AHNlY3JldGFyaWF0AHg=")
+        assert resp.code == 538
+    finally:
+        smtp.close()
+
+
+async def test_wrong_password_is_refused_then_the_connection_closed(setup: Setup):
+    smtp = await client(setup, login=None)
+    bad = base64.b64encode(f"\0{USER}\0mauvais mot de passe".encode())
+    try:
+        for _ in range(2):
+            resp = await smtp.execute_command(b"AUTH", b"PLAIN", bad)
+            assert resp.code == 535 and "incorrect" in resp.message
+        resp = await smtp.execute_command(b"AUTH", b"PLAIN", bad)  # the third failure
+        assert resp.code == 421
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await smtp.execute_command(b"NOOP")
+    finally:
+        smtp.close()
+
+
+async def test_sender_outside_the_practice_domains_is_refused(setup: Setup):
+    smtp = await client(setup)
+    try:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as exc:
+            await smtp.sendmail("ceo@banque.example", ["x@gmail.com"], mail("x@gmail.com", "Hi"))
+        assert exc.value.code == 553
+    finally:
+        smtp.close()
+
+
+async def test_trusted_network_relays_without_auth(tmp_path: Path, cert, relay: Sink, sink: Sink):
+    async with await start(tmp_path, cert, relay, sink, trusted_networks=["127.0.0.0/8"]) as gw:
+        s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
+        to = "confrere@orange.fr"
+        assert "transmis" in await send(s, to, mail(to, "Bonjour, rendez-vous jeudi."), login=None)
+        assert (await relay.get()).rcpts == [to]
+
+
+async def test_loopback_may_authenticate_without_tls_by_default(tmp_path: Path, cert, relay: Sink,
+                                                               sink: Sink):
+    async with await start(tmp_path, cert, relay, sink,
+                           cleartext_auth_networks=["127.0.0.0/8", "::1/128"]) as gw:
+        s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
+        to = "confrere@orange.fr"
+        assert "transmis" in await send(s, to, mail(to, "Rendez-vous jeudi."), tls=False)
+
+
+@pytest.mark.parametrize("policy", ["warn", "reject"])
+async def test_warn_and_reject_policies(tmp_path: Path, cert, relay: Sink, sink: Sink,
+                                        policy: str):
+    cfg = make_config(
+        tmp_path / "data", smtp={"tls_cert": str(cert[0]), "tls_key": str(cert[1])},
+        next_hop={"address": sink.address, "starttls": "off"}, outbound={"policy": policy},
+        submission={"listen": "127.0.0.1:0", "smarthost": relay.address,
+                    "smarthost_ca_file": str(cert[0])})
+    AccountFile(cfg.submission_users_file).add(USER, PASSWORD)
+    async with running(cfg) as gw:
+        s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
+        if policy == "warn":
+            assert "transmis" in await send(s, "patient@gmail.com", mail("patient@gmail.com", LAB))
+            assert (await relay.get()).rcpts == ["patient@gmail.com"]
+            msg = parsed(await sink.get())
+            assert msg["Subject"].startswith("Message envoyé sans protection")
+            assert "patient@gmail.com" in msg.get_content()
+        else:
+            with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+                await send(s, "patient@gmail.com", mail("patient@gmail.com", LAB))
+            assert exc.value.code == 550 and "MSSante" in exc.value.message
+            assert relay.empty() and sink.empty()
+
+
+async def test_smarthost_leg_without_tls_holds_even_mssante(tmp_path: Path, cert, sink: Sink):
+    plain = Sink()
+    await plain.start()
+    try:
+        async with await start(tmp_path, cert, plain, sink, smarthost_starttls="off") as gw:
+            s = Setup(gw=gw, relay=plain, mailbox=sink, cert=cert[0])
+            to = "dr.x@medecin.mssante.fr"
+            assert "quarantaine" in await send(s, to, mail(to, LAB))
+            body = parsed(await sink.get()).get_content()
+            assert "sans chiffrement" in body and to in body
+            assert plain.empty()
+    finally:
+        await plain.stop()
+
+
+async def test_inbound_port_still_refuses_to_relay(setup: Setup):
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=setup.gw.port, start_tls=False)
+    await smtp.connect()
+    try:
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+            await smtp.sendmail(USER, ["x@gmail.com"], mail("x@gmail.com", "Bonjour"))
+    finally:
+        smtp.close()
+
+
+def test_cli_add_user_writes_an_argon2_hash_in_a_0600_file(tmp_path: Path):
+    data = tmp_path / "data"
+    res = subprocess.run([sys.executable, "-m", "gateway", "submission", "--domain", DOMAIN,
+                          "--data-dir", str(data), "add-user", USER, "--password-stdin"],
+                         input=PASSWORD + "\n", capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    path = data / "submission-users.json"
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    text = path.read_text()
+    assert "$argon2id$" in text and PASSWORD not in text
+    assert AccountFile(path).verify(USER.upper(), PASSWORD) is not None
+    assert AccountFile(path).verify(USER, "autre chose") is None
+    res = subprocess.run([sys.executable, "-m", "gateway", "submission", "--domain", DOMAIN,
+                          "--data-dir", str(data), "add-user", "court", "--password-stdin"],
+                         input="abc\n", capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "trop court" in res.stderr
