@@ -11,18 +11,20 @@ import getpass
 import json
 import sys
 import time
-from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__, config, headers
+import segno
+
+from gateway import __version__, config
 from gateway.accounts import AccountFile
 from gateway.banner import load_templates
 from gateway.config import Config
 from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailable
 from gateway.message import Direction, Inbound, header_section_end
-from gateway.relay import deliver
+from gateway.release import release
 from gateway.service import Runtime, build_runtime, load_rules, serve
+from gateway.web.security import new_totp_secret, provisioning_uri
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
 from quarantine.store import Item, NotFound
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port de dépôt (envoi) pour les logiciels de messagerie du cabinet")
     p.add_argument("--smarthost", metavar="HOTE:PORT",
                    help="relais d'envoi du fournisseur ; sans lui : Maildir local « outbox »")
+    p.add_argument("--web-listen", metavar="HOTE:PORT",
+                   help="page web de quarantaine (défaut 127.0.0.1:8080 ; « » pour aucune)")
 
     p = sub.add_parser("scan", help="analyser des messages hors ligne, sans les relayer")
     _common(p)
@@ -66,17 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submission", help="comptes d'envoi (authentification SMTP)")
     _common(p)
-    usub = p.add_subparsers(dest="ucommand", required=True)
-    u = usub.add_parser("add-user", help="créer un compte d'envoi (mot de passe demandé)")
-    u.add_argument("name", metavar="IDENTIFIANT")
-    u.add_argument("--password-stdin", action="store_true",
-                   help="lire le mot de passe sur l'entrée standard")
-    u = usub.add_parser("passwd", help="changer le mot de passe d'un compte")
-    u.add_argument("name", metavar="IDENTIFIANT")
-    u.add_argument("--password-stdin", action="store_true")
-    u = usub.add_parser("remove-user", help="supprimer un compte")
-    u.add_argument("name", metavar="IDENTIFIANT")
-    usub.add_parser("list-users", help="lister les comptes")
+    _user_commands(p, "créer un compte d'envoi (mot de passe demandé)")
+    p = sub.add_parser("admin", help="comptes de la page web de quarantaine")
+    _common(p)
+    add = _user_commands(p, "créer un compte (mot de passe demandé, code TOTP affiché)")
+    add.add_argument("--role", choices=["admin", "lecteur"], default="lecteur",
+                     help="admin : toutes les actions ; lecteur : consultation seule")
+    add.add_argument("--qr", metavar="FICHIER.svg|png",
+                     help="écrire aussi le QR code dans ce fichier")
 
     p = sub.add_parser("check-config", help="valider un fichier de configuration")
     p.add_argument("file", metavar="FICHIER")
@@ -99,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _user_commands(p: argparse.ArgumentParser, add_help: str) -> argparse.ArgumentParser:
+    """add-user / passwd / remove-user / list-users; returns the add-user parser."""
+    usub = p.add_subparsers(dest="ucommand", required=True)
+    add = usub.add_parser("add-user", help=add_help)
+    u = usub.add_parser("passwd", help="changer le mot de passe d'un compte")
+    for q in (add, u):
+        q.add_argument("name", metavar="IDENTIFIANT")
+        q.add_argument("--password-stdin", action="store_true",
+                       help="lire le mot de passe sur l'entrée standard")
+    u = usub.add_parser("remove-user", help="supprimer un compte")
+    u.add_argument("name", metavar="IDENTIFIANT")
+    usub.add_parser("list-users", help="lister les comptes")
+    return add
+
+
 def load_config(args: argparse.Namespace) -> Config:
     cfg = config.load(args.config)
     return config.override(
@@ -110,6 +126,7 @@ def load_config(args: argparse.Namespace) -> Config:
         next_hop__address=getattr(args, "next_hop", None),
         submission__listen=getattr(args, "submission_listen", None),
         submission__smarthost=getattr(args, "smarthost", None),
+        web__listen=getattr(args, "web_listen", None),
         dns__nameservers=(args.dns,) if getattr(args, "dns", None) else None,
     )
 
@@ -136,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_scan(cfg, args))
         if args.command == "submission":
             return _users(AccountFile(cfg.submission_users_file), args)
+        if args.command == "admin":
+            return _admin(cfg, args)
         return asyncio.run(_quarantine(cfg, args))
     except ConfigError as exc:
         print(f"Configuration invalide :\n{exc}", file=sys.stderr)
@@ -189,6 +208,31 @@ def _users(accounts: AccountFile, args: argparse.Namespace, **fields: str) -> in
     except ValueError as exc:
         print(f"Impossible : {exc}", file=sys.stderr)
         return 1
+
+
+def _admin(cfg: Config, args: argparse.Namespace) -> int:
+    """Web page accounts: as submission users, plus a role and a TOTP secret shown once."""
+    accounts = AccountFile(cfg.web_users_file)
+    if args.ucommand != "add-user":
+        return _users(accounts, args)
+    secret = new_totp_secret()
+    status = _users(accounts, args, role=args.role, totp_secret=secret)
+    if status != 0:
+        return status
+    name = args.name.strip().lower()
+    uri = provisioning_uri(secret, name, f"Passerelle {cfg.gateway.hostname}")
+    qr = segno.make(uri, error="m")
+    print("\nSecond facteur : scannez ce QR code avec une application d'authentification")
+    print("(FreeOTP, Google Authenticator, Microsoft Authenticator...) :\n")
+    qr.terminal(compact=True)
+    print(f"\nOu saisissez cette clé : {secret}")
+    print("Elle n'est affichée qu'une fois ; elle reste chiffrée sur ce poste (fichier 0600).")
+    if args.qr:
+        path = Path(args.qr)
+        qr.save(str(path), scale=6)
+        path.chmod(0o600)
+        print(f"QR code écrit dans {path} (à supprimer après l'enrôlement).")
+    return 0
 
 
 # ---- scan --------------------------------------------------------------------------------
@@ -283,15 +327,8 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         print(raw[: end if end > 0 else len(raw)].decode("utf-8", "replace").rstrip())
         return 0
     if cmd == "release":
-        async def _deliver(item: Item, raw: bytes) -> None:
-            stamp = f"by {by}; {formatdate(time.time())}; id {item.id}"
-            head = headers.encode_fields([("X-Gateway-Released", stamp)])
-            body = await runtime.pipeline.released(
-                ((s.name, s.description) for s in item.symbols), raw)
-            await deliver(runtime.next_hop, item.mail_from, item.rcpts, head, body)
-
         try:
-            item = await store.release(args.id, by=by, deliver=_deliver)
+            item = await release(runtime, args.id, by=by)
         except (DownstreamUnavailable, DownstreamRejected) as exc:
             print(f"Remise impossible : {exc}", file=sys.stderr)
             return 1

@@ -140,6 +140,20 @@ class SubmissionSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WebSection:
+    __pydantic_config__ = _STRICT
+    listen: str = "127.0.0.1:8080"  # the quarantine web page; empty = no web page
+    tls_cert: str = ""  # PEM; HTTPS when set (needed beyond loopback)
+    tls_key: str = ""
+    users_file: str = ""  # default: <data_dir>/web-users.json (gateway admin add-user)
+    public_url: str = ""  # how staff reach the page, e.g. https://passerelle.cabinet.fr:8443
+    session_idle_minutes: int = 30
+    session_max_hours: int = 10
+    max_login_failures: int = 5  # per account or client address, then locked out
+    lockout_minutes: int = 15
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttachmentsSection:
     __pydantic_config__ = _STRICT
     yara_dirs: tuple[str, ...] = ()  # extra YARA rule folders (third-party sets), besides rules/yara
@@ -184,6 +198,7 @@ class Config:
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
     outbound: OutboundSection = field(default_factory=OutboundSection)
     submission: SubmissionSection = field(default_factory=SubmissionSection)
+    web: WebSection = field(default_factory=WebSection)
     practice: PracticeSection = field(default_factory=PracticeSection)
     auth: AuthSection = field(default_factory=AuthSection)
     banner: BannerSection = field(default_factory=BannerSection)
@@ -241,6 +256,14 @@ class Config:
         return self.data_dir / "submission-users.json"
 
     @property
+    def web_listen(self) -> HostPort | None:
+        return parse_host_port(self.web.listen, key="web.listen") if self.web.listen else None
+
+    @property
+    def web_users_file(self) -> Path:
+        return Path(self.web.users_file) if self.web.users_file else self.data_dir / "web-users.json"
+
+    @property
     def domains(self) -> frozenset[str]:
         return frozenset(d.lower().rstrip(".") for d in self.gateway.domains)
 
@@ -288,7 +311,8 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(s.parse_timeout_s > 0, "scoring.parse_timeout_s", "must be > 0")
     for key, value in (("smtp.listen", cfg.smtp.listen), ("next_hop.address", cfg.next_hop.address),
                        ("submission.listen", cfg.submission.listen),
-                       ("submission.smarthost", cfg.submission.smarthost)):
+                       ("submission.smarthost", cfg.submission.smarthost),
+                       ("web.listen", cfg.web.listen)):
         if value:
             try:
                 parse_host_port(value, key=key)
@@ -330,6 +354,15 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(sub.max_auth_failures >= 1, "submission.max_auth_failures", "must be >= 1")
     check(not cfg.submission.listen or cfg.submission.listen != cfg.smtp.listen
           or cfg.listen.port == 0, "submission.listen", "must differ from smtp.listen")
+    web = cfg.web
+    check(bool(web.tls_cert) == bool(web.tls_key), "web.tls_cert", "tls_cert and tls_key go together")
+    for key, path in (("web.tls_cert", web.tls_cert), ("web.tls_key", web.tls_key)):
+        check(not path or Path(path).is_file(), key, f"file not found: {path}")
+    check(not web.public_url or web.public_url.startswith(("https://", "http://")),
+          "web.public_url", "must start with https:// (or http:// on loopback)")
+    for key in ("session_idle_minutes", "session_max_hours", "max_login_failures",
+                "lockout_minutes"):
+        check(getattr(web, key) >= 1, f"web.{key}", "must be >= 1")
     check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"folder not found: {cfg.rules_dir}")
     for i, d in enumerate(cfg.attachments.yara_dirs):
         check(Path(d).is_dir(), f"attachments.yara_dirs[{i}]", f"folder not found: {d}")

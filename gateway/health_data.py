@@ -77,6 +77,12 @@ def mask_address(address: str) -> str:
     return f"{local[:3]}***@{domain.lower()}"
 
 
+def mask_identifiers(text: str) -> str:
+    """The text with every valid NIR and patient MSSanté address masked (previews)."""
+    text = _NIR.sub(lambda m: mask(m.group(0)) if valid_nir(m.group(0)) else m.group(0), text)
+    return _PATIENT_ADDRESS.sub(lambda m: mask_address(m.group(0)), text)
+
+
 def find_nirs(text: str) -> list[str]:
     return [m.group(0) for m in _NIR.finditer(text) if valid_nir(m.group(0))]
 

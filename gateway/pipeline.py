@@ -7,6 +7,7 @@ returns an Outcome, which only gateway/smtp.py turns into an SMTP reply.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import logging
@@ -79,6 +80,9 @@ class Pipeline:
         self._table = table
         self._workers = workers
         self._store = store
+        # Messages per (day, direction, action, main reason), flushed to the store's
+        # statistics by `flush_stats` (the dashboard of the web page).
+        self._stats: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
 
     # ---- analysis ---------------------------------------------------------------------
 
@@ -168,6 +172,7 @@ class Pipeline:
             return outcome
         outcome = await self._act(inbound, analysis, txn)
         log_message(inbound, outcome, time.perf_counter() - started)
+        self._count(inbound, outcome)
         if self._notifier is not None:
             self._notifier.after(inbound, analysis.verdict,
                                  analysis.parsed.subject if analysis.parsed else "",
@@ -201,6 +206,34 @@ class Pipeline:
         if action is Action.REJECT:
             return Outcome(kind=OutcomeKind.REJECTED, analysis=analysis)
         return Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, analysis=analysis)
+
+    # ---- statistics -------------------------------------------------------------------
+
+    def main_reason(self, verdict: Verdict) -> str:
+        """The symbol that decided: one forcing the action taken, else the heaviest one."""
+        for s in verdict.symbols:
+            sym = self._table.symbols.get(s.name)
+            if sym is not None and sym.action is verdict.action:
+                return s.name
+        return next((s.name for s in verdict.symbols if s.score > 0), "")
+
+    def _count(self, inbound: Inbound, outcome: Outcome) -> None:
+        if outcome.analysis is None:
+            return
+        verdict = outcome.analysis.verdict
+        day = time.strftime("%Y-%m-%d", time.localtime(inbound.received_at))
+        action = {OutcomeKind.QUARANTINED: "quarantine", OutcomeKind.REJECTED: "reject",
+                  OutcomeKind.DELIVERED: verdict.action.value}.get(outcome.kind, "tempfail")
+        self._stats[(day, inbound.direction.value, action, self.main_reason(verdict))] += 1
+
+    async def flush_stats(self) -> None:
+        if self._store is None or not self._stats:
+            return
+        counts, self._stats = dict(self._stats), collections.Counter()
+        try:
+            await self._store.add_stats(counts)
+        except Exception:  # noqa: BLE001 - statistics must never disturb mail
+            log.exception("statistics not saved")
 
     async def _quarantine(self, inbound: Inbound, analysis: Analysis) -> Outcome:
         if self._store is None:

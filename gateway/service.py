@@ -15,10 +15,12 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from gateway import logs
 from gateway.banner import load_templates, marker
@@ -32,6 +34,8 @@ from gateway.pipeline import Pipeline, emitted_symbols
 from gateway.relay import NextHop, create_next_hop, create_smarthost
 from gateway.smtp import ConnectionCounter, Handler, smtp_factory, submission_factory
 from gateway.symbols import SymbolTable, check_consistency, load_table
+from gateway.web.app import start_web, web_port
+from gateway.web.security import release_token
 from gateway.workers import Workers
 from quarantine.crypto import load_or_create_key
 from quarantine.store import Store
@@ -59,9 +63,11 @@ class Runtime:
     smarthost: NextHop
     notifier: Notifier
     store: Store | None
+    secret: bytes  # the installation's secret (banner marker, sender release links)
 
     async def close(self) -> None:
         await self.notifier.close()
+        await self.pipeline.flush_stats()
         if self.store is not None:
             await self.store.close()
         self.workers.close()
@@ -100,13 +106,16 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
     secret = (await asyncio.to_thread(load_or_create_key, cfg.key_file)
               if with_store or cfg.key_file.exists() else b"scan")
     next_hop = create_next_hop(cfg)
-    notifier = Notifier(cfg, next_hop)  # notices go to the sender's mailbox, inbound side
+    public = cfg.web.public_url.rstrip("/")
+    notifier = Notifier(  # notices go to the sender's mailbox: the inbound side
+        cfg, next_hop, (lambda item_id, sender: f"{public}/liberation/{item_id}/"
+                        f"{release_token(secret, item_id, sender)}") if public else None)
     pipeline = Pipeline(cfg=cfg, checks=checks, table=table, workers=workers, store=store,
                         templates=load_templates(cfg.banner_templates), mark=marker(secret),
                         notifier=notifier)
     return Runtime(cfg=cfg, table=table, workers=workers, pipeline=pipeline,
                    next_hop=next_hop, smarthost=create_smarthost(cfg), notifier=notifier,
-                   store=store)
+                   store=store, secret=secret)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -114,7 +123,9 @@ class Running:
     runtime: Runtime
     server: asyncio.Server
     submission: asyncio.Server | None
+    web: web.AppRunner | None
     counter: ConnectionCounter
+    tasks: list[asyncio.Task[None]]
 
     @property
     def port(self) -> int:
@@ -125,10 +136,19 @@ class Running:
         assert self.submission is not None
         return int(self.submission.sockets[0].getsockname()[1])
 
+    @property
+    def web_port(self) -> int:
+        assert self.web is not None
+        return web_port(self.web)
+
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         self.server.close()
         if self.submission is not None:
             self.submission.close()
+        for task in self.tasks:
+            task.cancel()
+        if self.web is not None:
+            await self.web.cleanup()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.counter.idle.wait(), grace_s)
         await self.runtime.close()
@@ -139,6 +159,7 @@ class Sockets:
     """Listening sockets bound by the parent before forking (or None: bind in-process)."""
     smtp: socket.socket | None = None
     submission: socket.socket | None = None
+    web: socket.socket | None = None
 
 
 async def _listen(factory: Any, address: HostPort | None,
@@ -151,9 +172,10 @@ async def _listen(factory: Any, address: HostPort | None,
                                     reuse_address=True)
 
 
-async def start(cfg: Config, *, sockets: Sockets = Sockets()) -> Running:
+async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = True) -> Running:
     """Serve SMTP (and submission when configured) in the running loop (in-process; the
-    tests use this with port 0)."""
+    tests use this with port 0). The primary serving process also serves the web page and
+    runs the retention purge."""
     runtime = await build_runtime(cfg)
     counter = ConnectionCounter(cfg.smtp.max_connections)
     handler = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.next_hop)
@@ -170,7 +192,41 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets()) -> Running:
         log.info("submission listening", extra={"fields": {
             "listen": [str(s.getsockname()) for s in submission.sockets],
             "smarthost": runtime.smarthost.name}})
-    return Running(runtime=runtime, server=server, submission=submission, counter=counter)
+    runner = None
+    tasks = [asyncio.create_task(_every(STATS_FLUSH_S, runtime.pipeline.flush_stats))]
+    if primary:
+        if cfg.web_listen is not None:
+            runner = await start_web(runtime, runtime.secret, sock=sockets.web)
+        tasks.append(asyncio.create_task(_every(PURGE_EVERY_S, lambda: purge_expired(runtime))))
+    return Running(runtime=runtime, server=server, submission=submission, web=runner,
+                   counter=counter, tasks=tasks)
+
+
+STATS_FLUSH_S = 30.0
+PURGE_EVERY_S = 3600.0
+
+
+async def _every(period_s: float, job: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        try:
+            await job()
+        except Exception:  # noqa: BLE001 - a periodic job must go on
+            log.exception("periodic job failed")
+        await asyncio.sleep(period_s)
+
+
+async def purge_expired(runtime: Runtime) -> int:
+    """Remove quarantine items older than the retention period; noted in the audit log."""
+    store = runtime.store
+    if store is None:
+        return 0
+    days = runtime.cfg.quarantine.retention_days
+    n = await store.purge(older_than_days=days)
+    if n:
+        await store.audit(user="système", action="purge", detail=f"{n} message(s) de plus de "
+                          f"{days} jours supprimé(s)")
+        log.info("retention purge", extra={"fields": {"removed": n, "days": days}})
+    return n
 
 
 @contextlib.asynccontextmanager
@@ -194,12 +250,13 @@ def _bind(listen: HostPort) -> socket.socket:
 
 
 def bind(cfg: Config) -> Sockets:
-    sub = cfg.submission_listen
-    return Sockets(smtp=_bind(cfg.listen), submission=_bind(sub) if sub else None)
+    sub, web_ = cfg.submission_listen, cfg.web_listen
+    return Sockets(smtp=_bind(cfg.listen), submission=_bind(sub) if sub else None,
+                   web=_bind(web_) if web_ else None)
 
 
-async def _serve_forever(cfg: Config, sockets: Sockets) -> None:
-    gw = await start(cfg, sockets=sockets)
+async def _serve_forever(cfg: Config, sockets: Sockets, primary: bool = True) -> None:
+    gw = await start(cfg, sockets=sockets, primary=primary)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -217,10 +274,10 @@ async def _serve_forever(cfg: Config, sockets: Sockets) -> None:
     await gw.stop()
 
 
-def _child(cfg: Config, sockets: Sockets) -> None:
+def _child(cfg: Config, sockets: Sockets, primary: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
-        asyncio.run(_serve_forever(cfg, sockets))
+        asyncio.run(_serve_forever(cfg, sockets, primary))
     except Exception:  # noqa: BLE001
         log.exception("serving process failed")
         os._exit(1)
@@ -234,7 +291,8 @@ def serve(cfg: Config) -> int:
     sockets = bind(cfg)
     n = cfg.worker_count
     log.info("gateway starting", extra={"fields": {
-        "listen": str(cfg.listen), "submission": cfg.submission.listen or None, "workers": n}})
+        "listen": str(cfg.listen), "submission": cfg.submission.listen or None,
+        "web": cfg.web.listen or None, "workers": n}})
     if n == 1:
         asyncio.run(_serve_forever(cfg, sockets))
         return 0
@@ -244,7 +302,7 @@ def serve(cfg: Config) -> int:
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
-            _child(cfg, sockets)
+            _child(cfg, sockets, slot == 0)
         children[pid] = slot
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -281,7 +339,7 @@ def serve(cfg: Config) -> int:
             time.sleep(1.0)
         last_restart = time.monotonic()
         spawn(slot)
-    for sock in (sockets.smtp, sockets.submission):
+    for sock in (sockets.smtp, sockets.submission, sockets.web):
         if sock is not None:
             sock.close()
     return 0

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from gateway.files import write_private
 from quarantine.crypto import RecordError, Sealer, load_or_create_key
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,59 @@ CREATE TABLE IF NOT EXISTS items (
     state_by TEXT
 );
 CREATE INDEX IF NOT EXISTS items_received ON items(received_at);
+-- Who did what on the web page and the CLI. Append-only: the triggers refuse any change.
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    user TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    client TEXT NOT NULL,
+    detail BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+-- Messages per day, direction, action and main reason (all mail, not only quarantined).
+CREATE TABLE IF NOT EXISTS stats (
+    day TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    action TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (day, direction, action, reason)
+);
 """
+
+_AUDIT = b"audit"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditEntry:
+    seq: int
+    at: float
+    user: str
+    action: str
+    target: str
+    client: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Filters:
+    """Search of the quarantine: clear columns in SQL, personal fields after unsealing."""
+
+    state: str | None = None
+    direction: str | None = None
+    since: float | None = None
+    until: float | None = None
+    min_score: float | None = None
+    reason: str | None = None  # a symbol name
+    sender: str = ""  # substring of the envelope sender or From
+    rcpt: str = ""
+    subject: str = ""
+
 
 _PERSONAL = ("queue_id", "mail_from", "rcpts", "subject", "from_header", "client_ip", "helo")
 
@@ -186,22 +239,7 @@ class Store:
         meta = json.dumps(_to_json(item), ensure_ascii=False).encode()
         plain = struct.pack(">I", len(meta)) + meta + raw
         blob = self._sealer.seal(plain, record_id=item_id, purpose=_MSG)
-        final = self._msgs / f"{item_id}.qmsg"
-        tmp = self._msgs / f".{item_id}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        dfd = os.open(self._msgs, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_private(self._msgs / f"{item_id}.qmsg", blob, sync_dir=True)
         self._insert(item)
         return item_id
 
@@ -293,6 +331,96 @@ class Store:
         data["rcpts"] = tuple(data["rcpts"])
         data["symbols"] = tuple(SymbolRecord(**s) for s in data["symbols"])
         return Item(**data), plain[4 + n:]
+
+    async def search(self, filters: Filters, *, limit: int = 50,
+                     offset: int = 0) -> tuple[list[Item], int]:
+        """Items matching `filters`, newest first, and how many match in all."""
+        return await asyncio.to_thread(self._search_sync, filters, limit, offset)
+
+    def _search_sync(self, f: Filters, limit: int, offset: int) -> tuple[list[Item], int]:
+        where: list[str] = []
+        args: list[Any] = []
+        for cond, value in (("state = ?", f.state), ("direction = ?", f.direction),
+                            ("received_at >= ?", f.since), ("received_at < ?", f.until),
+                            ("score >= ?", f.min_score)):
+            if value is not None and value != "":
+                where.append(cond)
+                args.append(value)
+        if f.reason:
+            where.append("symbols LIKE ?")
+            args.append('%"name": "' + f.reason.replace("%", "").replace("_", "\\_") + '"%')
+            where[-1] += " ESCAPE '\\'"
+        sql = "SELECT * FROM items" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY received_at DESC, id DESC"
+        with self._lock:
+            rows = self._conn().execute(sql, args).fetchall()
+        items = [self._row_item(r) for r in rows]
+        sender, rcpt, subject = f.sender.lower(), f.rcpt.lower(), f.subject.lower()
+        if sender or rcpt or subject:
+            items = [i for i in items
+                     if (not sender or sender in i.mail_from.lower()
+                         or sender in i.from_header.lower())
+                     and (not rcpt or any(rcpt in r.lower() for r in i.rcpts))
+                     and (not subject or subject in i.subject.lower())]
+        return items[offset:offset + limit], len(items)
+
+    async def total_size(self) -> tuple[int, int]:
+        """(items held, bytes) of the messages still in quarantine."""
+        def _size() -> tuple[int, int]:
+            with self._lock:
+                row = self._conn().execute(
+                    "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE state = ?",
+                    ("quarantined",)).fetchone()
+            return int(row[0]), int(row[1])
+        return await asyncio.to_thread(_size)
+
+    # ---- audit log and statistics -----------------------------------------------------
+
+    async def audit(self, *, user: str, action: str, target: str = "", client: str = "",
+                    detail: str = "") -> None:
+        """Append to the audit log (the detail may name a sender: sealed)."""
+        sealed = self._sealer.seal(detail.encode(), record_id="audit", purpose=_AUDIT)
+
+        def _add() -> None:
+            with self._lock:
+                self._conn().execute(
+                    "INSERT INTO audit (at, user, action, target, client, detail) "
+                    "VALUES (?,?,?,?,?,?)", (self._clock(), user, action, target, client, sealed))
+        await asyncio.to_thread(_add)
+
+    async def audit_log(self, *, limit: int = 100, offset: int = 0,
+                        action: str | None = None) -> tuple[list[AuditEntry], int]:
+        def _read() -> tuple[list[AuditEntry], int]:
+            cond, args = ("WHERE action = ?", [action]) if action else ("", [])
+            with self._lock:
+                total = self._conn().execute(f"SELECT count(*) FROM audit {cond}",
+                                             args).fetchone()[0]
+                rows = self._conn().execute(
+                    f"SELECT seq, at, user, action, target, client, detail FROM audit {cond} "
+                    "ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+            return [AuditEntry(seq=r[0], at=r[1], user=r[2], action=r[3], target=r[4],
+                               client=r[5], detail=self._sealer.open(
+                                   r[6], record_id="audit", purpose=_AUDIT).decode())
+                    for r in rows], int(total)
+        return await asyncio.to_thread(_read)
+
+    async def add_stats(self, counts: dict[tuple[str, str, str, str], int]) -> None:
+        """Add message counts keyed (day, direction, action, main reason)."""
+        def _add() -> None:
+            with self._lock:
+                self._conn().executemany(
+                    "INSERT INTO stats VALUES (?,?,?,?,?) ON CONFLICT (day, direction, action, "
+                    "reason) DO UPDATE SET count = count + excluded.count",
+                    [(*k, n) for k, n in counts.items()])
+        await asyncio.to_thread(_add)
+
+    async def stats(self, *, since_day: str) -> list[tuple[str, str, str, str, int]]:
+        def _read() -> list[tuple[str, str, str, str, int]]:
+            with self._lock:
+                return [tuple(r) for r in self._conn().execute(
+                    "SELECT day, direction, action, reason, count FROM stats WHERE day >= ? "
+                    "ORDER BY day", (since_day,))]
+        return await asyncio.to_thread(_read)
 
     # ---- state changes ----------------------------------------------------------------
 

@@ -265,3 +265,40 @@ def test_cli_add_user_writes_an_argon2_hash_in_a_0600_file(tmp_path: Path):
                           "--data-dir", str(data), "add-user", "court", "--password-stdin"],
                          input="abc\n", capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "trop court" in res.stderr
+
+
+async def test_sender_releases_her_held_message_from_the_link_in_the_notice(
+        tmp_path: Path, cert, relay: Sink, sink: Sink):
+    import aiohttp
+
+    cfg = make_config(
+        tmp_path / "data", smtp={"tls_cert": str(cert[0]), "tls_key": str(cert[1])},
+        next_hop={"address": sink.address, "starttls": "off"},
+        submission={"listen": "127.0.0.1:0", "smarthost": relay.address,
+                    "smarthost_ca_file": str(cert[0])},
+        web={"listen": "127.0.0.1:0", "public_url": "http://passerelle.cabinet.test"})
+    AccountFile(cfg.submission_users_file).add(USER, PASSWORD)
+    async with running(cfg) as gw:
+        s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
+        assert "quarantaine" in await send(s, "patient@gmail.com", mail("patient@gmail.com", LAB))
+        body = parsed(await sink.get()).get_content()
+        link = next(w for w in body.split() if w.startswith("http://passerelle.cabinet.test/"))
+        path = link.removeprefix("http://passerelle.cabinet.test")
+        base = f"http://127.0.0.1:{gw.web_port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + path[:-4] + "0000") as r:
+                assert r.status == 404  # a forged token
+            async with http.get(base + path) as r:
+                text = await r.text()
+                assert r.status == 200 and "patient@gmail.com" in text and "Je confirme" in text
+            async with http.post(base + path, data={}) as r:
+                assert r.status == 400  # the confirmation box is required
+            assert relay.empty()
+            async with http.post(base + path, data={"confirme": "1"}) as r:
+                assert r.status == 200 and "libéré et envoyé" in await r.text()
+        got = await relay.get()
+        assert got.rcpts == ["patient@gmail.com"] and got.tls
+        assert b"X-Gateway-" not in got.data  # our verdict fields do not leave the practice
+        assert b"Glyc" in got.data
+        entries, _ = await gw.runtime.store.audit_log()  # type: ignore[union-attr]
+        assert entries[0].action == "sender_release" and USER in entries[0].user

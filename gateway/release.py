@@ -1,0 +1,42 @@
+"""Releasing a quarantined message: the one way, used by the CLI and the web page.
+
+Inbound mail goes to the practice's mailbox server with the warning banner, the reasons it was
+held and a "released" note (`Pipeline.released`), plus `X-Gateway-Released` (who and when).
+Outbound mail (held by the outbound guard) goes to the smarthost as the sender wrote it: only
+our own `X-Gateway-*` and Authentication-Results fields are removed, nothing is added.
+The item is marked released only once the next hop has accepted the message.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from typing import TYPE_CHECKING
+
+from gateway import headers
+from gateway.relay import deliver
+from quarantine.store import Item
+
+if TYPE_CHECKING:
+    from gateway.service import Runtime
+
+
+async def release(runtime: Runtime, item_id: str, *, by: str) -> Item:
+    """Deliver and mark released. Raises NotFound, ValueError (not quarantined),
+    DownstreamUnavailable or DownstreamRejected (then the item stays quarantined)."""
+    store = runtime.store
+    if store is None:
+        raise RuntimeError("no quarantine store")
+
+    async def _deliver(item: Item, raw: bytes) -> None:
+        if item.direction == "outbound":
+            body = headers.strip_own_headers(raw, runtime.cfg.authserv_id)
+            await deliver(runtime.smarthost, item.mail_from, item.rcpts, b"", body)
+            return
+        stamp = f"by {by}; {formatdate(time.time())}; id {item.id}"
+        head = headers.encode_fields([("X-Gateway-Released", stamp)])
+        body = await runtime.pipeline.released(((s.name, s.description) for s in item.symbols),
+                                               raw)
+        await deliver(runtime.next_hop, item.mail_from, item.rcpts, head, body)
+
+    return await store.release(item_id, by=by, deliver=_deliver)

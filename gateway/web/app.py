@@ -1,0 +1,518 @@
+"""The quarantine web page (aiohttp, server-rendered jinja2 pages, no JavaScript at all).
+
+Served by `gateway serve` in one serving process, on the gateway's event loop, with the same
+quarantine store and next hops (service.py). Pages are French. See security.py for login,
+sessions, CSRF and headers, preview.py for the safe preview.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hmac
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import jinja2
+from aiohttp import web
+
+from gateway.accounts import AccountFile
+from gateway.errors import DownstreamRejected, DownstreamUnavailable
+from gateway.release import release
+from gateway.sender_lists import SenderLists
+from gateway.web import charts, preview
+from gateway.web.security import (
+    CSP,
+    HEADERS,
+    PREVIEW_CSP,
+    LoginLimiter,
+    Session,
+    Sessions,
+    TotpGuard,
+    release_token,
+    same_token,
+)
+from quarantine.store import Filters, Item, NotFound
+
+if TYPE_CHECKING:  # service.py imports this module
+    from gateway.service import Runtime
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+PAGE_SIZE = 25
+ACTIONS_FR = {"accept": "accepté", "tag": "marqué suspect", "quarantine": "quarantaine",
+              "reject": "refusé", "tempfail": "refus temporaire"}
+STATES_FR = {"quarantined": "en quarantaine", "released": "libéré", "deleted": "supprimé"}
+AUDIT_FR = {
+    "login": "connexion", "login_failed": "connexion refusée", "lockout": "compte verrouillé",
+    "logout": "déconnexion", "view": "consultation", "view_identifiers": "identifiants affichés",
+    "release": "libération", "release_failed": "libération échouée", "delete": "suppression",
+    "download": "téléchargement", "allow": "expéditeur autorisé", "block": "expéditeur bloqué",
+    "list_remove": "retrait de liste", "purge": "purge (rétention)",
+    "sender_release": "libération par l'expéditeur",
+}
+
+SESSION = web.RequestKey("session", Session)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebApp:
+    def __init__(self, runtime: Runtime, secret: bytes) -> None:
+        cfg = runtime.cfg
+        self.runtime = runtime
+        self.cfg = cfg
+        self.store = runtime.store
+        assert self.store is not None
+        self.secret = secret
+        self.accounts = AccountFile(cfg.web_users_file)
+        self.lists = SenderLists(cfg.data_dir / "sender-lists.json")
+        self.sessions = Sessions(cfg.web)
+        self.limiter = LoginLimiter(cfg.web)
+        self.totp = TotpGuard()
+        self.secure = bool(cfg.web.tls_cert) or cfg.web.public_url.startswith("https://")
+        self.cookie = "__Host-session" if self.secure else "session"
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+            undefined=jinja2.StrictUndefined)
+        self.env.filters["when"] = lambda ts: time.strftime("%d/%m/%Y %H:%M", time.localtime(ts))
+        self.env.filters["size"] = _size
+        self.env.globals.update(actions_fr=ACTIONS_FR, states_fr=STATES_FR, audit_fr=AUDIT_FR)
+
+    # ---- plumbing ---------------------------------------------------------------------
+
+    def build(self) -> web.Application:
+        app = web.Application(middlewares=[self.headers_mw, self.auth_mw],
+                              client_max_size=1024 * 1024)
+        r = app.router
+        r.add_get("/connexion", self.login_page)
+        r.add_post("/connexion", self.login)
+        r.add_post("/deconnexion", self.logout)
+        r.add_get("/", self.dashboard)
+        r.add_get("/quarantaine", self.list_page)
+        r.add_post("/quarantaine/actions", self.bulk)
+        r.add_get("/quarantaine/{id}", self.message_page)
+        r.add_get("/quarantaine/{id}/apercu", self.preview_frame)
+        r.add_get("/quarantaine/{id}/telecharger", self.download)
+        r.add_post("/quarantaine/{id}/{action}", self.item_action)
+        r.add_get("/listes", self.lists_page)
+        r.add_post("/listes", self.lists_change)
+        r.add_get("/journal", self.audit_page)
+        r.add_get("/liberation/{id}/{token}", self.sender_release_page)
+        r.add_post("/liberation/{id}/{token}", self.sender_release)
+        r.add_static("/static", HERE / "static", append_version=False)
+        return app
+
+    @web.middleware
+    async def headers_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:
+            resp = exc
+        resp.headers.setdefault("Content-Security-Policy", CSP)
+        for k, v in HEADERS.items():
+            resp.headers.setdefault(k, v)
+        if self.secure:
+            resp.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        if isinstance(resp, web.HTTPException):
+            raise resp
+        return resp
+
+    @web.middleware
+    async def auth_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        public = path in ("/connexion",) or path.startswith(("/static/", "/liberation/"))
+        session = self.sessions.get(request.cookies.get(self.cookie))
+        if session is not None and session.user not in self.accounts.load():
+            self.sessions.drop_user(session.user)  # account removed: its sessions end
+            session = None
+        if session is not None:
+            request[SESSION] = session
+        if request.method not in ("GET", "HEAD"):
+            origin = request.headers.get("Origin")
+            if origin and origin != "null" and origin != f"{request.scheme}://{request.host}":
+                return self.refuse(request, 403, "Requête refusée : origine inconnue.")
+        if public:
+            return await handler(request)
+        if session is None:
+            if request.method in ("GET", "HEAD"):
+                raise web.HTTPSeeOther("/connexion")
+            return self.refuse(request, 401, "Session expirée : reconnectez-vous.")
+        if request.method not in ("GET", "HEAD"):
+            form = await request.post()
+            token = form.get("csrf")
+            if not isinstance(token, str) or not same_token(session.csrf, token):
+                return self.refuse(request, 403, "Requête refusée : jeton de sécurité absent ou "
+                                                 "invalide. Rechargez la page et recommencez.")
+        return await handler(request)
+
+    def render(self, request: web.Request, template: str, status: int = 200,
+               **context: Any) -> web.Response:
+        session = request.get(SESSION)
+        html = self.env.get_template(template).render(session=session, path=request.path,
+                                                      **context)
+        return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+    def refuse(self, request: web.Request, status: int, message: str) -> web.Response:
+        return self.render(request, "error.html", status=status, message=message)
+
+    def client(self, request: web.Request) -> str:
+        return request.remote or ""
+
+    async def audit(self, request: web.Request, action: str, target: str = "",
+                    detail: str = "", user: str | None = None) -> None:
+        session = request.get(SESSION)
+        assert self.store is not None
+        await self.store.audit(user=user or (session.user if session else "-"), action=action,
+                               target=target, client=self.client(request), detail=detail)
+
+    def admin_only(self, request: web.Request) -> web.Response | None:
+        if not request[SESSION].is_admin:
+            return self.refuse(request, 403, "Action réservée aux administrateurs.")
+        return None
+
+    # ---- login ------------------------------------------------------------------------
+
+    async def login_page(self, request: web.Request) -> web.Response:
+        return self.render(request, "login.html", error="", name="")
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        name = str(form.get("utilisateur", "")).strip().lower()[:100]
+        password = str(form.get("mot_de_passe", ""))
+        code = str(form.get("code", ""))
+        keys = (f"user:{name}", f"ip:{self.client(request)}")
+        wait = self.limiter.locked(*keys)
+        if wait > 0:
+            await self.audit(request, "login_failed", name, "locked out", user=name or "-")
+            return self.render(request, "login.html", status=429, name=name, error=(
+                f"Trop d'essais : connexion bloquée pendant encore {math.ceil(wait / 60)} "
+                "minute(s)."))
+        account = await self.accounts.verify_async(name, password) if name else None
+        if account is None or not self.totp.verify(account.name, account.totp_secret, code):
+            locked = self.limiter.failed(*keys)
+            await self.audit(request, "lockout" if locked else "login_failed", name,
+                             "password or code refused", user=name or "-")
+            return self.render(request, "login.html", status=401, name=name, error=(
+                "Trop d'essais : connexion bloquée pendant "
+                f"{self.cfg.web.lockout_minutes} minutes." if locked else
+                "Identifiant, mot de passe ou code à usage unique incorrect."))
+        self.limiter.succeeded(*keys)
+        session = self.sessions.create(account.name, account.role, self.client(request))
+        request[SESSION] = session
+        await self.audit(request, "login")
+        resp = web.HTTPSeeOther("/")
+        resp.set_cookie(self.cookie, session.sid, httponly=True, samesite="Strict", path="/",
+                        secure=self.secure)
+        raise resp
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        session = request[SESSION]
+        await self.audit(request, "logout")
+        self.sessions.drop(session.sid)
+        resp = web.HTTPSeeOther("/connexion")
+        resp.del_cookie(self.cookie, path="/")
+        raise resp
+
+    # ---- pages ------------------------------------------------------------------------
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        assert self.store is not None
+        await self.runtime.pipeline.flush_stats()
+        since = time.strftime("%Y-%m-%d", time.localtime(time.time() - 29 * 86400))
+        rows = await self.store.stats(since_day=since)
+        held, size = await self.store.total_size()
+        by_action: dict[str, int] = {}
+        by_reason: dict[str, int] = {}
+        for _day, _direction, action, reason, n in rows:
+            by_action[action] = by_action.get(action, 0) + n
+            if reason:
+                by_reason[reason] = by_reason.get(reason, 0) + n
+        table = self.runtime.table.symbols
+        reasons = sorted(by_reason.items(), key=lambda kv: -kv[1])[:10]
+        return self.render(
+            request, "dashboard.html", by_action=by_action, held=held, size=size,
+            reasons=[(name, table[name].description if name in table else "", n)
+                     for name, n in reasons],
+            chart=charts.daily_bars(rows, days=30), total=sum(by_action.values()))
+
+    async def list_page(self, request: web.Request) -> web.Response:
+        assert self.store is not None
+        q = request.query
+        filters = Filters(
+            state=q.get("etat", "quarantined") or None, direction=q.get("sens") or None,
+            since=_day(q.get("du")), until=_day(q.get("au"), end=True),
+            min_score=_float(q.get("score_min")), reason=q.get("raison") or None,
+            sender=q.get("expediteur", "")[:200], rcpt=q.get("destinataire", "")[:200],
+            subject=q.get("objet", "")[:200])
+        page = max(1, int(q.get("page", "1")) if q.get("page", "1").isdigit() else 1)
+        items, total = await self.store.search(filters, limit=PAGE_SIZE,
+                                               offset=(page - 1) * PAGE_SIZE)
+        pages = max(1, math.ceil(total / PAGE_SIZE))
+        args = {k: v for k, v in q.items() if k != "page"}
+        return self.render(
+            request, "list.html", items=[(i, self._reasons(i)) for i in items], total=total,
+            page=page, pages=pages, q=q, reasons=sorted(self.runtime.table.symbols),
+            page_url=lambda n: "/quarantaine?" + urlencode({**args, "page": n}))
+
+    def _reasons(self, item: Item) -> list[str]:
+        """The main French reasons of an item, heaviest first (forced actions first)."""
+        table = self.runtime.table.symbols
+        ranked = sorted(item.symbols, key=lambda s: (
+            not (s.name in table and table[s.name].action is not None), -s.score))
+        out = [s.description or (table[s.name].description if s.name in table else s.name)
+               for s in ranked if s.score > 0 or (s.name in table and table[s.name].action)]
+        return list(dict.fromkeys(out))[:3]
+
+    async def message_page(self, request: web.Request) -> web.Response:
+        assert self.store is not None
+        item_id = request.match_info["id"]
+        show = request.query.get("identifiants") == "1" and request[SESSION].is_admin
+        try:
+            item = await self.store.item(item_id)
+            raw = (await self.store.get(item_id))[1] if item.state == "quarantined" else None
+        except NotFound:
+            return self.refuse(request, 404, "Message introuvable (supprimé ou purgé).")
+        view = None
+        if raw is not None:
+            view = await self.runtime.workers.run(_preview, raw, show,
+                                                  limit_s=self.cfg.scoring.parse_timeout_s)
+        await self.audit(request, "view_identifiers" if show else "view", item_id)
+        table = self.runtime.table.symbols
+        symbols = [(s, s.description or (table[s.name].description if s.name in table else ""))
+                   for s in item.symbols]
+        return self.render(request, "message.html", item=item, view=view, symbols=symbols,
+                           show=show, reasons=self._reasons(item),
+                           info=request.query.get("info", "")[:300])
+
+    async def preview_frame(self, request: web.Request) -> web.Response:
+        assert self.store is not None
+        item_id = request.match_info["id"]
+        show = request.query.get("identifiants") == "1" and request[SESSION].is_admin
+        try:
+            _, raw = await self.store.get(item_id)
+        except NotFound:
+            raise web.HTTPNotFound() from None
+        view = await self.runtime.workers.run(_preview, raw, show,
+                                              limit_s=self.cfg.scoring.parse_timeout_s)
+        resp = web.Response(text=preview.document(view.html or ""), content_type="text/html",
+                            charset="utf-8")
+        resp.headers["Content-Security-Policy"] = PREVIEW_CSP
+        resp.headers["X-Frame-Options"] = "SAMEORIGIN"
+        return resp
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self.admin_only(request)) is not None:
+            return refused
+        assert self.store is not None
+        item_id = request.match_info["id"]
+        try:
+            item, raw = await self.store.get(item_id)
+        except NotFound:
+            return self.refuse(request, 404, "Message introuvable (supprimé ou purgé).")
+        if request.query.get("confirme") != "1":
+            return self.render(request, "download.html", item=item)
+        await self.audit(request, "download", item_id)
+        return web.Response(body=raw, content_type="application/octet-stream", headers={
+            "Content-Disposition": f'attachment; filename="quarantaine-{item_id}.eml.txt"'})
+
+    # ---- actions ----------------------------------------------------------------------
+
+    async def item_action(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self.admin_only(request)) is not None:
+            return refused
+        item_id = request.match_info["id"]
+        action = request.match_info["action"]
+        if action not in ("liberer", "liberer-autoriser", "bloquer", "supprimer"):
+            raise web.HTTPNotFound()
+        message = await self._act(request, item_id, action)
+        raise web.HTTPSeeOther(f"/quarantaine/{item_id}?" + urlencode({"info": message}))
+
+    async def bulk(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self.admin_only(request)) is not None:
+            return refused
+        form = await request.post()
+        action = str(form.get("action", ""))
+        ids = [str(v) for v in form.getall("ids", [])][:PAGE_SIZE * 4]
+        if action not in ("liberer", "supprimer") or not ids:
+            raise web.HTTPSeeOther("/quarantaine?" + urlencode({"info": "Aucun message choisi."}))
+        results = [await self._act(request, i, action) for i in ids]
+        ok = sum(1 for r in results if not r.startswith("Impossible"))
+        raise web.HTTPSeeOther("/quarantaine?" + urlencode(
+            {"info": f"{ok} message(s) traité(s) sur {len(ids)}."}))
+
+    async def _act(self, request: web.Request, item_id: str, action: str) -> str:
+        """One action on one item; a French message for the page."""
+        assert self.store is not None
+        user = request[SESSION].user
+        try:
+            item = await self.store.item(item_id)
+            if action == "supprimer":
+                await self.store.delete(item_id, by=f"web:{user}")
+                await self.audit(request, "delete", item_id)
+                return "Message supprimé."
+            if action == "bloquer":
+                entry = self.lists.add("block", _sender(item), by=user)
+                await self.audit(request, "block", item_id, entry.value)
+                return f"Expéditeur {entry.value} bloqué pour les prochains messages."
+            if action == "liberer-autoriser":
+                entry = self.lists.add("allow", _sender(item), by=user)
+                await self.audit(request, "allow", item_id, entry.value)
+            await release(self.runtime, item_id, by=f"web:{user}")
+            await self.audit(request, "release", item_id, ", ".join(item.rcpts))
+            return "Message libéré et remis au destinataire."
+        except NotFound:
+            return "Impossible : message introuvable."
+        except ValueError as exc:
+            return f"Impossible : {exc}"
+        except (DownstreamUnavailable, DownstreamRejected) as exc:
+            await self.audit(request, "release_failed", item_id, str(exc)[:200])
+            return ("Impossible pour le moment : le serveur de messagerie n'a pas accepté le "
+                    "message. Le message reste en quarantaine ; réessayez plus tard.")
+
+    async def lists_page(self, request: web.Request) -> web.Response:
+        entries = sorted(self.lists.entries(), key=lambda e: (e.kind, e.value))
+        return self.render(request, "lists.html", entries=entries, error="")
+
+    async def lists_change(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self.admin_only(request)) is not None:
+            return refused
+        form = await request.post()
+        value = str(form.get("valeur", ""))
+        try:
+            if form.get("retirer"):
+                if self.lists.remove(value):
+                    await self.audit(request, "list_remove", "", value)
+            else:
+                kind = "block" if form.get("type") == "block" else "allow"
+                entry = self.lists.add(kind, value, by=request[SESSION].user,
+                                       note=str(form.get("note", ""))[:200])
+                await self.audit(request, kind, "", entry.value)
+        except ValueError as exc:
+            entries = sorted(self.lists.entries(), key=lambda e: (e.kind, e.value))
+            return self.render(request, "lists.html", status=400, entries=entries,
+                               error=str(exc))
+        raise web.HTTPSeeOther("/listes")
+
+    async def audit_page(self, request: web.Request) -> web.Response:
+        assert self.store is not None
+        page = int(request.query["page"]) if request.query.get("page", "").isdigit() else 1
+        entries, total = await self.store.audit_log(limit=100, offset=(max(page, 1) - 1) * 100)
+        return self.render(request, "audit.html", entries=entries, total=total, page=page,
+                           pages=max(1, math.ceil(total / 100)))
+
+    # ---- release by the sender (link in the outbound notice) -------------------------------
+
+    async def _sender_item(self, request: web.Request) -> Item | None:
+        assert self.store is not None
+        item_id, token = request.match_info["id"], request.match_info["token"]
+        try:
+            item = await self.store.item(item_id)
+        except NotFound:
+            return None
+        expected = release_token(self.secret, item.id, item.mail_from)
+        if item.direction != "outbound" or not hmac.compare_digest(expected, token):
+            return None
+        return item
+
+    async def sender_release_page(self, request: web.Request) -> web.Response:
+        item = await self._sender_item(request)
+        if item is None:
+            return self.refuse(request, 404, "Lien invalide ou message introuvable.")
+        return self.render(request, "sender_release.html", item=item, done="",
+                           reasons=self._reasons(item))
+
+    async def sender_release(self, request: web.Request) -> web.Response:
+        item = await self._sender_item(request)
+        if item is None:
+            return self.refuse(request, 404, "Lien invalide ou message introuvable.")
+        form = await request.post()
+        if form.get("confirme") != "1":
+            return self.refuse(request, 400, "Cochez la case de confirmation.")
+        try:
+            await release(self.runtime, item.id, by=f"sender:{item.mail_from}")
+        except ValueError:
+            done = "Ce message a déjà été traité."
+        except (DownstreamUnavailable, DownstreamRejected):
+            done = "L'envoi a échoué pour le moment ; le message reste retenu. Réessayez plus tard."
+        else:
+            await self.audit(request, "sender_release", item.id, ", ".join(item.rcpts),
+                             user=f"expéditeur {item.mail_from}")
+            done = "Le message a été libéré et envoyé."
+        return self.render(request, "sender_release.html", item=item, done=done, reasons=[])
+
+
+def _preview(raw: bytes, show: bool) -> preview.Preview:
+    return preview.build(raw, show_identifiers=show)
+
+
+def _sender(item: Item) -> str:
+    """The address to allow or block: From's, else the envelope sender's."""
+    found = [a for _, a in email.utils.getaddresses([item.from_header]) if "@" in a]
+    return found[0] if found else item.mail_from
+
+
+def _size(n: int) -> str:
+    for unit in ("o", "Ko", "Mo", "Go"):
+        if n < 1024 or unit == "Go":
+            return f"{n:.0f} {unit}" if unit == "o" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _day(text: str | None, *, end: bool = False) -> float | None:
+    if not text:
+        return None
+    try:
+        ts = time.mktime(time.strptime(text, "%Y-%m-%d"))
+    except ValueError:
+        return None
+    return ts + 86400 if end else ts
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+async def start_web(runtime: Runtime, secret: bytes, *, sock: Any = None) -> web.AppRunner:
+    """Serve the web page on the running loop: on `sock` (bound by the parent), else on
+    `web.listen`."""
+    import ssl
+
+    cfg = runtime.cfg
+    runner = web.AppRunner(WebApp(runtime, secret).build(), access_log=None,
+                           handle_signals=False)
+    await runner.setup()
+    ctx = None
+    if cfg.web.tls_cert:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cfg.web.tls_cert, cfg.web.tls_key)
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock, ssl_context=ctx)
+    else:
+        listen = cfg.web_listen
+        assert listen is not None
+        site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx,
+                           reuse_address=True)
+    await site.start()
+    server = getattr(site, "_server", None)
+    names = [str(s.getsockname()) for s in server.sockets] if server is not None else []
+    log.info("web page listening", extra={"fields": {"listen": names, "tls": ctx is not None}})
+    await asyncio.sleep(0)
+    return runner
+
+
+def web_port(runner: web.AppRunner) -> int:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    raise RuntimeError("web page not listening")

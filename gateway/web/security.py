@@ -1,0 +1,178 @@
+"""Login, sessions, CSRF and security headers of the quarantine web page.
+
+* Login needs the password (argon2, `gateway.accounts`) and a TOTP code (RFC 6238, pyotp, one
+  step of clock drift either way); a code is accepted once (replay refused).
+* Failed attempts are counted per account and per client address; past `max_login_failures`
+  within `lockout_minutes` (four times that for an address), logins are refused for
+  `lockout_minutes`, right password or not.
+* Sessions live in the serving process that runs the web page (one process, see service.py):
+  a random 256-bit id in a cookie (HttpOnly, SameSite=Strict, Path=/, Secure and `__Host-`
+  prefix over HTTPS), an idle timeout and a maximum age; logging out forgets it.
+* Every POST carries the session's CSRF token (a hidden form field), compared in constant time;
+  the Origin header, when present, must be ours.
+* Every answer gets a strict CSP (no script at all, frame-ancestors 'none'), no-referrer,
+  nosniff, no caching.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import pyotp
+
+from gateway.config import WebSection
+
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+       "frame-src 'self'; frame-ancestors 'none'; base-uri 'none'")
+# The sanitised mail preview, inside a sandboxed frame: nothing but inline styles and images
+# carried in the message itself.
+PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+               "frame-ancestors 'self'; base-uri 'none'; form-action 'none'; sandbox")
+HEADERS = {
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
+}
+ROLES = ("admin", "lecteur")
+
+
+@dataclass(slots=True, kw_only=True)
+class Session:
+    sid: str
+    user: str
+    role: str
+    csrf: str
+    created: float
+    seen: float
+    client: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class Sessions:
+    def __init__(self, cfg: WebSection) -> None:
+        self._idle = cfg.session_idle_minutes * 60
+        self._max = cfg.session_max_hours * 3600
+        self._by_id: dict[str, Session] = {}
+
+    def create(self, user: str, role: str, client: str) -> Session:
+        now = time.time()
+        s = Session(sid=secrets.token_urlsafe(32), user=user, role=role,
+                    csrf=secrets.token_urlsafe(32), created=now, seen=now, client=client)
+        self._by_id[s.sid] = s
+        return s
+
+    def get(self, sid: str | None) -> Session | None:
+        if not sid:
+            return None
+        s = self._by_id.get(sid)
+        now = time.time()
+        if s is None:
+            return None
+        if now - s.seen > self._idle or now - s.created > self._max:
+            self._by_id.pop(sid, None)
+            return None
+        s.seen = now
+        return s
+
+    def drop(self, sid: str) -> None:
+        self._by_id.pop(sid, None)
+
+    def drop_user(self, user: str) -> None:
+        for sid in [k for k, s in self._by_id.items() if s.user == user]:
+            self._by_id.pop(sid, None)
+
+
+@dataclass(slots=True)
+class _Failures:
+    times: collections.deque[float] = field(default_factory=collections.deque)
+    locked_until: float = 0.0
+
+
+class LoginLimiter:
+    """Failures per key (`user:NAME`, `ip:ADDRESS`); a key past its limit is locked. A client
+    address gets four times the account limit: the staff of a practice share one address, and
+    one person's typos must not lock everyone out."""
+
+    def __init__(self, cfg: WebSection) -> None:
+        self._max = cfg.max_login_failures
+        self._window = cfg.lockout_minutes * 60
+        self._keys: dict[str, _Failures] = collections.defaultdict(_Failures)
+
+    def locked(self, *keys: str) -> float:
+        """Seconds left of the longest lockout among `keys` (0: none)."""
+        now = time.time()
+        return max((self._keys[k].locked_until - now for k in keys if k in self._keys),
+                   default=0.0) if keys else 0.0
+
+    def failed(self, *keys: str) -> bool:
+        """Record a failure; True when it locked one of the keys."""
+        now = time.time()
+        locked = False
+        for k in keys:
+            f = self._keys[k]
+            f.times.append(now)
+            while f.times and f.times[0] < now - self._window:
+                f.times.popleft()
+            if len(f.times) >= (self._max * 4 if k.startswith("ip:") else self._max):
+                f.locked_until = now + self._window
+                f.times.clear()
+                locked = True
+        return locked
+
+    def succeeded(self, *keys: str) -> None:
+        for k in keys:
+            self._keys.pop(k, None)
+
+
+class TotpGuard:
+    """TOTP codes, each accepted once per account."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def verify(self, user: str, secret: str, code: str) -> bool:
+        code = code.strip().replace(" ", "")
+        if not secret or len(code) != 6 or not code.isdigit():
+            return False
+        totp = pyotp.TOTP(secret)
+        now = time.time()
+        for drift in (0, -1, 1):
+            at = now + drift * totp.interval
+            if hmac.compare_digest(totp.at(at), code):
+                step = int(at // totp.interval)
+                if self._last.get(user, -1) >= step:
+                    return False  # replayed
+                self._last[user] = step
+                return True
+        return False
+
+
+def new_totp_secret() -> str:
+    return pyotp.random_base32()
+
+
+def provisioning_uri(secret: str, user: str, issuer: str) -> str:
+    return pyotp.TOTP(secret).provisioning_uri(name=user, issuer_name=issuer)
+
+
+def release_token(secret: bytes, item_id: str, mail_from: str) -> str:
+    """The capability in a sender's release link (outbound notice): HMAC of the item and its
+    sender, under a key derived from the installation's secret."""
+    key = hmac.new(secret, b"sender-release", hashlib.sha256).digest()
+    return hmac.new(key, f"{item_id}\0{mail_from.lower()}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def same_token(expected: str, given: str | None) -> bool:
+    return bool(given) and hmac.compare_digest(expected.encode(), (given or "").encode())

@@ -1,0 +1,308 @@
+"""The quarantine web page without a browser: access control, login, lockout, cookies, headers,
+CSRF, escaping, actions, lists used by the pipeline, audit log, retention, sender release.
+(The browser tests are in tests/test_web_browser.py.)"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from gateway.accounts import AccountFile
+from gateway.service import Running, purge_expired, running
+from quarantine.store import NewItem
+from tests.conftest import DOMAIN, make_config
+from tests.support.certs import self_signed
+from tests.support.sink import Sink
+from tests.support.webclient import ADMIN, READER, Client, add_users, quarantine, suspicious
+
+
+@dataclass
+class Web:
+    gw: Running
+    sink: Sink
+    client: Client
+
+
+async def start_web(tmp_path: Path, sink: Sink, **web: object):
+    cfg = make_config(tmp_path / "data", next_hop={"address": sink.address, "starttls": "off"},
+                      web={"listen": "127.0.0.1:0", **web})
+    add_users(AccountFile(cfg.web_users_file))
+    return running(cfg)
+
+
+@pytest.fixture
+async def site(tmp_path: Path, sink: Sink) -> AsyncIterator[Web]:
+    async with await start_web(tmp_path, sink) as gw:
+        client = Client(f"http://127.0.0.1:{gw.web_port}")
+        try:
+            yield Web(gw=gw, sink=sink, client=client)
+        finally:
+            await client.close()
+
+
+PAGES = ["/", "/quarantaine", "/quarantaine/20261128T100000-0123456789ab",
+         "/quarantaine/20261128T100000-0123456789ab/apercu",
+         "/quarantaine/20261128T100000-0123456789ab/telecharger", "/listes", "/journal"]
+ACTIONS = ["/deconnexion", "/quarantaine/actions", "/listes",
+           "/quarantaine/20261128T100000-0123456789ab/liberer",
+           "/quarantaine/20261128T100000-0123456789ab/supprimer"]
+
+
+async def test_every_page_and_action_needs_a_session(site: Web):
+    item = await quarantine(site.gw, suspicious())
+    for path in [*PAGES, f"/quarantaine/{item}", f"/quarantaine/{item}/apercu"]:
+        status, _, resp = await site.client.get(path)
+        assert status == 303 and resp.headers["Location"] == "/connexion", path
+    for path in [*ACTIONS, f"/quarantaine/{item}/liberer"]:
+        status, text, _ = await site.client.post(path, {"csrf": "x", "ids": item})
+        assert status == 401 and "reconnectez-vous" in text, path
+    assert (await site.gw.runtime.store.item(item)).state == "quarantined"  # type: ignore[union-attr]
+    assert site.sink.empty()
+
+
+async def test_login_needs_password_and_totp_and_sets_a_strict_cookie(site: Web):
+    c = site.client
+    assert await c.login(ADMIN, code="000000") == 401
+    assert await c.login(ADMIN, code="12345") == 401
+    status, text, resp = await c.post("/connexion", {"utilisateur": ADMIN.name,
+                                                     "mot_de_passe": "pas le bon",
+                                                     "code": ADMIN.code()})
+    assert status == 401 and "incorrect" in text
+    status, _, resp = await c.post("/connexion", {"utilisateur": ADMIN.name,
+                                                  "mot_de_passe": ADMIN.password,
+                                                  "code": ADMIN.code()})
+    assert status == 303
+    cookie = resp.headers["Set-Cookie"]
+    assert cookie.startswith("session=")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    status, text, _ = await c.get("/")
+    assert status == 200 and "Tableau de bord" in text and "claire" in text
+    # The same code cannot be used twice (replay).
+    other = Client(c.base)
+    try:
+        assert await other.login(ADMIN, code=ADMIN.code()) == 401
+    finally:
+        await other.close()
+
+
+async def test_lockout_after_repeated_failures(site: Web):
+    c = site.client
+    for _ in range(5):
+        assert await c.login(ADMIN, code="000000") == 401
+    status, text, _ = await c.post("/connexion", {"utilisateur": ADMIN.name,
+                                                  "mot_de_passe": ADMIN.password,
+                                                  "code": ADMIN.code()})
+    assert status == 429 and "connexion bloquée" in text
+    entries, _ = await site.gw.runtime.store.audit_log()  # type: ignore[union-attr]
+    assert "lockout" in [e.action for e in entries]
+
+
+async def test_security_headers(site: Web):
+    status, _, resp = await site.client.get("/connexion")
+    assert status == 200
+    h = resp.headers
+    csp = h["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "script-src" not in csp  # no script at all
+    assert h["Referrer-Policy"] == "no-referrer" and h["X-Content-Type-Options"] == "nosniff"
+    assert h["X-Frame-Options"] == "DENY" and h["Cache-Control"] == "no-store"
+
+
+async def test_https_cookie_is_secure_with_host_prefix(tmp_path: Path, sink: Sink):
+    import ssl
+    cert, key = self_signed(tmp_path)
+    async with await start_web(tmp_path, sink, tls_cert=str(cert), tls_key=str(key)) as gw:
+        c = Client(f"https://127.0.0.1:{gw.web_port}")
+        try:
+            ctx = ssl.create_default_context(cafile=str(cert))
+            status, _, resp = await c.post("/connexion", {
+                "utilisateur": ADMIN.name, "mot_de_passe": ADMIN.password,
+                "code": ADMIN.code()}, ssl=ctx)
+            assert status == 303
+            cookie = resp.headers["Set-Cookie"]
+            assert cookie.startswith("__Host-session=") and "Secure" in cookie
+            assert "Strict-Transport-Security" in resp.headers
+        finally:
+            await c.close()
+
+
+async def test_post_without_csrf_token_is_refused(site: Web):
+    item = await quarantine(site.gw, suspicious())
+    await site.client.login(ADMIN)
+    status, text, _ = await site.client.post(f"/quarantaine/{item}/liberer", {})
+    assert status == 403 and "jeton de sécurité" in text
+    status, _, _ = await site.client.post(f"/quarantaine/{item}/liberer", {"csrf": "faux"})
+    assert status == 403
+    assert (await site.gw.runtime.store.item(item)).state == "quarantined"  # type: ignore[union-attr]
+    assert site.sink.empty()
+
+
+async def test_subject_and_sender_with_html_are_escaped(site: Web):
+    raw = suspicious('<script>alert("objet")</script><b>Urgent</b>',
+                     display='<img src=x onerror=alert(1)>Labo')
+    item = await quarantine(site.gw, raw)
+    await site.client.login(ADMIN)
+    for path in ("/quarantaine", f"/quarantaine/{item}"):
+        status, text, _ = await site.client.get(path)
+        assert status == 200
+        assert "<script>alert" not in text and "<img src=x" not in text
+        assert "&lt;script&gt;alert(&#34;objet&#34;)&lt;/script&gt;" in text
+        assert "&lt;img src=x onerror=alert(1)&gt;Labo" in text
+
+
+async def test_reader_can_view_but_not_act(site: Web):
+    item = await quarantine(site.gw, suspicious())
+    c = site.client
+    assert await c.login(READER) == 303
+    status, text, _ = await c.get(f"/quarantaine/{item}")
+    assert status == 200 and "Libérer" not in text
+    for action in ("liberer", "supprimer", "bloquer"):
+        status, text, _ = await c.post(f"/quarantaine/{item}/{action}", {"csrf": c.csrf})
+        assert status == 403 and "réservée aux administrateurs" in text
+    status, _, _ = await c.get(f"/quarantaine/{item}/telecharger?confirme=1")
+    assert status == 403
+    assert (await site.gw.runtime.store.item(item)).state == "quarantined"  # type: ignore[union-attr]
+
+
+async def test_release_delete_download_and_the_audit_log(site: Web):
+    store = site.gw.runtime.store
+    assert store is not None
+    one = await quarantine(site.gw, suspicious("Premier", n=1))
+    two = await quarantine(site.gw, suspicious("Second", n=2))
+    c = site.client
+    await c.login(ADMIN)
+    status, text, _ = await c.get(f"/quarantaine/{one}")
+    assert "facture.js" in text and "ATTACH_DANGEROUS_TYPE" in text
+    status, text, resp = await c.get(f"/quarantaine/{one}/telecharger")
+    assert status == 200 and "peut être dangereux" in text
+    status, _, resp = await c.get(f"/quarantaine/{one}/telecharger?confirme=1")
+    assert status == 200 and resp.headers["Content-Disposition"].startswith("attachment")
+    status, _, resp = await c.post(f"/quarantaine/{one}/liberer", {"csrf": c.csrf})
+    assert status == 303
+    got = await site.sink.get()
+    assert got.rcpts == [f"docteur@{DOMAIN}"] and b"Subject: [SUSPECT] Premier" in got.data
+    assert b"X-Gateway-Released: by web:claire" in got.data
+    status, _, _ = await c.post(f"/quarantaine/{two}/supprimer", {"csrf": c.csrf})
+    assert status == 303
+    assert (await store.item(one)).state == "released"
+    assert (await store.item(two)).state == "deleted"
+    status, text, _ = await c.get("/journal")
+    for word in ("connexion", "consultation", "téléchargement", "libération", "suppression"):
+        assert word in text
+    # Append-only: the database itself refuses to change the log.
+    import sqlite3
+    db = sqlite3.connect(store.root / "index.sqlite3")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM audit")
+    db.close()
+
+
+async def test_bulk_release(site: Web):
+    ids = [await quarantine(site.gw, suspicious(f"Lot {i}", n=10 + i)) for i in range(3)]
+    c = site.client
+    await c.login(ADMIN)
+    await c.get("/quarantaine")
+    status, _, resp = await c.post("/quarantaine/actions", [("csrf", c.csrf), ("action", "liberer"),
+                                                             *[("ids", i) for i in ids[:2]]])
+    assert status == 303 and "2+message" in resp.headers["Location"].replace("%28s%29", "")
+    subjects = {(await site.sink.get()).data.split(b"Subject: ")[1].split(b"\r\n")[0]
+                for _ in range(2)}
+    assert subjects == {b"[SUSPECT] Lot 0", b"[SUSPECT] Lot 1"}
+
+
+async def test_filters_and_pagination(site: Web):
+    store = site.gw.runtime.store
+    assert store is not None
+    await quarantine(site.gw, suspicious("Résultats labo", sender="a@labo-un.example", n=20),
+                     sender="a@labo-un.example")
+    await quarantine(site.gw, suspicious("Autre chose", sender="b@autre.example", n=21),
+                     sender="b@autre.example")
+    c = site.client
+    await c.login(ADMIN)
+    _, text, _ = await c.get("/quarantaine?expediteur=labo-un")
+    assert "Résultats labo" in text and "Autre chose" not in text
+    _, text, _ = await c.get("/quarantaine?objet=autre")
+    assert "Autre chose" in text and "Résultats labo" not in text
+    _, text, _ = await c.get("/quarantaine?raison=ATTACH_DANGEROUS_TYPE&score_min=1")
+    assert "2 message(s)" in text
+    _, text, _ = await c.get("/quarantaine?raison=DMARC_POLICY_REJECT")
+    assert "0 message(s)" in text
+    _, text, _ = await c.get("/quarantaine?etat=released")
+    assert "0 message(s)" in text
+    tomorrow = time.strftime("%Y-%m-%d", time.localtime(time.time() + 86400))
+    _, text, _ = await c.get(f"/quarantaine?du={tomorrow}")
+    assert "0 message(s)" in text
+
+
+async def test_block_from_the_page_refuses_the_next_mail(site: Web):
+    item = await quarantine(site.gw, suspicious())
+    c = site.client
+    await c.login(ADMIN)
+    await c.get(f"/quarantaine/{item}")
+    status, _, _ = await c.post(f"/quarantaine/{item}/bloquer", {"csrf": c.csrf})
+    assert status == 303
+    with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+        await aiosmtplib.send(suspicious("Encore", n=99).replace(b"facture.js", b"facture.txt"),
+                              sender="contact@labo-analyses.example",
+                              recipients=[f"docteur@{DOMAIN}"], hostname="127.0.0.1",
+                              port=site.gw.port, start_tls=False)
+    assert exc.value.code == 550
+    _, text, _ = await c.get("/listes")
+    assert "contact@labo-analyses.example" in text and "bloqué" in text
+
+
+async def test_dashboard_counts_and_chart(site: Web):
+    await quarantine(site.gw, suspicious())
+    c = site.client
+    await c.login(ADMIN)
+    status, text, _ = await c.get("/")
+    assert status == 200 and "<svg" in text and "ATTACH_DANGEROUS_TYPE" in text
+    assert re.search(r"<b>1</b> quarantaine", text)
+    assert "<script" not in text
+
+
+async def test_retention_purge_is_in_the_audit_log(site: Web):
+    store = site.gw.runtime.store
+    assert store is not None
+    old = NewItem(queue_id="q", received_at=time.time() - 40 * 86400, direction="inbound",
+                  action="quarantine", score=12.0, symbols=(), mail_from="x@y.example",
+                  rcpts=(f"docteur@{DOMAIN}",), subject="vieux", from_header="", client_ip="",
+                  helo="")
+    item = await store.put(old, b"Subject: vieux\r\n\r\nx\r\n")
+    assert await purge_expired(site.gw.runtime) == 1
+    entries, _ = await store.audit_log()
+    assert entries[0].action == "purge" and entries[0].user == "système"
+    assert item not in {i.id for i in await store.list_items(state=None)}
+
+
+def test_cli_admin_add_user_enrols_totp(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    import pyotp
+
+    from gateway.web.security import TotpGuard
+
+    data = tmp_path / "data"
+    qr = tmp_path / "qr.svg"
+    res = subprocess.run([sys.executable, "-m", "gateway", "admin", "--domain", DOMAIN,
+                          "--data-dir", str(data), "add-user", "Claire", "--role", "admin",
+                          "--password-stdin", "--qr", str(qr)],
+                         input="un-mot-de-passe-solide\n", capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    secret = re.search(r"saisissez cette clé : ([A-Z2-7]+)", res.stdout).group(1)  # type: ignore[union-attr]
+    assert "▀" in res.stdout or "█" in res.stdout  # the QR code in the terminal
+    assert qr.read_text().startswith("<?xml") and os.stat(qr).st_mode & 0o777 == 0o600
+    path = data / "web-users.json"
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    account = AccountFile(path).verify("claire", "un-mot-de-passe-solide")
+    assert account is not None and account.role == "admin" and account.totp_secret == secret
+    assert TotpGuard().verify("claire", secret, pyotp.TOTP(secret).now())

@@ -1,0 +1,197 @@
+"""The quarantine web page in a real browser: Debian's Chromium driven by Playwright.
+
+Log in with password and TOTP, lockout, list/filter/open, a hostile HTML mail previewed without
+running or loading anything, release to the next hop, a reader who cannot release, CSRF.
+Set GATEWAY_UPDATE_DOCS=1 to refresh the screenshots in docs/.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from gateway.accounts import AccountFile
+from gateway.service import running
+from tests.conftest import DOMAIN, make_config
+from tests.support.sink import Sink
+from tests.support.webclient import ADMIN, READER, User, add_users, quarantine, suspicious
+from tests.test_banner_render import CHROMIUM, DOCS, FLAGS
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian package chromium not installed (make test installs it)")
+
+
+@pytest.fixture
+async def tracker() -> AsyncIterator[tuple[str, list[str]]]:
+    """A loopback HTTP server standing for the phisher's: it records every request."""
+    hits: list[str] = []
+
+    async def any_path(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(body=b"GIF89a", content_type="image/gif")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", any_path)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}", hits
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def browser():
+    from playwright.async_api import async_playwright
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def login(page, base: str, user: User, code: str | None = None) -> None:
+    await page.goto(base + "/")
+    assert page.url.endswith("/connexion")
+    await page.get_by_label("Identifiant").fill(user.name)
+    await page.get_by_label("Mot de passe").fill(user.password)
+    await page.get_by_label("Code à 6 chiffres", exact=False).fill(code or user.code())
+    await page.get_by_role("button", name="Se connecter").click()
+
+
+async def test_admin_reviews_previews_safely_and_releases(tmp_path: Path, sink: Sink, browser,
+                                                          tracker):
+    remote, hits = tracker
+    cfg = web_config(tmp_path / "data", sink)
+    hostile = (
+        f'<html><head><link rel="stylesheet" href="{remote}/style.css"></head><body>'
+        f'<p>Bonjour, votre facture est disponible.</p>'
+        f'<script>alert("script")</script>'
+        f'<img src="{remote}/pixel.png" onerror="alert(\'onerror\')">'
+        f'<div style="background:url({remote}/bg.png)">fond</div>'
+        f'<a href="{remote}/login">Se connecter à Ameli</a>'
+        f'<iframe src="{remote}/frame"></iframe>'
+        f'<form action="{remote}/steal"><input name="password"></form></body></html>')
+    async with running(cfg) as gw:
+        base = f"http://127.0.0.1:{gw.web_port}"
+        item = await quarantine(gw, suspicious("Votre facture Ameli", html=hostile))
+        await quarantine(gw, suspicious("Autre message", n=2))
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await context.new_page()
+        dialogs: list[str] = []
+        requests: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        context.on("request", lambda r: requests.append(r.url))
+
+        # Wrong TOTP refused, then the right one.
+        await login(page, base, ADMIN, code="000000")
+        assert await page.get_by_role("alert").inner_text() == \
+            "Identifiant, mot de passe ou code à usage unique incorrect."
+        await login(page, base, ADMIN)
+        await page.get_by_role("heading", name="Tableau de bord", exact=False).wait_for()
+
+        # List, filter, open.
+        await page.get_by_role("link", name="Quarantaine").click()
+        assert await page.locator("table.items tbody tr").count() == 2
+        await page.get_by_label("Objet").fill("facture ameli")
+        await page.get_by_role("button", name="Filtrer").click()
+        rows = page.locator("table.items tbody tr")
+        assert await rows.count() == 1
+        assert "programme ou un fichier qui s'exécute" in await rows.first.inner_text()
+        if os.environ.get("GATEWAY_UPDATE_DOCS"):
+            await page.get_by_label("Objet").fill("")
+            await page.get_by_role("button", name="Filtrer").click()
+            await page.screenshot(path=str(DOCS / "quarantine-list.png"), full_page=True)
+            await page.get_by_label("Objet").fill("facture ameli")
+            await page.get_by_role("button", name="Filtrer").click()
+        await page.get_by_role("link", name="Votre facture Ameli").click()
+        await page.get_by_role("heading", name="Aperçu sécurisé").wait_for()
+
+        # The sanitised HTML preview: nothing ran, nothing was fetched.
+        frame_el = page.locator("iframe.preview")
+        await frame_el.wait_for()
+        frame = page.frame_locator("iframe.preview")
+        await frame.get_by_text("votre facture est disponible").wait_for()
+        assert await frame.locator("script, img, iframe, form, link").count() == 0
+        assert await frame.get_by_text("Se connecter à Ameli").get_attribute("href") is None
+        assert await frame_el.get_attribute("sandbox") == ""
+        await page.wait_for_timeout(500)
+        assert dialogs == []
+        assert hits == []
+        assert all(u.startswith(base) for u in requests), [u for u in requests
+                                                           if not u.startswith(base)]
+        assert "facture.js" in await page.locator("table").nth(2).inner_text()
+        if os.environ.get("GATEWAY_UPDATE_DOCS"):
+            # A full-page capture leaves the sandboxed (out-of-process) frame blank: a tall
+            # viewport instead.
+            await page.set_viewport_size({"width": 1280, "height": 2100})
+            await frame.get_by_text("votre facture est disponible").wait_for()
+            await page.wait_for_timeout(300)
+            await page.screenshot(path=str(DOCS / "quarantine-message.png"))
+            await page.set_viewport_size({"width": 1280, "height": 900})
+
+        # Release: the original message reaches the next hop.
+        await page.get_by_role("button", name="Libérer", exact=True).click()
+        await page.get_by_text("Message libéré et remis au destinataire").wait_for()
+        got = await sink.get()
+        _, stored = await gw.runtime.store.get(item)  # type: ignore[union-attr]
+        attachment = stored[stored.index(b'filename="facture.js"'):].split(b"\r\n\r\n", 1)[1]
+        assert attachment.split(b"\r\n--")[0] in got.data  # the attachment, byte for byte
+        assert got.rcpts == [f"docteur@{DOMAIN}"] and b"Votre facture Ameli" in got.data
+        assert (await gw.runtime.store.item(item)).state == "released"  # type: ignore[union-attr]
+        assert hits == [] and dialogs == []
+        await context.close()
+
+
+def web_config(data: Path, sink: Sink):
+    cfg = make_config(data, next_hop={"address": sink.address, "starttls": "off"},
+                      web={"listen": "127.0.0.1:0"})
+    add_users(AccountFile(cfg.web_users_file))
+    return cfg
+
+
+async def test_reader_cannot_release_and_csrf_is_required(tmp_path: Path, sink: Sink, browser):
+    async with running(web_config(tmp_path / "data", sink)) as gw:
+        base = f"http://127.0.0.1:{gw.web_port}"
+        item = await quarantine(gw, suspicious())
+        # Lockout: five wrong codes, then even the right one is refused for a while.
+        context = await browser.new_context()
+        page = await context.new_page()
+        for _ in range(5):
+            await login(page, base, READER, code="000000")
+        await login(page, base, READER)
+        assert "connexion bloquée" in await page.get_by_role("alert").inner_text()
+        await context.close()
+
+        context = await browser.new_context()
+        page = await context.new_page()
+        await login(page, base, ADMIN)
+        await page.goto(f"{base}/quarantaine/{item}")
+        # A POST without the CSRF token (as a forged form would send) is refused.
+        resp = await page.request.post(f"{base}/quarantaine/{item}/liberer", form={})
+        assert resp.status == 403 and "jeton de sécurité" in await resp.text()
+        await context.close()
+
+    # A reader, on a fresh gateway (the lockout above still holds for this account).
+    async with running(web_config(tmp_path / "data2", sink)) as gw:
+        base = f"http://127.0.0.1:{gw.web_port}"
+        item = await quarantine(gw, suspicious())
+        context = await browser.new_context()
+        page = await context.new_page()
+        await login(page, base, READER)
+        await page.goto(f"{base}/quarantaine/{item}")
+        await page.get_by_role("heading", name="Aperçu sécurisé").wait_for()
+        assert await page.get_by_role("button", name="Libérer", exact=True).count() == 0
+        csrf = await page.locator('input[name="csrf"]').first.get_attribute("value")
+        resp = await page.request.post(f"{base}/quarantaine/{item}/liberer",
+                                       form={"csrf": csrf or ""})
+        assert resp.status == 403 and "réservée aux administrateurs" in await resp.text()
+        assert (await gw.runtime.store.item(item)).state == "quarantined"  # type: ignore[union-attr]
+        assert sink.empty()
+        await context.close()
