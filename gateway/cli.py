@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import segno
-
 from gateway import __version__, config
 from gateway.accounts import AccountFile
 from gateway.banner import load_templates
@@ -24,7 +22,7 @@ from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailabl
 from gateway.message import Direction, Inbound, header_section_end
 from gateway.release import release
 from gateway.service import Runtime, build_runtime, load_rules, serve
-from gateway.web.security import new_totp_secret, provisioning_uri
+from gateway.web.security import enrolment_qr, new_totp_secret
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
 from quarantine.store import Item, NotFound
@@ -220,8 +218,7 @@ def _admin(cfg: Config, args: argparse.Namespace) -> int:
     if status != 0:
         return status
     name = args.name.strip().lower()
-    uri = provisioning_uri(secret, name, f"Passerelle {cfg.gateway.hostname}")
-    qr = segno.make(uri, error="m")
+    qr = enrolment_qr(secret, name, cfg.gateway.hostname)
     print("\nSecond facteur : scannez ce QR code avec une application d'authentification")
     print("(FreeOTP, Google Authenticator, Microsoft Authenticator...) :\n")
     qr.terminal(compact=True)

@@ -358,6 +358,17 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(bool(web.tls_cert) == bool(web.tls_key), "web.tls_cert", "tls_cert and tls_key go together")
     for key, path in (("web.tls_cert", web.tls_cert), ("web.tls_key", web.tls_key)):
         check(not path or Path(path).is_file(), key, f"file not found: {path}")
+    if cfg.web.listen and not web.tls_cert:
+        try:
+            host = cfg.web_listen.host if cfg.web_listen else ""
+        except ConfigError:  # reported above
+            host = "127.0.0.1"
+        try:
+            exposed = not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            exposed = host != "localhost"
+        check(not exposed, "web.listen", "a web page reachable beyond this machine needs HTTPS: "
+              "set web.tls_cert and web.tls_key, or listen on 127.0.0.1")
     check(not web.public_url or web.public_url.startswith(("https://", "http://")),
           "web.public_url", "must start with https:// (or http:// on loopback)")
     for key in ("session_idle_minutes", "session_max_hours", "max_login_failures",

@@ -96,3 +96,13 @@ def test_a_broken_rules_file_is_named(tmp_path: Path):
     assert res.returncode == 2
     assert f"{rules / 'lures.toml'}: not valid TOML" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_web_page_beyond_loopback_needs_https(tmp_path):
+    from gateway import config as cfgmod
+    from gateway.errors import ConfigError as Err
+    base = {"gateway": {"domains": ["a.fr"], "data_dir": str(tmp_path)}}
+    with pytest.raises(Err, match="web.listen: a web page reachable beyond this machine needs HTTPS"):
+        cfgmod.build({**base, "web": {"listen": "0.0.0.0:8080"}})
+    cfgmod.build({**base, "web": {"listen": "127.0.0.1:8080"}})
+    cfgmod.build({**base, "web": {"listen": ""}})

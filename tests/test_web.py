@@ -306,3 +306,83 @@ def test_cli_admin_add_user_enrols_totp(tmp_path: Path):
     account = AccountFile(path).verify("claire", "un-mot-de-passe-solide")
     assert account is not None and account.role == "admin" and account.totp_secret == secret
     assert TotpGuard().verify("claire", secret, pyotp.TOTP(secret).now())
+
+
+@pytest.mark.parametrize(("spf", "expected"), [
+    ("v=spf1 ip4:192.0.2.7 -all", "SENDER_LIST_ALLOWED"),  # the mail comes from the domain
+    ("v=spf1 -all", "SENDER_LIST_ALLOWED_UNVERIFIED"),  # anyone can write that From line
+])
+async def test_allow_list_counts_only_for_authenticated_mail(tmp_path: Path, dns_zone, spf: str,
+                                                            expected: str):
+    from gateway.message import Inbound
+    from gateway.sender_lists import SenderLists
+    from gateway.service import build_runtime
+
+    cfg = make_config(tmp_path)
+    SenderLists(cfg.data_dir / "sender-lists.json").add("allow", "@labo-analyses.example",
+                                                        by="claire")
+    dns_zone.load({"labo-analyses.example": [("TXT", spf)]})
+    rt = await build_runtime(cfg, with_store=False)
+    try:
+        raw = suspicious("Résultats").replace(b"facture.js", b"facture.txt")
+        analysis = await rt.pipeline.analyse(Inbound(
+            queue_id="a", peer_ip="192.0.2.7", helo="mx.labo-analyses.example",
+            mail_from="contact@labo-analyses.example", rcpts=(f"docteur@{DOMAIN}",), raw=raw))
+        names = {s.name: s.score for s in analysis.verdict.symbols}
+        assert expected in names
+        assert names[expected] == (-8 if expected == "SENDER_LIST_ALLOWED" else 0)
+    finally:
+        await rt.close()
+
+
+async def test_admin_manages_accounts_and_a_reader_cannot(site: Web):
+    import pyotp
+
+    c = site.client
+    await c.login(ADMIN)
+    await c.get("/comptes")
+    status, text, _ = await c.post("/comptes", {"csrf": c.csrf, "utilisateur": "remplacante",
+                                                "mot_de_passe": "un-mot-de-passe-long",
+                                                "role": "lecteur"})
+    assert status == 200 and "Compte remplacante créé" in text
+    assert 'src="data:image/svg+xml' in text
+    secret = re.search(r'<code class="secret">([A-Z2-7]+)</code>', text).group(1)  # type: ignore[union-attr]
+    newcomer = Client(c.base)
+    try:
+        status, _, _ = await newcomer.post("/connexion", {
+            "utilisateur": "remplacante", "mot_de_passe": "un-mot-de-passe-long",
+            "code": pyotp.TOTP(secret).now()})
+        assert status == 303
+        await newcomer.get("/")
+        status, _, _ = await newcomer.get("/comptes")
+        assert status == 403
+        # Removing the account ends its sessions at once.
+        status, _, _ = await c.post("/comptes", {"csrf": c.csrf, "utilisateur": "remplacante",
+                                                 "supprimer": "1"})
+        assert status == 303
+        status, _, resp = await newcomer.get("/quarantaine")
+        assert status == 303 and resp.headers["Location"] == "/connexion"
+    finally:
+        await newcomer.close()
+    status, text, _ = await c.post("/comptes", {"csrf": c.csrf, "utilisateur": ADMIN.name,
+                                                "supprimer": "1"})
+    assert status == 400 and "dernier administrateur" in text
+    _, text, _ = await c.get("/journal")
+    assert "compte créé" in text and "compte supprimé" in text
+
+
+async def test_social_security_numbers_are_masked_in_the_preview(site: Web):
+    from tests.test_outbound import NIR
+
+    spaced = f"{NIR[0]} {NIR[1:3]} {NIR[3:5]} {NIR[5:7]} {NIR[7:10]} {NIR[10:13]} {NIR[13:]}"
+    item = await quarantine(site.gw, suspicious(body=f"Assurée : {spaced}\n",
+                                                html=f"<p>NIR {NIR}</p>"))
+    c = site.client
+    await c.login(ADMIN)
+    for path in (f"/quarantaine/{item}", f"/quarantaine/{item}/apercu"):
+        _, text, _ = await c.get(path)
+        assert NIR not in text.replace(" ", "") and "2 95 10 ** *** *** **" in text
+    _, text, _ = await c.get(f"/quarantaine/{item}?identifiants=1")
+    assert spaced in text
+    _, text, _ = await c.get("/journal")
+    assert "identifiants affichés" in text

@@ -34,6 +34,8 @@ from gateway.web.security import (
     Session,
     Sessions,
     TotpGuard,
+    enrolment_qr,
+    new_totp_secret,
     release_token,
     same_token,
 )
@@ -55,7 +57,8 @@ AUDIT_FR = {
     "release": "libération", "release_failed": "libération échouée", "delete": "suppression",
     "download": "téléchargement", "allow": "expéditeur autorisé", "block": "expéditeur bloqué",
     "list_remove": "retrait de liste", "purge": "purge (rétention)",
-    "sender_release": "libération par l'expéditeur",
+    "sender_release": "libération par l'expéditeur", "user_add": "compte créé",
+    "user_remove": "compte supprimé",
 }
 
 SESSION = web.RequestKey("session", Session)
@@ -103,6 +106,8 @@ class WebApp:
         r.add_get("/listes", self.lists_page)
         r.add_post("/listes", self.lists_change)
         r.add_get("/journal", self.audit_page)
+        r.add_get("/comptes", self.accounts_page)
+        r.add_post("/comptes", self.accounts_change)
         r.add_get("/liberation/{id}/{token}", self.sender_release_page)
         r.add_post("/liberation/{id}/{token}", self.sender_release)
         r.add_static("/static", HERE / "static", append_version=False)
@@ -406,6 +411,45 @@ class WebApp:
         return self.render(request, "audit.html", entries=entries, total=total, page=page,
                            pages=max(1, math.ceil(total / 100)))
 
+    # ---- accounts (admins) ------------------------------------------------------------------
+
+    async def accounts_page(self, request: web.Request, *, status: int = 200, error: str = "",
+                            enrolled: dict[str, str] | None = None) -> web.Response:
+        if (refused := self.admin_only(request)) is not None:
+            return refused
+        users = sorted(self.accounts.load().values(), key=lambda a: a.name)
+        return self.render(request, "accounts.html", status=status, users=users, error=error,
+                           enrolled=enrolled)
+
+    async def accounts_change(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self.admin_only(request)) is not None:
+            return refused
+        form = await request.post()
+        name = str(form.get("utilisateur", "")).strip().lower()
+        if form.get("supprimer"):
+            admins = [a for a in self.accounts.load().values() if a.role == "admin"]
+            if name == request[SESSION].user or [a.name for a in admins] == [name]:
+                return await self.accounts_page(request, status=400, error=(
+                    "Impossible de supprimer son propre compte ou le dernier administrateur."))
+            try:
+                self.accounts.remove(name)
+            except KeyError:
+                return await self.accounts_page(request, status=404, error="Compte inconnu.")
+            self.sessions.drop_user(name)
+            await self.audit(request, "user_remove", "", name)
+            raise web.HTTPSeeOther("/comptes")
+        role = "admin" if form.get("role") == "admin" else "lecteur"
+        secret = new_totp_secret()
+        try:
+            account = await asyncio.to_thread(self.accounts.add, name, str(form.get("mot_de_passe", "")),
+                                              role=role, totp_secret=secret)
+        except ValueError as exc:
+            return await self.accounts_page(request, status=400, error=str(exc))
+        await self.audit(request, "user_add", "", f"{account.name} ({role})")
+        qr = enrolment_qr(secret, account.name, self.cfg.gateway.hostname)
+        return await self.accounts_page(request, enrolled={
+            "name": account.name, "secret": secret, "qr": qr.svg_data_uri(scale=5)})
+
     # ---- release by the sender (link in the outbound notice) -------------------------------
 
     async def _sender_item(self, request: web.Request) -> Item | None:
@@ -488,8 +532,11 @@ async def start_web(runtime: Runtime, secret: bytes, *, sock: Any = None) -> web
     import ssl
 
     cfg = runtime.cfg
-    runner = web.AppRunner(WebApp(runtime, secret).build(), access_log=None,
-                           handle_signals=False)
+    app = WebApp(runtime, secret)
+    if not app.accounts.load():
+        log.warning("web page has no account yet: create one with "
+                    "`gateway admin add-user NAME --role admin`")
+    runner = web.AppRunner(app.build(), access_log=None, handle_signals=False)
     await runner.setup()
     ctx = None
     if cfg.web.tls_cert:

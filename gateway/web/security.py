@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import pyotp
+import segno
 
 from gateway.config import WebSection
 
@@ -163,8 +164,10 @@ def new_totp_secret() -> str:
     return pyotp.random_base32()
 
 
-def provisioning_uri(secret: str, user: str, issuer: str) -> str:
-    return pyotp.TOTP(secret).provisioning_uri(name=user, issuer_name=issuer)
+def enrolment_qr(secret: str, user: str, hostname: str) -> segno.QRCode:
+    """The QR code an authenticator app scans (otpauth:// URI, RFC 6238 parameters)."""
+    uri = pyotp.TOTP(secret).provisioning_uri(name=user, issuer_name=f"Passerelle {hostname}")
+    return segno.make(uri, error="m")
 
 
 def release_token(secret: bytes, item_id: str, mail_from: str) -> str:

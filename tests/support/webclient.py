@@ -40,7 +40,8 @@ def add_users(accounts: AccountFile) -> None:
 
 
 def suspicious(subject: str = "Facture en attente", *, sender: str = "contact@labo-analyses.example",
-               display: str = "Laboratoire", html: str | None = None, n: int = 0) -> bytes:
+               display: str = "Laboratoire", html: str | None = None, n: int = 0,
+               body: str = "Bonjour,\nVeuillez trouver la facture jointe.\n") -> bytes:
     """A mail the gateway quarantines: a script file attached (ATTACH_DANGEROUS_TYPE)."""
     m = EmailMessage()
     m["From"] = f"{display} <{sender}>"
@@ -48,7 +49,7 @@ def suspicious(subject: str = "Facture en attente", *, sender: str = "contact@la
     m["Subject"] = subject
     m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0100"
     m["Message-ID"] = f"<web-{n}-{abs(hash(subject))}@labo-analyses.example>"
-    m.set_content("Bonjour,\nVeuillez trouver la facture jointe.\n")
+    m.set_content(body)
     if html is not None:
         m.add_alternative(html, subtype="html")
     m.add_attachment(b"WScript.Echo('facture')\r\n", maintype="application",
