@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="gateway serving processes (0 = cores)")
     ap.add_argument("--also-c", type=int, action="append", default=[],
                     help="extra concurrency levels to measure (e.g. 50)")
+    ap.add_argument("--no-web", action="store_true",
+                    help="gateway without its web page (served by one process by default)")
     args = ap.parse_args()
 
     sink_bin = shutil.which("smtp-sink")
@@ -206,7 +208,8 @@ def main() -> None:
                         [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{g}",
                          "--next-hop", f"127.0.0.1:{sink_port}", "--domain", "corp.example",
                          "--data-dir", str(data_dir), "--workers", str(args.workers),
-                         "--dns", dns_server.address], g))
+                         "--dns", dns_server.address,
+                         "--web-listen", "" if args.no_web else f"127.0.0.1:{free_port()}"], g))
         for concurrency in [args.concurrency, *args.also_c]:
             for name, cmd, port in systems:
                 runs = [measure(name, cmd, port, corpus, concurrency, args.count)

@@ -4,13 +4,18 @@ A file is JSON, created with mode 0600 and replaced atomically (temporary file, 
 Passwords are hashed with argon2id (argon2-cffi, its defaults: RFC 9106's low-memory profile).
 The file holds hashes and second-factor secrets: it never goes into logs, pages or the repo.
 Hashing and verifying cost tens of milliseconds and 64 MiB: callers on the event loop use
-`verify_async`, which runs one at a time per process in a thread.
+`verify_async`, which runs one at a time per process in a thread, and remembers a success for
+five minutes (as Dovecot's auth cache does: mail clients log in for every message they send),
+keyed by a salted digest of the account's hash and the password, so that a password change
+ends it and nothing reusable is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +30,7 @@ _HASHER = PasswordHasher()
 # Verified against when the name is unknown, so that unknown and known names cost the same.
 _DUMMY = _HASHER.hash("unknown user")
 MIN_PASSWORD = 10
+RECENT_S = 300.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +51,8 @@ class AccountFile:
         self.path = path
         self._cache: tuple[float, dict[str, Account]] | None = None
         self._lock = asyncio.Lock()
+        self._salt = secrets.token_bytes(16)
+        self._recent: dict[bytes, float] = {}  # digest -> monotonic expiry
 
     def load(self) -> dict[str, Account]:
         """The accounts, re-read when the file changed (users added while serving)."""
@@ -108,5 +116,16 @@ class AccountFile:
         return account
 
     async def verify_async(self, name: str, password: str) -> Account | None:
+        known = self.load().get(normalise(name))
+        digest = hashlib.sha256(self._salt + (known.password_hash if known else "").encode()
+                                + b"\0" + password.encode("utf-8", "surrogatepass")).digest()
+        now = time.monotonic()
+        if known is not None and self._recent.get(digest, 0.0) > now:
+            return known
         async with self._lock:
-            return await asyncio.to_thread(self.verify, name, password)
+            account = await asyncio.to_thread(self.verify, name, password)
+        if account is not None:
+            if len(self._recent) > 1000:
+                self._recent = {k: v for k, v in self._recent.items() if v > now}
+            self._recent[digest] = now + RECENT_S
+        return account

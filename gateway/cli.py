@@ -22,7 +22,6 @@ from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailabl
 from gateway.message import Direction, Inbound, header_section_end
 from gateway.release import release
 from gateway.service import Runtime, build_runtime, load_rules, serve
-from gateway.web.security import enrolment_qr, new_totp_secret
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
 from quarantine.store import Item, NotFound
@@ -210,6 +209,8 @@ def _users(accounts: AccountFile, args: argparse.Namespace, **fields: str) -> in
 
 def _admin(cfg: Config, args: argparse.Namespace) -> int:
     """Web page accounts: as submission users, plus a role and a TOTP secret shown once."""
+    from gateway.web.security import enrolment_qr, new_totp_secret
+
     accounts = AccountFile(cfg.web_users_file)
     if args.ucommand != "add-user":
         return _users(accounts, args)

@@ -13,6 +13,8 @@ and its failure is logged (the held message itself is already safe in the quaran
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -33,7 +35,8 @@ HOLD = "OUTBOUND_HEALTH_CLEARTEXT_HOLD"
 WARN = "OUTBOUND_HEALTH_CLEARTEXT_WARN"
 # Findings reported to the sender, in this order (descriptions from rules/symbols.toml).
 FINDINGS = ("OUTBOUND_NIR", "OUTBOUND_PATIENT_ADDRESS", "OUTBOUND_HEALTH_DOCUMENT",
-            "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_CLEARTEXT_SESSION", "OUTBOUND_CLEARTEXT_RELAY")
+            "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_ENCRYPTED_ARCHIVE", "OUTBOUND_CLEARTEXT_SESSION",
+            "OUTBOUND_CLEARTEXT_RELAY")
 
 
 def build(cfg: Config, inbound: Inbound, subject: str, verdict: Verdict, *, held: bool,
@@ -92,6 +95,13 @@ def build(cfg: Config, inbound: Inbound, subject: str, verdict: Verdict, *, held
     msg["X-Gateway-Notice"] = reference
     msg.set_content("\n".join(lines) + "\n", charset="utf-8", cte="quoted-printable")
     return msg.as_bytes()
+
+
+def release_token(secret: bytes, item_id: str, mail_from: str) -> str:
+    """The capability in a sender's release link (outbound notice): HMAC of the item and its
+    sender, under a key derived from the installation's secret."""
+    key = hmac.new(secret, b"sender-release", hashlib.sha256).digest()
+    return hmac.new(key, f"{item_id}\0{mail_from.lower()}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 class Notifier:

@@ -261,8 +261,11 @@ class Pipeline:
     def result_headers(self, inbound: Inbound, analysis: Analysis,
                        extra: Sequence[tuple[str, str]] = ()) -> bytes:
         """Our trace and result header fields, put in front of the message (whose own copies
-        are removed: they are forged)."""
+        are removed: they are forged). Mail the practice sends out gets the trace only: the
+        verdict is the practice's business, not its correspondents'."""
         verdict = analysis.verdict
+        if inbound.direction is Direction.OUTBOUND:
+            return headers.encode_fields([("Received", self._received(inbound)), *extra])
         fields = [
             ("Received", self._received(inbound)),
             ("Authentication-Results", authentication_results(
@@ -278,7 +281,8 @@ class Pipeline:
     # ---- banners ----------------------------------------------------------------------
 
     def _warning_for(self, inbound: Inbound, analysis: Analysis) -> banner.Warning | None:
-        if not self._cfg.banner.enabled:
+        # Banners warn the practice's readers; mail the practice sends is never marked.
+        if not self._cfg.banner.enabled or inbound.direction is Direction.OUTBOUND:
             return None
         verdict = analysis.verdict
         if verdict.action is Action.TAG:

@@ -48,6 +48,11 @@ POLICY_REJECT = Reply(
     code=550, status="5.7.1",
     text="Message refuse par la politique de securite du destinataire",
 )
+OUTBOUND_POLICY_REJECT = Reply(
+    code=550, status="5.7.1",
+    text="Envoi refuse par la passerelle de securite du cabinet (piece jointe ou contenu "
+         "dangereux) ; contactez la personne qui administre la messagerie",
+)
 DMARC_REJECT = Reply(
     code=550, status="5.7.1",
     text="Message refuse : il n'a pas ete envoye par les serveurs du domaine de l'expediteur, "

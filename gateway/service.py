@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import os
 import signal
@@ -18,9 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from gateway import logs
 from gateway.banner import load_templates, marker
@@ -29,16 +30,17 @@ from gateway.checks.base import Check, Services
 from gateway.config import Config, HostPort, nameservers
 from gateway.dns import Resolver
 from gateway.message import Direction
-from gateway.notice import Notifier
+from gateway.notice import Notifier, release_token
 from gateway.pipeline import Pipeline, emitted_symbols
 from gateway.relay import NextHop, create_next_hop, create_smarthost
 from gateway.smtp import ConnectionCounter, Handler, smtp_factory, submission_factory
 from gateway.symbols import SymbolTable, check_consistency, load_table
-from gateway.web.app import start_web, web_port
-from gateway.web.security import release_token
 from gateway.workers import Workers
 from quarantine.crypto import load_or_create_key
 from quarantine.store import Store
+
+if TYPE_CHECKING:
+    from aiohttp.web import AppRunner
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ class Running:
     runtime: Runtime
     server: asyncio.Server
     submission: asyncio.Server | None
-    web: web.AppRunner | None
+    web: AppRunner | None
     counter: ConnectionCounter
     tasks: list[asyncio.Task[None]]
 
@@ -138,6 +140,7 @@ class Running:
 
     @property
     def web_port(self) -> int:
+        from gateway.web.app import web_port
         assert self.web is not None
         return web_port(self.web)
 
@@ -196,6 +199,9 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
     tasks = [asyncio.create_task(_every(STATS_FLUSH_S, runtime.pipeline.flush_stats))]
     if primary:
         if cfg.web_listen is not None:
+            # Imported here, in the one process that serves the page: the other serving
+            # processes never load aiohttp, jinja2 and the sanitiser.
+            from gateway.web.app import start_web
             runner = await start_web(runtime, runtime.secret, sock=sockets.web)
         tasks.append(asyncio.create_task(_every(PURGE_EVERY_S, lambda: purge_expired(runtime))))
     return Running(runtime=runtime, server=server, submission=submission, web=runner,
@@ -284,8 +290,21 @@ def _child(cfg: Config, sockets: Sockets, primary: bool) -> None:
     os._exit(0)
 
 
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each new thread its own malloc arena (up to 8 per core); with the worker
+    threads, the executor threads of asyncio.to_thread and the event loop's, memory freed in
+    one arena is not reused by the others. Two arenas per process keep the peak down
+    (bench/RESULTS.md); MALLOC_ARENA_MAX in the environment, if set, wins."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+
+
 def serve(cfg: Config) -> int:
     """Run the gateway until SIGTERM/SIGINT. Returns the exit status."""
+    _limit_malloc_arenas()
     logs.setup(cfg.logging.level)
     prepare(cfg)
     sockets = bind(cfg)
@@ -320,6 +339,10 @@ def serve(cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
+    # Everything imported and built so far (rules, libraries) is shared with the children
+    # copy-on-write; the cyclic GC would write to every one of those objects in each child and
+    # so copy their pages. Frozen, the GC leaves them alone (measured in bench/RESULTS.md).
+    gc.freeze()
     for slot in range(n):
         spawn(slot)
     last_restart = 0.0

@@ -265,7 +265,7 @@ class Handler:
                 tls=session.ssl is not None, direction=self._direction,
                 auth_user=session.auth_user, next_hop_tls=txn.tls)
             outcome = await self._pipeline.process(inbound, txn)
-            return reply_for(outcome, queue_id)
+            return reply_for(outcome, queue_id, self._direction)
         finally:
             txn.abort()
             queue_id_var.reset(token)
@@ -275,7 +275,8 @@ class Handler:
         return str(replies.TEMPFAIL_INTERNAL)
 
 
-def reply_for(outcome: Outcome, queue_id: str) -> str:
+def reply_for(outcome: Outcome, queue_id: str,
+              direction: Direction = Direction.INBOUND) -> str:
     kind = outcome.kind
     if kind is OutcomeKind.DELIVERED:
         return f"{replies.DELIVERED} id={queue_id}"
@@ -287,6 +288,8 @@ def reply_for(outcome: Outcome, queue_id: str) -> str:
             return str(replies.DMARC_REJECT)
         if "OUTBOUND_HEALTH_CLEARTEXT_REJECT" in names:
             return str(replies.HEALTH_DATA_REJECT)
+        if direction is Direction.OUTBOUND:
+            return str(replies.OUTBOUND_POLICY_REJECT)
         return str(replies.POLICY_REJECT)
     if kind is OutcomeKind.DOWNSTREAM_REJECTED:
         return replies.downstream_reply(outcome.downstream_code or 550, outcome.downstream_text)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import aiosmtplib
@@ -36,14 +37,19 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 async def test_serve_on_embedded_default_delivers_to_maildir(tmp_path: Path):
-    port = free_port()
+    port, web_port = free_port(), free_port()
     data = tmp_path / "data"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
-         "--domain", DOMAIN, "--data-dir", str(data), "--workers", "2", "--dns", DNS.address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--domain", DOMAIN, "--data-dir", str(data), "--workers", "2", "--dns", DNS.address,
+         "--web-listen", f"127.0.0.1:{web_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_port(port, proc)
+        wait_port(web_port, proc)
+        # The web page, served by one of the serving processes, answers (login first).
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/connexion", timeout=10) as r:
+            assert r.status == 200 and "Connexion" in r.read().decode()
         for i in range(10):
             msg = (f"From: <a@labo.example>\r\nSubject: n{i}\r\n"
                    f"Date: Sat, 28 Nov 2026 10:00:00 +0100\r\n\r\ncorps {i}\r\n").encode()
@@ -53,7 +59,11 @@ async def test_serve_on_embedded_default_delivers_to_maildir(tmp_path: Path):
             assert reply.startswith("2.0.0")
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the serving processes too
+            raise
     assert proc.returncode == 0, stderr
     box = data / "maildir" / f"docteur@{DOMAIN}" / "new"
     delivered = sorted(p.read_bytes() for p in box.iterdir())
@@ -66,6 +76,7 @@ async def test_serve_on_embedded_default_delivers_to_maildir(tmp_path: Path):
     summaries = [e for e in events if e.get("event") == "message"]
     assert len(summaries) == 10
     assert {e["pid"] for e in events if e["msg"] == "SMTP listening"}.__len__() == 2
+    assert [e["msg"] for e in events].count("web page listening") == 1
     assert "Subject" not in stderr and "corps" not in stderr
     assert oct(os.stat(data).st_mode & 0o777) == "0o700"
 

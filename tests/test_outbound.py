@@ -220,3 +220,31 @@ async def test_patient_mssante_address_copied_to_an_ordinary_mailbox_is_held(run
     # Mail to the patient's own MSSanté address is the secure channel.
     v = await outbound(runtime, mail(patient, LAB), patient)
     assert v.action is Action.ACCEPT
+
+
+def encrypted_zip(name: str, content: bytes) -> bytes:
+    """A zip whose one member carries the 'encrypted' flag (as ZipCrypto archives do); the
+    zipfile module writes no encrypted archive, so the flag is set in both headers after."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(name, content)
+    data = bytearray(buf.getvalue())
+    central = data.index(b"PK\x01\x02")
+    data[6] |= 0x1  # local file header: general purpose flags
+    data[central + 8] |= 0x1  # central directory entry: the same flags
+    return bytes(data)
+
+
+async def test_encrypted_archive_protects_only_its_content(runtime):
+    archive = ("cr.zip", encrypted_zip("cr.pdf", b"\x00" * 64))
+    v = await outbound(runtime, mail("x@orange.fr", "Ci-joint le compte rendu, mot de passe "
+                                     "par téléphone.", attachment=archive), "x@orange.fr")
+    names = {s.name for s in v.symbols}
+    assert "OUTBOUND_ENCRYPTED_ARCHIVE" in names and v.action is Action.ACCEPT
+    # The text around the archive is still clear: a NIR there is held.
+    v = await outbound(runtime, mail("x@orange.fr", LAB, attachment=archive), "x@orange.fr")
+    assert {"OUTBOUND_ENCRYPTED_ARCHIVE", "OUTBOUND_HEALTH_CLEARTEXT_HOLD"} <= {
+        s.name for s in v.symbols}
+    assert v.action is Action.QUARANTINE

@@ -121,7 +121,8 @@ async def test_same_result_to_mssante_is_delivered_over_tls(setup: Setup):
     assert "transmis" in reply
     got = await setup.relay.get()
     assert got.rcpts == [to] and got.tls
-    assert b"X-Gateway-Action: accept" in got.data
+    assert b"X-Gateway-" not in got.data and b"Authentication-Results" not in got.data
+    assert b"Received: from" in got.data  # the trace only: the verdict stays in the practice
     assert b"with ESMTPS" in got.data.replace(b"\r\n\t", b" ")
     assert setup.mailbox.empty()
 
@@ -302,3 +303,15 @@ async def test_sender_releases_her_held_message_from_the_link_in_the_notice(
         assert b"Glyc" in got.data
         entries, _ = await gw.runtime.store.audit_log()  # type: ignore[union-attr]
         assert entries[0].action == "sender_release" and USER in entries[0].user
+
+
+async def test_remembered_login_ends_with_a_password_change(tmp_path: Path):
+    accounts = AccountFile(tmp_path / "users.json")
+    accounts.add(USER, PASSWORD)
+    assert await accounts.verify_async(USER, PASSWORD) is not None
+    assert await accounts.verify_async(USER, PASSWORD) is not None  # remembered
+    assert await accounts.verify_async(USER, PASSWORD + "x") is None
+    accounts.set_password(USER, "un-tout-autre-mot-de-passe")
+    assert await accounts.verify_async(USER, PASSWORD) is None
+    accounts.remove(USER)
+    assert await accounts.verify_async(USER, "un-tout-autre-mot-de-passe") is None

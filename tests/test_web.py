@@ -81,6 +81,7 @@ async def test_login_needs_password_and_totp_and_sets_a_strict_cookie(site: Web)
     cookie = resp.headers["Set-Cookie"]
     assert cookie.startswith("session=")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert "Max-Age=36000" in cookie  # expires with the session's maximum age (10 hours)
     status, text, _ = await c.get("/")
     assert status == 200 and "Tableau de bord" in text and "claire" in text
     # The same code cannot be used twice (replay).

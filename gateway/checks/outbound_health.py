@@ -3,13 +3,17 @@
 Only for mail the practice sends (direction outbound). Finds NIRs (valid key), identifiers near
 health vocabulary, health document formats (HPRIM, HL7 v2, CDA, DICOM, IHE XDM); then looks at
 how the message travels: recipients under *.mssante.fr are the secure channel, S/MIME or PGP
-encryption protects the message, anything else is clear text. Health data in clear gets the
-policy of `[outbound] policy`: hold (quarantine, default), reject, or warn.
+encryption protects the message, an encrypted archive protects only its own content (the
+message text and subject around it stay clear, and are searched), anything else is clear text.
+Health data in clear gets the policy of `[outbound] policy`: hold (quarantine, default),
+reject, or warn.
 """
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import zipfile
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,6 +45,7 @@ class _Found:
     context: bool
     formats: list[str]
     encrypted: bool
+    encrypted_archives: list[str]  # attachment names: their content is protected, the rest not
 
 
 def _scan(raw: bytes, msg: ParsedMessage) -> _Found:
@@ -50,6 +55,7 @@ def _scan(raw: bytes, msg: ParsedMessage) -> _Found:
     addresses = find_patient_addresses(" ".join(
         v for k, v in msg.headers if k.lower() in ("to", "cc")))
     formats: list[str] = []
+    archives: list[str] = []
     encrypted = any(p.content_type in _ENCRYPTED for p in msg.parts) or \
         "-----BEGIN PGP MESSAGE-----" in content.text
     for part in msg.parts:
@@ -57,6 +63,9 @@ def _scan(raw: bytes, msg: ParsedMessage) -> _Found:
             continue
         data = decode_transfer(part.payload(raw), part.transfer_encoding)
         if data is None:
+            continue
+        if _encrypted_zip(data):
+            archives.append(part.filename or "(archive)")
             continue
         fmt = health_format(part.filename or "", data)
         if fmt:
@@ -70,7 +79,20 @@ def _scan(raw: bytes, msg: ParsedMessage) -> _Found:
     text = "\n".join(texts)
     nirs, context = analyse_text(text)
     return _Found(nirs=nirs, patient_addresses=addresses + find_patient_addresses(text),
-                  context=context, formats=formats, encrypted=encrypted)
+                  context=context, formats=formats, encrypted=encrypted,
+                  encrypted_archives=archives)
+
+
+def _encrypted_zip(data: bytes) -> bool:
+    """A zip archive whose members are encrypted (general purpose flag bit 0)."""
+    if data[:4] != b"PK\x03\x04":
+        return False
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()[:1000]
+            return bool(infos) and all(i.flag_bits & 0x1 for i in infos if not i.is_dir())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 class OutboundHealthCheck:
@@ -81,7 +103,7 @@ class OutboundHealthCheck:
         "OUTBOUND_NIR", "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_HEALTH_DOCUMENT",
         "OUTBOUND_HEALTH_CLEARTEXT_HOLD", "OUTBOUND_HEALTH_CLEARTEXT_REJECT",
         "OUTBOUND_HEALTH_CLEARTEXT_WARN", "OUTBOUND_CLEARTEXT_SESSION", "OUTBOUND_CLEARTEXT_RELAY",
-        "OUTBOUND_PATIENT_ADDRESS",
+        "OUTBOUND_PATIENT_ADDRESS", "OUTBOUND_ENCRYPTED_ARCHIVE",
     })
 
     def __init__(self, services: Services) -> None:
@@ -102,6 +124,9 @@ class OutboundHealthCheck:
                             args=(("address", masked),)))
         if found.context:
             hits.append(Hit(symbol="OUTBOUND_HEALTH_CONTEXT"))
+        for name in dict.fromkeys(found.encrypted_archives):
+            hits.append(Hit(symbol="OUTBOUND_ENCRYPTED_ARCHIVE", detail=name,
+                            args=(("name", name),)))
         for fmt in dict.fromkeys(found.formats):
             hits.append(Hit(symbol="OUTBOUND_HEALTH_DOCUMENT", detail=fmt,
                             args=(("format", fmt),)))

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway.accounts import AccountFile
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
+from gateway.notice import release_token
 from gateway.release import release
 from gateway.sender_lists import SenderLists
 from gateway.web import charts, preview
@@ -36,7 +37,6 @@ from gateway.web.security import (
     TotpGuard,
     enrolment_qr,
     new_totp_secret,
-    release_token,
     same_token,
 )
 from quarantine.store import Filters, Item, NotFound
@@ -213,7 +213,7 @@ class WebApp:
         await self.audit(request, "login")
         resp = web.HTTPSeeOther("/")
         resp.set_cookie(self.cookie, session.sid, httponly=True, samesite="Strict", path="/",
-                        secure=self.secure)
+                        secure=self.secure, max_age=self.cfg.web.session_max_hours * 3600)
         raise resp
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
@@ -324,7 +324,7 @@ class WebApp:
             return self.render(request, "download.html", item=item)
         await self.audit(request, "download", item_id)
         return web.Response(body=raw, content_type="application/octet-stream", headers={
-            "Content-Disposition": f'attachment; filename="quarantaine-{item_id}.eml.txt"'})
+            "Content-Disposition": f'attachment; filename="quarantaine-{item_id}.eml"'})
 
     # ---- actions ----------------------------------------------------------------------
 

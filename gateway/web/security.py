@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import collections
-import hashlib
 import hmac
 import secrets
 import time
@@ -168,13 +167,6 @@ def enrolment_qr(secret: str, user: str, hostname: str) -> segno.QRCode:
     """The QR code an authenticator app scans (otpauth:// URI, RFC 6238 parameters)."""
     uri = pyotp.TOTP(secret).provisioning_uri(name=user, issuer_name=f"Passerelle {hostname}")
     return segno.make(uri, error="m")
-
-
-def release_token(secret: bytes, item_id: str, mail_from: str) -> str:
-    """The capability in a sender's release link (outbound notice): HMAC of the item and its
-    sender, under a key derived from the installation's secret."""
-    key = hmac.new(secret, b"sender-release", hashlib.sha256).digest()
-    return hmac.new(key, f"{item_id}\0{mail_from.lower()}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def same_token(expected: str, given: str | None) -> bool:
