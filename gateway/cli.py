@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, metavar="N", help="processus de service (0 = un par cœur)")
     p.add_argument("--submission-listen", metavar="HOTE:PORT",
                    help="port de dépôt (envoi) pour les logiciels de messagerie du cabinet")
+    p.add_argument("--submission-tls-listen", metavar="HOTE:PORT",
+                   help="port de dépôt chiffré dès la connexion (465), certificat requis")
     p.add_argument("--smarthost", metavar="HOTE:PORT",
                    help="relais d'envoi du fournisseur ; sans lui : Maildir local « outbox »")
     p.add_argument("--web-listen", metavar="HOTE:PORT",
@@ -122,6 +124,7 @@ def load_config(args: argparse.Namespace) -> Config:
         smtp__listen=getattr(args, "listen", None),
         next_hop__address=getattr(args, "next_hop", None),
         submission__listen=getattr(args, "submission_listen", None),
+        submission__listen_tls=getattr(args, "submission_tls_listen", None),
         submission__smarthost=getattr(args, "smarthost", None),
         web__listen=getattr(args, "web_listen", None),
         dns__nameservers=(args.dns,) if getattr(args, "dns", None) else None,

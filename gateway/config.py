@@ -123,7 +123,8 @@ class OutboundSection:
 class SubmissionSection:
     __pydantic_config__ = _STRICT
     # The practice's mail clients send here; empty = no submission listener.
-    listen: str = ""
+    listen: str = ""  # STARTTLS offered (port 587)
+    listen_tls: str = ""  # TLS from the first byte (port 465, RFC 8314); needs smtp.tls_cert
     # Clients that may send without AUTH (the practice's own mail server), as CIDR.
     trusted_networks: tuple[str, ...] = ()
     # AUTH is offered only after STARTTLS, except to clients in these networks.
@@ -244,6 +245,12 @@ class Config:
         return parse_host_port(self.submission.listen, key="submission.listen")
 
     @property
+    def submission_listen_tls(self) -> HostPort | None:
+        if not self.submission.listen_tls:
+            return None
+        return parse_host_port(self.submission.listen_tls, key="submission.listen_tls")
+
+    @property
     def smarthost(self) -> HostPort | None:
         if not self.submission.smarthost:
             return None
@@ -311,6 +318,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(s.parse_timeout_s > 0, "scoring.parse_timeout_s", "must be > 0")
     for key, value in (("smtp.listen", cfg.smtp.listen), ("next_hop.address", cfg.next_hop.address),
                        ("submission.listen", cfg.submission.listen),
+                       ("submission.listen_tls", cfg.submission.listen_tls),
                        ("submission.smarthost", cfg.submission.smarthost),
                        ("web.listen", cfg.web.listen)):
         if value:
@@ -351,6 +359,8 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         check(not path or Path(path).is_file(), key, f"file not found: {path}")
     check(bool(sub.smarthost_username) == bool(sub.smarthost_password_file),
           "submission.smarthost_username", "smarthost_username and smarthost_password_file go together")
+    check(not sub.listen_tls or bool(cfg.smtp.tls_cert), "submission.listen_tls",
+          "needs a certificate: set smtp.tls_cert and smtp.tls_key")
     check(sub.max_auth_failures >= 1, "submission.max_auth_failures", "must be >= 1")
     check(not cfg.submission.listen or cfg.submission.listen != cfg.smtp.listen
           or cfg.listen.port == 0, "submission.listen", "must differ from smtp.listen")

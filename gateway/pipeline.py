@@ -333,7 +333,8 @@ class Pipeline:
         return headers.encode_fields(list(result.fields)) + result.raw
 
     def _received(self, inbound: Inbound) -> str:
-        proto = "ESMTPS" if inbound.tls else "ESMTP"
+        # RFC 3848: S for TLS, A for an authenticated client.
+        proto = "ESMTP" + ("S" if inbound.tls else "") + ("A" if inbound.auth_user else "")
         helo = inbound.helo or "unknown"
         value = (f"from {helo} ([{inbound.peer_ip}]) by {self._cfg.gateway.hostname} "
                  f"(gateway) with {proto} id {inbound.queue_id}")

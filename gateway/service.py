@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +34,13 @@ from gateway.message import Direction
 from gateway.notice import Notifier, release_token
 from gateway.pipeline import Pipeline, emitted_symbols
 from gateway.relay import NextHop, create_next_hop, create_smarthost
-from gateway.smtp import ConnectionCounter, Handler, smtp_factory, submission_factory
+from gateway.smtp import (
+    ConnectionCounter,
+    Handler,
+    smtp_factory,
+    submission_factory,
+    tls_context,
+)
 from gateway.symbols import SymbolTable, check_consistency, load_table
 from gateway.workers import Workers
 from quarantine.crypto import load_or_create_key
@@ -125,6 +132,7 @@ class Running:
     runtime: Runtime
     server: asyncio.Server
     submission: asyncio.Server | None
+    submission_tls: asyncio.Server | None
     web: AppRunner | None
     counter: ConnectionCounter
     tasks: list[asyncio.Task[None]]
@@ -139,15 +147,20 @@ class Running:
         return int(self.submission.sockets[0].getsockname()[1])
 
     @property
+    def submission_tls_port(self) -> int:
+        assert self.submission_tls is not None
+        return int(self.submission_tls.sockets[0].getsockname()[1])
+
+    @property
     def web_port(self) -> int:
         from gateway.web.app import web_port
         assert self.web is not None
         return web_port(self.web)
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        self.server.close()
-        if self.submission is not None:
-            self.submission.close()
+        for server in (self.server, self.submission, self.submission_tls):
+            if server is not None:
+                server.close()
         for task in self.tasks:
             task.cancel()
         if self.web is not None:
@@ -162,17 +175,18 @@ class Sockets:
     """Listening sockets bound by the parent before forking (or None: bind in-process)."""
     smtp: socket.socket | None = None
     submission: socket.socket | None = None
+    submission_tls: socket.socket | None = None
     web: socket.socket | None = None
 
 
-async def _listen(factory: Any, address: HostPort | None,
-                  sock: socket.socket | None) -> asyncio.Server:
+async def _listen(factory: Any, address: HostPort | None, sock: socket.socket | None,
+                  tls: ssl.SSLContext | None = None) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     if sock is not None:
-        return await loop.create_server(factory, sock=sock, backlog=1024)
+        return await loop.create_server(factory, sock=sock, backlog=1024, ssl=tls)
     assert address is not None
     return await loop.create_server(factory, address.host, address.port, backlog=1024,
-                                    reuse_address=True)
+                                    reuse_address=True, ssl=tls)
 
 
 async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = True) -> Running:
@@ -186,15 +200,21 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
     log.info("SMTP listening", extra={"fields": {
         "listen": [str(s.getsockname()) for s in server.sockets],
         "next_hop": runtime.next_hop.name, "domains": sorted(cfg.domains), "pid": os.getpid()}})
-    submission = None
+    submission = submission_tls = None
+    outbound = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.smarthost,
+                       direction=Direction.OUTBOUND)
     if cfg.submission_listen is not None:
-        outbound = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.smarthost,
-                           direction=Direction.OUTBOUND)
         submission = await _listen(submission_factory(cfg, outbound, counter),
                                    cfg.submission_listen, sockets.submission)
-        log.info("submission listening", extra={"fields": {
-            "listen": [str(s.getsockname()) for s in submission.sockets],
-            "smarthost": runtime.smarthost.name}})
+    if cfg.submission_listen_tls is not None:
+        submission_tls = await _listen(
+            submission_factory(cfg, outbound, counter, implicit_tls=True),
+            cfg.submission_listen_tls, sockets.submission_tls, tls_context(cfg))
+    for srv in (submission, submission_tls):
+        if srv is not None:
+            log.info("submission listening", extra={"fields": {
+                "listen": [str(s.getsockname()) for s in srv.sockets],
+                "implicit_tls": srv is submission_tls, "smarthost": runtime.smarthost.name}})
     runner = None
     tasks = [asyncio.create_task(_every(STATS_FLUSH_S, runtime.pipeline.flush_stats))]
     if primary:
@@ -204,8 +224,8 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
             from gateway.web.app import start_web
             runner = await start_web(runtime, runtime.secret, sock=sockets.web)
         tasks.append(asyncio.create_task(_every(PURGE_EVERY_S, lambda: purge_expired(runtime))))
-    return Running(runtime=runtime, server=server, submission=submission, web=runner,
-                   counter=counter, tasks=tasks)
+    return Running(runtime=runtime, server=server, submission=submission,
+                   submission_tls=submission_tls, web=runner, counter=counter, tasks=tasks)
 
 
 STATS_FLUSH_S = 30.0
@@ -256,8 +276,9 @@ def _bind(listen: HostPort) -> socket.socket:
 
 
 def bind(cfg: Config) -> Sockets:
-    sub, web_ = cfg.submission_listen, cfg.web_listen
+    sub, sub_tls, web_ = cfg.submission_listen, cfg.submission_listen_tls, cfg.web_listen
     return Sockets(smtp=_bind(cfg.listen), submission=_bind(sub) if sub else None,
+                   submission_tls=_bind(sub_tls) if sub_tls else None,
                    web=_bind(web_) if web_ else None)
 
 
@@ -362,7 +383,7 @@ def serve(cfg: Config) -> int:
             time.sleep(1.0)
         last_restart = time.monotonic()
         spawn(slot)
-    for sock in (sockets.smtp, sockets.submission, sockets.web):
+    for sock in (sockets.smtp, sockets.submission, sockets.submission_tls, sockets.web):
         if sock is not None:
             sock.close()
     return 0

@@ -307,13 +307,14 @@ class SubmissionSMTP(GatewaySMTP):
 
     def __init__(self, handler: Handler, *, accounts: AccountFile,
                  trusted: Sequence[IPNetwork], cleartext_auth: Sequence[IPNetwork],
-                 max_failures: int, **kwargs: Any) -> None:
+                 max_failures: int, implicit_tls: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, auth_require_tls=True, auth_required=False,
                          auth_exclude_mechanism=[], **kwargs)
         self._accounts = accounts
         self._trusted = trusted
         self._cleartext_auth = cleartext_auth
         self._max_failures = max_failures
+        self._implicit_tls = implicit_tls  # the port speaks TLS from the first byte (RFC 8314)
         self._failures = 0
         self._credentials: LoginPassword | None = None
 
@@ -322,6 +323,10 @@ class SubmissionSMTP(GatewaySMTP):
         peer = transport.get_extra_info("peername")
         ip = _ip(peer[0] if isinstance(peer, tuple) else "")
         self._auth_require_tls = not _within(ip, self._cleartext_auth)
+        if self._implicit_tls and self.session is not None:
+            # aiosmtpd records TLS only for STARTTLS: the session is encrypted all along.
+            self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
+            self._auth_require_tls = False
         if isinstance(self.session, GatewaySession):
             self.session.trusted = _within(ip, self._trusted)
 
@@ -415,8 +420,13 @@ def smtp_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> A
     return make
 
 
-def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> Any:
+def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter, *,
+                       implicit_tls: bool = False) -> Any:
+    """The submission port's protocol; `implicit_tls` for the port whose server wraps every
+    connection in TLS (465), where STARTTLS is not offered again."""
     options = _server_options(cfg, counter)
+    if implicit_tls:
+        options["tls_context"] = None
     accounts = AccountFile(cfg.submission_users_file)
     trusted = networks(cfg.submission.trusted_networks)
     cleartext_auth = networks(cfg.submission.cleartext_auth_networks)
@@ -424,5 +434,6 @@ def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter
     def make() -> SubmissionSMTP:
         return SubmissionSMTP(handler, accounts=accounts, trusted=trusted,
                               cleartext_auth=cleartext_auth,
-                              max_failures=cfg.submission.max_auth_failures, **options)
+                              max_failures=cfg.submission.max_auth_failures,
+                              implicit_tls=implicit_tls, **options)
     return make

@@ -123,7 +123,7 @@ async def test_same_result_to_mssante_is_delivered_over_tls(setup: Setup):
     assert got.rcpts == [to] and got.tls
     assert b"X-Gateway-" not in got.data and b"Authentication-Results" not in got.data
     assert b"Received: from" in got.data  # the trace only: the verdict stays in the practice
-    assert b"with ESMTPS" in got.data.replace(b"\r\n\t", b" ")
+    assert b"with ESMTPSA" in got.data.replace(b"\r\n\t", b" ")
     assert setup.mailbox.empty()
 
 
@@ -315,3 +315,21 @@ async def test_remembered_login_ends_with_a_password_change(tmp_path: Path):
     assert await accounts.verify_async(USER, PASSWORD) is None
     accounts.remove(USER)
     assert await accounts.verify_async(USER, "un-tout-autre-mot-de-passe") is None
+
+
+async def test_implicit_tls_port(tmp_path: Path, cert, relay: Sink, sink: Sink):
+    async with await start(tmp_path, cert, relay, sink, listen_tls="127.0.0.1:0") as gw:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.submission_tls_port, use_tls=True,
+                               tls_context=ssl.create_default_context(cafile=str(cert[0])))
+        await smtp.connect()
+        try:
+            await smtp.ehlo()
+            assert smtp.supports_extension("auth") and not smtp.supports_extension("starttls")
+            await smtp.login(USER, PASSWORD)
+            to = "dr.x@medecin.mssante.fr"
+            _, reply = await smtp.sendmail(USER, [to], mail(to, LAB))
+            assert "transmis" in reply
+        finally:
+            smtp.close()
+        got = await relay.get()
+        assert b"with ESMTPSA" in got.data.replace(b"\r\n\t", b" ")
