@@ -14,25 +14,19 @@ import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from gateway.auth import ArcFacts, AuthResult
-from gateway.checks.base import CheckContext, CheckResult, Hit, Services
-from gateway.checks.dkim import TEMP, fetch_keys
+from gateway.checks.base import CheckContext, CheckResult, Hit
+from gateway.checks.dkim import TEMP, SignatureCheck, fetch_keys
 from gateway.message import Direction, ParsedMessage
 
 _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 
 
-class ArcCheck:
+class ArcCheck(SignatureCheck):
     name: ClassVar[str] = "arc"
     phase: ClassVar[int] = 1
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({"ARC_PASS", "ARC_FAIL", "ARC_NONE",
                                                    "ARC_TEMPERROR"})
-
-    def __init__(self, services: Services) -> None:
-        self._resolver = services.resolver
-        self._workers = services.workers
-        self._minkey = services.cfg.auth.dkim_min_key_bits
-        self._limit_s = services.cfg.scoring.parse_timeout_s
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         seals = [v for n, v in msg.headers if n.lower() == "arc-seal"]

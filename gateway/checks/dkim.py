@@ -32,7 +32,18 @@ from gateway.message import Direction, ParsedMessage, header_section_end
 TEMP = object()  # marker: the key lookup failed temporarily
 
 
-class DkimCheck:
+class SignatureCheck:
+    """What the DKIM and ARC checks share: keys fetched on our resolver, verification in the
+    worker pool within the parse time limit, the minimal RSA key size."""
+
+    def __init__(self, services: Services) -> None:
+        self._resolver = services.resolver
+        self._workers = services.workers
+        self._minkey = services.cfg.auth.dkim_min_key_bits
+        self._limit_s = services.cfg.scoring.parse_timeout_s
+
+
+class DkimCheck(SignatureCheck):
     name: ClassVar[str] = "dkim"
     phase: ClassVar[int] = 1
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
@@ -40,12 +51,6 @@ class DkimCheck:
         "DKIM_PASS", "DKIM_FAIL", "DKIM_NONE", "DKIM_TEMPERROR", "DKIM_PERMERROR",
         "DKIM_KEY_TOO_SMALL", "DKIM_EXPIRED", "DKIM_LENGTH_LIMIT", "DKIM_FROM_NOT_SIGNED",
     })
-
-    def __init__(self, services: Services) -> None:
-        self._resolver = services.resolver
-        self._workers = services.workers
-        self._minkey = services.cfg.auth.dkim_min_key_bits
-        self._limit_s = services.cfg.scoring.parse_timeout_s
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         values = [v for n, v in msg.headers if n.lower() == "dkim-signature"]
