@@ -364,6 +364,14 @@ class Store:
                      and (not subject or subject in i.subject.lower())]
         return items[offset:offset + limit], len(items)
 
+    async def symbol_names(self) -> list[str]:
+        """The symbol names found on any item (the reasons one can filter on)."""
+        def _names() -> list[str]:
+            with self._lock:
+                rows = self._conn().execute("SELECT DISTINCT symbols FROM items").fetchall()
+            return sorted({s["name"] for (r,) in rows for s in json.loads(r)})
+        return await asyncio.to_thread(_names)
+
     async def total_size(self) -> tuple[int, int]:
         """(items held, bytes) of the messages still in quarantine."""
         def _size() -> tuple[int, int]:

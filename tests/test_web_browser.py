@@ -99,16 +99,16 @@ async def test_admin_reviews_previews_safely_and_releases(tmp_path: Path, sink: 
         # List, filter, open.
         await page.get_by_role("link", name="Quarantaine").click()
         assert await page.locator("table.items tbody tr").count() == 2
-        await page.get_by_label("Objet").fill("facture ameli")
+        await page.get_by_label("Objet", exact=True).fill("facture ameli")
         await page.get_by_role("button", name="Filtrer").click()
         rows = page.locator("table.items tbody tr")
         assert await rows.count() == 1
         assert "programme ou un fichier qui s'exécute" in await rows.first.inner_text()
         if os.environ.get("GATEWAY_UPDATE_DOCS"):
-            await page.get_by_label("Objet").fill("")
+            await page.get_by_label("Objet", exact=True).fill("")
             await page.get_by_role("button", name="Filtrer").click()
             await page.screenshot(path=str(DOCS / "quarantine-list.png"), full_page=True)
-            await page.get_by_label("Objet").fill("facture ameli")
+            await page.get_by_label("Objet", exact=True).fill("facture ameli")
             await page.get_by_role("button", name="Filtrer").click()
         await page.get_by_role("link", name="Votre facture Ameli").click()
         await page.get_by_role("heading", name="Aperçu sécurisé").wait_for()

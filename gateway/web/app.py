@@ -12,6 +12,7 @@ import email.utils
 import hmac
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -262,7 +263,10 @@ class WebApp:
         args = {k: v for k, v in q.items() if k != "page"}
         return self.render(
             request, "list.html", items=[(i, self._reasons(i)) for i in items], total=total,
-            page=page, pages=pages, q=q, reasons=sorted(self.runtime.table.symbols),
+            page=page, pages=pages, q=q, reasons=[
+                (name, _label(self.runtime.table.symbols[name].description)
+                 if name in self.runtime.table.symbols else name)
+                for name in await self.store.symbol_names()],
             page_url=lambda n: "/quarantaine?" + urlencode({**args, "page": n}))
 
     def _reasons(self, item: Item) -> list[str]:
@@ -489,6 +493,13 @@ class WebApp:
                              user=f"expéditeur {item.mail_from}")
             done = "Le message a été libéré et envoyé."
         return self.render(request, "sender_release.html", item=item, done=done, reasons=[])
+
+
+def _label(description: str, width: int = 80) -> str:
+    """A French reason short enough for a drop-down (placeholders left out)."""
+    text = re.sub(r"\s*\([^)]*\{[^}]*\}[^)]*\)", "", description)
+    text = re.sub(r"\{[^}]*\}", "…", text).split(" : ")[0]
+    return text if len(text) <= width else text[:width - 1].rsplit(" ", 1)[0] + "…"
 
 
 def _preview(raw: bytes, show: bool) -> preview.Preview:
