@@ -350,18 +350,25 @@ class Store:
             where.append("symbols LIKE ?")
             args.append('%"name": "' + f.reason.replace("%", "").replace("_", "\\_") + '"%')
             where[-1] += " ESCAPE '\\'"
-        sql = "SELECT * FROM items" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY received_at DESC, id DESC"
+        where_sql = " WHERE " + " AND ".join(where) if where else ""
+        sql = f"SELECT * FROM items{where_sql} ORDER BY received_at DESC, id DESC"
+        sender, rcpt, subject = f.sender.lower(), f.rcpt.lower(), f.subject.lower()
+        if not (sender or rcpt or subject):
+            # Clear columns only: SQL pages, and only the page's rows are unsealed.
+            with self._lock:
+                total = self._conn().execute(f"SELECT count(*) FROM items{where_sql}",
+                                             args).fetchone()[0]
+                rows = self._conn().execute(f"{sql} LIMIT ? OFFSET ?",
+                                            [*args, limit, offset]).fetchall()
+            return [self._row_item(r) for r in rows], int(total)
         with self._lock:
             rows = self._conn().execute(sql, args).fetchall()
         items = [self._row_item(r) for r in rows]
-        sender, rcpt, subject = f.sender.lower(), f.rcpt.lower(), f.subject.lower()
-        if sender or rcpt or subject:
-            items = [i for i in items
-                     if (not sender or sender in i.mail_from.lower()
-                         or sender in i.from_header.lower())
-                     and (not rcpt or any(rcpt in r.lower() for r in i.rcpts))
-                     and (not subject or subject in i.subject.lower())]
+        items = [i for i in items
+                 if (not sender or sender in i.mail_from.lower()
+                     or sender in i.from_header.lower())
+                 and (not rcpt or any(rcpt in r.lower() for r in i.rcpts))
+                 and (not subject or subject in i.subject.lower())]
         return items[offset:offset + limit], len(items)
 
     async def symbol_names(self) -> list[str]:
