@@ -319,6 +319,7 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         return 0
     if cmd == "show":
         item, raw = await store.get(args.id)
+        await store.audit(user=by, action="download" if args.raw else "view", target=item.id)
         if args.raw:
             sys.stdout.buffer.write(raw)
             return 0
@@ -336,15 +337,20 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         except ValueError as exc:
             print(f"Impossible : {exc}", file=sys.stderr)
             return 1
+        await store.audit(user=by, action="release", target=item.id,
+                          detail=", ".join(item.rcpts))
         print(f"{item.id} libéré et remis à {', '.join(item.rcpts)}")
         return 0
     if cmd == "delete":
         await store.delete(args.id, by=by)
+        await store.audit(user=by, action="delete", target=args.id)
         print(f"{args.id} supprimé")
         return 0
     if cmd == "purge":
         days = args.days if args.days is not None else cfg.quarantine.retention_days
         n = await store.purge(older_than_days=days)
+        await store.audit(user=by, action="purge", detail=f"{n} message(s) de plus de "
+                          f"{days:g} jours supprimé(s)")
         print(f"{n} message(s) de plus de {days:g} jours supprimé(s)")
         return 0
     raise AssertionError(cmd)

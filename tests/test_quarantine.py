@@ -111,6 +111,9 @@ async def test_release_through_the_cli_delivers_the_original(tmp_path: Path, sin
     try:
         after = await store.item(item.id)
         assert after.state == "released" and after.state_by.startswith("cli:")
+        entries, _ = await store.audit_log()  # the CLI's actions are in the audit log too
+        assert [(e.action, e.target) for e in entries] == [("release", item.id)]
+        assert entries[0].user.startswith("cli:")
     finally:
         await store.close()
 

@@ -387,3 +387,21 @@ async def test_social_security_numbers_are_masked_in_the_preview(site: Web):
     assert spaced in text
     _, text, _ = await c.get("/journal")
     assert "identifiants affichés" in text
+
+
+async def test_hostile_paths_and_parameters_are_refused_cleanly(site: Web):
+    c = site.client
+    await c.login(ADMIN)
+    for path in ("/quarantaine/..%2F..%2Fetc%2Fpasswd", "/quarantaine/%00",
+                 "/quarantaine/20261128T100000-0123456789ab",
+                 "/quarantaine/" + "9" * 5000):
+        status, text, _ = await c.get(path)
+        assert status == 404 and "introuvable" in text, path
+    status, _, _ = await c.get("/quarantaine/..%2F..%2Fetc%2Fpasswd/apercu")
+    assert status == 404
+    for query in ("page=-3", "page=abc", "du=2026-13-45&au=x", "score_min=NaN%20x",
+                  "raison=%25%27%22", "expediteur=" + "é" * 1000):
+        status, text, _ = await c.get("/quarantaine?" + query)
+        assert status == 200 and "message(s)" in text, query
+    status, _, _ = await c.get("/journal?page=999999")
+    assert status == 200
