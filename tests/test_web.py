@@ -405,3 +405,12 @@ async def test_hostile_paths_and_parameters_are_refused_cleanly(site: Web):
         assert status == 200 and "message(s)" in text, query
     status, _, _ = await c.get("/journal?page=999999")
     assert status == 200
+
+
+async def test_unknown_pages_get_a_french_error_page_with_the_headers(site: Web):
+    await site.client.login(ADMIN)
+    status, text, resp = await site.client.get("/nexiste-pas")
+    assert status == 404 and "Page introuvable" in text
+    assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+    status, text, _ = await site.client.post("/journal", {"csrf": site.client.csrf})
+    assert status == 405 and "non permise" in text

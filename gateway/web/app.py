@@ -62,6 +62,9 @@ AUDIT_FR = {
     "user_remove": "compte supprimé",
 }
 
+ERRORS_FR = {404: "Page introuvable.", 405: "Action non permise sur cette page.",
+             413: "Demande trop volumineuse."}
+
 SESSION = web.RequestKey("session", Session)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -120,6 +123,13 @@ class WebApp:
             resp = await handler(request)
         except web.HTTPException as exc:
             resp = exc
+            if exc.status >= 400:  # aiohttp's own pages are English: ours instead
+                resp = self.refuse(request, exc.status, ERRORS_FR.get(
+                    exc.status, "La demande n'a pas pu être traitée."))
+        except Exception:  # noqa: BLE001 - a bug must not show a traceback, nor stop the page
+            log.exception("web page error", extra={"fields": {"path": request.path}})
+            resp = self.refuse(request, 500, "Erreur interne : rien n'a été modifié. Réessayez ; "
+                                             "si l'erreur revient, consultez les journaux.")
         resp.headers.setdefault("Content-Security-Policy", CSP)
         for k, v in HEADERS.items():
             resp.headers.setdefault(k, v)
