@@ -264,7 +264,7 @@ async def test_dashboard_counts_and_chart(site: Web):
     await c.login(ADMIN)
     status, text, _ = await c.get("/")
     assert status == 200 and "<svg" in text and "ATTACH_DANGEROUS_TYPE" in text
-    assert re.search(r"<b>1</b> quarantaine", text)
+    assert re.search(r"<b>1</b> en quarantaine", text)
     assert "<script" not in text
 
 

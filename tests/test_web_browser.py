@@ -146,6 +146,15 @@ async def test_admin_reviews_previews_safely_and_releases(tmp_path: Path, sink: 
         assert got.rcpts == [f"docteur@{DOMAIN}"] and b"Votre facture Ameli" in got.data
         assert (await gw.runtime.store.item(item)).state == "released"  # type: ignore[union-attr]
         assert hits == [] and dialogs == []
+
+        # The dashboard counts what went through, with its chart drawn server-side.
+        await page.get_by_role("link", name="Tableau de bord").click()
+        chart = page.locator("svg.chart")
+        await chart.wait_for()
+        assert await chart.locator("rect[fill='#fb8c00']").count() >= 1  # quarantined today
+        assert await page.locator(".card.quarantine b").inner_text() == "2"
+        if os.environ.get("GATEWAY_UPDATE_DOCS"):
+            await page.screenshot(path=str(DOCS / "dashboard.png"), full_page=True)
         await context.close()
 
 

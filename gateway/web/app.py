@@ -253,8 +253,8 @@ class WebApp:
         reasons = sorted(by_reason.items(), key=lambda kv: -kv[1])[:10]
         return self.render(
             request, "dashboard.html", by_action=by_action, held=held, size=size,
-            reasons=[(name, table[name].description if name in table else "", n)
-                     for name, n in reasons],
+            reasons=[(name, _label(table[name].description, 200) if name in table else "", n)
+                     for name, n in reasons], labels=charts.LABELS,
             chart=charts.daily_bars(rows, days=30), total=sum(by_action.values()))
 
     async def list_page(self, request: web.Request) -> web.Response:
