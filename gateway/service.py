@@ -30,6 +30,7 @@ from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
 from gateway.config import Config, HostPort, nameservers
 from gateway.dns import Resolver
+from gateway.errors import ConfigError
 from gateway.message import Direction
 from gateway.notice import Notifier, release_token
 from gateway.pipeline import Pipeline, emitted_symbols
@@ -267,19 +268,34 @@ async def running(cfg: Config) -> AsyncIterator[Running]:
 # ---- the serving processes -----------------------------------------------------------------
 
 
-def _bind(listen: HostPort) -> socket.socket:
+def _bind(listen: HostPort, key: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024,
-                                reuse_port=False)
+    try:
+        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024,
+                                    reuse_port=False)
+    except OSError as exc:  # port taken, address not on this machine, privileged port
+        raise ConfigError(f"{key}: cannot listen on {listen}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 
 
 def bind(cfg: Config) -> Sockets:
-    sub, sub_tls, web_ = cfg.submission_listen, cfg.submission_listen_tls, cfg.web_listen
-    return Sockets(smtp=_bind(cfg.listen), submission=_bind(sub) if sub else None,
-                   submission_tls=_bind(sub_tls) if sub_tls else None,
-                   web=_bind(web_) if web_ else None)
+    """Every listening socket, before any serving process starts; a port that cannot be
+    opened is a ConfigError naming its key (and nothing is left open)."""
+    wanted = [("smtp", "smtp.listen", cfg.listen),
+              ("submission", "submission.listen", cfg.submission_listen),
+              ("submission_tls", "submission.listen_tls", cfg.submission_listen_tls),
+              ("web", "web.listen", cfg.web_listen)]
+    opened: dict[str, socket.socket] = {}
+    try:
+        for name, key, address in wanted:
+            if address is not None:
+                opened[name] = _bind(address, key)
+    except ConfigError:
+        for sock in opened.values():
+            sock.close()
+        raise
+    return Sockets(**opened)
 
 
 async def _serve_forever(cfg: Config, sockets: Sockets, primary: bool = True) -> None:

@@ -100,3 +100,17 @@ def test_scan_json(tmp_path: Path):
     names = {s["name"] for s in second["symbols"]}
     assert {"FROM_MULTIPLE", "DATE_MISSING", "MESSAGE_ID_MISSING"} <= names
     assert all(s["description"] and isinstance(s["score"], float) for s in second["symbols"])
+
+
+def test_serve_reports_a_taken_port_by_its_key(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "gateway", "serve", "--listen",
+                              f"127.0.0.1:{free_port()}", "--domain", DOMAIN, "--data-dir",
+                              str(tmp_path / "data"), "--web-listen", f"127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert f"web.listen: cannot listen on 127.0.0.1:{port}" in res.stderr
+    assert "Traceback" not in res.stderr
