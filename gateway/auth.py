@@ -1,5 +1,7 @@
-"""Facts the authentication checks hand to each other (through CheckResult.facts) and to the
-Authentication-Results header: what was checked, for which domain, with which result."""
+"""Facts checks hand to each other and to the pipeline (through CheckResult.facts): for the
+authentication checks and the Authentication-Results header, what was checked, for which
+domain, with which result; for the outbound guard, which recipients health data would reach
+in clear."""
 
 from __future__ import annotations
 
@@ -56,4 +58,9 @@ class DmarcFacts:
     arc_override: bool = False
 
 
-Facts = SpfFacts | DkimFacts | ArcFacts | DmarcFacts
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundFacts:
+    exposed: tuple[str, ...]  # recipients health data would reach in clear (empty: none)
+
+
+Facts = SpfFacts | DkimFacts | ArcFacts | DmarcFacts | OutboundFacts

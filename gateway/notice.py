@@ -40,10 +40,11 @@ FINDINGS = ("OUTBOUND_NIR", "OUTBOUND_PATIENT_ADDRESS", "OUTBOUND_HEALTH_DOCUMEN
 
 
 def build(cfg: Config, inbound: Inbound, subject: str, verdict: Verdict, *, held: bool,
-          reference: str, release_url: str = "") -> bytes:
+          reference: str, release_url: str = "", delivered_to: tuple[str, ...] = ()) -> bytes:
     """The notice as wire bytes (CRLF)."""
     domain = inbound.mail_from.rpartition("@")[2] or sorted(cfg.domains)[0]
-    clear = [r for r in inbound.rcpts if not secure_recipient(r)] or list(inbound.rcpts)
+    clear = [r for r in inbound.rcpts if r not in delivered_to and not secure_recipient(r)] or \
+        [r for r in inbound.rcpts if r not in delivered_to]
     found = [s.description for name in FINDINGS for s in verdict.symbols if s.name == name]
     when = time.strftime("%d/%m/%Y à %H:%M", time.localtime(inbound.received_at))
     lines = [
@@ -57,7 +58,10 @@ def build(cfg: Config, inbound: Inbound, subject: str, verdict: Verdict, *, held
         *[f"  - {f}" for f in dict.fromkeys(found)],
         "",
     ]
-    if held:
+    if held and delivered_to:
+        lines += ["Le message a été envoyé aux destinataires de la messagerie sécurisée "
+                  f"({', '.join(delivered_to)}) ; il est RETENU pour les autres.", ""]
+    elif held:
         lines += ["Le message est RETENU : il n'a pas été envoyé.", ""]
     else:
         lines += ["Le message a été envoyé, mais sans protection.", ""]
@@ -115,7 +119,7 @@ class Notifier:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def after(self, inbound: Inbound, verdict: Verdict, subject: str, *, delivered: bool,
-              quarantine_id: str | None) -> None:
+              quarantine_id: str | None, delivered_to: tuple[str, ...] = ()) -> None:
         if not self._cfg.outbound.notify_sender or inbound.direction is not Direction.OUTBOUND:
             return
         names = {s.name for s in verdict.symbols}
@@ -126,7 +130,7 @@ class Notifier:
         reference = quarantine_id or inbound.queue_id
         url = self._release_url(reference, inbound.mail_from) if held and self._release_url else ""
         raw = build(self._cfg, inbound, subject, verdict, held=held, reference=reference,
-                    release_url=url)
+                    release_url=url, delivered_to=delivered_to)
         task = asyncio.get_running_loop().create_task(self._send(inbound.mail_from, raw, reference))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from gateway import banner, headers
-from gateway.auth import ArcFacts, AuthResult, DkimFacts, DmarcFacts, SpfFacts
+from gateway.auth import ArcFacts, AuthResult, DkimFacts, DmarcFacts, OutboundFacts, SpfFacts
 from gateway.checks.base import Check, CheckContext, CheckResult, Hit, runner_symbols
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
@@ -60,6 +60,7 @@ class Outcome:
     kind: OutcomeKind
     analysis: Analysis | None = None
     quarantine_id: str | None = None
+    delivered_to: tuple[str, ...] = ()  # quarantined for some recipients, delivered to these
     downstream_code: int | None = None
     downstream_text: str = ""
 
@@ -177,7 +178,8 @@ class Pipeline:
             self._notifier.after(inbound, analysis.verdict,
                                  analysis.parsed.subject if analysis.parsed else "",
                                  delivered=outcome.kind is OutcomeKind.DELIVERED,
-                                 quarantine_id=outcome.quarantine_id)
+                                 quarantine_id=outcome.quarantine_id,
+                                 delivered_to=outcome.delivered_to)
         return outcome
 
     async def _act(self, inbound: Inbound, analysis: Analysis, txn: Transaction) -> Outcome:
@@ -200,9 +202,13 @@ class Pipeline:
                 return Outcome(kind=OutcomeKind.DOWNSTREAM_REJECTED, analysis=analysis,
                                downstream_code=exc.code, downstream_text=exc.text)
             return Outcome(kind=OutcomeKind.DELIVERED, analysis=analysis)
-        txn.abort()
         if action is Action.QUARANTINE:
+            secure = self._secure_share(inbound, analysis)
+            if secure:
+                return await self._partial_hold(inbound, analysis, txn, secure)
+            txn.abort()
             return await self._quarantine(inbound, analysis)
+        txn.abort()
         if action is Action.REJECT:
             return Outcome(kind=OutcomeKind.REJECTED, analysis=analysis)
         return Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, analysis=analysis)
@@ -234,6 +240,44 @@ class Pipeline:
             await self._store.add_stats(counts)
         except Exception:  # noqa: BLE001 - statistics must never disturb mail
             log.exception("statistics not saved")
+
+    def _secure_share(self, inbound: Inbound, analysis: Analysis) -> list[str]:
+        """Outbound mail held only because health data would reach some recipients in clear:
+        the others (MSSanté), who may have it untouched. Empty when anything else holds it."""
+        verdict = analysis.verdict
+        if inbound.direction is not Direction.OUTBOUND or \
+                verdict.score >= self._cfg.scoring.quarantine:
+            return []
+        forcing = {s.name for s in verdict.symbols
+                   if (sym := self._table.symbols.get(s.name)) is not None
+                   and sym.action is not None and sym.action.severity >= Action.TEMPFAIL.severity}
+        if forcing != {"OUTBOUND_HEALTH_CLEARTEXT_HOLD"}:
+            return []
+        facts = next((r.facts for r in analysis.results if isinstance(r.facts, OutboundFacts)),
+                     None)
+        if facts is None or not facts.exposed:
+            return []
+        return [r for r in inbound.rcpts if r not in facts.exposed]
+
+    async def _partial_hold(self, inbound: Inbound, analysis: Analysis, txn: Transaction,
+                            secure: list[str]) -> Outcome:
+        """Hold the copy of the recipients in clear, then deliver to the secure ones. If that
+        delivery fails, the held copy is withdrawn and the sender retries the whole message."""
+        clear = tuple(r for r in inbound.rcpts if r not in secure)
+        held = await self._quarantine(dataclasses.replace(inbound, rcpts=clear), analysis)
+        if held.kind is not OutcomeKind.QUARANTINED or held.quarantine_id is None:
+            txn.abort()
+            return held
+        txn.restrict(secure)
+        try:
+            await txn.send(self.result_headers(inbound, analysis),
+                           headers.strip_own_headers(inbound.raw, self._cfg.authserv_id))
+        except (DownstreamUnavailable, DownstreamRejected) as exc:
+            log.warning("delivery to the secure recipients failed; held copy withdrawn: %s", exc)
+            assert self._store is not None
+            await self._store.delete(held.quarantine_id, by="system:retry")
+            return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis)
+        return dataclasses.replace(held, delivered_to=tuple(secure))
 
     async def _quarantine(self, inbound: Inbound, analysis: Analysis) -> Outcome:
         if self._store is None:

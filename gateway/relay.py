@@ -56,6 +56,10 @@ class Transaction(Protocol):
         large message is not copied just to prepend a few header lines."""
         ...
 
+    def restrict(self, rcpts: list[str]) -> None:
+        """Keep only these of the accepted recipients for `send`."""
+        ...
+
     def abort(self) -> None: ...
 
 
@@ -197,6 +201,12 @@ class SmtpTransaction:
             self.abort()
         return resp.message
 
+    def restrict(self, rcpts: list[str]) -> None:
+        # SMTP cannot take a recipient back: the next `send` opens a new connection and
+        # replays MAIL and RCPT for the kept ones (as after a dropped connection).
+        self.abort()
+        self._accepted = [r for r in self._accepted if r in rcpts]
+
     async def _reopen(self) -> None:
         """The downstream connection dropped while we scanned: replay MAIL and RCPT."""
         log.info("next hop connection lost before DATA; reconnecting")
@@ -304,6 +314,9 @@ class MaildirTransaction:
         except OSError as exc:
             raise DownstreamUnavailable(f"maildir write failed: {exc}") from None
         return "2.0.0 delivered to maildir"
+
+    def restrict(self, rcpts: list[str]) -> None:
+        self._rcpts = [r for r in self._rcpts if r in rcpts]
 
     def abort(self) -> None:
         self._rcpts = []

@@ -24,6 +24,10 @@ class Reply:
 
 DELIVERED = Reply(code=250, status="2.0.0", text="Message accepte et transmis")
 QUARANTINED = Reply(code=250, status="2.0.0", text="Message accepte et mis en quarantaine")
+PARTLY_HELD = Reply(
+    code=250, status="2.0.0",
+    text="Message transmis aux destinataires MSSante, retenu en quarantaine pour les autres",
+)
 RCPT_OK = Reply(code=250, status="2.1.5", text="Destinataire accepte")
 RELAY_DENIED = Reply(
     code=550, status="5.7.1",

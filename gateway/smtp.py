@@ -280,6 +280,8 @@ def reply_for(outcome: Outcome, queue_id: str,
     kind = outcome.kind
     if kind is OutcomeKind.DELIVERED:
         return f"{replies.DELIVERED} id={queue_id}"
+    if kind is OutcomeKind.QUARANTINED and outcome.delivered_to:
+        return f"{replies.PARTLY_HELD} id={queue_id}"
     if kind is OutcomeKind.QUARANTINED:
         return f"{replies.QUARANTINED} id={queue_id}"
     if kind is OutcomeKind.REJECTED:

@@ -333,3 +333,44 @@ async def test_implicit_tls_port(tmp_path: Path, cert, relay: Sink, sink: Sink):
             smtp.close()
         got = await relay.get()
         assert b"with ESMTPSA" in got.data.replace(b"\r\n\t", b" ")
+
+
+async def test_mixed_recipients_mssante_gets_it_the_ordinary_mailbox_copy_is_held(setup: Setup):
+    doctor, patient = "dr.x@medecin.mssante.fr", "patient@gmail.com"
+    smtp = await client(setup)
+    try:
+        _, reply = await smtp.sendmail(USER, [doctor, patient], mail(patient, LAB))
+    finally:
+        smtp.close()
+    assert "transmis aux destinataires MSSante" in reply and "retenu" in reply
+    got = await setup.relay.get()
+    assert got.rcpts == [doctor] and got.tls  # untouched, over TLS
+    assert setup.relay.empty()
+    store = setup.gw.runtime.store
+    assert store is not None
+    [item] = await store.list_items()
+    assert item.rcpts == (patient,)  # the held copy is the gmail recipient's only
+    body = parsed(await setup.mailbox.get()).get_content()
+    assert patient in body and f"envoyé aux destinataires de la messagerie sécurisée ({doctor})" \
+        in body.replace("\n", " ")
+    # Released later, it goes to the held recipient only.
+    from gateway.release import release
+    await release(setup.gw.runtime, item.id, by="test")
+    again = await setup.relay.get()
+    assert again.rcpts == [patient]
+
+
+async def test_mixed_recipients_when_the_smarthost_fails_nothing_is_kept(setup: Setup):
+    setup.relay.behaviour.data_reply = "451 4.3.0 try later"
+    doctor, patient = "dr.x@medecin.mssante.fr", "patient@gmail.com"
+    smtp = await client(setup)
+    try:
+        with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+            await smtp.sendmail(USER, [doctor, patient], mail(patient, LAB))
+        assert exc.value.code == 451  # the sender retries the whole message
+    finally:
+        smtp.close()
+    store = setup.gw.runtime.store
+    assert store is not None
+    assert [i.state for i in await store.list_items(state=None)] == ["deleted"]
+    assert await store.count(state="quarantined") == 0

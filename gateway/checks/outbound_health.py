@@ -17,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import ClassVar
 
+from gateway.auth import OutboundFacts
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.health_data import (
     analyse_text,
@@ -139,11 +140,13 @@ class OutboundHealthCheck:
         # A leg without TLS exposes every recipient's copy, MSSanté ones included.
         exposed = list(inbound.rcpts) if session_clear or not inbound.next_hop_tls else clear
         health = bool(found.nirs or found.patient_addresses or found.context or found.formats)
-        if health and exposed and not found.encrypted:
+        at_risk = exposed if health and not found.encrypted else []
+        if at_risk:
             symbol = f"OUTBOUND_HEALTH_CLEARTEXT_{self._policy.upper()}"
-            hits.append(Hit(symbol=symbol, detail=f"{len(exposed)} recipient(s) in clear",
-                            args=(("recipients", ", ".join(exposed)),)))
-        return CheckResult(check=self.name, hits=tuple(hits))
+            hits.append(Hit(symbol=symbol, detail=f"{len(at_risk)} recipient(s) in clear",
+                            args=(("recipients", ", ".join(at_risk)),)))
+        return CheckResult(check=self.name, hits=tuple(hits),
+                           facts=OutboundFacts(exposed=tuple(at_risk)))
 
 
 def _loopback(ip: str) -> bool:
