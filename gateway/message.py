@@ -60,6 +60,7 @@ class Part:
     body_start: int  # where its payload starts (after the blank line)
     spans: tuple[tuple[int, int], ...]  # byte ranges of the payload in the raw message
     size: int  # payload bytes, still transfer-encoded
+    smime_type: str | None = None  # application/pkcs7-mime: enveloped-data, signed-data...
 
     def payload(self, raw: bytes) -> bytes:
         """The payload as sent (transfer-encoded), from the message it was parsed from."""
@@ -231,6 +232,7 @@ def _collect(node: Node, path: str, out: list[Part], defects: list[str]) -> None
     except Exception:  # noqa: BLE001
         charset = None
     cte = headers.get("Content-Transfer-Encoding")
+    smime = headers.get_param("smime-type") if "pkcs7" in headers.get_content_type() else None
     out.append(Part(
         path=path,
         content_type=headers.get_content_type(),
@@ -244,6 +246,7 @@ def _collect(node: Node, path: str, out: list[Part], defects: list[str]) -> None
         body_start=node.body_start,
         spans=node.spans,
         size=node.size,
+        smime_type=str(smime).lower() if isinstance(smime, str) else None,
     ))
     for i, child in enumerate(node.children, 1):
         _collect(child, f"{path}.{i}", out, defects)

@@ -59,7 +59,7 @@ def test_random_15_digit_numbers_rarely_pass():
 
 
 def mail(to: str, body: str, *, subject: str = "Résultats", attachment: tuple[str, bytes] | None
-         = None, ctype: str | None = None) -> bytes:
+         = None, ctype: str | None = None, smime_type: str = "enveloped-data") -> bytes:
     m = EmailMessage()
     m["From"] = f"secretariat@{DOMAIN}"
     m["To"] = to
@@ -69,7 +69,7 @@ def mail(to: str, body: str, *, subject: str = "Résultats", attachment: tuple[s
     if ctype:
         maintype, subtype = ctype.split("/")
         m.set_content(body.encode(), maintype=maintype, subtype=subtype,
-                      params={"smime-type": "enveloped-data"}, filename="smime.p7m")
+                      params={"smime-type": smime_type}, filename="smime.p7m")
     else:
         m.set_content(body)
     if attachment:
@@ -247,4 +247,19 @@ async def test_encrypted_archive_protects_only_its_content(runtime):
     v = await outbound(runtime, mail("x@orange.fr", LAB, attachment=archive), "x@orange.fr")
     assert {"OUTBOUND_ENCRYPTED_ARCHIVE", "OUTBOUND_HEALTH_CLEARTEXT_HOLD"} <= {
         s.name for s in v.symbols}
+    assert v.action is Action.QUARANTINE
+
+
+async def test_encrypted_body_does_not_cover_the_subject(runtime):
+    # S/MIME encrypts the body only: a NIR in the subject still leaves in clear.
+    raw = mail("labo@labo.example", "MIAGCSqGSIb3DQEHA6CAMIACAQAx", subject=f"Résultats {NIR}",
+               ctype="application/pkcs7-mime")
+    v = await outbound(runtime, raw, "labo@labo.example")
+    assert "OUTBOUND_HEALTH_CLEARTEXT_HOLD" in {s.name for s in v.symbols}
+
+
+async def test_opaque_signed_smime_is_not_protection(runtime):
+    raw = mail("labo@labo.example", "MIAGCSqGSIb3DQEHAqCAMIACAQEx", subject=f"Résultats {NIR}",
+               ctype="application/pkcs7-mime", smime_type="signed-data")
+    v = await outbound(runtime, raw, "labo@labo.example")
     assert v.action is Action.QUARANTINE

@@ -28,10 +28,18 @@ from gateway.health_data import (
     mask_address,
 )
 from gateway.links import extract
-from gateway.message import Direction, ParsedMessage, decode_transfer
+from gateway.message import Direction, ParsedMessage, Part, decode_transfer
 
-_ENCRYPTED = {"application/pkcs7-mime", "application/x-pkcs7-mime", "multipart/encrypted",
-              "application/pgp-encrypted"}
+_ENCRYPTED = {"multipart/encrypted", "application/pgp-encrypted"}
+_SMIME = {"application/pkcs7-mime", "application/x-pkcs7-mime"}
+
+
+def _encrypted_part(part: Part) -> bool:
+    """S/MIME enveloped data (RFC 8551; without smime-type, as older clients write it, taken
+    as enveloped), or PGP/MIME. Opaque *signed* S/MIME protects nothing: anyone reads it."""
+    if part.content_type in _SMIME:
+        return part.smime_type in (None, "enveloped-data", "authenveloped-data")
+    return part.content_type in _ENCRYPTED
 
 
 def secure_recipient(address: str) -> bool:
@@ -46,6 +54,7 @@ class _Found:
     context: bool
     formats: list[str]
     encrypted: bool
+    subject_health: bool  # the subject travels in clear even when the body is encrypted
     encrypted_archives: list[str]  # attachment names: their content is protected, the rest not
 
 
@@ -57,8 +66,10 @@ def _scan(raw: bytes, msg: ParsedMessage) -> _Found:
         v for k, v in msg.headers if k.lower() in ("to", "cc")))
     formats: list[str] = []
     archives: list[str] = []
-    encrypted = any(p.content_type in _ENCRYPTED for p in msg.parts) or \
+    encrypted = any(_encrypted_part(p) for p in msg.parts) or \
         "-----BEGIN PGP MESSAGE-----" in content.text
+    subject_nirs, subject_context = analyse_text(msg.subject)
+    subject_health = bool(subject_nirs or subject_context or find_patient_addresses(msg.subject))
     for part in msg.parts:
         if part.is_multipart or not (part.filename or part.disposition == "attachment"):
             continue
@@ -81,7 +92,7 @@ def _scan(raw: bytes, msg: ParsedMessage) -> _Found:
     nirs, context = analyse_text(text)
     return _Found(nirs=nirs, patient_addresses=addresses + find_patient_addresses(text),
                   context=context, formats=formats, encrypted=encrypted,
-                  encrypted_archives=archives)
+                  subject_health=subject_health, encrypted_archives=archives)
 
 
 def _encrypted_zip(data: bytes) -> bool:
@@ -140,7 +151,9 @@ class OutboundHealthCheck:
         # A leg without TLS exposes every recipient's copy, MSSanté ones included.
         exposed = list(inbound.rcpts) if session_clear or not inbound.next_hop_tls else clear
         health = bool(found.nirs or found.patient_addresses or found.context or found.formats)
-        at_risk = exposed if health and not found.encrypted else []
+        if found.encrypted:  # only what travels outside the encryption counts
+            health = found.subject_health
+        at_risk = exposed if health else []
         if at_risk:
             symbol = f"OUTBOUND_HEALTH_CLEARTEXT_{self._policy.upper()}"
             hits.append(Hit(symbol=symbol, detail=f"{len(at_risk)} recipient(s) in clear",
