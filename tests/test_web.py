@@ -414,3 +414,18 @@ async def test_unknown_pages_get_a_french_error_page_with_the_headers(site: Web)
     assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
     status, text, _ = await site.client.post("/journal", {"csrf": site.client.csrf})
     assert status == 405 and "non permise" in text
+
+
+def test_sessions_end_when_idle_or_too_old():
+    from gateway.config import WebSection
+    from gateway.web.security import Sessions
+
+    sessions = Sessions(WebSection(session_idle_minutes=30, session_max_hours=10))
+    idle = sessions.create("claire", "admin", "127.0.0.1")
+    assert sessions.get(idle.sid) is idle
+    idle.seen -= 31 * 60
+    assert sessions.get(idle.sid) is None and sessions.get(idle.sid) is None  # forgotten
+    old = sessions.create("claire", "admin", "127.0.0.1")
+    old.created -= 10 * 3600 + 1  # active all along, but past the maximum age
+    assert sessions.get(old.sid) is None
+    assert sessions.get("") is None and sessions.get("unknown") is None
