@@ -286,16 +286,19 @@ async def test_sender_releases_her_held_message_from_the_link_in_the_notice(
         link = next(w for w in body.split() if w.startswith("http://passerelle.cabinet.test/"))
         path = link.removeprefix("http://passerelle.cabinet.test")
         base = f"http://127.0.0.1:{gw.web_port}"
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             async with http.get(base + path[:-4] + "0000") as r:
                 assert r.status == 404  # a forged token
             async with http.get(base + path) as r:
                 text = await r.text()
                 assert r.status == 200 and "patient@gmail.com" in text and "Je confirme" in text
-            async with http.post(base + path, data={}) as r:
+            token = text.split('name="jeton" value="')[1].split('"')[0]
+            async with http.post(base + path, data={"jeton": token}) as r:
                 assert r.status == 400  # the confirmation box is required
-            assert relay.empty()
             async with http.post(base + path, data={"confirme": "1"}) as r:
+                assert r.status == 403  # without the form's token (posted from elsewhere)
+            assert relay.empty()
+            async with http.post(base + path, data={"jeton": token, "confirme": "1"}) as r:
                 assert r.status == 200 and "libéré et envoyé" in await r.text()
         got = await relay.get()
         assert got.rcpts == ["patient@gmail.com"] and got.tls

@@ -70,15 +70,22 @@ async def test_login_needs_password_and_totp_and_sets_a_strict_cookie(site: Web)
     c = site.client
     assert await c.login(ADMIN, code="000000") == 401
     assert await c.login(ADMIN, code="12345") == 401
-    status, text, resp = await c.post("/connexion", {"utilisateur": ADMIN.name,
+    status, text, resp = await c.post("/connexion", {"jeton": c.form_token,
+                                                     "utilisateur": ADMIN.name,
                                                      "mot_de_passe": "pas le bon",
                                                      "code": ADMIN.code()})
     assert status == 401 and "incorrect" in text
-    status, _, resp = await c.post("/connexion", {"utilisateur": ADMIN.name,
+    # Without the login form's token (a form posted from another site): refused.
+    status, text, _ = await c.post("/connexion", {"utilisateur": ADMIN.name,
+                                                  "mot_de_passe": ADMIN.password,
+                                                  "code": ADMIN.code()})
+    assert status == 403 and "Formulaire expiré" in text
+    status, _, resp = await c.post("/connexion", {"jeton": c.form_token,
+                                                  "utilisateur": ADMIN.name,
                                                   "mot_de_passe": ADMIN.password,
                                                   "code": ADMIN.code()})
     assert status == 303
-    cookie = resp.headers["Set-Cookie"]
+    cookie = resp.headers.getall("Set-Cookie")[-1]
     assert cookie.startswith("session=")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     assert "Max-Age=36000" in cookie  # expires with the session's maximum age (10 hours)
@@ -96,7 +103,8 @@ async def test_lockout_after_repeated_failures(site: Web):
     c = site.client
     for _ in range(5):
         assert await c.login(ADMIN, code="000000") == 401
-    status, text, _ = await c.post("/connexion", {"utilisateur": ADMIN.name,
+    status, text, _ = await c.post("/connexion", {"jeton": c.form_token,
+                                                  "utilisateur": ADMIN.name,
                                                   "mot_de_passe": ADMIN.password,
                                                   "code": ADMIN.code()})
     assert status == 429 and "connexion bloquée" in text
@@ -122,11 +130,13 @@ async def test_https_cookie_is_secure_with_host_prefix(tmp_path: Path, sink: Sin
         c = Client(f"https://127.0.0.1:{gw.web_port}")
         try:
             ctx = ssl.create_default_context(cafile=str(cert))
+            await c.get("/connexion", ssl=ctx)
             status, _, resp = await c.post("/connexion", {
-                "utilisateur": ADMIN.name, "mot_de_passe": ADMIN.password,
-                "code": ADMIN.code()}, ssl=ctx)
+                "jeton": c.form_token, "utilisateur": ADMIN.name,
+                "mot_de_passe": ADMIN.password, "code": ADMIN.code()}, ssl=ctx)
             assert status == 303
-            cookie = resp.headers["Set-Cookie"]
+            cookie = next(v for v in resp.headers.getall("Set-Cookie")
+                          if v.startswith("__Host-session="))
             assert cookie.startswith("__Host-session=") and "Secure" in cookie
             assert "Strict-Transport-Security" in resp.headers
         finally:
@@ -350,9 +360,10 @@ async def test_admin_manages_accounts_and_a_reader_cannot(site: Web):
     secret = re.search(r'<code class="secret">([A-Z2-7]+)</code>', text).group(1)  # type: ignore[union-attr]
     newcomer = Client(c.base)
     try:
+        await newcomer.get("/connexion")
         status, _, _ = await newcomer.post("/connexion", {
-            "utilisateur": "remplacante", "mot_de_passe": "un-mot-de-passe-long",
-            "code": pyotp.TOTP(secret).now()})
+            "jeton": newcomer.form_token, "utilisateur": "remplacante",
+            "mot_de_passe": "un-mot-de-passe-long", "code": pyotp.TOTP(secret).now()})
         assert status == 303
         await newcomer.get("/")
         status, _, _ = await newcomer.get("/comptes")

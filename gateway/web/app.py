@@ -13,6 +13,7 @@ import hmac
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -66,6 +67,7 @@ ERRORS_FR = {404: "Page introuvable.", 405: "Action non permise sur cette page."
              413: "Demande trop volumineuse."}
 
 SESSION = web.RequestKey("session", Session)
+FORM_COOKIE = "formulaire"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -194,11 +196,28 @@ class WebApp:
 
     # ---- login ------------------------------------------------------------------------
 
+    # Forms used without a session (login, a sender's release link) carry a token that must
+    # equal a cookie set with the form (double submit): another site cannot post them.
+    def _with_form_token(self, request: web.Request, template: str, status: int = 200,
+                         **context: Any) -> web.Response:
+        token = request.cookies.get(FORM_COOKIE) or secrets.token_urlsafe(32)
+        resp = self.render(request, template, status=status, form_token=token, **context)
+        resp.set_cookie(FORM_COOKIE, token, httponly=True, samesite="Strict", path="/",
+                        secure=self.secure)
+        return resp
+
+    def _form_token_ok(self, request: web.Request, form: Any) -> bool:
+        cookie = request.cookies.get(FORM_COOKIE, "")
+        return bool(cookie) and same_token(cookie, str(form.get("jeton", "")))
+
     async def login_page(self, request: web.Request) -> web.Response:
-        return self.render(request, "login.html", error="", name="")
+        return self._with_form_token(request, "login.html", error="", name="")
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
+        if not self._form_token_ok(request, form):
+            return self._with_form_token(request, "login.html", status=403, name="", error=(
+                "Formulaire expiré ou envoyé d'ailleurs : rechargez la page et recommencez."))
         name = str(form.get("utilisateur", "")).strip().lower()[:100]
         password = str(form.get("mot_de_passe", ""))
         code = str(form.get("code", ""))
@@ -206,7 +225,7 @@ class WebApp:
         wait = self.limiter.locked(*keys)
         if wait > 0:
             await self.audit(request, "login_failed", name, "locked out", user=name or "-")
-            return self.render(request, "login.html", status=429, name=name, error=(
+            return self._with_form_token(request, "login.html", status=429, name=name, error=(
                 f"Trop d'essais : connexion bloquée pendant encore {math.ceil(wait / 60)} "
                 "minute(s)."))
         account = await self.accounts.verify_async(name, password) if name else None
@@ -214,7 +233,7 @@ class WebApp:
             locked = self.limiter.failed(*keys)
             await self.audit(request, "lockout" if locked else "login_failed", name,
                              "password or code refused", user=name or "-")
-            return self.render(request, "login.html", status=401, name=name, error=(
+            return self._with_form_token(request, "login.html", status=401, name=name, error=(
                 "Trop d'essais : connexion bloquée pendant "
                 f"{self.cfg.web.lockout_minutes} minutes." if locked else
                 "Identifiant, mot de passe ou code à usage unique incorrect."))
@@ -482,14 +501,17 @@ class WebApp:
         item = await self._sender_item(request)
         if item is None:
             return self.refuse(request, 404, "Lien invalide ou message introuvable.")
-        return self.render(request, "sender_release.html", item=item, done="",
-                           reasons=self._reasons(item))
+        return self._with_form_token(request, "sender_release.html", item=item, done="",
+                                     reasons=self._reasons(item))
 
     async def sender_release(self, request: web.Request) -> web.Response:
         item = await self._sender_item(request)
         if item is None:
             return self.refuse(request, 404, "Lien invalide ou message introuvable.")
         form = await request.post()
+        if not self._form_token_ok(request, form):
+            return self.refuse(request, 403, "Formulaire expiré ou envoyé d'ailleurs : rouvrez "
+                                             "le lien du message et recommencez.")
         if form.get("confirme") != "1":
             return self.refuse(request, 400, "Cochez la case de confirmation.")
         try:

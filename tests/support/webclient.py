@@ -71,6 +71,7 @@ async def quarantine(gw: Running, raw: bytes, sender: str = "contact@labo-analys
 
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+FORM_TOKEN = re.compile(r'name="jeton" value="([^"]+)"')
 
 
 class Client:
@@ -80,6 +81,7 @@ class Client:
         self.base = base
         self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         self.csrf = ""
+        self.form_token = ""
 
     async def close(self) -> None:
         await self.http.close()
@@ -89,6 +91,8 @@ class Client:
             text = await r.text()
             if m := CSRF.search(text):
                 self.csrf = m.group(1)
+            if m := FORM_TOKEN.search(text):
+                self.form_token = m.group(1)
             return r.status, text, r
 
     async def post(self, path: str, data: dict[str, str] | list[tuple[str, str]],
@@ -98,8 +102,10 @@ class Client:
             return r.status, await r.text(), r
 
     async def login(self, user: User, *, code: str | None = None) -> int:
+        """As a person does: open the login page (its form token), then post the form."""
+        await self.get("/connexion")
         status, _, _ = await self.post("/connexion", {
-            "utilisateur": user.name, "mot_de_passe": user.password,
+            "jeton": self.form_token, "utilisateur": user.name, "mot_de_passe": user.password,
             "code": code if code is not None else user.code()})
         if status == 303:
             await self.get("/")
