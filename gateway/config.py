@@ -138,6 +138,8 @@ class SubmissionSection:
     smarthost_username: str = ""  # AUTH towards the smarthost, when it asks for it
     smarthost_password_file: str = ""  # 0600 file holding only the password
     max_auth_failures: int = 3  # per connection; then 421 and close
+    lockout_failures: int = 10  # per account (x4 per client address) within lockout_minutes
+    lockout_minutes: int = 15  # then AUTH is refused (454) for that long
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -362,6 +364,8 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(not sub.listen_tls or bool(cfg.smtp.tls_cert), "submission.listen_tls",
           "needs a certificate: set smtp.tls_cert and smtp.tls_key")
     check(sub.max_auth_failures >= 1, "submission.max_auth_failures", "must be >= 1")
+    check(sub.lockout_failures >= 1, "submission.lockout_failures", "must be >= 1")
+    check(sub.lockout_minutes >= 1, "submission.lockout_minutes", "must be >= 1")
     check(not cfg.submission.listen or cfg.submission.listen != cfg.smtp.listen
           or cfg.listen.port == 0, "submission.listen", "must differ from smtp.listen")
     web = cfg.web

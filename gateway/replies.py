@@ -43,6 +43,8 @@ SENDER_DENIED = Reply(
 )
 AUTH_OK = Reply(code=235, status="2.7.0", text="Authentification reussie")
 AUTH_FAILED = Reply(code=535, status="5.7.8", text="Identifiant ou mot de passe incorrect")
+AUTH_LOCKED = Reply(code=454, status="4.7.0",
+                    text="Trop d'essais d'authentification recents, reessayez plus tard")
 AUTH_TOO_MANY = Reply(code=421, status="4.7.0",
                       text="Trop d'essais d'authentification, connexion fermee")
 TOO_MANY_RCPTS = Reply(code=452, status="4.5.3", text="Trop de destinataires pour ce message")

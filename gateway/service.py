@@ -40,6 +40,7 @@ from gateway.smtp import (
     Handler,
     smtp_factory,
     submission_factory,
+    submission_limiter,
     tls_context,
 )
 from gateway.symbols import SymbolTable, check_consistency, load_table
@@ -204,12 +205,13 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
     submission = submission_tls = None
     outbound = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.smarthost,
                        direction=Direction.OUTBOUND)
+    limiter = submission_limiter(cfg)  # one count of failed logins for both ports
     if cfg.submission_listen is not None:
-        submission = await _listen(submission_factory(cfg, outbound, counter),
+        submission = await _listen(submission_factory(cfg, outbound, counter, limiter=limiter),
                                    cfg.submission_listen, sockets.submission)
     if cfg.submission_listen_tls is not None:
         submission_tls = await _listen(
-            submission_factory(cfg, outbound, counter, implicit_tls=True),
+            submission_factory(cfg, outbound, counter, limiter=limiter, implicit_tls=True),
             cfg.submission_listen_tls, sockets.submission_tls, tls_context(cfg))
     for srv in (submission, submission_tls):
         if srv is not None:

@@ -377,3 +377,23 @@ async def test_mixed_recipients_when_the_smarthost_fails_nothing_is_kept(setup: 
     assert store is not None
     assert [i.state for i in await store.list_items(state=None)] == ["deleted"]
     assert await store.count(state="quarantined") == 0
+
+
+async def test_guessing_over_new_connections_is_locked_out(tmp_path: Path, cert, relay: Sink,
+                                                           sink: Sink):
+    async with await start(tmp_path, cert, relay, sink, lockout_failures=2) as gw:
+        s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
+        bad = base64.b64encode(f"\0{USER}\0mauvais mot de passe".encode())
+        good = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        for _ in range(2):  # two connections, one wrong password each
+            smtp = await client(s, login=None)
+            try:
+                assert (await smtp.execute_command(b"AUTH", b"PLAIN", bad)).code == 535
+            finally:
+                smtp.close()
+        smtp = await client(s, login=None)
+        try:  # now even the right password is refused for a while
+            resp = await smtp.execute_command(b"AUTH", b"PLAIN", good)
+            assert resp.code == 454 and "Trop d'essais" in resp.message
+        finally:
+            smtp.close()

@@ -440,3 +440,16 @@ def test_sessions_end_when_idle_or_too_old():
     old.created -= 10 * 3600 + 1  # active all along, but past the maximum age
     assert sessions.get(old.sid) is None
     assert sessions.get("") is None and sessions.get("unknown") is None
+
+
+def test_login_limiter_stays_bounded_and_keeps_lockouts():
+    from gateway.ratelimit import MAX_KEYS, LoginLimiter
+
+    limiter = LoginLimiter(max_failures=2, window_s=900)
+    limiter.failed("user:claire", "ip:192.0.2.1")
+    assert limiter.failed("user:claire", "ip:192.0.2.1")  # second failure: locked
+    for i in range(3 * MAX_KEYS):  # a flood of made-up names
+        limiter.failed(f"user:x{i}")
+    assert len(limiter._keys) <= MAX_KEYS
+    assert limiter.locked("user:claire") > 800
+    assert limiter.locked("ip:192.0.2.1") == 0  # an address needs four times as many

@@ -26,6 +26,7 @@ from aiohttp import web
 from gateway.accounts import AccountFile
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.notice import release_token
+from gateway.ratelimit import LoginLimiter
 from gateway.release import release
 from gateway.sender_lists import SenderLists
 from gateway.web import charts, preview
@@ -33,7 +34,6 @@ from gateway.web.security import (
     CSP,
     HEADERS,
     PREVIEW_CSP,
-    LoginLimiter,
     Session,
     Sessions,
     TotpGuard,
@@ -82,7 +82,8 @@ class WebApp:
         self.accounts = AccountFile(cfg.web_users_file)
         self.lists = SenderLists(cfg.data_dir / "sender-lists.json")
         self.sessions = Sessions(cfg.web)
-        self.limiter = LoginLimiter(cfg.web)
+        self.limiter = LoginLimiter(max_failures=cfg.web.max_login_failures,
+                                    window_s=cfg.web.lockout_minutes * 60)
         self.totp = TotpGuard()
         self.secure = bool(cfg.web.tls_cert) or cfg.web.public_url.startswith("https://")
         self.cookie = "__Host-session" if self.secure else "session"

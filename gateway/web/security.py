@@ -2,9 +2,9 @@
 
 * Login needs the password (argon2, `gateway.accounts`) and a TOTP code (RFC 6238, pyotp, one
   step of clock drift either way); a code is accepted once (replay refused).
-* Failed attempts are counted per account and per client address; past `max_login_failures`
-  within `lockout_minutes` (four times that for an address), logins are refused for
-  `lockout_minutes`, right password or not.
+* Failed attempts are counted per account and per client address (gateway/ratelimit.py); past
+  `max_login_failures` within `lockout_minutes` (four times that for an address), logins are
+  refused for `lockout_minutes`, right password or not.
 * Sessions live in the serving process that runs the web page (one process, see service.py):
   a random 256-bit id in a cookie (HttpOnly, SameSite=Strict, Path=/, Secure and `__Host-`
   prefix over HTTPS), an idle timeout and a maximum age; logging out forgets it.
@@ -16,11 +16,10 @@
 
 from __future__ import annotations
 
-import collections
 import hmac
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyotp
 import segno
@@ -92,48 +91,6 @@ class Sessions:
     def drop_user(self, user: str) -> None:
         for sid in [k for k, s in self._by_id.items() if s.user == user]:
             self._by_id.pop(sid, None)
-
-
-@dataclass(slots=True)
-class _Failures:
-    times: collections.deque[float] = field(default_factory=collections.deque)
-    locked_until: float = 0.0
-
-
-class LoginLimiter:
-    """Failures per key (`user:NAME`, `ip:ADDRESS`); a key past its limit is locked. A client
-    address gets four times the account limit: the staff of a practice share one address, and
-    one person's typos must not lock everyone out."""
-
-    def __init__(self, cfg: WebSection) -> None:
-        self._max = cfg.max_login_failures
-        self._window = cfg.lockout_minutes * 60
-        self._keys: dict[str, _Failures] = collections.defaultdict(_Failures)
-
-    def locked(self, *keys: str) -> float:
-        """Seconds left of the longest lockout among `keys` (0: none)."""
-        now = time.time()
-        return max((self._keys[k].locked_until - now for k in keys if k in self._keys),
-                   default=0.0) if keys else 0.0
-
-    def failed(self, *keys: str) -> bool:
-        """Record a failure; True when it locked one of the keys."""
-        now = time.time()
-        locked = False
-        for k in keys:
-            f = self._keys[k]
-            f.times.append(now)
-            while f.times and f.times[0] < now - self._window:
-                f.times.popleft()
-            if len(f.times) >= (self._max * 4 if k.startswith("ip:") else self._max):
-                f.locked_until = now + self._window
-                f.times.clear()
-                locked = True
-        return locked
-
-    def succeeded(self, *keys: str) -> None:
-        for k in keys:
-            self._keys.pop(k, None)
 
 
 class TotpGuard:
