@@ -100,6 +100,15 @@ class AccountFile:
         accounts[key] = replace(accounts[key], password_hash=_HASHER.hash(password))
         self._write(accounts)
 
+    def set_totp(self, name: str, secret: str) -> None:
+        """A new second-factor secret (a lost phone): the old codes stop working."""
+        accounts = dict(self.load())
+        key = normalise(name)
+        if key not in accounts:
+            raise KeyError(key)
+        accounts[key] = replace(accounts[key], totp_secret=secret)
+        self._write(accounts)
+
     def remove(self, name: str) -> None:
         accounts = dict(self.load())
         if accounts.pop(normalise(name), None) is None:

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _user_commands(p, "créer un compte d'envoi (mot de passe demandé)")
     p = sub.add_parser("admin", help="comptes de la page web de quarantaine")
     _common(p)
-    add = _user_commands(p, "créer un compte (mot de passe demandé, code TOTP affiché)")
+    add = _user_commands(p, "créer un compte (mot de passe demandé, code TOTP affiché)",
+                         totp=True)
     add.add_argument("--role", choices=["admin", "lecteur"], default="lecteur",
                      help="admin : toutes les actions ; lecteur : consultation seule")
     add.add_argument("--qr", metavar="FICHIER.svg|png",
@@ -99,10 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _user_commands(p: argparse.ArgumentParser, add_help: str) -> argparse.ArgumentParser:
-    """add-user / passwd / remove-user / list-users; returns the add-user parser."""
+def _user_commands(p: argparse.ArgumentParser, add_help: str, *,
+                   totp: bool = False) -> argparse.ArgumentParser:
+    """add-user / passwd / remove-user / list-users (and reset-totp for web accounts);
+    returns the add-user parser."""
     usub = p.add_subparsers(dest="ucommand", required=True)
     add = usub.add_parser("add-user", help=add_help)
+    if totp:
+        reset = usub.add_parser("reset-totp", help="nouveau second facteur (téléphone perdu)")
+        reset.add_argument("name", metavar="IDENTIFIANT")
+        reset.add_argument("--qr", metavar="FICHIER.svg|png",
+                           help="écrire aussi le QR code dans ce fichier")
     u = usub.add_parser("passwd", help="changer le mot de passe d'un compte")
     for q in (add, u):
         q.add_argument("name", metavar="IDENTIFIANT")
@@ -215,19 +223,28 @@ def _admin(cfg: Config, args: argparse.Namespace) -> int:
     from gateway.web.security import enrolment_qr, new_totp_secret
 
     accounts = AccountFile(cfg.web_users_file)
-    if args.ucommand != "add-user":
+    if args.ucommand not in ("add-user", "reset-totp"):
         return _users(accounts, args)
     secret = new_totp_secret()
-    status = _users(accounts, args, role=args.role, totp_secret=secret)
-    if status != 0:
-        return status
     name = args.name.strip().lower()
+    if args.ucommand == "add-user":
+        status = _users(accounts, args, role=args.role, totp_secret=secret)
+        if status != 0:
+            return status
+    else:
+        try:
+            accounts.set_totp(name, secret)
+        except KeyError:
+            print(f"Compte inconnu : {name}", file=sys.stderr)
+            return 1
+        print(f"Nouveau second facteur pour {name} : les anciens codes ne marchent plus.")
     qr = enrolment_qr(secret, name, cfg.gateway.hostname)
     print("\nSecond facteur : scannez ce QR code avec une application d'authentification")
     print("(FreeOTP, Google Authenticator, Microsoft Authenticator...) :\n")
     qr.terminal(compact=True)
     print(f"\nOu saisissez cette clé : {secret}")
-    print("Elle n'est affichée qu'une fois ; elle reste chiffrée sur ce poste (fichier 0600).")
+    print("Elle n'est affichée qu'une fois ; la passerelle la garde dans un fichier que seul "
+          "l'administrateur du système peut lire (0600).")
     if args.qr:
         path = Path(args.qr)
         qr.save(str(path), scale=6)

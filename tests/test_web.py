@@ -453,3 +453,45 @@ def test_login_limiter_stays_bounded_and_keeps_lockouts():
     assert len(limiter._keys) <= MAX_KEYS
     assert limiter.locked("user:claire") > 800
     assert limiter.locked("ip:192.0.2.1") == 0  # an address needs four times as many
+
+
+async def test_second_factor_reset_after_a_lost_phone(site: Web):
+    import pyotp
+
+    reader = Client(site.client.base)
+    try:
+        assert await reader.login(READER) == 303
+        c = site.client
+        await c.login(ADMIN)
+        await c.get("/comptes")
+        status, text, _ = await c.post("/comptes", {"csrf": c.csrf, "utilisateur": READER.name,
+                                                    "nouveau_code": "1"})
+        assert status == 200 and "les anciens codes ne marchent plus" in text
+        secret = re.search(r'<code class="secret">([A-Z2-7]+)</code>', text).group(1)  # type: ignore[union-attr]
+        status, _, _ = await reader.get("/quarantaine")
+        assert status == 303  # the reader's sessions ended
+        assert await reader.login(READER, code=READER.code(1)) == 401  # old secret
+        assert await reader.login(READER, code=pyotp.TOTP(secret).now()) == 303
+        _, text, _ = await c.get("/journal")
+        assert "second facteur renouvelé" in text
+    finally:
+        await reader.close()
+
+
+def test_cli_admin_reset_totp(tmp_path: Path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    accounts = AccountFile(data / "web-users.json")
+    accounts.add("claire", "un-mot-de-passe-solide", role="admin", totp_secret="A" * 32)
+    res = subprocess.run([sys.executable, "-m", "gateway", "admin", "--domain", DOMAIN,
+                          "--data-dir", str(data), "reset-totp", "claire"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    secret = re.search(r"saisissez cette clé : ([A-Z2-7]+)", res.stdout).group(1)  # type: ignore[union-attr]
+    assert AccountFile(data / "web-users.json").load()["claire"].totp_secret == secret != "A" * 32
+    res = subprocess.run([sys.executable, "-m", "gateway", "admin", "--domain", DOMAIN,
+                          "--data-dir", str(data), "reset-totp", "inconnu"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "Compte inconnu" in res.stderr

@@ -60,7 +60,7 @@ AUDIT_FR = {
     "download": "téléchargement", "allow": "expéditeur autorisé", "block": "expéditeur bloqué",
     "list_remove": "retrait de liste", "purge": "purge (rétention)",
     "sender_release": "libération par l'expéditeur", "user_add": "compte créé",
-    "user_remove": "compte supprimé",
+    "user_remove": "compte supprimé", "totp_reset": "second facteur renouvelé",
 }
 
 ERRORS_FR = {404: "Page introuvable.", 405: "Action non permise sur cette page.",
@@ -472,6 +472,17 @@ class WebApp:
             self.sessions.drop_user(name)
             await self.audit(request, "user_remove", "", name)
             raise web.HTTPSeeOther("/comptes")
+        if form.get("nouveau_code"):
+            secret = new_totp_secret()
+            try:
+                self.accounts.set_totp(name, secret)
+            except KeyError:
+                return await self.accounts_page(request, status=404, error="Compte inconnu.")
+            self.sessions.drop_user(name)
+            await self.audit(request, "totp_reset", "", name)
+            qr = enrolment_qr(secret, name, self.cfg.gateway.hostname)
+            return await self.accounts_page(request, enrolled={
+                "name": name, "secret": secret, "qr": qr.svg_data_uri(scale=5), "reset": "1"})
         role = "admin" if form.get("role") == "admin" else "lecteur"
         secret = new_totp_secret()
         try:

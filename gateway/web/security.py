@@ -97,7 +97,7 @@ class TotpGuard:
     """TOTP codes, each accepted once per account."""
 
     def __init__(self) -> None:
-        self._last: dict[str, int] = {}
+        self._last: dict[tuple[str, str], int] = {}  # (account, secret): the last step used
 
     def verify(self, user: str, secret: str, code: str) -> bool:
         code = code.strip().replace(" ", "")
@@ -109,9 +109,9 @@ class TotpGuard:
             at = now + drift * totp.interval
             if hmac.compare_digest(totp.at(at), code):
                 step = int(at // totp.interval)
-                if self._last.get(user, -1) >= step:
+                if self._last.get((user, secret), -1) >= step:
                     return False  # replayed
-                self._last[user] = step
+                self._last[(user, secret)] = step
                 return True
         return False
 
