@@ -325,8 +325,9 @@ class WebApp:
         table = self.runtime.table.symbols
         symbols = [(s, s.description or (table[s.name].description if s.name in table else ""))
                    for s in item.symbols]
+        yara = {a.name: _yara_rules(item, a.name) for a in view.attachments} if view else {}
         return self.render(request, "message.html", item=item, view=view, symbols=symbols,
-                           show=show, reasons=self._reasons(item),
+                           show=show, reasons=self._reasons(item), yara=yara,
                            info=request.query.get("info", "")[:300])
 
     async def preview_frame(self, request: web.Request) -> web.Response:
@@ -544,6 +545,18 @@ def _label(description: str, width: int = 80) -> str:
     text = re.sub(r"\s*\([^)]*\{[^}]*\}[^)]*\)", "", description)
     text = re.sub(r"\{[^}]*\}", "…", text).split(" : ")[0]
     return text if len(text) <= width else text[:width - 1].rsplit(" ", 1)[0] + "…"
+
+
+def _yara_rules(item: Item, name: str) -> list[str]:
+    """The YARA rules that matched this attachment (or a file inside it), from the symbols the
+    analysis stored: their detail reads `name: rule` or `name/member: rule`."""
+    out = []
+    for s in item.symbols:
+        where, _, rule = s.detail.partition(": ")
+        if s.name.startswith("YARA_") and rule and (where == name or
+                                                    where.startswith(name + "/")):
+            out.append(rule)
+    return list(dict.fromkeys(out))
 
 
 def _preview(raw: bytes, show: bool) -> preview.Preview:
