@@ -498,21 +498,9 @@ def test_cli_admin_reset_totp(tmp_path: Path):
 
 
 async def test_message_page_lists_the_yara_rules_of_each_attachment(site: Web):
-    from email.message import EmailMessage
-
-    m = EmailMessage()
-    m["From"] = "Labo <contact@labo-analyses.example>"
-    m["To"] = f"docteur@{DOMAIN}"
-    m["Subject"] = "Votre document"
-    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0100"
-    m["Message-ID"] = "<yara-1@labo-analyses.example>"
-    m.set_content("Bonjour, les documents sont joints.")
-    m.add_attachment(b"Assurance Maladie : pour votre remboursement, envoyez vos coordonnees "
-                     b"bancaires.", maintype="application", subtype="octet-stream",
-                     filename="courrier.txt")
-    m.add_attachment(b"WScript.Echo('x')", maintype="application", subtype="octet-stream",
-                     filename="facture.js")
-    raw = bytes(m).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    lure = (b"Assurance Maladie : pour votre remboursement, envoyez vos coordonnees "
+            b"bancaires.")
+    raw = suspicious("Votre document", also=(("courrier.txt", lure),))
     item = await quarantine(site.gw, raw)
     await site.client.login(ADMIN)
     _, text, _ = await site.client.get(f"/quarantaine/{item}")

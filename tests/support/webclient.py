@@ -41,7 +41,8 @@ def add_users(accounts: AccountFile) -> None:
 
 def suspicious(subject: str = "Facture en attente", *, sender: str = "contact@labo-analyses.example",
                display: str = "Laboratoire", html: str | None = None, n: int = 0,
-               body: str = "Bonjour,\nVeuillez trouver la facture jointe.\n") -> bytes:
+               body: str = "Bonjour,\nVeuillez trouver la facture jointe.\n",
+               also: tuple[tuple[str, bytes], ...] = ()) -> bytes:
     """A mail the gateway quarantines: a script file attached (ATTACH_DANGEROUS_TYPE)."""
     m = EmailMessage()
     m["From"] = f"{display} <{sender}>"
@@ -52,6 +53,8 @@ def suspicious(subject: str = "Facture en attente", *, sender: str = "contact@la
     m.set_content(body)
     if html is not None:
         m.add_alternative(html, subtype="html")
+    for name, data in also:  # more attachments, before the script
+        m.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
     m.add_attachment(b"WScript.Echo('facture')\r\n", maintype="application",
                      subtype="octet-stream", filename="facture.js")
     return bytes(m).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
