@@ -22,7 +22,6 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 
-from gateway.checks.outbound_health import secure_recipient
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.message import Direction, Inbound
@@ -40,11 +39,12 @@ FINDINGS = ("OUTBOUND_NIR", "OUTBOUND_PATIENT_ADDRESS", "OUTBOUND_HEALTH_DOCUMEN
 
 
 def build(cfg: Config, inbound: Inbound, subject: str, verdict: Verdict, *, held: bool,
-          reference: str, release_url: str = "", delivered_to: tuple[str, ...] = ()) -> bytes:
-    """The notice as wire bytes (CRLF)."""
+          exposed: tuple[str, ...], reference: str, release_url: str = "",
+          delivered_to: tuple[str, ...] = ()) -> bytes:
+    """The notice as wire bytes (CRLF). `exposed`: the recipients the outbound guard found the
+    health data would reach in clear."""
     domain = inbound.mail_from.rpartition("@")[2] or sorted(cfg.domains)[0]
-    clear = [r for r in inbound.rcpts if r not in delivered_to and not secure_recipient(r)] or \
-        [r for r in inbound.rcpts if r not in delivered_to]
+    clear = [r for r in exposed if r not in delivered_to]
     found = [s.description for name in FINDINGS for s in verdict.symbols if s.name == name]
     when = time.strftime("%d/%m/%Y à %H:%M", time.localtime(inbound.received_at))
     lines = [
@@ -118,8 +118,9 @@ class Notifier:
         self._release_url = release_url
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def after(self, inbound: Inbound, verdict: Verdict, subject: str, *, delivered: bool,
-              quarantine_id: str | None, delivered_to: tuple[str, ...] = ()) -> None:
+    def after(self, inbound: Inbound, verdict: Verdict, subject: str, *,
+              exposed: tuple[str, ...], delivered: bool, quarantine_id: str | None,
+              delivered_to: tuple[str, ...] = ()) -> None:
         if not self._cfg.outbound.notify_sender or inbound.direction is not Direction.OUTBOUND:
             return
         names = {s.name for s in verdict.symbols}
@@ -129,8 +130,8 @@ class Notifier:
             return
         reference = quarantine_id or inbound.queue_id
         url = self._release_url(reference, inbound.mail_from) if held and self._release_url else ""
-        raw = build(self._cfg, inbound, subject, verdict, held=held, reference=reference,
-                    release_url=url, delivered_to=delivered_to)
+        raw = build(self._cfg, inbound, subject, verdict, held=held, exposed=exposed,
+                    reference=reference, release_url=url, delivered_to=delivered_to)
         task = asyncio.get_running_loop().create_task(self._send(inbound.mail_from, raw, reference))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -175,8 +175,10 @@ class Pipeline:
         log_message(inbound, outcome, time.perf_counter() - started)
         self._count(inbound, outcome)
         if self._notifier is not None:
+            facts = _outbound_facts(analysis)
             self._notifier.after(inbound, analysis.verdict,
                                  analysis.parsed.subject if analysis.parsed else "",
+                                 exposed=facts.exposed if facts else (),
                                  delivered=outcome.kind is OutcomeKind.DELIVERED,
                                  quarantine_id=outcome.quarantine_id,
                                  delivered_to=outcome.delivered_to)
@@ -253,8 +255,7 @@ class Pipeline:
                    and sym.action is not None and sym.action.severity >= Action.TEMPFAIL.severity}
         if forcing != {"OUTBOUND_HEALTH_CLEARTEXT_HOLD"}:
             return []
-        facts = next((r.facts for r in analysis.results if isinstance(r.facts, OutboundFacts)),
-                     None)
+        facts = _outbound_facts(analysis)
         if facts is None or not facts.exposed:
             return []
         return [r for r in inbound.rcpts if r not in facts.exposed]
@@ -275,7 +276,11 @@ class Pipeline:
         except (DownstreamUnavailable, DownstreamRejected) as exc:
             log.warning("delivery to the secure recipients failed; held copy withdrawn: %s", exc)
             assert self._store is not None
-            await self._store.delete(held.quarantine_id, by="system:retry")
+            try:
+                await self._store.delete(held.quarantine_id, by="system:retry")
+            except Exception:  # noqa: BLE001 - the sender retries either way; say what is left
+                log.exception("held copy %s not withdrawn: the retry will hold a second one",
+                              held.quarantine_id)
             return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis)
         return dataclasses.replace(held, delivered_to=tuple(secure))
 
@@ -416,6 +421,11 @@ def _ar_value(value: str) -> str:
     if value and all(c.isalnum() or c in "-._@+/=" for c in value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _outbound_facts(analysis: Analysis) -> OutboundFacts | None:
+    """What the outbound guard found about the recipients (None for inbound mail)."""
+    return next((r.facts for r in analysis.results if isinstance(r.facts, OutboundFacts)), None)
 
 
 async def _quietly(coro: Awaitable[None]) -> None:

@@ -432,11 +432,11 @@ def test_sessions_end_when_idle_or_too_old():
     from gateway.web.security import Sessions
 
     sessions = Sessions(WebSection(session_idle_minutes=30, session_max_hours=10))
-    idle = sessions.create("claire", "admin", "127.0.0.1")
+    idle = sessions.create("claire", "admin")
     assert sessions.get(idle.sid) is idle
     idle.seen -= 31 * 60
     assert sessions.get(idle.sid) is None and sessions.get(idle.sid) is None  # forgotten
-    old = sessions.create("claire", "admin", "127.0.0.1")
+    old = sessions.create("claire", "admin")
     old.created -= 10 * 3600 + 1  # active all along, but past the maximum age
     assert sessions.get(old.sid) is None
     assert sessions.get("") is None and sessions.get("unknown") is None

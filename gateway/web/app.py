@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 25
-ACTIONS_FR = {"accept": "accepté", "tag": "marqué suspect", "quarantine": "quarantaine",
-              "reject": "refusé", "tempfail": "refus temporaire"}
 STATES_FR = {"quarantined": "en quarantaine", "released": "libéré", "deleted": "supprimé"}
 AUDIT_FR = {
     "login": "connexion", "login_failed": "connexion refusée", "lockout": "compte verrouillé",
@@ -92,7 +91,7 @@ class WebApp:
             undefined=jinja2.StrictUndefined)
         self.env.filters["when"] = lambda ts: time.strftime("%d/%m/%Y %H:%M", time.localtime(ts))
         self.env.filters["size"] = _size
-        self.env.globals.update(actions_fr=ACTIONS_FR, states_fr=STATES_FR, audit_fr=AUDIT_FR)
+        self.env.globals.update(states_fr=STATES_FR, audit_fr=AUDIT_FR)
 
     # ---- plumbing ---------------------------------------------------------------------
 
@@ -239,7 +238,7 @@ class WebApp:
                 f"{self.cfg.web.lockout_minutes} minutes." if locked else
                 "Identifiant, mot de passe ou code à usage unique incorrect."))
         self.limiter.succeeded(*keys)
-        session = self.sessions.create(account.name, account.role, self.client(request))
+        session = self.sessions.create(account.name, account.role)
         request[SESSION] = session
         await self.audit(request, "login")
         resp = web.HTTPSeeOther("/")
@@ -286,7 +285,7 @@ class WebApp:
             min_score=_float(q.get("score_min")), reason=q.get("raison") or None,
             sender=q.get("expediteur", "")[:200], rcpt=q.get("destinataire", "")[:200],
             subject=q.get("objet", "")[:200])
-        page = max(1, int(q.get("page", "1")) if q.get("page", "1").isdigit() else 1)
+        page = _page(q.get("page"))
         items, total = await self.store.search(filters, limit=PAGE_SIZE,
                                                offset=(page - 1) * PAGE_SIZE)
         pages = max(1, math.ceil(total / PAGE_SIZE))
@@ -397,11 +396,11 @@ class WebApp:
                 await self.audit(request, "delete", item_id)
                 return "Message supprimé."
             if action == "bloquer":
-                entry = self.lists.add("block", _sender(item), by=user)
+                entry = await asyncio.to_thread(self.lists.add, "block", _sender(item), by=user)
                 await self.audit(request, "block", item_id, entry.value)
                 return f"Expéditeur {entry.value} bloqué pour les prochains messages."
             if action == "liberer-autoriser":
-                entry = self.lists.add("allow", _sender(item), by=user)
+                entry = await asyncio.to_thread(self.lists.add, "allow", _sender(item), by=user)
                 await self.audit(request, "allow", item_id, entry.value)
             await release(self.runtime, item_id, by=f"web:{user}")
             await self.audit(request, "release", item_id, ", ".join(item.rcpts))
@@ -426,12 +425,13 @@ class WebApp:
         value = str(form.get("valeur", ""))
         try:
             if form.get("retirer"):
-                if self.lists.remove(value):
+                if await asyncio.to_thread(self.lists.remove, value):
                     await self.audit(request, "list_remove", "", value)
             else:
                 kind = "block" if form.get("type") == "block" else "allow"
-                entry = self.lists.add(kind, value, by=request[SESSION].user,
-                                       note=str(form.get("note", ""))[:200])
+                entry = await asyncio.to_thread(self.lists.add, kind, value,
+                                                by=request[SESSION].user,
+                                                note=str(form.get("note", ""))[:200])
                 await self.audit(request, kind, "", entry.value)
         except ValueError as exc:
             entries = sorted(self.lists.entries(), key=lambda e: (e.kind, e.value))
@@ -441,8 +441,8 @@ class WebApp:
 
     async def audit_page(self, request: web.Request) -> web.Response:
         assert self.store is not None
-        page = int(request.query["page"]) if request.query.get("page", "").isdigit() else 1
-        entries, total = await self.store.audit_log(limit=100, offset=(max(page, 1) - 1) * 100)
+        page = _page(request.query.get("page"))
+        entries, total = await self.store.audit_log(limit=100, offset=(page - 1) * 100)
         return self.render(request, "audit.html", entries=entries, total=total, page=page,
                            pages=max(1, math.ceil(total / 100)))
 
@@ -467,7 +467,7 @@ class WebApp:
                 return await self.accounts_page(request, status=400, error=(
                     "Impossible de supprimer son propre compte ou le dernier administrateur."))
             try:
-                self.accounts.remove(name)
+                await asyncio.to_thread(self.accounts.remove, name)
             except KeyError:
                 return await self.accounts_page(request, status=404, error="Compte inconnu.")
             self.sessions.drop_user(name)
@@ -476,7 +476,7 @@ class WebApp:
         if form.get("nouveau_code"):
             secret = new_totp_secret()
             try:
-                self.accounts.set_totp(name, secret)
+                await asyncio.to_thread(self.accounts.set_totp, name, secret)
             except KeyError:
                 return await self.accounts_page(request, status=404, error="Compte inconnu.")
             self.sessions.drop_user(name)
@@ -577,6 +577,13 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _page(text: str | None) -> int:
+    """A page number from the query string: 1 when absent or absurd."""
+    if not text or not text.isdigit() or len(text) > 6:
+        return 1
+    return max(1, int(text))
+
+
 def _day(text: str | None, *, end: bool = False) -> float | None:
     if not text:
         return None
@@ -597,8 +604,6 @@ def _float(text: str | None) -> float | None:
 async def start_web(runtime: Runtime, secret: bytes, *, sock: Any = None) -> web.AppRunner:
     """Serve the web page on the running loop: on `sock` (bound by the parent), else on
     `web.listen`."""
-    import ssl
-
     cfg = runtime.cfg
     app = WebApp(runtime, secret)
     if not app.accounts.load():
@@ -621,7 +626,6 @@ async def start_web(runtime: Runtime, secret: bytes, *, sock: Any = None) -> web
     server = getattr(site, "_server", None)
     names = [str(s.getsockname()) for s in server.sockets] if server is not None else []
     log.info("web page listening", extra={"fields": {"listen": names, "tls": ctx is not None}})
-    await asyncio.sleep(0)
     return runner
 
 

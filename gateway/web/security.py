@@ -41,7 +41,6 @@ HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
 }
-ROLES = ("admin", "lecteur")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -52,7 +51,6 @@ class Session:
     csrf: str
     created: float
     seen: float
-    client: str
 
     @property
     def is_admin(self) -> bool:
@@ -65,10 +63,10 @@ class Sessions:
         self._max = cfg.session_max_hours * 3600
         self._by_id: dict[str, Session] = {}
 
-    def create(self, user: str, role: str, client: str) -> Session:
+    def create(self, user: str, role: str) -> Session:
         now = time.time()
         s = Session(sid=secrets.token_urlsafe(32), user=user, role=role,
-                    csrf=secrets.token_urlsafe(32), created=now, seen=now, client=client)
+                    csrf=secrets.token_urlsafe(32), created=now, seen=now)
         self._by_id[s.sid] = s
         return s
 
