@@ -197,6 +197,12 @@ def main() -> None:
     try:
         wait_port(sink_port, sink)  # type: ignore[arg-type]
         data_dir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+        # The load generator is one loopback client standing for many senders: the limit of
+        # next-hop transactions per client address (default 10) would refuse most of a c=50
+        # run, which measures capacity, not that policy.
+        conf = data_dir / "bench.toml"
+        conf.write_text('[gateway]\ndomains = ["corp.example"]\n[next_hop]\n'
+                        'max_transactions = 400\nmax_transactions_per_client = 400\n')
         systems: list[tuple[str, list[str], int]] = []
         if (SHARED / "pyproxy.py").exists():
             p = free_port()
@@ -205,7 +211,8 @@ def main() -> None:
                              f"127.0.0.1:{p}", "--downstream", f"127.0.0.1:{sink_port}"], p))
         g = free_port()
         systems.append((f"gateway (workers={args.workers or os.cpu_count()})",
-                        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{g}",
+                        [sys.executable, "-m", "gateway", "serve", "--config", str(conf),
+                         "--listen", f"127.0.0.1:{g}",
                          "--next-hop", f"127.0.0.1:{sink_port}", "--domain", "corp.example",
                          "--data-dir", str(data_dir), "--workers", str(args.workers),
                          "--dns", dns_server.address,

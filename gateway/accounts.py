@@ -40,6 +40,14 @@ class Account:
     role: str = ""  # web page: "admin" or "lecteur"
     totp_secret: str = ""  # web page: base32 TOTP secret
     created_at: float = 0.0
+    # submission: the sender addresses this login may use ("@domain": any of that domain);
+    # empty: the login itself (Postfix's smtpd_sender_login_maps, reject_sender_login_mismatch)
+    addresses: tuple[str, ...] = ()
+
+    def may_send_as(self, address: str) -> bool:
+        addr = address.strip().lower()
+        return any(addr == a or (a.startswith("@") and addr.endswith(a) and len(addr) > len(a))
+                   for a in (self.addresses or (self.name,)))
 
 
 def normalise(name: str) -> str:
@@ -64,7 +72,8 @@ class AccountFile:
             return self._cache[1]
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            accounts = {normalise(a["name"]): Account(**a) for a in data.get("accounts", [])}
+            accounts = {normalise(a["name"]): Account(**{**a, "addresses": tuple(
+                a.get("addresses", ()))}) for a in data.get("accounts", [])}
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"{self.path}: unreadable accounts file: {exc}") from None
         self._cache = (mtime, accounts)
@@ -75,7 +84,8 @@ class AccountFile:
         write_private(self.path, body.encode())
         self._cache = None
 
-    def add(self, name: str, password: str, *, role: str = "", totp_secret: str = "") -> Account:
+    def add(self, name: str, password: str, *, role: str = "", totp_secret: str = "",
+            addresses: tuple[str, ...] = ()) -> Account:
         key = normalise(name)
         if not key or any(c.isspace() for c in key):
             raise ValueError("nom d'utilisateur vide ou contenant des espaces")
@@ -85,7 +95,8 @@ class AccountFile:
         if key in accounts:
             raise ValueError(f"l'utilisateur {key} existe déjà")
         account = Account(name=key, password_hash=_HASHER.hash(password), role=role,
-                          totp_secret=totp_secret, created_at=time.time())
+                          totp_secret=totp_secret, created_at=time.time(),
+                          addresses=_addresses(addresses))
         accounts[key] = account
         self._write(accounts)
         return account
@@ -108,6 +119,16 @@ class AccountFile:
             raise KeyError(key)
         accounts[key] = replace(accounts[key], totp_secret=secret)
         self._write(accounts)
+
+    def set_addresses(self, name: str, addresses: tuple[str, ...]) -> Account:
+        """The sender addresses a submission login may use (empty: the login itself)."""
+        accounts = dict(self.load())
+        key = normalise(name)
+        if key not in accounts:
+            raise KeyError(key)
+        accounts[key] = replace(accounts[key], addresses=_addresses(addresses))
+        self._write(accounts)
+        return accounts[key]
 
     def remove(self, name: str) -> None:
         accounts = dict(self.load())
@@ -138,3 +159,14 @@ class AccountFile:
                 self._recent = {k: v for k, v in self._recent.items() if v > now}
             self._recent[digest] = now + RECENT_S
         return account
+
+
+def _addresses(values: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        v = value.strip().lower()
+        local, at, domain = v.rpartition("@")
+        if not at or not domain or "." not in domain or any(c.isspace() for c in v):
+            raise ValueError(f"adresse invalide : {value!r} (adresse@domaine ou @domaine)")
+        out.append(v)
+    return tuple(dict.fromkeys(out))

@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submission", help="comptes d'envoi (authentification SMTP)")
     _common(p)
-    _user_commands(p, "créer un compte d'envoi (mot de passe demandé)")
+    add = _user_commands(p, "créer un compte d'envoi (mot de passe demandé)", senders=True)
+    add.add_argument("--adresse", action="append", default=[], dest="addresses",
+                     metavar="ADRESSE", help="adresse d'expéditeur permise (répétable ; "
+                     "@domaine pour toutes celles du domaine) ; par défaut l'identifiant")
     p = sub.add_parser("admin", help="comptes de la page web de quarantaine")
     _common(p)
     add = _user_commands(p, "créer un compte (mot de passe demandé, code TOTP affiché)",
@@ -100,12 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _user_commands(p: argparse.ArgumentParser, add_help: str, *,
-                   totp: bool = False) -> argparse.ArgumentParser:
-    """add-user / passwd / remove-user / list-users (and reset-totp for web accounts);
-    returns the add-user parser."""
+def _user_commands(p: argparse.ArgumentParser, add_help: str, *, totp: bool = False,
+                   senders: bool = False) -> argparse.ArgumentParser:
+    """add-user / passwd / remove-user / list-users (and reset-totp for web accounts,
+    addresses for submission accounts); returns the add-user parser."""
     usub = p.add_subparsers(dest="ucommand", required=True)
     add = usub.add_parser("add-user", help=add_help)
+    if senders:
+        addr = usub.add_parser("addresses", help="adresses d'expéditeur permises à un compte "
+                               "(sans adresse : l'identifiant seul)")
+        addr.add_argument("name", metavar="IDENTIFIANT")
+        addr.add_argument("addresses", nargs="*", metavar="ADRESSE")
     if totp:
         reset = usub.add_parser("reset-totp", help="nouveau second facteur (téléphone perdu)")
         reset.add_argument("name", metavar="IDENTIFIANT")
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "scan":
             return asyncio.run(_scan(cfg, args))
         if args.command == "submission":
-            return _users(AccountFile(cfg.submission_users_file), args)
+            return _users(AccountFile(cfg.submission_users_file), args,
+                          addresses=tuple(getattr(args, "addresses", ())))
         if args.command == "admin":
             return _admin(cfg, args)
         return asyncio.run(_quarantine(cfg, args))
@@ -186,7 +195,7 @@ def read_password(from_stdin: bool) -> str:
     return first
 
 
-def _users(accounts: AccountFile, args: argparse.Namespace, **fields: str) -> int:
+def _users(accounts: AccountFile, args: argparse.Namespace, **fields: Any) -> int:
     """add-user / passwd / remove-user / list-users on one accounts file."""
     cmd = args.ucommand
     try:
@@ -196,7 +205,13 @@ def _users(accounts: AccountFile, args: argparse.Namespace, **fields: str) -> in
                 print("Aucun compte.")
             for a in users.values():
                 role = f"  rôle {a.role}" if a.role else ""
-                print(f"{a.name}{role}  créé le {_when(a.created_at)}")
+                senders = f"  expéditeur {', '.join(a.addresses)}" if a.addresses else ""
+                print(f"{a.name}{role}{senders}  créé le {_when(a.created_at)}")
+            return 0
+        if cmd == "addresses":
+            account = accounts.set_addresses(args.name, tuple(args.addresses))
+            print(f"{account.name} peut envoyer comme : "
+                  f"{', '.join(account.addresses or (account.name,))}")
             return 0
         if cmd == "remove-user":
             accounts.remove(args.name)
@@ -209,6 +224,9 @@ def _users(accounts: AccountFile, args: argparse.Namespace, **fields: str) -> in
             return 0
         account = accounts.add(args.name, password, **fields)
         print(f"Compte {account.name} créé ({accounts.path}).")
+        if "addresses" in fields and not account.addresses and "@" not in account.name:
+            print("Attention : cet identifiant n'est pas une adresse ; donnez les adresses "
+                  "d'expéditeur permises avec --adresse, sinon tout envoi sera refusé.")
         return 0
     except KeyError:
         print(f"Compte inconnu : {args.name}", file=sys.stderr)

@@ -65,6 +65,13 @@ class SmtpSection:
     tls_cert: str = ""  # PEM; STARTTLS is offered when set
     tls_key: str = ""
     max_connections: int = 200  # per serving process; above it new clients get 421
+    data_deadline_s: float = 600.0  # a whole DATA, however slowly it trickles; then 421
+    # Transactions opened with the next hop and dropped before DATA (RSET, new MAIL) on one
+    # connection; past it: 421 and close (MAIL/RCPT/RSET churn against the mailbox server).
+    max_abandoned_transactions: int = 10
+    # Accept `user%other@our.domain` and `other!user@our.domain`: only if the mailbox server
+    # is set not to route them (Postfix: allow_percent_hack = no, swap_bangpath = no).
+    allow_percent_hack: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +82,12 @@ class NextHopSection:
     tls_verify: bool = True  # verify the next hop's certificate when STARTTLS is used
     tls_ca_file: str = ""
     timeout_s: float = 60.0  # per command to the next hop
+    # Transactions open with the next hop at once (each is a connection to it), for the whole
+    # gateway (shared out between the serving processes) and per client address; beyond, the
+    # recipient gets 451 and the client retries. The next hop's own limit (Postfix:
+    # default_process_limit = 100) must stay above max_transactions.
+    max_transactions: int = 50
+    max_transactions_per_client: int = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,6 +350,13 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(cfg.smtp.max_message_bytes >= 1024, "smtp.max_message_bytes", "must be >= 1024")
     check(cfg.smtp.max_recipients >= 1, "smtp.max_recipients", "must be >= 1")
     check(cfg.smtp.max_connections >= 1, "smtp.max_connections", "must be >= 1")
+    check(cfg.smtp.data_deadline_s >= cfg.smtp.data_timeout_s, "smtp.data_deadline_s",
+          "must be >= smtp.data_timeout_s")
+    check(cfg.smtp.max_abandoned_transactions >= 1, "smtp.max_abandoned_transactions",
+          "must be >= 1")
+    check(cfg.next_hop.max_transactions >= cfg.next_hop.max_transactions_per_client >= 1,
+          "next_hop.max_transactions",
+          "must be >= next_hop.max_transactions_per_client, itself >= 1")
     check(cfg.gateway.workers >= 0, "gateway.workers", "must be >= 0 (0 = one per core)")
     check(cfg.quarantine.retention_days >= 1, "quarantine.retention_days", "must be >= 1")
     check(bool(cfg.domains), "gateway.domains",

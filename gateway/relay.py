@@ -138,6 +138,14 @@ class SmtpTransaction:
 
     async def open(self) -> None:
         client = await self._hop.connect()
+        try:
+            await self._start(client)
+        except BaseException:  # whatever went wrong, the connection is not left open
+            client.close()
+            raise
+        self._client = client
+
+    async def _start(self, client: aiosmtplib.SMTP) -> None:
         self.tls = client.get_transport_info("sslcontext") is not None
         if client.last_ehlo_response is None:  # without STARTTLS, connect() sent no EHLO
             with _errors("EHLO", client):
@@ -148,13 +156,11 @@ class SmtpTransaction:
             options.append("BODY=8BITMIME")
         if self._smtputf8:
             if not client.supports_extension("smtputf8"):
-                client.close()
                 raise DownstreamRejected(553, "5.6.7 Next hop does not support SMTPUTF8")
             options.append("SMTPUTF8")
             encoding = "utf-8"
         with _errors("MAIL", client):
             await client.mail(self._mail_from, options=options, encoding=encoding)
-        self._client = client
 
     async def add_recipient(self, rcpt: str) -> RcptAnswer:
         client = self._client

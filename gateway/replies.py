@@ -41,6 +41,11 @@ SENDER_DENIED = Reply(
     code=553, status="5.7.1",
     text="Adresse d'expediteur refusee : seules les adresses du cabinet peuvent envoyer ici",
 )
+SENDER_NOT_OWNED = Reply(
+    code=553, status="5.7.1",
+    text="Adresse d'expediteur non autorisee pour ce compte : envoyez avec votre propre "
+         "adresse (enveloppe et en-tete From)",
+)
 AUTH_OK = Reply(code=235, status="2.7.0", text="Authentification reussie")
 AUTH_FAILED = Reply(code=535, status="5.7.8", text="Identifiant ou mot de passe incorrect")
 AUTH_LOCKED = Reply(code=454, status="4.7.0",
@@ -48,7 +53,35 @@ AUTH_LOCKED = Reply(code=454, status="4.7.0",
 AUTH_TOO_MANY = Reply(code=421, status="4.7.0",
                       text="Trop d'essais d'authentification, connexion fermee")
 TOO_MANY_RCPTS = Reply(code=452, status="4.5.3", text="Trop de destinataires pour ce message")
-BAD_ADDRESS = Reply(code=553, status="5.1.3", text="Adresse de destinataire invalide")
+BAD_RCPT_SYNTAX = Reply(code=501, status="5.1.3", text="Adresse de destinataire mal formee")
+BAD_SENDER_SYNTAX = Reply(code=501, status="5.1.7", text="Adresse d'expediteur mal formee")
+CONTROL_CHARACTERS = Reply(code=501, status="5.5.2",
+                           text="Caracteres de controle interdits dans la commande")
+INVALID_UTF8 = Reply(code=501, status="5.5.2",
+                     text="Octets invalides dans la commande (UTF-8 attendu)")
+NON_ASCII_ADDRESS = Reply(
+    code=553, status="5.6.7",
+    text="Adresse non ASCII refusee : annoncez SMTPUTF8 dans MAIL FROM pour l'utiliser",
+)
+ROUTED_ADDRESS = Reply(
+    code=550, status="5.7.1",
+    text="Relais refuse : les adresses de routage (%, ! ou @ entre guillemets) sont interdites",
+)
+SOURCE_ROUTE = Reply(code=553, status="5.1.3",
+                     text="Routage par la source refuse : donnez l'adresse du destinataire seule")
+BUSY_CLIENT = Reply(
+    code=451, status="4.7.1",
+    text="Trop de messages en cours depuis votre adresse, merci de reessayer plus tard",
+)
+BUSY_NEXT_HOP = Reply(
+    code=451, status="4.3.2",
+    text="Serveur de messagerie du cabinet tres sollicite, merci de reessayer plus tard",
+)
+TOO_MANY_ABANDONED = Reply(
+    code=421, status="4.7.0",
+    text="Trop de transactions abandonnees sur cette connexion, connexion fermee",
+)
+TIMEOUT = Reply(code=421, status="4.4.2", text="Delai d'attente depasse, connexion fermee")
 TOO_LARGE = Reply(code=552, status="5.3.4", text="Message trop volumineux")
 POLICY_REJECT = Reply(
     code=550, status="5.7.1",

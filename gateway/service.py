@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import logs
+from gateway.accounts import AccountFile
 from gateway.banner import load_templates, marker
 from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
@@ -197,14 +198,16 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
     runs the retention purge."""
     runtime = await build_runtime(cfg)
     counter = ConnectionCounter(cfg.smtp.max_connections)
-    handler = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.next_hop)
+    handler = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.next_hop,
+                      processes=cfg.worker_count)
     server = await _listen(smtp_factory(cfg, handler, counter), cfg.listen, sockets.smtp)
     log.info("SMTP listening", extra={"fields": {
         "listen": [str(s.getsockname()) for s in server.sockets],
         "next_hop": runtime.next_hop.name, "domains": sorted(cfg.domains), "pid": os.getpid()}})
     submission = submission_tls = None
     outbound = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.smarthost,
-                       direction=Direction.OUTBOUND)
+                       direction=Direction.OUTBOUND, processes=cfg.worker_count,
+                       accounts=AccountFile(cfg.submission_users_file))
     limiter = submission_limiter(cfg)  # one count of failed logins for both ports
     if cfg.submission_listen is not None:
         submission = await _listen(submission_factory(cfg, outbound, counter, limiter=limiter),

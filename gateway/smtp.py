@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.policy
 import ipaddress
 import logging
 import math
@@ -17,11 +18,12 @@ import secrets
 import socket
 import ssl
 from collections.abc import Sequence
+from email.parser import BytesHeaderParser
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from gateway import replies
+from gateway import address, replies
 from gateway.accounts import AccountFile
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
@@ -29,7 +31,7 @@ from gateway.logs import queue_id_var
 from gateway.message import Direction, Inbound
 from gateway.pipeline import Outcome, OutcomeKind, Pipeline
 from gateway.ratelimit import LoginLimiter
-from gateway.relay import NextHop, Transaction
+from gateway.relay import NextHop, RcptAnswer, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,75 @@ class GatewaySession(Session):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.txn: Transaction | None = None
+        self.abandoned = 0  # next-hop transactions dropped before DATA on this connection
+        self.close_after_reply = False
         self.trusted = False  # submission: a client network allowed to send without AUTH
         self.auth_user = ""  # submission: the login that authenticated
 
     def abort_txn(self) -> None:
         txn, self.txn = self.txn, None
         if txn is not None:
+            self.abandoned += 1
             txn.abort()
+
+    def take_txn(self) -> Transaction | None:
+        """The transaction, now owned by the caller (end of DATA), who must abort it."""
+        txn, self.txn = self.txn, None
+        return txn
+
+
+class Slots:
+    """Transactions open with one next hop, in this serving process: in all and per client
+    address. The configured limits are for the whole gateway, shared out between the serving
+    processes, so that the next hop never sees more than the configured number."""
+
+    def __init__(self, *, total: int, per_client: int, processes: int = 1) -> None:
+        self.total = max(1, total // processes)
+        self.per_client = max(1, per_client // processes)
+        self.open = 0
+        self._by_client: dict[str, int] = {}
+
+    def take(self, client: str) -> replies.Reply | None:
+        """None when a slot was taken for `client`; else the reply to give."""
+        if self.open >= self.total:
+            return replies.BUSY_NEXT_HOP
+        if self._by_client.get(client, 0) >= self.per_client:
+            return replies.BUSY_CLIENT
+        self.open += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+        return None
+
+    def give(self, client: str) -> None:
+        self.open -= 1
+        left = self._by_client.pop(client, 1) - 1
+        if left:
+            self._by_client[client] = left
+
+
+class _Leased:
+    """A next-hop transaction holding a slot: the slot is given back when it is aborted (the
+    one way every transaction ends: delivered, dropped, failed or the client gone)."""
+
+    def __init__(self, txn: Transaction, slots: Slots, client: str) -> None:
+        self._txn = txn
+        self._slots: Slots | None = slots
+        self._client = client
+        self.tls = txn.tls
+
+    async def add_recipient(self, rcpt: str) -> RcptAnswer:
+        return await self._txn.add_recipient(rcpt)
+
+    async def send(self, head: bytes, raw: bytes) -> str:
+        return await self._txn.send(head, raw)
+
+    def restrict(self, rcpts: list[str]) -> None:
+        self._txn.restrict(rcpts)
+
+    def abort(self) -> None:
+        self._txn.abort()
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.give(self._client)
 
 
 class ConnectionCounter:
@@ -87,10 +151,12 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
 
 class GatewaySMTP(SMTP):
     def __init__(self, handler: Handler, *, counter: ConnectionCounter, data_timeout: float,
-                 **kwargs: Any) -> None:
+                 data_deadline: float, allow_percent_hack: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._counter = counter
         self._data_timeout = data_timeout
+        self._data_deadline = data_deadline
+        self._allow_percent_hack = allow_percent_hack
         self._counted = False
 
     def _create_session(self) -> GatewaySession:
@@ -126,6 +192,69 @@ class GatewaySMTP(SMTP):
             self.session.abort_txn()
         super().connection_lost(error)
 
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes a connection past its timeout without a word: say why first.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(f"{replies.TIMEOUT}\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    # ---- command syntax, checked before aiosmtpd's lenient parsing (gateway/address.py) ----
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._refuse_text(hostname):
+            await super().smtp_HELO(hostname)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._refuse_text(hostname):
+            await super().smtp_EHLO(hostname)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not await self._refuse_path(arg, "FROM:", sender=True):
+            await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not await self._refuse_path(arg, "TO:", sender=False):
+            await super().smtp_RCPT(arg)
+        session = self.session
+        if isinstance(session, GatewaySession) and session.close_after_reply:
+            assert self.transport is not None
+            self.transport.close()
+
+    async def _refuse_text(self, arg: str | None) -> bool:
+        try:
+            address.check_command(arg, keyword="")
+        except address.PathRefused as exc:
+            await self._refused(exc, arg)
+            return True
+        return False
+
+    async def _refuse_path(self, arg: str | None, keyword: str, *, sender: bool) -> bool:
+        """True when the command was answered here (refused, or out of sequence)."""
+        if await self.check_helo_needed() or await self.check_auth_needed(keyword[:-1]):
+            return True
+        assert self.envelope is not None
+        if not sender and not self.envelope.mail_from:
+            return False  # aiosmtpd answers 503 (need MAIL)
+        try:
+            text = address.check_command(arg, keyword=keyword)
+            if text is not None:
+                address.parse(text, sender=sender,
+                              smtputf8=None if sender else self.envelope.smtp_utf8,
+                              allow_percent_hack=self._allow_percent_hack)
+        except address.PathRefused as exc:
+            await self._refused(exc, arg)
+            return True
+        return False
+
+    async def _refused(self, exc: address.PathRefused, arg: str | None) -> None:
+        peer = self.session.peer if self.session is not None else None
+        log.info("command refused: %s", exc.why, extra={"fields": {
+            "client": peer[0] if isinstance(peer, tuple) else str(peer),
+            "argument": ascii(arg)[:300]}})
+        await self.push(str(exc.reply))
+
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
@@ -158,8 +287,12 @@ class GatewaySMTP(SMTP):
         buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command line
         scan_from = 0
         too_much = False
+        # Each read waits at most data_timeout, and the whole DATA at most data_deadline (a
+        # client trickling one byte a second is cut too); either way _timeout_cb answers 421.
+        deadline = self.loop.time() + self._data_deadline
         while True:
-            self._reset_timeout(self._data_timeout)
+            self._reset_timeout(max(0.001, min(self._data_timeout,
+                                               deadline - self.loop.time())))
             chunk = await reader.read(CHUNK)
             if not chunk:  # EOF mid-DATA: eof_received cancels this task anyway
                 raise ConnectionResetError("connection closed during DATA")
@@ -195,12 +328,17 @@ class Handler:
     """aiosmtpd hooks. Nothing of aiosmtpd goes deeper than this class."""
 
     def __init__(self, *, cfg: Config, pipeline: Pipeline, next_hop: NextHop,
-                 direction: Direction = Direction.INBOUND) -> None:
+                 direction: Direction = Direction.INBOUND, processes: int = 1,
+                 accounts: AccountFile | None = None) -> None:
         self._cfg = cfg
+        self.accounts = accounts  # submission: who may send as whom
         self._domains = cfg.domains
         self._pipeline = pipeline
         self._next_hop = next_hop
         self._direction = direction
+        self.slots = Slots(total=cfg.next_hop.max_transactions,
+                           per_client=cfg.next_hop.max_transactions_per_client,
+                           processes=processes)
 
     async def handle_MAIL(self, server: GatewaySMTP, session: GatewaySession,
                           envelope: Envelope, address: str, mail_options: list[str]) -> str:
@@ -209,18 +347,24 @@ class Handler:
             # Submission: only the practice's users, and only as the practice's addresses.
             if not (session.authenticated or session.trusted):
                 return str(replies.AUTH_REQUIRED)
-            if address.rpartition("@")[2].lower().rstrip(".") not in self._domains:
+            if address.rpartition("@")[2].lower() not in self._domains:
                 return str(replies.SENDER_DENIED)
+            if session.auth_user and not self._owns(session.auth_user, [address]):
+                log.warning("submission sender refused", extra={"fields": {
+                    "user": session.auth_user, "mail_from": address, "where": "envelope"}})
+                return str(replies.SENDER_NOT_OWNED)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: GatewaySMTP, session: GatewaySession,
                           envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
-        domain = address.rpartition("@")[2].lower().rstrip(".")
-        if "@" not in address or not domain:
-            return str(replies.BAD_ADDRESS)
-        if domain not in self._domains and self._direction is Direction.INBOUND:
+        # The path's syntax was checked by GatewaySMTP (gateway/address.py): no route, no
+        # routing characters, no trailing dot; the domain is compared exactly.
+        local, at, domain = address.rpartition("@")
+        if not (local and at and domain):
+            return str(replies.BAD_RCPT_SYNTAX)
+        if domain.lower() not in self._domains and self._direction is Direction.INBOUND:
             return str(replies.RELAY_DENIED)
         if len(envelope.rcpt_tos) >= self._cfg.smtp.max_recipients:
             return str(replies.TOO_MANY_RCPTS)
@@ -228,8 +372,15 @@ class Handler:
             return str(replies.RCPT_OK)
         try:
             if session.txn is None:
-                session.txn = await self._next_hop.begin(
-                    envelope.mail_from or "", smtputf8=envelope.smtp_utf8)
+                if session.abandoned >= self._cfg.smtp.max_abandoned_transactions:
+                    log.warning("too many abandoned transactions; closing", extra={"fields": {
+                        "client": _peer(session), "abandoned": session.abandoned}})
+                    session.close_after_reply = True
+                    return str(replies.TOO_MANY_ABANDONED)
+                begun = await self._begin(session, envelope)
+                if isinstance(begun, replies.Reply):
+                    return str(begun)
+                session.txn = begun
             answer = await session.txn.add_recipient(address)
         except DownstreamUnavailable as exc:
             log.warning("next hop unavailable at RCPT: %s", exc)
@@ -238,11 +389,32 @@ class Handler:
         except DownstreamRejected as exc:  # MAIL FROM refused by the next hop
             session.abort_txn()
             return replies.downstream_reply(exc.code, exc.text)
+        except BaseException:  # a bug or a cancelled session: the connection is closed
+            session.abort_txn()
+            raise
         if answer.accepted:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             return str(replies.RCPT_OK)
         return replies.downstream_reply(answer.code, answer.text)
+
+    async def _begin(self, session: GatewaySession,
+                     envelope: Envelope) -> Transaction | replies.Reply:
+        """A transaction with the next hop holding one of its slots, or the reply to give
+        when the next hop has no slot left for this client."""
+        client = _peer(session)
+        busy = self.slots.take(client)
+        if busy is not None:
+            log.warning("next hop transactions limit", extra={"fields": {
+                "client": client, "open": self.slots.open, "reply": busy.status}})
+            return busy
+        try:
+            txn = await self._next_hop.begin(envelope.mail_from or "",
+                                             smtputf8=envelope.smtp_utf8)
+        except BaseException:
+            self.slots.give(client)
+            raise
+        return _Leased(txn, self.slots, client)
 
     async def handle_RSET(self, server: GatewaySMTP, session: GatewaySession,
                           envelope: Envelope) -> str:
@@ -251,15 +423,21 @@ class Handler:
 
     async def handle_DATA(self, server: GatewaySMTP, session: GatewaySession,
                           envelope: Envelope) -> str:
-        txn = session.txn
-        session.txn = None
+        txn = session.take_txn()
         if txn is None:
             return str(replies.TEMPFAIL_DOWNSTREAM)
+        raw = envelope.original_content
+        assert isinstance(raw, bytes)
+        if session.auth_user:
+            senders = await header_senders(raw)
+            if not self._owns(session.auth_user, senders):
+                txn.abort()
+                log.warning("submission sender refused", extra={"fields": {
+                    "user": session.auth_user, "from": senders[:5], "where": "header"}})
+                return str(replies.SENDER_NOT_OWNED)
         queue_id = new_queue_id()
         token = queue_id_var.set(queue_id)
         try:
-            raw = envelope.original_content
-            assert isinstance(raw, bytes)
             peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
             inbound = Inbound(
                 queue_id=queue_id, peer_ip=peer, helo=session.host_name or "",
@@ -272,9 +450,44 @@ class Handler:
             txn.abort()
             queue_id_var.reset(token)
 
+    def _owns(self, user: str, addresses: list[str]) -> bool:
+        """Every address is one the submission login may use (none at all: refused)."""
+        account = self.accounts.load().get(user) if self.accounts is not None else None
+        return (account is not None and bool(addresses)
+                and all(account.may_send_as(a) for a in addresses))
+
     async def handle_exception(self, error: Exception) -> str:
+        # A bug: logged with its traceback, the client only reads a 451.
         log.error("SMTP session error", exc_info=error)
         return str(replies.TEMPFAIL_INTERNAL)
+
+
+async def header_senders(raw: bytes) -> list[str]:
+    """The addresses of the From and Sender header fields (a large header block is parsed in
+    a thread). An address that cannot be read counts as itself, never as nothing."""
+    end = raw.find(b"\r\n\r\n")
+    head = raw[:end + 2] if end >= 0 else raw
+    if len(head) > 64 * 1024:
+        return await asyncio.to_thread(_header_senders, head)
+    return _header_senders(head)
+
+
+def _header_senders(head: bytes) -> list[str]:
+    msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+    out: list[str] = []
+    for name in ("From", "Sender"):
+        for value in msg.get_all(name, []):
+            try:
+                found = [a.addr_spec for a in value.addresses]
+            except (AttributeError, ValueError, IndexError):
+                found = []
+            out += found or [str(value) or "(vide)"]
+    return out
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 def reply_for(outcome: Outcome, queue_id: str,
@@ -420,6 +633,8 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
 
 def _server_options(cfg: Config, counter: ConnectionCounter) -> dict[str, Any]:
     return {"counter": counter, "data_timeout": cfg.smtp.data_timeout_s,
+            "data_deadline": cfg.smtp.data_deadline_s,
+            "allow_percent_hack": cfg.smtp.allow_percent_hack,
             "hostname": cfg.gateway.hostname, "ident": "gateway",
             "data_size_limit": cfg.smtp.max_message_bytes, "enable_SMTPUTF8": True,
             "decode_data": False, "tls_context": tls_context(cfg),
@@ -446,7 +661,7 @@ def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter
     options = _server_options(cfg, counter)
     if implicit_tls:
         options["tls_context"] = None
-    accounts = AccountFile(cfg.submission_users_file)
+    accounts = handler.accounts or AccountFile(cfg.submission_users_file)
     trusted = networks(cfg.submission.trusted_networks)
     cleartext_auth = networks(cfg.submission.cleartext_auth_networks)
 

@@ -274,13 +274,19 @@ async def test_pipelined_commands_after_end_of_data(gateway, sink: Sink):
     assert b"X-Gateway-Action: tag" in second.data
 
 
-async def test_fifty_concurrent_sessions_all_delivered(gateway, sink: Sink):
-    async def one(i: int) -> str:
+async def test_fifty_concurrent_sessions_all_delivered(tmp_path: Path, sink: Sink):
+    # Fifty senders at once; they all come from 127.0.0.1 here, so the per-client limit of
+    # next-hop transactions (tests/test_hardening.py) is raised to let them stand for many.
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off",
+                                          "max_transactions_per_client": 50})
+
+    async def one(port: int, i: int) -> str:
         data = MSG.replace(b"Subject: Resultats", f"Subject: n{i}".encode())
-        _, reply = await send(gateway.port, data, [f"docteur{i}@{DOMAIN}"])
+        _, reply = await send(port, data, [f"docteur{i}@{DOMAIN}"])
         return reply
 
-    replies = await asyncio.gather(*(one(i) for i in range(50)))
+    async with running(cfg) as gw:
+        replies = await asyncio.gather(*(one(gw.port, i) for i in range(50)))
     assert all(r.startswith("2.0.0") for r in replies)
     got = [await sink.get() for _ in range(50)]
     assert sorted(g.rcpts[0] for g in got) == sorted(f"docteur{i}@{DOMAIN}" for i in range(50))

@@ -83,7 +83,9 @@ async def test_idle_client_is_disconnected(tmp_path: Path, sink: Sink):
         async with asyncio.timeout(10):
             banner = await reader.readline()
             assert banner.startswith(b"220 mx.cabinet.test")
-            assert await reader.read() == b""  # closed by the gateway
+            # Told why, then closed by the gateway.
+            assert (await reader.readline()).startswith(b"421 4.4.2 ")
+            assert await reader.read() == b""
         writer.close()
 
 

@@ -397,3 +397,75 @@ async def test_guessing_over_new_connections_is_locked_out(tmp_path: Path, cert,
             assert resp.code == 454 and "Trop d'essais" in resp.message
         finally:
             smtp.close()
+
+
+# ---- who may send as whom (hardening) -------------------------------------------------------
+
+
+async def test_sender_must_be_the_logins_own_address(setup: Setup):
+    """A stolen password must not lend the practice's name to any address: the envelope
+    sender and the From/Sender fields must be addresses of the login."""
+    to = "patients@liste.example"
+    smtp = await client(setup)
+    try:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as exc:
+            await smtp.mail(f"directeur@{DOMAIN}")
+        assert exc.value.code == 553 and exc.value.message.startswith("5.7.1 ")
+        await smtp.rset()
+        for header in ("From: <directeur@ameli.fr>", f"From: <directeur@{DOMAIN}>",
+                       f'From: "secretariat@{DOMAIN}" <directeur@ameli.fr>',
+                       f"From: <{USER}>\r\nSender: <directeur@ameli.fr>",
+                       f"From: <{USER}>, <directeur@{DOMAIN}>",
+                       "From: Service facturation"):
+            raw = (f"{header}\r\nTo: <{to}>\r\nSubject: Facture\r\n\r\nBonjour\r\n").encode()
+            with pytest.raises(aiosmtplib.SMTPDataError) as data_exc:
+                await smtp.sendmail(USER, [to], raw)
+            assert data_exc.value.code == 553, header
+            assert "non autorisee" in data_exc.value.message
+            await smtp.rset()
+        # Its own address, in both places, goes out.
+        _, reply = await smtp.sendmail(USER, [to], mail(to, "Bonjour, rendez-vous jeudi."))
+        assert "transmis" in reply
+    finally:
+        smtp.close()
+    assert (await setup.relay.get()).rcpts == [to]
+    assert setup.relay.empty()
+
+
+async def test_aliases_let_a_login_send_as_other_addresses(setup: Setup):
+    accounts = AccountFile(setup.gw.runtime.cfg.submission_users_file)
+    accounts.set_addresses(USER, (f"accueil@{DOMAIN}", f"@rdv.{DOMAIN}"))
+    to = "patients@liste.example"
+    for sender in (f"accueil@{DOMAIN}",):
+        raw = (f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: RDV\r\n\r\njeudi\r\n").encode()
+        smtp = await client(setup)
+        try:
+            _, reply = await smtp.sendmail(sender, [to], raw)
+            assert "transmis" in reply
+            # The login itself is no longer among its addresses once aliases are listed.
+            with pytest.raises(aiosmtplib.SMTPSenderRefused):
+                await smtp.mail(USER)
+        finally:
+            smtp.close()
+    assert accounts.load()[USER].may_send_as(f"qui@rdv.{DOMAIN}")
+    assert not accounts.load()[USER].may_send_as(f"rdv.{DOMAIN}")
+    assert not accounts.load()[USER].may_send_as(f"x@evilrdv.{DOMAIN}")
+    assert (await setup.relay.get()).mail_from == f"accueil@{DOMAIN}"
+
+
+def test_cli_sets_sender_addresses(tmp_path: Path):
+    data = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    base = [sys.executable, "-m", "gateway", "submission", "--data-dir", str(data),
+            "--domain", DOMAIN]
+    subprocess.run([*base, "add-user", "cabinet", "--password-stdin", "--adresse",
+                    f"accueil@{DOMAIN}"], input=f"{PASSWORD}\n", text=True, check=True,
+                   env=env, capture_output=True)
+    out = subprocess.run([*base, "addresses", "cabinet", f"accueil@{DOMAIN}", f"@{DOMAIN}"],
+                         text=True, check=True, env=env, capture_output=True).stdout
+    assert f"accueil@{DOMAIN}, @{DOMAIN}" in out
+    account = AccountFile(data / "submission-users.json").load()["cabinet"]
+    assert account.addresses == (f"accueil@{DOMAIN}", f"@{DOMAIN}")
+    bad = subprocess.run([*base, "addresses", "cabinet", "pas une adresse"], text=True,
+                         env=env, capture_output=True)
+    assert bad.returncode == 1 and "adresse invalide" in bad.stderr

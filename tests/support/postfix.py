@@ -23,7 +23,12 @@ def available() -> bool:
 
 
 class Postfix:
-    def __init__(self, *, port: int, domain: str, users: list[str], relay_port: int) -> None:
+    def __init__(self, *, port: int, domain: str, users: list[str], relay_port: int,
+                 foreign_port: int | None = None) -> None:
+        """With `foreign_port`, the practice's domain is local to this Postfix (mydestination,
+        as on a mailbox server; its mailboxes are handed to `relay_port`) and it routes any
+        other domain to `foreign_port`: the Internet, as far as relaying goes. Postfix's other
+        settings stay at their defaults (allow_percent_hack, swap_bangpath: yes)."""
         self.port = port
         # Postfix daemons run as the `postfix` user: the tree must be traversable (not pytest's
         # 0700 tmp folder).
@@ -34,6 +39,21 @@ class Postfix:
             (self.root / sub).mkdir(mode=0o755)
         shutil.chown(self.root / "data", "postfix")
         (self.etc / "recipients").write_text("".join(f"{u}@{domain} ok\n" for u in users))
+        (self.etc / "local").write_text("".join(f"{u} ok\n" for u in users))
+        if foreign_port is None:
+            routing = f"""\
+mydestination =
+relay_domains = {domain}
+relay_recipient_maps = texthash:{self.etc}/recipients
+relay_transport = smtp:[127.0.0.1]:{relay_port}
+"""
+        else:
+            routing = f"""\
+mydestination = {domain}
+local_recipient_maps = texthash:{self.etc}/local
+local_transport = smtp:[127.0.0.1]:{relay_port}
+default_transport = smtp:[127.0.0.1]:{foreign_port}
+"""
         (self.etc / "main.cf").write_text(f"""\
 compatibility_level = 3.6
 queue_directory = {self.root}/spool
@@ -44,11 +64,7 @@ inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 myhostname = mailbox.{domain}
 mydomain = {domain}
-mydestination =
-relay_domains = {domain}
-relay_recipient_maps = texthash:{self.etc}/recipients
-relay_transport = smtp:[127.0.0.1]:{relay_port}
-mynetworks = 127.0.0.0/8
+{routing}mynetworks = 127.0.0.0/8
 smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
 alias_maps =
 alias_database =
