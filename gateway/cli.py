@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway import __version__, config
 from gateway.accounts import AccountFile
+from gateway.authstate import AuthState
 from gateway.banner import load_templates
 from gateway.config import Config
 from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailable
@@ -242,7 +243,10 @@ def _admin(cfg: Config, args: argparse.Namespace) -> int:
 
     accounts = AccountFile(cfg.web_users_file)
     if args.ucommand not in ("add-user", "reset-totp"):
-        return _users(accounts, args)
+        status = _users(accounts, args)
+        if status == 0 and args.ucommand in ("passwd", "remove-user"):
+            _end_sessions(cfg, args.name)
+        return status
     secret = new_totp_secret()
     name = args.name.strip().lower()
     if args.ucommand == "add-user":
@@ -256,6 +260,7 @@ def _admin(cfg: Config, args: argparse.Namespace) -> int:
             print(f"Compte inconnu : {name}", file=sys.stderr)
             return 1
         print(f"Nouveau second facteur pour {name} : les anciens codes ne marchent plus.")
+        _end_sessions(cfg, name)
     qr = enrolment_qr(secret, name, cfg.gateway.hostname)
     print("\nSecond facteur : scannez ce QR code avec une application d'authentification")
     print("(FreeOTP, Google Authenticator, Microsoft Authenticator...) :\n")
@@ -269,6 +274,17 @@ def _admin(cfg: Config, args: argparse.Namespace) -> int:
         path.chmod(0o600)
         print(f"QR code écrit dans {path} (à supprimer après l'enrôlement).")
     return 0
+
+
+def _end_sessions(cfg: Config, name: str) -> None:
+    """A credential changed: the account's open sessions on the web page end now."""
+    state = AuthState.open(cfg.auth_state_file)
+    try:
+        n = state.drop_user(name.strip().lower())
+    finally:
+        state.close()
+    if n:
+        print(f"{n} session(s) ouverte(s) de {name} fermée(s).")
 
 
 # ---- scan --------------------------------------------------------------------------------

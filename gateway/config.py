@@ -151,8 +151,11 @@ class SubmissionSection:
     smarthost_username: str = ""  # AUTH towards the smarthost, when it asks for it
     smarthost_password_file: str = ""  # 0600 file holding only the password
     max_auth_failures: int = 3  # per connection; then 421 and close
-    lockout_failures: int = 10  # per account (x4 per client address) within lockout_minutes
-    lockout_minutes: int = 15  # then AUTH is refused (454) for that long
+    # Failed logins per account and client address within lockout_minutes before each try
+    # waits longer (1 s, 2 s, 4 s... 1 min); four times that from one address (any
+    # accounts) refuse AUTH (454) from it for lockout_minutes.
+    lockout_failures: int = 10
+    lockout_minutes: int = 15
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,8 +168,12 @@ class WebSection:
     public_url: str = ""  # how staff reach the page, e.g. https://passerelle.cabinet.fr:8443
     session_idle_minutes: int = 30
     session_max_hours: int = 10
-    max_login_failures: int = 5  # per account or client address, then locked out
+    # As submission.lockout_failures: per account and address, then growing delays; four
+    # times that per address, then that address is locked out for lockout_minutes.
+    max_login_failures: int = 5
     lockout_minutes: int = 15
+    header_timeout_s: float = 15.0  # from connection (or last answer) to a whole request head
+    body_timeout_s: float = 20.0  # to read a form once its head is in
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -276,6 +283,11 @@ class Config:
         if self.submission.users_file:
             return Path(self.submission.users_file)
         return self.data_dir / "submission-users.json"
+
+    @property
+    def auth_state_file(self) -> Path:
+        """Login counters, web sessions, TOTP steps used (gateway/authstate.py)."""
+        return self.data_dir / "auth-state.sqlite3"
 
     @property
     def web_listen(self) -> HostPort | None:
@@ -406,7 +418,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(not web.public_url or web.public_url.startswith(("https://", "http://")),
           "web.public_url", "must start with https:// (or http:// on loopback)")
     for key in ("session_idle_minutes", "session_max_hours", "max_login_failures",
-                "lockout_minutes"):
+                "lockout_minutes", "header_timeout_s", "body_timeout_s"):
         check(getattr(web, key) >= 1, f"web.{key}", "must be >= 1")
     check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"folder not found: {cfg.rules_dir}")
     for i, d in enumerate(cfg.attachments.yara_dirs):

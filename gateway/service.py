@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import logs
 from gateway.accounts import AccountFile
+from gateway.authstate import AuthState
 from gateway.banner import load_templates, marker
 from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
@@ -41,7 +42,7 @@ from gateway.smtp import (
     Handler,
     smtp_factory,
     submission_factory,
-    submission_limiter,
+    submission_throttle,
     tls_context,
 )
 from gateway.symbols import SymbolTable, check_consistency, load_table
@@ -75,6 +76,7 @@ class Runtime:
     smarthost: NextHop
     notifier: Notifier
     store: Store | None
+    auth: AuthState  # login counters, web sessions (shared by the serving processes)
     secret: bytes  # the installation's secret (banner marker, sender release links)
 
     async def close(self) -> None:
@@ -82,6 +84,7 @@ class Runtime:
         await self.pipeline.flush_stats()
         if self.store is not None:
             await self.store.close()
+        await asyncio.to_thread(self.auth.close)
         self.workers.close()
 
 
@@ -104,6 +107,7 @@ def prepare(cfg: Config) -> None:
     load_templates(cfg.banner_templates)
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     Store.open_sync(quarantine_root(cfg), cfg.key_file).close_sync()
+    AuthState.open(cfg.auth_state_file).close()
 
 
 async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
@@ -113,6 +117,9 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
     if with_store:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = await Store.open(quarantine_root(cfg), cfg.key_file)
+        auth = await asyncio.to_thread(AuthState.open, cfg.auth_state_file)
+    else:  # `scan`: nothing is written, nobody logs in
+        auth = await asyncio.to_thread(AuthState.open, None)
     # The banner marker comes from the installation's secret; `scan` without a data folder
     # has none and uses a fixed one.
     secret = (await asyncio.to_thread(load_or_create_key, cfg.key_file)
@@ -127,7 +134,7 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
                         notifier=notifier)
     return Runtime(cfg=cfg, table=table, workers=workers, pipeline=pipeline,
                    next_hop=next_hop, smarthost=create_smarthost(cfg), notifier=notifier,
-                   store=store, secret=secret)
+                   store=store, auth=auth, secret=secret)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -208,13 +215,14 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
     outbound = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.smarthost,
                        direction=Direction.OUTBOUND, processes=cfg.worker_count,
                        accounts=AccountFile(cfg.submission_users_file))
-    limiter = submission_limiter(cfg)  # one count of failed logins for both ports
+    throttle = submission_throttle(cfg, runtime.auth)  # one count for both ports
     if cfg.submission_listen is not None:
-        submission = await _listen(submission_factory(cfg, outbound, counter, limiter=limiter),
-                                   cfg.submission_listen, sockets.submission)
+        submission = await _listen(
+            submission_factory(cfg, outbound, counter, throttle=throttle),
+            cfg.submission_listen, sockets.submission)
     if cfg.submission_listen_tls is not None:
         submission_tls = await _listen(
-            submission_factory(cfg, outbound, counter, limiter=limiter, implicit_tls=True),
+            submission_factory(cfg, outbound, counter, throttle=throttle, implicit_tls=True),
             cfg.submission_listen_tls, sockets.submission_tls, tls_context(cfg))
     for srv in (submission, submission_tls):
         if srv is not None:

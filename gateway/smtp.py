@@ -25,12 +25,12 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from gateway import address, replies
 from gateway.accounts import AccountFile
+from gateway.authstate import AuthState, Throttle
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.logs import queue_id_var
 from gateway.message import Direction, Inbound
 from gateway.pipeline import Outcome, OutcomeKind, Pipeline
-from gateway.ratelimit import LoginLimiter
 from gateway.relay import NextHop, RcptAnswer, Transaction
 
 log = logging.getLogger(__name__)
@@ -522,13 +522,13 @@ class SubmissionSMTP(GatewaySMTP):
     offered only over TLS except to `cleartext_auth_networks`; clients in `trusted_networks`
     may send without AUTH. Too many failed attempts end the connection."""
 
-    def __init__(self, handler: Handler, *, accounts: AccountFile, limiter: LoginLimiter,
+    def __init__(self, handler: Handler, *, accounts: AccountFile, throttle: Throttle,
                  trusted: Sequence[IPNetwork], cleartext_auth: Sequence[IPNetwork],
                  max_failures: int, implicit_tls: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, auth_require_tls=True, auth_required=False,
                          auth_exclude_mechanism=[], **kwargs)
         self._accounts = accounts
-        self._limiter = limiter  # across connections: guessing on new connections is bounded
+        self._throttle = throttle  # across connections and serving processes
         self._trusted = trusted
         self._cleartext_auth = cleartext_auth
         self._max_failures = max_failures
@@ -569,23 +569,23 @@ class SubmissionSMTP(GatewaySMTP):
             return decoded
         login = creds.login.decode("utf-8", "replace")
         password = creds.password.decode("utf-8", "replace")
-        keys = (f"user:{login.strip().lower()[:100]}", f"ip:{self._peer_ip()}")
-        wait = self._limiter.locked(*keys)
+        client = self._peer_ip()
+        wait = await self._throttle.wait(login, client)
         if wait > 0:
-            log.warning("submission login refused: locked out", extra={"fields": {
-                "user": login[:80], "client": self._peer_ip(), "seconds": round(wait)}})
+            log.warning("submission login refused: throttled", extra={"fields": {
+                "user": login[:80], "client": client, "seconds": round(wait)}})
             return AuthResult(success=False, handled=False,
-                              message=f"{replies.AUTH_LOCKED} ({math.ceil(wait / 60)} min)")
+                              message=f"{replies.AUTH_LOCKED} ({math.ceil(wait)} s)")
         account = await self._accounts.verify_async(login, password)
         if account is not None and isinstance(self.session, GatewaySession):
-            self._limiter.succeeded(*keys)
+            await self._throttle.succeeded(login, client)
             self.session.auth_user = account.name
             log.info("submission login", extra={"fields": {"user": account.name,
                                                            "client": self._peer_ip()}})
             return AuthResult(success=True, auth_data=account.name,
                               message=str(replies.AUTH_OK))
         self._failures += 1
-        self._limiter.failed(*keys)
+        await self._throttle.failed(login, client)
         log.warning("submission login failed", extra={"fields": {
             "user": login[:80], "client": self._peer_ip(), "failures": self._failures}})
         await asyncio.sleep(min(self._failures, 3) * 0.5)  # slows guessing down
@@ -649,13 +649,15 @@ def smtp_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> A
     return make
 
 
-def submission_limiter(cfg: Config) -> LoginLimiter:
-    return LoginLimiter(max_failures=cfg.submission.lockout_failures,
-                        window_s=cfg.submission.lockout_minutes * 60)
+def submission_throttle(cfg: Config, state: AuthState) -> Throttle:
+    window = cfg.submission.lockout_minutes * 60
+    return Throttle(state=state, scope="smtp", free_tries=cfg.submission.lockout_failures,
+                    address_limit=4 * cfg.submission.lockout_failures, window_s=window,
+                    lock_s=window)
 
 
 def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter, *,
-                       limiter: LoginLimiter, implicit_tls: bool = False) -> Any:
+                       throttle: Throttle, implicit_tls: bool = False) -> Any:
     """The submission port's protocol; `implicit_tls` for the port whose server wraps every
     connection in TLS (465), where STARTTLS is not offered again."""
     options = _server_options(cfg, counter)
@@ -666,7 +668,7 @@ def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter
     cleartext_auth = networks(cfg.submission.cleartext_auth_networks)
 
     def make() -> SubmissionSMTP:
-        return SubmissionSMTP(handler, accounts=accounts, limiter=limiter, trusted=trusted,
+        return SubmissionSMTP(handler, accounts=accounts, throttle=throttle, trusted=trusted,
                               cleartext_auth=cleartext_auth,
                               max_failures=cfg.submission.max_auth_failures,
                               implicit_tls=implicit_tls, **options)

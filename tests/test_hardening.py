@@ -342,3 +342,40 @@ async def test_data_trickle_is_cut_at_the_deadline(tmp_path: Path, sink: Sink):
         client.close()
         assert await wait_established(sink.port, 0) == 0
     assert sink.empty()
+
+
+async def test_no_failure_path_leaves_a_next_hop_connection_open(tmp_path: Path, sink: Sink):
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"})
+    rcpt = b"RCPT TO:<docteur@" + DOMAIN.encode() + b">"
+    async with running(cfg) as gw:
+        # The next hop refuses the recipient, then the whole message at DATA.
+        sink.behaviour.refuse_rcpts[f"docteur@{DOMAIN}"] = "550 5.1.1 User unknown"
+        client, answer = await open_transaction(gw.port, "127.0.0.1")
+        assert answer.startswith(b"550 5.1.1")
+        sink.behaviour.refuse_rcpts.clear()
+        assert (await client.cmd(rcpt)).startswith(b"250")
+        sink.behaviour.data_reply = "451 4.3.0 try later"
+        assert (await client.cmd(b"DATA")).startswith(b"354")
+        assert (await client.cmd(MSG + b".")).startswith(b"451")
+        sink.behaviour.data_reply = None
+        # QUIT with a transaction open.
+        await client.cmd(b"MAIL FROM:<a@labo.example>")
+        assert (await client.cmd(rcpt)).startswith(b"250")
+        assert (await client.cmd(b"QUIT")).startswith(b"221")
+        client.close()
+        # The client vanishes after RCPT, and in the middle of DATA.
+        client, _ = await open_transaction(gw.port, "127.0.0.1")
+        client.writer.transport.abort()
+        client, _ = await open_transaction(gw.port, "127.0.0.1")
+        await client.cmd(b"DATA")
+        client.writer.write(MSG[:30])
+        await client.writer.drain()
+        client.writer.transport.abort()
+        # A new EHLO in the middle of a transaction ends it too.
+        client, _ = await open_transaction(gw.port, "127.0.0.1")
+        assert await wait_established(sink.port, 1) == 1
+        assert (await client.cmd(b"EHLO again.example")).startswith(b"250")
+        assert await wait_established(sink.port, 0) == 0
+        client.close()
+        assert await wait_established(sink.port, 0) == 0
+    assert sink.empty()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiosmtplib
@@ -99,17 +99,44 @@ async def test_login_needs_password_and_totp_and_sets_a_strict_cookie(site: Web)
         await other.close()
 
 
-async def test_lockout_after_repeated_failures(site: Web):
-    c = site.client
-    for _ in range(5):
-        assert await c.login(ADMIN, code="000000") == 401
-    status, text, _ = await c.post("/connexion", {"jeton": c.form_token,
-                                                  "utilisateur": ADMIN.name,
-                                                  "mot_de_passe": ADMIN.password,
-                                                  "code": ADMIN.code()})
-    assert status == 429 and "connexion bloquée" in text
+async def test_guessing_is_slowed_and_the_real_admin_still_logs_in(site: Web):
+    guesser = Client(site.client.base, source="127.0.0.2")
+    try:
+        for _ in range(5):  # max_login_failures: free tries for this account and address
+            assert await guesser.login(ADMIN, code="000000") == 401
+        # Then each try waits (1 s, 2 s, 4 s...), right password or not.
+        await guesser.get("/connexion")
+        status, text, _ = await guesser.post("/connexion", {
+            "jeton": guesser.form_token, "utilisateur": ADMIN.name,
+            "mot_de_passe": ADMIN.password, "code": ADMIN.code()})
+        assert status == 429 and "réessayez dans 1 seconde(s)" in text
+        # The admin, from the practice's own address, is not slowed down.
+        assert await site.client.login(ADMIN) == 303
+    finally:
+        await guesser.close()
+
+
+async def test_an_address_guessing_many_accounts_is_locked_out(site: Web):
+    guesser = Client(site.client.base, source="127.0.0.3")
+    try:
+        for name in ("a", "b", "c"):  # 19 failures on four accounts: each pair within its
+            for _ in range(5):        # free tries, the address one short of its limit (20)
+                assert await guesser.login(replace(ADMIN, name=name), code="000000") == 401
+        for _ in range(4):
+            assert await guesser.login(replace(ADMIN, name="d"), code="000000") == 401
+        # Its own account's login succeeds, and does not wipe the address's count...
+        assert await guesser.login(READER) == 303
+        assert await guesser.login(replace(ADMIN, name="e"), code="000000") == 401
+        # ... so the twentieth failure locks the address, for every account.
+        status, text, _ = await guesser.post("/connexion", {
+            "jeton": guesser.form_token, "utilisateur": ADMIN.name,
+            "mot_de_passe": ADMIN.password, "code": ADMIN.code()})
+        assert status == 429 and "15 minute(s)" in text
+    finally:
+        await guesser.close()
+    assert await site.client.login(ADMIN) == 303  # another address: not locked
     entries, _ = await site.gw.runtime.store.audit_log()  # type: ignore[union-attr]
-    assert "lockout" in [e.action for e in entries]
+    assert [e.action for e in entries].count("lockout") == 1
 
 
 async def test_security_headers(site: Web):
@@ -297,10 +324,6 @@ def test_cli_admin_add_user_enrols_totp(tmp_path: Path):
     import subprocess
     import sys
 
-    import pyotp
-
-    from gateway.web.security import TotpGuard
-
     data = tmp_path / "data"
     qr = tmp_path / "qr.svg"
     res = subprocess.run([sys.executable, "-m", "gateway", "admin", "--domain", DOMAIN,
@@ -316,7 +339,6 @@ def test_cli_admin_add_user_enrols_totp(tmp_path: Path):
     assert os.stat(path).st_mode & 0o777 == 0o600
     account = AccountFile(path).verify("claire", "un-mot-de-passe-solide")
     assert account is not None and account.role == "admin" and account.totp_secret == secret
-    assert TotpGuard().verify("claire", secret, pyotp.TOTP(secret).now())
 
 
 @pytest.mark.parametrize(("spf", "expected"), [
@@ -427,32 +449,50 @@ async def test_unknown_pages_get_a_french_error_page_with_the_headers(site: Web)
     assert status == 405 and "non permise" in text
 
 
-def test_sessions_end_when_idle_or_too_old():
-    from gateway.config import WebSection
-    from gateway.web.security import Sessions
+def test_sessions_end_when_idle_or_too_old(tmp_path: Path):
+    from gateway.authstate import AuthState
 
-    sessions = Sessions(WebSection(session_idle_minutes=30, session_max_hours=10))
-    idle = sessions.create("claire", "admin")
-    assert sessions.get(idle.sid) is idle
-    idle.seen -= 31 * 60
-    assert sessions.get(idle.sid) is None and sessions.get(idle.sid) is None  # forgotten
-    old = sessions.create("claire", "admin")
-    old.created -= 10 * 3600 + 1  # active all along, but past the maximum age
-    assert sessions.get(old.sid) is None
-    assert sessions.get("") is None and sessions.get("unknown") is None
+    now = [1_800_000_000.0]
+    state = AuthState.open(tmp_path / "auth.sqlite3", clock=lambda: now[0])
+    limits = {"idle_s": 30 * 60, "max_s": 10 * 3600}
+    idle = state.new_session("claire", "admin", "stamp", max_s=limits["max_s"])
+    assert state.session(idle.sid, **limits) == idle
+    now[0] += 31 * 60
+    assert state.session(idle.sid, **limits) is None
+    assert state.session(idle.sid, **limits) is None  # forgotten
+    old = state.new_session("claire", "admin", "stamp", max_s=limits["max_s"])
+    for _ in range(25):  # active all along (every 25 min), but past the maximum age at last
+        now[0] += 25 * 60
+        if state.session(old.sid, **limits) is None:
+            break
+    assert now[0] - old.created > 10 * 3600
+    assert state.session("", **limits) is None and state.session("unknown", **limits) is None
+    # The database holds no cookie that works: only digests of the session ids.
+    live = state.new_session("claire", "admin", "stamp", max_s=limits["max_s"])
+    assert live.sid.encode() not in (tmp_path / "auth.sqlite3").read_bytes()
+    state.close()
 
 
-def test_login_limiter_stays_bounded_and_keeps_lockouts():
-    from gateway.ratelimit import MAX_KEYS, LoginLimiter
+async def test_login_counts_are_bounded_by_their_window(tmp_path: Path):
+    from gateway.authstate import AuthState, Throttle
 
-    limiter = LoginLimiter(max_failures=2, window_s=900)
-    limiter.failed("user:claire", "ip:192.0.2.1")
-    assert limiter.failed("user:claire", "ip:192.0.2.1")  # second failure: locked
-    for i in range(3 * MAX_KEYS):  # a flood of made-up names
-        limiter.failed(f"user:x{i}")
-    assert len(limiter._keys) <= MAX_KEYS
-    assert limiter.locked("user:claire") > 800
-    assert limiter.locked("ip:192.0.2.1") == 0  # an address needs four times as many
+    now = [1_800_000_000.0]
+    state = AuthState.open(tmp_path / "auth.sqlite3", clock=lambda: now[0])
+    throttle = Throttle(state=state, scope="web", free_tries=2, address_limit=8,
+                        window_s=900, lock_s=900)
+    for i in range(3000):  # a flood of made-up names
+        await throttle.failed(f"x{i}", f"192.0.2.{i % 200}")
+    now[0] += 901  # past the window: the next failure clears what is older
+    await throttle.failed("claire", "192.0.2.1")
+    (rows,) = state._run(lambda db: db.execute("SELECT count(*) FROM login_failures").fetchone())
+    assert rows == 2  # the pair's and the address's, nothing older
+    # Growing delays per pair after its free tries.
+    await throttle.failed("claire", "192.0.2.1")
+    assert await throttle.wait("claire", "192.0.2.1") == 1.0
+    await throttle.failed("claire", "192.0.2.1")
+    assert await throttle.wait("claire", "192.0.2.1") == 2.0
+    assert await throttle.wait("claire", "192.0.2.9") == 0  # another address
+    state.close()
 
 
 async def test_second_factor_reset_after_a_lost_phone(site: Web):

@@ -169,13 +169,13 @@ async def test_reader_cannot_release_and_csrf_is_required(tmp_path: Path, sink: 
     async with running(web_config(tmp_path / "data", sink)) as gw:
         base = f"http://127.0.0.1:{gw.web_port}"
         item = await quarantine(gw, suspicious())
-        # Lockout: five wrong codes, then even the right one is refused for a while.
+        # Throttling: five wrong codes, then even the right one must wait a while.
         context = await browser.new_context()
         page = await context.new_page()
         for _ in range(5):
             await login(page, base, READER, code="000000")
         await login(page, base, READER)
-        assert "connexion bloquée" in await page.get_by_role("alert").inner_text()
+        assert "réessayez dans" in await page.get_by_role("alert").inner_text()
         await context.close()
 
         context = await browser.new_context()

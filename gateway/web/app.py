@@ -15,6 +15,7 @@ import math
 import re
 import secrets
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,11 +24,12 @@ from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.accounts import AccountFile
+from gateway.accounts import Account, AccountFile
+from gateway.authstate import Session, Throttle, credentials_stamp
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.notice import release_token
-from gateway.ratelimit import LoginLimiter
 from gateway.release import release
 from gateway.sender_lists import SenderLists
 from gateway.web import charts, preview
@@ -35,7 +37,6 @@ from gateway.web.security import (
     CSP,
     HEADERS,
     PREVIEW_CSP,
-    Session,
     Sessions,
     TotpGuard,
     enrolment_qr,
@@ -80,10 +81,13 @@ class WebApp:
         self.secret = secret
         self.accounts = AccountFile(cfg.web_users_file)
         self.lists = SenderLists(cfg.data_dir / "sender-lists.json")
-        self.sessions = Sessions(cfg.web)
-        self.limiter = LoginLimiter(max_failures=cfg.web.max_login_failures,
-                                    window_s=cfg.web.lockout_minutes * 60)
-        self.totp = TotpGuard()
+        self.sessions = Sessions(cfg.web, runtime.auth)
+        window = cfg.web.lockout_minutes * 60
+        self.throttle = Throttle(state=runtime.auth, scope="web",
+                                 free_tries=cfg.web.max_login_failures,
+                                 address_limit=4 * cfg.web.max_login_failures,
+                                 window_s=window, lock_s=window)
+        self.totp = TotpGuard(runtime.auth)
         self.secure = bool(cfg.web.tls_cert) or cfg.web.public_url.startswith("https://")
         self.cookie = "__Host-session" if self.secure else "session"
         self.env = jinja2.Environment(
@@ -145,9 +149,12 @@ class WebApp:
     async def auth_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         public = path in ("/connexion",) or path.startswith(("/static/", "/liberation/"))
-        session = self.sessions.get(request.cookies.get(self.cookie))
-        if session is not None and session.user not in self.accounts.load():
-            self.sessions.drop_user(session.user)  # account removed: its sessions end
+        session = await self.sessions.get(request.cookies.get(self.cookie))
+        if session is not None and session.stamp != _stamp(self.accounts.load().get(
+                session.user)):
+            # The account was removed, or its password, second factor or role changed (on
+            # this page, with the CLI or in the file): its sessions end.
+            await self.sessions.drop_user(session.user)
             session = None
         if session is not None:
             request[SESSION] = session
@@ -155,6 +162,15 @@ class WebApp:
             origin = request.headers.get("Origin")
             if origin and origin != "null" and origin != f"{request.scheme}://{request.host}":
                 return self.refuse(request, 403, "Requête refusée : origine inconnue.")
+            try:  # a body trickled in slowly must not hold the page (aiohttp has no limit)
+                async with asyncio.timeout(self.cfg.web.body_timeout_s):
+                    await request.post()
+            except TimeoutError:
+                log.warning("web request body too slow", extra={"fields": {
+                    "client": self.client(request), "path": request.path}})
+                resp = self.refuse(request, 408, "Demande trop lente : recommencez.")
+                resp.force_close()  # the rest of the body is not waited for
+                return resp
         if public:
             return await handler(request)
         if session is None:
@@ -221,24 +237,24 @@ class WebApp:
         name = str(form.get("utilisateur", "")).strip().lower()[:100]
         password = str(form.get("mot_de_passe", ""))
         code = str(form.get("code", ""))
-        keys = (f"user:{name}", f"ip:{self.client(request)}")
-        wait = self.limiter.locked(*keys)
+        client = self.client(request)
+        wait = await self.throttle.wait(name, client)
         if wait > 0:
-            await self.audit(request, "login_failed", name, "locked out", user=name or "-")
+            await self.audit(request, "login_failed", name, "throttled", user=name or "-")
             return self._with_form_token(request, "login.html", status=429, name=name, error=(
-                f"Trop d'essais : connexion bloquée pendant encore {math.ceil(wait / 60)} "
-                "minute(s)."))
+                f"Trop d'essais : réessayez dans {_duration(wait)}."))
         account = await self.accounts.verify_async(name, password) if name else None
-        if account is None or not self.totp.verify(account.name, account.totp_secret, code):
-            locked = self.limiter.failed(*keys)
+        if account is None or not await self.totp.verify(account.name, account.totp_secret,
+                                                         code):
+            locked = await self.throttle.failed(name, client)
             await self.audit(request, "lockout" if locked else "login_failed", name,
                              "password or code refused", user=name or "-")
             return self._with_form_token(request, "login.html", status=401, name=name, error=(
-                "Trop d'essais : connexion bloquée pendant "
+                "Trop d'essais depuis cette adresse : connexion bloquée pendant "
                 f"{self.cfg.web.lockout_minutes} minutes." if locked else
                 "Identifiant, mot de passe ou code à usage unique incorrect."))
-        self.limiter.succeeded(*keys)
-        session = self.sessions.create(account.name, account.role)
+        await self.throttle.succeeded(name, client)
+        session = await self.sessions.create(account.name, account.role, _stamp(account))
         request[SESSION] = session
         await self.audit(request, "login")
         resp = web.HTTPSeeOther("/")
@@ -249,7 +265,7 @@ class WebApp:
     async def logout(self, request: web.Request) -> web.StreamResponse:
         session = request[SESSION]
         await self.audit(request, "logout")
-        self.sessions.drop(session.sid)
+        await self.sessions.drop(session.sid)
         resp = web.HTTPSeeOther("/connexion")
         resp.del_cookie(self.cookie, path="/")
         raise resp
@@ -470,7 +486,7 @@ class WebApp:
                 await asyncio.to_thread(self.accounts.remove, name)
             except KeyError:
                 return await self.accounts_page(request, status=404, error="Compte inconnu.")
-            self.sessions.drop_user(name)
+            await self.sessions.drop_user(name)
             await self.audit(request, "user_remove", "", name)
             raise web.HTTPSeeOther("/comptes")
         if form.get("nouveau_code"):
@@ -479,7 +495,7 @@ class WebApp:
                 await asyncio.to_thread(self.accounts.set_totp, name, secret)
             except KeyError:
                 return await self.accounts_page(request, status=404, error="Compte inconnu.")
-            self.sessions.drop_user(name)
+            await self.sessions.drop_user(name)
             await self.audit(request, "totp_reset", "", name)
             qr = enrolment_qr(secret, name, self.cfg.gateway.hostname)
             return await self.accounts_page(request, enrolled={
@@ -538,6 +554,18 @@ class WebApp:
                              user=f"expéditeur {item.mail_from}")
             done = "Le message a été libéré et envoyé."
         return self.render(request, "sender_release.html", item=item, done=done, reasons=[])
+
+
+def _stamp(account: Account | None) -> str:
+    if account is None:
+        return ""
+    return credentials_stamp(account.password_hash, account.totp_secret, account.role)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{math.ceil(seconds)} seconde(s)"
+    return f"{math.ceil(seconds / 60)} minute(s)"
 
 
 def _label(description: str, width: int = 80) -> str:
@@ -609,7 +637,12 @@ async def start_web(runtime: Runtime, secret: bytes, *, sock: Any = None) -> web
     if not app.accounts.load():
         log.warning("web page has no account yet: create one with "
                     "`gateway admin add-user NAME --role admin`")
-    runner = web.AppRunner(app.build(), access_log=None, handle_signals=False)
+    # keepalive_timeout also bounds the wait for a request's head from connection on (aiohttp
+    # arms it at connection_made): a client sending its headers slowly is cut.
+    runner = web.AppRunner(app.build(), access_log=None, handle_signals=False,
+                           keepalive_timeout=cfg.web.header_timeout_s,
+                           lingering_time=1.0,  # reading the unread rest of a refused body
+                           logger=_ServerLog(logging.getLogger("gateway.web.server"), {}))
     await runner.setup()
     ctx = None
     if cfg.web.tls_cert:
@@ -627,6 +660,18 @@ async def start_web(runtime: Runtime, secret: bytes, *, sock: Any = None) -> web
     names = [str(s.getsockname()) for s in server.sockets] if server is not None else []
     log.info("web page listening", extra={"fields": {"listen": names, "tls": ctx is not None}})
     return runner
+
+
+class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server log: a malformed request from a client is one warning line, not an
+    error with a traceback; anything else stays an error with its traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            self.warning("malformed HTTP request: %s", str(exc).splitlines()[0][:200])
+            return
+        self.error(msg, *args, exc_info=exc_info, **kw)
 
 
 def web_port(runner: web.AppRunner) -> int:

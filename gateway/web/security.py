@@ -2,12 +2,13 @@
 
 * Login needs the password (argon2, `gateway.accounts`) and a TOTP code (RFC 6238, pyotp, one
   step of clock drift either way); a code is accepted once (replay refused).
-* Failed attempts are counted per account and per client address (gateway/ratelimit.py); past
-  `max_login_failures` within `lockout_minutes` (four times that for an address), logins are
-  refused for `lockout_minutes`, right password or not.
-* Sessions live in the serving process that runs the web page (one process, see service.py):
-  a random 256-bit id in a cookie (HttpOnly, SameSite=Strict, Path=/, Secure and `__Host-`
-  prefix over HTTPS), an idle timeout and a maximum age; logging out forgets it.
+* Failed attempts are throttled per account and client address, and an address is locked
+  after many (gateway/authstate.py: `max_login_failures` free tries per pair, four times that
+  per address within `lockout_minutes`).
+* Sessions are kept in the shared auth state (gateway/authstate.py), so they survive a
+  restart: a random 256-bit id in a cookie (HttpOnly, SameSite=Strict, Path=/, Secure and
+  `__Host-` prefix over HTTPS), an idle timeout and a maximum age; logging out forgets it, and
+  any change of the account's credentials (password, second factor, role) ends it.
 * Every POST carries the session's CSRF token (a hidden form field), compared in constant time;
   the Origin header, when present, must be ours.
 * Every answer gets a strict CSP (no script at all, frame-ancestors 'none'), no-referrer,
@@ -17,13 +18,12 @@
 from __future__ import annotations
 
 import hmac
-import secrets
 import time
-from dataclasses import dataclass
 
 import pyotp
 import segno
 
+from gateway.authstate import AuthState, Session
 from gateway.config import WebSection
 
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
@@ -43,61 +43,39 @@ HEADERS = {
 }
 
 
-@dataclass(slots=True, kw_only=True)
-class Session:
-    sid: str
-    user: str
-    role: str
-    csrf: str
-    created: float
-    seen: float
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-
 class Sessions:
-    def __init__(self, cfg: WebSection) -> None:
+    """The web page's sessions, in the shared auth state (gateway/authstate.py)."""
+
+    def __init__(self, cfg: WebSection, state: AuthState) -> None:
         self._idle = cfg.session_idle_minutes * 60
         self._max = cfg.session_max_hours * 3600
-        self._by_id: dict[str, Session] = {}
+        self._state = state
 
-    def create(self, user: str, role: str) -> Session:
-        now = time.time()
-        s = Session(sid=secrets.token_urlsafe(32), user=user, role=role,
-                    csrf=secrets.token_urlsafe(32), created=now, seen=now)
-        self._by_id[s.sid] = s
-        return s
+    async def create(self, user: str, role: str, stamp: str) -> Session:
+        return await self._state.off_loop(self._state.new_session, user, role, stamp,
+                                          max_s=self._max)
 
-    def get(self, sid: str | None) -> Session | None:
-        if not sid:
+    async def get(self, sid: str | None) -> Session | None:
+        if not sid or len(sid) > 100:
             return None
-        s = self._by_id.get(sid)
-        now = time.time()
-        if s is None:
-            return None
-        if now - s.seen > self._idle or now - s.created > self._max:
-            self._by_id.pop(sid, None)
-            return None
-        s.seen = now
-        return s
+        return await self._state.off_loop(self._state.session, sid, idle_s=self._idle,
+                                          max_s=self._max)
 
-    def drop(self, sid: str) -> None:
-        self._by_id.pop(sid, None)
+    async def drop(self, sid: str) -> None:
+        await self._state.off_loop(self._state.drop_session, sid)
 
-    def drop_user(self, user: str) -> None:
-        for sid in [k for k, s in self._by_id.items() if s.user == user]:
-            self._by_id.pop(sid, None)
+    async def drop_user(self, user: str) -> None:
+        await self._state.off_loop(self._state.drop_user, user)
 
 
 class TotpGuard:
-    """TOTP codes, each accepted once per account."""
+    """TOTP codes, each accepted once per account (the steps used are in the shared state,
+    so a code cannot be replayed on another serving process nor after a restart)."""
 
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str], int] = {}  # (account, secret): the last step used
+    def __init__(self, state: AuthState) -> None:
+        self._state = state
 
-    def verify(self, user: str, secret: str, code: str) -> bool:
+    async def verify(self, user: str, secret: str, code: str) -> bool:
         code = code.strip().replace(" ", "")
         if not secret or len(code) != 6 or not code.isdigit():
             return False
@@ -107,10 +85,8 @@ class TotpGuard:
             at = now + drift * totp.interval
             if hmac.compare_digest(totp.at(at), code):
                 step = int(at // totp.interval)
-                if self._last.get((user, secret), -1) >= step:
-                    return False  # replayed
-                self._last[(user, secret)] = step
-                return True
+                return await self._state.off_loop(self._state.use_totp_step, user, secret,
+                                                  step)
         return False
 
 

@@ -80,9 +80,12 @@ FORM_TOKEN = re.compile(r'name="jeton" value="([^"]+)"')
 class Client:
     """An HTTP client on the web page, cookies kept (loopback IP hosts allowed)."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, *, source: str = "127.0.0.1") -> None:
+        """`source`: the loopback address the client connects from (another client)."""
         self.base = base
-        self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self.http = aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            connector=aiohttp.TCPConnector(local_addr=(source, 0)))
         self.csrf = ""
         self.form_token = ""
 
