@@ -23,7 +23,9 @@ as email-validator do not parse; the grammar is a few regular expressions.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from gateway import replies
@@ -43,7 +45,7 @@ def _grammar(utf8: bool) -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[s
     qtext = r"\x20\x21\x23-\x5b\x5d-\x7e" + (_U8 if utf8 else "")
     dot_string = re.compile(rf"[{atext}]+(?:\.[{atext}]+)*")
     quoted = re.compile(rf'"(?:[{qtext}]|\\[\x20-\x7e])*"')
-    domain = re.compile(rf"{label}(?:\.{label})*|\[[\x21-\x5a\x5e-\x7e]+\]")
+    domain = re.compile(rf"{label}(?:\.{label})*")
     return dot_string, quoted, domain
 
 
@@ -67,6 +69,10 @@ class PathRefused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Path:
+    """The mailbox is what the gateway passes on, exactly as checked here: aiosmtpd parses
+    the command again with the header grammar, which decodes RFC 2047 encoded words (`=40`
+    becomes `@`, `=0D=0A` a line break), so its result must equal this one (gateway/smtp.py)."""
+
     mailbox: str  # "" for the null reverse-path <>
     local: str  # the local part as written (quotes kept)
     domain: str
@@ -121,8 +127,10 @@ def parse(text: str, *, sender: bool, smtputf8: bool | None,
     if not (dot_string.fullmatch(local) or quoted.fullmatch(local)
             or (sender and _LENIENT_LOCAL.fullmatch(local))):
         raise PathRefused(bad, "local part syntax")
-    if not domain_re.fullmatch(domain):
+    if not (domain_re.fullmatch(domain) or _address_literal(domain)):
         raise PathRefused(bad, "domain syntax")
+    if utf8 and any(unicodedata.category(c)[0] in "ZC" for c in local + domain if c > "\x7f"):
+        raise PathRefused(bad, "Unicode space, control or format character")
     if len(local.encode()) > 64 or len(domain.encode()) > 255:
         raise PathRefused(bad, "address too long")
     if not sender:
@@ -132,6 +140,21 @@ def parse(text: str, *, sender: bool, smtputf8: bool | None,
         if not allow_percent_hack and ("%" in local or "!" in local):
             raise PathRefused(replies.ROUTED_ADDRESS, "percent hack or bang path")
     return Path(mailbox=f"{local}@{domain}", local=local, domain=domain, params=params)
+
+
+def _address_literal(domain: str) -> bool:
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 section 4.1.3)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return False
+    inner = domain[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
 
 
 def _closing_bracket(text: str) -> int:

@@ -189,6 +189,17 @@ class AuthState:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """A login attempt under way: counted as a failure from its start, so that attempts made
+    in parallel see each other (a guesser cannot fire many before the first is judged)."""
+
+    wait: float  # > 0: refused for that many seconds, and nothing was counted
+    pair: str = ""
+    addr: str = ""
+    rows: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Throttle:
     """Failed logins of one service (`scope`: "web" or "smtp") in the shared state."""
 
@@ -203,43 +214,55 @@ class Throttle:
         user = user.strip().lower()[:100]
         return f"{self.scope}|pair|{user}|{ip}", f"{self.scope}|ip|{ip}"
 
-    async def wait(self, user: str, ip: str) -> float:
-        """Seconds before this account may be tried again from this address (0: now)."""
+    async def begin(self, user: str, ip: str) -> Attempt:
+        """Start an attempt for this account from this address, or say how long to wait."""
         pair, addr = self._keys(user, ip)
         now = self.state.clock()
 
-        def _wait(db: sqlite3.Connection) -> float:
+        def _begin(db: sqlite3.Connection) -> Attempt:
+            db.execute("DELETE FROM login_failures WHERE at <= ?", (now - self.window_s,))
+            db.execute("DELETE FROM login_locks WHERE until <= ?", (now,))
             lock = db.execute("SELECT until FROM login_locks WHERE key = ?",
                               (addr,)).fetchone()
-            n, last = db.execute("SELECT count(*), max(at) FROM login_failures WHERE key = ? "
-                                 "AND at > ?", (pair, now - self.window_s)).fetchone()
-            delay = 0.0
+            if lock:
+                return Attempt(wait=lock[0] - now)
+            (n_addr,) = db.execute("SELECT count(*) FROM login_failures WHERE key = ?",
+                                   (addr,)).fetchone()
+            if n_addr >= self.address_limit:  # failures and attempts still in flight
+                return Attempt(wait=self._lock(db, addr, now))
+            n, last = db.execute("SELECT count(*), max(at) FROM login_failures WHERE key = ?",
+                                 (pair,)).fetchone()
             if n >= self.free_tries and last is not None:
                 delay = last + min(MAX_DELAY_S, 2.0 ** (n - self.free_tries)) - now
-            return max(0.0, delay, (lock[0] - now) if lock else 0.0)
-        return await self.state.call(_wait)
+                if delay > 0:
+                    return Attempt(wait=delay)
+            rows = tuple(int(db.execute("INSERT INTO login_failures VALUES (?, ?)",
+                                        (key, now)).lastrowid or 0) for key in (pair, addr))
+            return Attempt(wait=0.0, pair=pair, addr=addr, rows=rows)
+        return await self.state.call(_begin)
 
-    async def failed(self, user: str, ip: str) -> bool:
-        """Count a failure; True when it locked the address."""
-        pair, addr = self._keys(user, ip)
+    def _lock(self, db: sqlite3.Connection, addr: str, now: float) -> float:
+        db.execute("INSERT OR REPLACE INTO login_locks VALUES (?, ?)", (addr, now + self.lock_s))
+        db.execute("DELETE FROM login_failures WHERE key = ?", (addr,))
+        return self.lock_s
+
+    async def failed(self, attempt: Attempt) -> bool:
+        """The attempt failed (it is already counted); True when it locked the address."""
         now = self.state.clock()
 
         def _failed(db: sqlite3.Connection) -> bool:
-            db.execute("DELETE FROM login_failures WHERE at <= ?", (now - self.window_s,))
-            db.execute("DELETE FROM login_locks WHERE until <= ?", (now,))
-            db.executemany("INSERT INTO login_failures VALUES (?, ?)", [(pair, now), (addr, now)])
             (n,) = db.execute("SELECT count(*) FROM login_failures WHERE key = ?",
-                              (addr,)).fetchone()
+                              (attempt.addr,)).fetchone()
             if n < self.address_limit:
                 return False
-            db.execute("INSERT OR REPLACE INTO login_locks VALUES (?, ?)",
-                       (addr, now + self.lock_s))
-            db.execute("DELETE FROM login_failures WHERE key = ?", (addr,))
+            self._lock(db, attempt.addr, now)
             return True
         return await self.state.call(_failed)
 
-    async def succeeded(self, user: str, ip: str) -> None:
-        """Forget this pair's failures (and only them: the address keeps its count)."""
-        pair, _ = self._keys(user, ip)
-        await self.state.call(lambda db: db.execute(
-            "DELETE FROM login_failures WHERE key = ?", (pair,)))
+    async def succeeded(self, attempt: Attempt) -> None:
+        """Forget this pair's failures and this attempt; the address keeps its count."""
+        def _succeeded(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM login_failures WHERE key = ?", (attempt.pair,))
+            db.executemany("DELETE FROM login_failures WHERE rowid = ?",
+                           [(r,) for r in attempt.rows])
+        await self.state.call(_succeeded)

@@ -25,7 +25,7 @@ from gateway.release import release
 from gateway.service import Runtime, build_runtime, load_rules, serve
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
-from quarantine.store import Item, NotFound
+from quarantine.store import STATES, STATES_FR, Item, NotFound
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     qsub = p.add_subparsers(dest="qcommand", required=True)
     q = qsub.add_parser("list", help="lister les messages retenus")
-    q.add_argument("--state", choices=["quarantined", "released", "deleted"])
+    q.add_argument("--state", choices=list(STATES))
     q.add_argument("--limit", type=int, default=50)
     q.add_argument("--json", action="store_true")
     for name, text in (("show", "afficher un message"), ("release", "libérer (remettre) un message"),
@@ -330,9 +330,6 @@ async def _scan(cfg: Config, args: argparse.Namespace) -> int:
 
 _ACTION_FR = {"accept": "accepté", "tag": "marqué comme suspect", "quarantine": "mis en quarantaine",
               "reject": "refusé", "tempfail": "refusé temporairement"}
-_STATE_FR = {"quarantined": "en quarantaine", "released": "libéré", "deleted": "supprimé"}
-
-
 # ---- quarantine --------------------------------------------------------------------------
 
 
@@ -365,7 +362,7 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         if not items:
             print("Aucun message en quarantaine.")
         for it in items:
-            print(f"{it.id}  {_when(it.received_at)}  {_STATE_FR[it.state]:<15} "
+            print(f"{it.id}  {_when(it.received_at)}  {STATES_FR[it.state]:<19} "
                   f"score {it.score:<6g} de {it.mail_from or '<>'}  objet : {it.subject[:60]}")
         return 0
     if cmd == "show":
@@ -393,7 +390,11 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         print(f"{item.id} libéré et remis à {', '.join(item.rcpts)}")
         return 0
     if cmd == "delete":
-        await store.delete(args.id, by=by)
+        try:
+            await store.delete(args.id, by=by)
+        except ValueError as exc:  # being released right now
+            print(f"Impossible : {exc}", file=sys.stderr)
+            return 1
         await store.audit(user=by, action="delete", target=args.id)
         print(f"{args.id} supprimé")
         return 0

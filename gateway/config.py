@@ -66,6 +66,9 @@ class SmtpSection:
     tls_key: str = ""
     max_connections: int = 200  # per serving process; above it new clients get 421
     data_deadline_s: float = 600.0  # a whole DATA, however slowly it trickles; then 421
+    # From the first RCPT (a transaction opened with the next hop) to the DATA command; then
+    # 421: a client cannot hold the mailbox server's connections with NOOPs.
+    transaction_timeout_s: float = 120.0
     # Transactions opened with the next hop and dropped before DATA (RSET, new MAIL) on one
     # connection; past it: 421 and close (MAIL/RCPT/RSET churn against the mailbox server).
     max_abandoned_transactions: int = 10
@@ -364,6 +367,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(cfg.smtp.max_connections >= 1, "smtp.max_connections", "must be >= 1")
     check(cfg.smtp.data_deadline_s >= cfg.smtp.data_timeout_s, "smtp.data_deadline_s",
           "must be >= smtp.data_timeout_s")
+    check(cfg.smtp.transaction_timeout_s > 0, "smtp.transaction_timeout_s", "must be > 0")
     check(cfg.smtp.max_abandoned_transactions >= 1, "smtp.max_abandoned_transactions",
           "must be >= 1")
     check(cfg.next_hop.max_transactions >= cfg.next_hop.max_transactions_per_client >= 1,

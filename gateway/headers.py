@@ -66,6 +66,8 @@ def fold(name: str, value: str, *, width: int = 78) -> bytes:
     """One header field, folded at spaces to stay under `width` where possible, CRLF ended."""
     lines: list[str] = []
     current = f"{name}:"
+    # No value may end the field early: control characters (CR and LF above all) become spaces.
+    value = "".join(" " if c < " " or c == "\x7f" else c for c in value)
     for word in value.split(" "):
         if not word:
             continue

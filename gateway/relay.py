@@ -171,6 +171,8 @@ class SmtpTransaction:
             resp = await client.rcpt(rcpt, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
             return RcptAnswer(code=exc.code, text=exc.message)
+        except ValueError:  # an address the client library will not write (never relayed)
+            return RcptAnswer(code=553, text="5.1.3 Address not accepted")
         except (aiosmtplib.SMTPException, OSError) as exc:
             self.abort()
             raise _unavailable("RCPT", exc) from None
@@ -241,6 +243,9 @@ def _errors(stage: str, client: aiosmtplib.SMTP) -> Iterator[None]:
     except aiosmtplib.SMTPResponseException as exc:
         client.close()
         raise _from_response(stage, exc) from None
+    except ValueError:  # an address the client library will not write: never relayed
+        client.close()
+        raise DownstreamRejected(553, f"5.1.3 Address not accepted at {stage}") from None
     except (aiosmtplib.SMTPException, OSError) as exc:
         client.close()
         raise _unavailable(stage, exc) from None

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.policy
+import email.header
 import ipaddress
 import logging
 import math
+import re
 import secrets
 import socket
 import ssl
 from collections.abc import Sequence
-from email.parser import BytesHeaderParser
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -50,10 +50,13 @@ class GatewaySession(Session):
         self.txn: Transaction | None = None
         self.abandoned = 0  # next-hop transactions dropped before DATA on this connection
         self.close_after_reply = False
+        self.checked = ""  # the path of the command being answered, as gateway/address.py read it
+        self.txn_timer: asyncio.TimerHandle | None = None
         self.trusted = False  # submission: a client network allowed to send without AUTH
         self.auth_user = ""  # submission: the login that authenticated
 
     def abort_txn(self) -> None:
+        self.stop_txn_timer()
         txn, self.txn = self.txn, None
         if txn is not None:
             self.abandoned += 1
@@ -61,8 +64,14 @@ class GatewaySession(Session):
 
     def take_txn(self) -> Transaction | None:
         """The transaction, now owned by the caller (end of DATA), who must abort it."""
+        self.stop_txn_timer()
         txn, self.txn = self.txn, None
         return txn
+
+    def stop_txn_timer(self) -> None:
+        timer, self.txn_timer = self.txn_timer, None
+        if timer is not None:
+            timer.cancel()
 
 
 class Slots:
@@ -77,7 +86,8 @@ class Slots:
         self._by_client: dict[str, int] = {}
 
     def take(self, client: str) -> replies.Reply | None:
-        """None when a slot was taken for `client`; else the reply to give."""
+        """None when a slot was taken for `client` (an address; IPv6 ones count by /64, what
+        one host is given); else the reply to give."""
         if self.open >= self.total:
             return replies.BUSY_NEXT_HOP
         if self._by_client.get(client, 0) >= self.per_client:
@@ -91,6 +101,13 @@ class Slots:
         left = self._by_client.pop(client, 1) - 1
         if left:
             self._by_client[client] = left
+
+
+def client_key(address: str) -> str:
+    ip = _ip(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip) if ip is not None else address
 
 
 class _Leased:
@@ -240,9 +257,11 @@ class GatewaySMTP(SMTP):
         try:
             text = address.check_command(arg, keyword=keyword)
             if text is not None:
-                address.parse(text, sender=sender,
-                              smtputf8=None if sender else self.envelope.smtp_utf8,
-                              allow_percent_hack=self._allow_percent_hack)
+                path = address.parse(text, sender=sender,
+                                     smtputf8=None if sender else self.envelope.smtp_utf8,
+                                     allow_percent_hack=self._allow_percent_hack)
+                if isinstance(self.session, GatewaySession):
+                    self.session.checked = path.mailbox or "<>"
         except address.PathRefused as exc:
             await self._refused(exc, arg)
             return True
@@ -255,7 +274,18 @@ class GatewaySMTP(SMTP):
             "argument": ascii(arg)[:300]}})
         await self.push(str(exc.reply))
 
+    def transaction_expired(self) -> None:
+        """The client held its next-hop transaction past smtp.transaction_timeout_s without
+        starting DATA (NOOP keeps a session alive, not a transaction): 421 and close."""
+        session = self.session
+        if isinstance(session, GatewaySession) and session.txn is not None:
+            log.warning("transaction held too long before DATA; closing", extra={"fields": {
+                "client": _peer(session)}})
+            self._timeout_cb()
+
     async def smtp_DATA(self, arg: str) -> None:
+        if isinstance(self.session, GatewaySession):
+            self.session.stop_txn_timer()  # from here on, the DATA deadline applies
         if await self.check_helo_needed():
             return
         if await self.check_auth_needed("DATA"):
@@ -343,13 +373,15 @@ class Handler:
     async def handle_MAIL(self, server: GatewaySMTP, session: GatewaySession,
                           envelope: Envelope, address: str, mail_options: list[str]) -> str:
         session.abort_txn()
+        if not _as_checked(session, address):
+            return str(replies.BAD_SENDER_SYNTAX)
         if self._direction is Direction.OUTBOUND:
             # Submission: only the practice's users, and only as the practice's addresses.
             if not (session.authenticated or session.trusted):
                 return str(replies.AUTH_REQUIRED)
             if address.rpartition("@")[2].lower() not in self._domains:
                 return str(replies.SENDER_DENIED)
-            if session.auth_user and not self._owns(session.auth_user, [address]):
+            if session.auth_user and self._foreign(session.auth_user, [address]):
                 log.warning("submission sender refused", extra={"fields": {
                     "user": session.auth_user, "mail_from": address, "where": "envelope"}})
                 return str(replies.SENDER_NOT_OWNED)
@@ -361,6 +393,8 @@ class Handler:
                           envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
         # The path's syntax was checked by GatewaySMTP (gateway/address.py): no route, no
         # routing characters, no trailing dot; the domain is compared exactly.
+        if not _as_checked(session, address):
+            return str(replies.BAD_RCPT_SYNTAX)
         local, at, domain = address.rpartition("@")
         if not (local and at and domain):
             return str(replies.BAD_RCPT_SYNTAX)
@@ -381,12 +415,16 @@ class Handler:
                 if isinstance(begun, replies.Reply):
                     return str(begun)
                 session.txn = begun
+                session.txn_timer = asyncio.get_running_loop().call_later(
+                    self._cfg.smtp.transaction_timeout_s, server.transaction_expired)
             answer = await session.txn.add_recipient(address)
         except DownstreamUnavailable as exc:
             log.warning("next hop unavailable at RCPT: %s", exc)
+            session.abandoned += session.txn is None  # a failed opening counts as churn too
             session.abort_txn()
             return str(replies.TEMPFAIL_DOWNSTREAM)
         except DownstreamRejected as exc:  # MAIL FROM refused by the next hop
+            session.abandoned += session.txn is None
             session.abort_txn()
             return replies.downstream_reply(exc.code, exc.text)
         except BaseException:  # a bug or a cancelled session: the connection is closed
@@ -402,7 +440,7 @@ class Handler:
                      envelope: Envelope) -> Transaction | replies.Reply:
         """A transaction with the next hop holding one of its slots, or the reply to give
         when the next hop has no slot left for this client."""
-        client = _peer(session)
+        client = client_key(_peer(session))
         busy = self.slots.take(client)
         if busy is not None:
             log.warning("next hop transactions limit", extra={"fields": {
@@ -426,18 +464,17 @@ class Handler:
         txn = session.take_txn()
         if txn is None:
             return str(replies.TEMPFAIL_DOWNSTREAM)
-        raw = envelope.original_content
-        assert isinstance(raw, bytes)
-        if session.auth_user:
-            senders = await header_senders(raw)
-            if not self._owns(session.auth_user, senders):
-                txn.abort()
-                log.warning("submission sender refused", extra={"fields": {
-                    "user": session.auth_user, "from": senders[:5], "where": "header"}})
-                return str(replies.SENDER_NOT_OWNED)
         queue_id = new_queue_id()
         token = queue_id_var.set(queue_id)
-        try:
+        try:  # from here on, however this ends, the transaction is aborted (its slot freed)
+            raw = envelope.original_content
+            assert isinstance(raw, bytes)
+            if session.auth_user:
+                refused = await self._foreign_senders(session.auth_user, raw)
+                if refused:
+                    log.warning("submission sender refused", extra={"fields": {
+                        "user": session.auth_user, "from": refused[:5], "where": "header"}})
+                    return str(replies.SENDER_NOT_OWNED)
             peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
             inbound = Inbound(
                 queue_id=queue_id, peer_ip=peer, helo=session.host_name or "",
@@ -450,11 +487,21 @@ class Handler:
             txn.abort()
             queue_id_var.reset(token)
 
-    def _owns(self, user: str, addresses: list[str]) -> bool:
-        """Every address is one the submission login may use (none at all: refused)."""
+    def _foreign(self, user: str, addresses: list[str]) -> list[str]:
+        """Those of `addresses` the submission login may not use."""
         account = self.accounts.load().get(user) if self.accounts is not None else None
-        return (account is not None and bool(addresses)
-                and all(account.may_send_as(a) for a in addresses))
+        if account is None:
+            return addresses or ["(compte inconnu)"]
+        return [a for a in addresses if not account.may_send_as(a)]
+
+    async def _foreign_senders(self, user: str, raw: bytes) -> list[str]:
+        """The author addresses of the message's header the login may not use (a large
+        header block is read in a thread)."""
+        end = raw.find(b"\r\n\r\n")
+        head = raw[:end + 2] if end >= 0 else raw
+        found = (await asyncio.to_thread(author_addresses, head) if len(head) > 64 * 1024
+                 else author_addresses(head))
+        return self._foreign(user, found)
 
     async def handle_exception(self, error: Exception) -> str:
         # A bug: logged with its traceback, the client only reads a 451.
@@ -462,27 +509,53 @@ class Handler:
         return str(replies.TEMPFAIL_INTERNAL)
 
 
-async def header_senders(raw: bytes) -> list[str]:
-    """The addresses of the From and Sender header fields (a large header block is parsed in
-    a thread). An address that cannot be read counts as itself, never as nothing."""
-    end = raw.find(b"\r\n\r\n")
-    head = raw[:end + 2] if end >= 0 else raw
-    if len(head) > 64 * 1024:
-        return await asyncio.to_thread(_header_senders, head)
-    return _header_senders(head)
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_AUTHOR_FIELDS = (b"from", b"sender", b"resent-from", b"resent-sender")
+_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"'`]*@[^\s<>()\[\],;:\"'`]*")
 
 
-def _header_senders(head: bytes) -> list[str]:
-    msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+def author_addresses(head: bytes) -> list[str]:
+    """Every address written in the author fields (From, Sender, Resent-*) of a header
+    block, as strictly as the strictest reader: field names with spaces before the colon
+    count (Postfix takes `From :`), encoded words are decoded, and anything shaped like an
+    address counts, in the display name and comments too. A From field missing or repeated,
+    or one without an address, gives a marker that no login may use."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in re.split(rb"\r?\n", head):
+        if not line.strip():
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + b" " + line.strip())
+        elif m := _FIELD.match(line):
+            fields.append((m.group(1).lower(), line[m.end():].strip()))
     out: list[str] = []
-    for name in ("From", "Sender"):
-        for value in msg.get_all(name, []):
-            try:
-                found = [a.addr_spec for a in value.addresses]
-            except (AttributeError, ValueError, IndexError):
-                found = []
-            out += found or [str(value) or "(vide)"]
+    froms = 0
+    for name, value in fields:
+        if name not in _AUTHOR_FIELDS:
+            continue
+        froms += name == b"from"
+        text = value.decode("utf-8", "replace")
+        decoded = ""
+        with contextlib.suppress(ValueError, LookupError, UnicodeError):  # undecodable
+            decoded = str(email.header.make_header(email.header.decode_header(text)))
+        found = list(dict.fromkeys(_ADDRESS_LIKE.findall(text) + _ADDRESS_LIKE.findall(decoded)))
+        out += found or [f"({name.decode()} sans adresse)"]
+    if froms != 1:
+        out.append(f"({froms} champ(s) From)")
     return out
+
+
+def _as_checked(session: GatewaySession, address: str) -> bool:
+    """aiosmtpd's reading of the path is the one gateway/address.py checked: aiosmtpd decodes
+    RFC 2047 encoded words in addresses (`=?us-ascii?q?user=40other?=` gives `user@other`),
+    which would pass a routing character or a line break on to the next hop."""
+    checked, session.checked = session.checked, ""
+    if address == checked:
+        return True
+    log.warning("address changed by parsing; refused", extra={"fields": {
+        "client": _peer(session), "checked": ascii(checked)[:200],
+        "parsed": ascii(address)[:200]}})
+    return False
 
 
 def _peer(session: Session) -> str:
@@ -570,22 +643,22 @@ class SubmissionSMTP(GatewaySMTP):
         login = creds.login.decode("utf-8", "replace")
         password = creds.password.decode("utf-8", "replace")
         client = self._peer_ip()
-        wait = await self._throttle.wait(login, client)
-        if wait > 0:
+        attempt = await self._throttle.begin(login, client)
+        if attempt.wait > 0:
             log.warning("submission login refused: throttled", extra={"fields": {
-                "user": login[:80], "client": client, "seconds": round(wait)}})
+                "user": login[:80], "client": client, "seconds": round(attempt.wait)}})
             return AuthResult(success=False, handled=False,
-                              message=f"{replies.AUTH_LOCKED} ({math.ceil(wait)} s)")
+                              message=f"{replies.AUTH_LOCKED} ({math.ceil(attempt.wait)} s)")
         account = await self._accounts.verify_async(login, password)
         if account is not None and isinstance(self.session, GatewaySession):
-            await self._throttle.succeeded(login, client)
+            await self._throttle.succeeded(attempt)
             self.session.auth_user = account.name
             log.info("submission login", extra={"fields": {"user": account.name,
                                                            "client": self._peer_ip()}})
             return AuthResult(success=True, auth_data=account.name,
                               message=str(replies.AUTH_OK))
         self._failures += 1
-        await self._throttle.failed(login, client)
+        await self._throttle.failed(attempt)
         log.warning("submission login failed", extra={"fields": {
             "user": login[:80], "client": self._peer_ip(), "failures": self._failures}})
         await asyncio.sleep(min(self._failures, 3) * 0.5)  # slows guessing down

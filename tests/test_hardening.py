@@ -103,6 +103,11 @@ RELAY_FORMS = [
     (b"<user@xn--othr-bpa.example>", b"550 5.7.1"),
     ("<user@othér.example>".encode(), b"553 5.6.7"),  # no SMTPUTF8 in MAIL
     (b"<user@[127.0.0.1]>", b"550 5.7.1"),
+    # RFC 2047 encoded words, which aiosmtpd's header parser would decode into %, @ and !
+    (b"<=?us-ascii?q?user=25other.example?=@" + DOMAIN.encode() + b">", b"501 5.1.3"),
+    (b"<=?us-ascii?q?user=40other.example?=@" + DOMAIN.encode() + b">", b"501 5.1.3"),
+    (b"<=?us-ascii?q?other.example=21user?=@" + DOMAIN.encode() + b">", b"501 5.1.3"),
+    (b"<=?utf-8?b?dXNlciVvdGhlci5leGFtcGxl?=@" + DOMAIN.encode() + b">", b"501 5.1.3"),
 ]
 
 
@@ -192,6 +197,10 @@ MALFORMED_SENDERS = [
     b"MAIL FROM:<a b@labo.example>",
     b"MAIL FROM:<a@labo..example>",
     b"MAIL FROM:<a@labo.example",
+    b"MAIL FROM:<=?us-ascii?q?a=0D=0AX-Injected=3Ax?=@labo.example>",  # a line break, decoded
+    b"MAIL FROM:<a@[x<y]>",
+    "MAIL FROM:<\xa0a@labo.example> SMTPUTF8".encode(),  # a no-break space
+    "MAIL FROM:<a\u2028b@labo.example> SMTPUTF8".encode(),
 ]
 
 
@@ -239,7 +248,9 @@ async def test_malformed_recipients_and_helo_get_5xx(tmp_path: Path, sink: Sink,
                            (b"<>", b"501"), (b"<docteur>", b"501 5.1.3"),
                            (b"<doc teur@cabinet.test>", b"501 5.1.3"),
                            (b"<" + b"a" * 65 + b"@cabinet.test>", b"501 5.1.3"),
-                           ("<médecin@cabinet.test>".encode(), b"553 5.6.7")):
+                           ("<médecin@cabinet.test>".encode(), b"553 5.6.7"),
+                           (b"<=?us-ascii?q?=0D=0A=0D=0Adocteur?=@cabinet.test>", b"501 5.1.3"),
+                           ("<\xa0docteur@cabinet.test>".encode(), b"553 5.6.7")):
             got = await client.cmd(b"RCPT TO:" + rcpt)
             assert got.startswith(code), (rcpt, got)
         assert established_to(sink.port) == 0  # nothing was opened downstream
@@ -379,3 +390,33 @@ async def test_no_failure_path_leaves_a_next_hop_connection_open(tmp_path: Path,
         client.close()
         assert await wait_established(sink.port, 0) == 0
     assert sink.empty()
+
+
+async def test_a_transaction_cannot_be_held_open_with_noops(tmp_path: Path, sink: Sink):
+    cfg = make_config(tmp_path, smtp={"transaction_timeout_s": 1},
+                      next_hop={"address": sink.address, "starttls": "off"})
+    async with running(cfg) as gw:
+        client, rcpt = await open_transaction(gw.port, "127.0.0.1")
+        assert rcpt.startswith(b"250")
+        assert await wait_established(sink.port, 1) == 1
+        replies = []
+        async with asyncio.timeout(10):
+            while True:
+                line = await client.cmd(b"NOOP")
+                replies.append(line)
+                if not line.startswith(b"250"):
+                    break
+                await asyncio.sleep(0.2)
+        assert replies[-1].startswith(b"421 4.4.2"), replies
+        assert await client.closed()
+        client.close()
+        assert await wait_established(sink.port, 0) == 0
+        # The DATA command stops that clock: a slow but steady DATA is not cut by it.
+        client, _ = await open_transaction(gw.port, "127.0.0.1")
+        assert (await client.cmd(b"DATA")).startswith(b"354")
+        for chunk in (MSG[:40], MSG[40:80]):
+            client.writer.write(chunk)
+            await asyncio.sleep(0.7)
+        assert (await client.cmd(MSG[80:] + b".")).startswith(b"250")
+        client.close()
+    assert (await sink.get()).data.endswith(MSG)

@@ -4,6 +4,7 @@ sink too) receiving the French notices."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email
 import email.policy
@@ -416,7 +417,17 @@ async def test_sender_must_be_the_logins_own_address(setup: Setup):
                        f'From: "secretariat@{DOMAIN}" <directeur@ameli.fr>',
                        f"From: <{USER}>\r\nSender: <directeur@ameli.fr>",
                        f"From: <{USER}>, <directeur@{DOMAIN}>",
-                       "From: Service facturation"):
+                       "From: Service facturation",
+                       # as Postfix and mail readers see them, not as Python's parser does:
+                       f"From: {USER} <directeur@{DOMAIN}>",
+                       f"From : <directeur@{DOMAIN}>\r\nSender: <{USER}>",
+                       f"From: <{USER}>\r\nFrom : <directeur@{DOMAIN}>",
+                       f"From: <{USER}> <directeur@{DOMAIN}>",
+                       f"From: <{USER}> directeur@{DOMAIN}",
+                       f"From: <{USER}> (directeur@ameli.fr)",
+                       f"From: =?utf-8?q?directeur=40ameli=2Efr?= <{USER}>",
+                       f"Sender: <{USER}>",  # no From at all
+                       f"From: <{USER}>\r\nSender: " + "(" * 2000):
             raw = (f"{header}\r\nTo: <{to}>\r\nSubject: Facture\r\n\r\nBonjour\r\n").encode()
             with pytest.raises(aiosmtplib.SMTPDataError) as data_exc:
                 await smtp.sendmail(USER, [to], raw)
@@ -469,3 +480,47 @@ def test_cli_sets_sender_addresses(tmp_path: Path):
     bad = subprocess.run([*base, "addresses", "cabinet", "pas une adresse"], text=True,
                          env=env, capture_output=True)
     assert bad.returncode == 1 and "adresse invalide" in bad.stderr
+
+
+async def test_refused_header_frees_the_smarthost_connection(setup: Setup):
+    from tests.test_hardening import established_to, wait_established
+
+    to = "patients@liste.example"
+    for header in ("Sender: " + "(" * 5000, "From: " + "<x@y> " * 20000):
+        raw = f"From: <{USER}>\r\n{header}\r\nTo: <{to}>\r\n\r\nBonjour\r\n".encode()
+        smtp = await client(setup)
+        try:
+            with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+                await smtp.sendmail(USER, [to], raw)
+            assert exc.value.code == 553
+        finally:
+            smtp.close()
+    assert await wait_established(setup.relay.port, 0) == 0, established_to(setup.relay.port)
+    assert "transmis" in await send(setup, to, mail(to, "Bonjour, rendez-vous jeudi."))
+
+
+async def test_parallel_logins_get_no_more_tries_than_one_by_one(tmp_path: Path, cert,
+                                                                 relay: Sink, sink: Sink):
+    """Each attempt is counted when it starts: sixty at once from one address get no more
+    failures than the address may have (4 x lockout_failures), and the right password among
+    them is refused too once the address is locked."""
+    async with await start(tmp_path, cert, relay, sink, lockout_failures=2) as gw:
+        async def attempt(password: str) -> int:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.submission_port,
+                                   start_tls=False, source_address=("127.0.0.7", 0),
+                                   tls_context=ssl.create_default_context(cafile=str(cert[0])))
+            await smtp.connect()
+            try:
+                await smtp.ehlo()
+                await smtp.starttls(server_hostname="mx.cabinet.test")
+                await smtp.ehlo()
+                blob = base64.b64encode(f"\0{USER}\0{password}".encode())
+                return (await smtp.execute_command(b"AUTH", b"PLAIN", blob)).code
+            finally:
+                smtp.close()
+
+        codes = await asyncio.gather(*(attempt("mauvais-mot-de-passe") for _ in range(59)),
+                                     attempt(PASSWORD))
+    assert codes.count(535) <= 2  # the pair's free tries; the others had to wait (454)
+    assert codes.count(235) <= 1
+    assert set(codes) <= {535, 454, 235}

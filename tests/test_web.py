@@ -481,17 +481,19 @@ async def test_login_counts_are_bounded_by_their_window(tmp_path: Path):
     throttle = Throttle(state=state, scope="web", free_tries=2, address_limit=8,
                         window_s=900, lock_s=900)
     for i in range(3000):  # a flood of made-up names
-        await throttle.failed(f"x{i}", f"192.0.2.{i % 200}")
-    now[0] += 901  # past the window: the next failure clears what is older
-    await throttle.failed("claire", "192.0.2.1")
+        await throttle.failed(await throttle.begin(f"x{i}", f"192.0.2.{i % 200}"))
+    now[0] += 901  # past the window: the next attempt clears what is older
+    attempt = await throttle.begin("claire", "192.0.2.1")
     (rows,) = state._run(lambda db: db.execute("SELECT count(*) FROM login_failures").fetchone())
-    assert rows == 2  # the pair's and the address's, nothing older
+    assert rows == 2  # the attempt's, for its pair and its address; nothing older
+    await throttle.failed(attempt)
     # Growing delays per pair after its free tries.
-    await throttle.failed("claire", "192.0.2.1")
-    assert await throttle.wait("claire", "192.0.2.1") == 1.0
-    await throttle.failed("claire", "192.0.2.1")
-    assert await throttle.wait("claire", "192.0.2.1") == 2.0
-    assert await throttle.wait("claire", "192.0.2.9") == 0  # another address
+    await throttle.failed(await throttle.begin("claire", "192.0.2.1"))
+    assert (await throttle.begin("claire", "192.0.2.1")).wait == 1.0
+    now[0] += 1
+    await throttle.failed(await throttle.begin("claire", "192.0.2.1"))
+    assert (await throttle.begin("claire", "192.0.2.1")).wait == 2.0
+    assert (await throttle.begin("claire", "192.0.2.9")).wait == 0  # another address
     state.close()
 
 

@@ -43,7 +43,7 @@ from gateway.web.security import (
     new_totp_secret,
     same_token,
 )
-from quarantine.store import Filters, Item, NotFound
+from quarantine.store import STATES_FR, Filters, Item, NotFound
 
 if TYPE_CHECKING:  # service.py imports this module
     from gateway.service import Runtime
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 25
-STATES_FR = {"quarantined": "en quarantaine", "released": "libéré", "deleted": "supprimé"}
 AUDIT_FR = {
     "login": "connexion", "login_failed": "connexion refusée", "lockout": "compte verrouillé",
     "logout": "déconnexion", "view": "consultation", "view_identifiers": "identifiants affichés",
@@ -238,22 +237,22 @@ class WebApp:
         password = str(form.get("mot_de_passe", ""))
         code = str(form.get("code", ""))
         client = self.client(request)
-        wait = await self.throttle.wait(name, client)
-        if wait > 0:
+        attempt = await self.throttle.begin(name, client)
+        if attempt.wait > 0:
             await self.audit(request, "login_failed", name, "throttled", user=name or "-")
             return self._with_form_token(request, "login.html", status=429, name=name, error=(
-                f"Trop d'essais : réessayez dans {_duration(wait)}."))
+                f"Trop d'essais : réessayez dans {_duration(attempt.wait)}."))
         account = await self.accounts.verify_async(name, password) if name else None
         if account is None or not await self.totp.verify(account.name, account.totp_secret,
                                                          code):
-            locked = await self.throttle.failed(name, client)
+            locked = await self.throttle.failed(attempt)
             await self.audit(request, "lockout" if locked else "login_failed", name,
                              "password or code refused", user=name or "-")
             return self._with_form_token(request, "login.html", status=401, name=name, error=(
                 "Trop d'essais depuis cette adresse : connexion bloquée pendant "
                 f"{self.cfg.web.lockout_minutes} minutes." if locked else
                 "Identifiant, mot de passe ou code à usage unique incorrect."))
-        await self.throttle.succeeded(name, client)
+        await self.throttle.succeeded(attempt)
         session = await self.sessions.create(account.name, account.role, _stamp(account))
         request[SESSION] = session
         await self.audit(request, "login")
