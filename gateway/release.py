@@ -4,7 +4,8 @@ Inbound mail goes to the practice's mailbox server with the warning banner, the 
 held and a "released" note (`Pipeline.released`), plus `X-Gateway-Released` (who and when).
 Outbound mail (held by the outbound guard) goes to the smarthost as the sender wrote it: only
 our own `X-Gateway-*` and Authentication-Results fields are removed, nothing is added.
-The item is marked released only once the next hop has accepted the message.
+The item is marked released only once the next hop has accepted the message; two releases of
+one item at once deliver it once (the store's compare-and-set, see `Store.release`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 from gateway import headers
+from gateway.errors import DownstreamUnavailable
 from gateway.relay import deliver
 from quarantine.store import Item
 
@@ -22,8 +24,9 @@ if TYPE_CHECKING:
 
 
 async def release(runtime: Runtime, item_id: str, *, by: str) -> Item:
-    """Deliver and mark released. Raises NotFound, ValueError (not quarantined),
-    DownstreamUnavailable or DownstreamRejected (then the item stays quarantined)."""
+    """Deliver and mark released. Raises NotFound, NotQuarantined (a ValueError: released,
+    or being released by someone else), DownstreamUnavailable or DownstreamRejected (then the
+    item stays quarantined)."""
     store = runtime.store
     if store is None:
         raise RuntimeError("no quarantine store")
@@ -39,4 +42,7 @@ async def release(runtime: Runtime, item_id: str, *, by: str) -> Item:
                                                raw)
         await deliver(runtime.next_hop, item.mail_from, item.rcpts, head, body)
 
-    return await store.release(item_id, by=by, deliver=_deliver)
+    try:
+        return await store.release(item_id, by=by, deliver=_deliver)
+    except TimeoutError as exc:
+        raise DownstreamUnavailable(f"release of {item_id}: the next hop took too long") from exc

@@ -5,6 +5,15 @@ fsynced, renamed and the folder fsynced, then the index row committed. The file 
 is to know about the message (envelope, verdict, raw bytes), so the index can be rebuilt from
 the files (`open` re-indexes any file it does not know, e.g. after a crash between the two).
 
+If the index row cannot be written (disk full, read-only filesystem), the file is removed again
+before `put` raises QuarantineWriteError: the sender got 451 and retries, and no second copy may
+appear at the next open. Old temporary files (an interrupted write) are removed at open.
+
+States: `quarantined -> releasing -> released` (or back to `quarantined` when delivery fails),
+and `quarantined` or `released -> deleted`. Every change is a compare-and-set in SQL, so that
+several Store objects, in one process or several (serving processes, the web page, the CLI),
+never release one item twice nor delete an item being released (see `release`).
+
 What is personal data (sender, recipients, subject, client address) is sealed in the index too;
 the clear columns are the id, dates, direction, action, score, symbol names, state and size.
 All blocking work (files, SQLite) runs in threads; the methods are coroutines.
@@ -19,6 +28,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import sqlite3
 import struct
 import threading
@@ -28,12 +38,20 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gateway.files import write_private
+from gateway.errors import QuarantineWriteError
+from gateway.files import fsync_dir, write_private
 from quarantine.crypto import RecordError, Sealer, load_or_create_key
 
 log = logging.getLogger(__name__)
 
-STATES = ("quarantined", "released", "deleted")
+STATES = ("quarantined", "releasing", "released", "deleted")
+# As the web page and the CLI show them.
+STATES_FR = {"quarantined": "en quarantaine", "releasing": "libération en cours",
+             "released": "libéré", "deleted": "supprimé"}
+# A `releasing` item or a temporary file older than this was left by a process that died: no
+# live release takes that long, `release` cancels a delivery past RELEASE_LIMIT_S.
+STALE_AFTER_S = 15 * 60
+RELEASE_LIMIT_S = STALE_AFTER_S / 3
 _ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{12}$")
 _META = b"meta"
 _MSG = b"message"
@@ -41,6 +59,14 @@ _MSG = b"message"
 
 class NotFound(LookupError):
     pass
+
+
+class NotQuarantined(ValueError):
+    """The item is not in a state that allows the change (e.g. released, or being released)."""
+
+    def __init__(self, item_id: str, state: str) -> None:
+        super().__init__(f"quarantine item {item_id} is {state}, not quarantined")
+        self.state = state
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +225,8 @@ class Store:
         db.executescript(_SCHEMA)
         self._db = db
         self._reindex()
+        self._remove_stale_tmp()
+        self._recover_releasing()
 
     async def close(self) -> None:
         await asyncio.to_thread(self.close_sync)
@@ -215,8 +243,11 @@ class Store:
         return self._db
 
     def _reindex(self) -> None:
-        known = {row[0] for row in self._conn().execute("SELECT id FROM items")}
+        known = dict(self._conn().execute("SELECT id, state FROM items").fetchall())
         for path in self._msgs.glob("*.qmsg"):
+            if known.get(path.stem) == "deleted":  # a crash between the row and the file
+                self._remove_file(path.stem)
+                continue
             if path.stem in known:
                 continue
             try:
@@ -226,6 +257,33 @@ class Store:
                 continue
             self._insert(item)
             log.warning("quarantine item %s re-indexed from its file", item.id)
+
+    def _remove_stale_tmp(self) -> None:
+        """Remove what an interrupted `write_private` left. Only old files: a young one may be
+        another process's write in progress."""
+        cutoff = self._clock() - STALE_AFTER_S
+        removed = 0
+        for path in self._msgs.glob("*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        if removed:
+            log.warning("%d stale temporary file(s) removed from %s", removed, self._msgs)
+
+    def _recover_releasing(self) -> None:
+        """Put back in quarantine the items a process left `releasing` when it died mid-delivery
+        (at open, and at each purge). Only past STALE_AFTER_S: a younger one may be in the hands
+        of a live process. The next hop may have accepted the message before the process died:
+        releasing it again then delivers it twice (at least once after a crash, never lost)."""
+        with self._lock:
+            ids = [r[0] for r in self._conn().execute(
+                "UPDATE items SET state = 'quarantined', state_changed_at = NULL, state_by = NULL "
+                "WHERE state = 'releasing' AND state_changed_at < ? RETURNING id",
+                (self._clock() - STALE_AFTER_S,)).fetchall()]
+        for item_id in ids:
+            log.warning("quarantine item %s was left releasing (process stopped mid-delivery?): "
+                        "back in quarantine; it may have been delivered already", item_id)
 
     # ---- writing ----------------------------------------------------------------------
 
@@ -239,9 +297,35 @@ class Store:
         meta = json.dumps(_to_json(item), ensure_ascii=False).encode()
         plain = struct.pack(">I", len(meta)) + meta + raw
         blob = self._sealer.seal(plain, record_id=item_id, purpose=_MSG)
-        write_private(self._msgs / f"{item_id}.qmsg", blob, sync_dir=True)
-        self._insert(item)
+        try:
+            write_private(self._msgs / f"{item_id}.qmsg", blob, sync_dir=True)
+            self._insert(item)
+        except (OSError, sqlite3.Error) as exc:
+            # The file and its row are one unit: the sender gets 451 and retries, and a file
+            # left without its row would be re-indexed at the next open as a second copy.
+            try:
+                self._remove_file(item_id)
+            except OSError as cleanup:
+                log.error("quarantine file %s.qmsg not removed (%s): the next open re-indexes "
+                          "it, a second copy once the sender retries", item_id, cleanup)
+            log.error("quarantine write failed: %s; %s bytes free in %s", exc,
+                      self._free_bytes(), self.root)
+            raise QuarantineWriteError(f"quarantine write failed: {exc}") from exc
         return item_id
+
+    def _free_bytes(self) -> int | str:
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:
+            return "unknown"
+
+    def _remove_file(self, item_id: str) -> None:
+        path = self._msgs / f"{item_id}.qmsg"
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
 
     def _insert(self, item: Item) -> None:
         # Symbol details can name the sender's domain or a file name: sealed with the rest.
@@ -441,42 +525,72 @@ class Store:
 
     async def release(self, item_id: str, *, by: str,
                       deliver: Callable[[Item, bytes], Awaitable[None]]) -> Item:
-        """Re-inject the original message through `deliver`, then mark it released."""
-        item, raw = await self.get(item_id)
-        if item.state != "quarantined":
-            raise ValueError(f"quarantine item {item_id} is {item.state}, not quarantined")
-        await deliver(item, raw)
-        await asyncio.to_thread(self._set_state, item_id, "released", by)
+        """Re-inject the original message through `deliver`, then mark it released.
+
+        The item goes `quarantined -> releasing` by a compare-and-set, so of two concurrent
+        releases (web page and sender's link, web page and CLI) only one delivers; the other
+        gets NotQuarantined. Delivered, it goes `releasing -> released`; if `deliver` fails,
+        is cancelled or takes over RELEASE_LIMIT_S (TimeoutError) it goes back to `quarantined`
+        and the error is raised. A process killed mid-delivery leaves it `releasing` until
+        `_recover_releasing` puts it back."""
+        _check_id(item_id)
+        await asyncio.to_thread(self._move, item_id, ("quarantined",), "releasing", by)
+        try:
+            item, raw = await self.get(item_id)
+            async with asyncio.timeout(RELEASE_LIMIT_S):
+                await deliver(item, raw)
+        except BaseException:
+            try:
+                await asyncio.to_thread(self._move, item_id, ("releasing",), "quarantined", None)
+            except Exception:  # noqa: BLE001 - the delivery error is the one to report
+                log.exception("quarantine item %s left releasing after a failed delivery", item_id)
+            raise
+        await asyncio.to_thread(self._move, item_id, ("releasing",), "released", by)
         return await self.item(item_id)
 
     async def delete(self, item_id: str, *, by: str) -> None:
-        """Remove the message file for good; the index row stays, in state `deleted`."""
+        """Remove the message file for good; the index row stays, in state `deleted`.
+        An item being released cannot be deleted (NotQuarantined); deleting twice is harmless."""
         _check_id(item_id)
 
         def _delete() -> None:
-            self._item_sync(item_id)
-            (self._msgs / f"{item_id}.qmsg").unlink(missing_ok=True)
-            self._set_state(item_id, "deleted", by)
+            try:
+                self._move(item_id, ("quarantined", "released"), "deleted", by)
+            except NotQuarantined as exc:
+                if exc.state != "deleted":
+                    raise
+            self._remove_file(item_id)
         await asyncio.to_thread(_delete)
 
-    def _set_state(self, item_id: str, state: str, by: str) -> None:
+    def _move(self, item_id: str, from_states: tuple[str, ...], state: str,
+              by: str | None) -> None:
+        """Compare-and-set of the state: NotQuarantined (NotFound) unless the item is in one
+        of `from_states`. `by` None clears who changed it (back to a plain quarantined item)."""
+        marks = ",".join("?" * len(from_states))
         with self._lock:
-            self._conn().execute(
-                "UPDATE items SET state = ?, state_changed_at = ?, state_by = ? WHERE id = ?",
-                (state, self._clock(), by, item_id))
+            moved = self._conn().execute(
+                "UPDATE items SET state = ?, state_changed_at = ?, state_by = ? "
+                f"WHERE id = ? AND state IN ({marks})",
+                (state, None if by is None else self._clock(), by, item_id, *from_states)
+            ).rowcount
+        if moved != 1:
+            raise NotQuarantined(item_id, self._item_sync(item_id).state)
 
     async def purge(self, *, older_than_days: float) -> int:
         """Remove items (files and rows) received before the retention period."""
         cutoff = self._clock() - older_than_days * 86400
 
         def _purge() -> int:
+            self._recover_releasing()
             with self._lock:
                 ids = [r[0] for r in self._conn().execute(
-                    "SELECT id FROM items WHERE received_at < ?", (cutoff,))]
+                    "SELECT id FROM items WHERE received_at < ? AND state != 'releasing'",
+                    (cutoff,))]
             for item_id in ids:
-                (self._msgs / f"{item_id}.qmsg").unlink(missing_ok=True)
+                self._remove_file(item_id)
                 with self._lock:
-                    self._conn().execute("DELETE FROM items WHERE id = ?", (item_id,))
+                    self._conn().execute(
+                        "DELETE FROM items WHERE id = ? AND state != 'releasing'", (item_id,))
             return len(ids)
         return await asyncio.to_thread(_purge)
 
