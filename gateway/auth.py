@@ -64,3 +64,25 @@ class OutboundFacts:
 
 
 Facts = SpfFacts | DkimFacts | ArcFacts | DmarcFacts | OutboundFacts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unavailable:
+    """Facts a check could not establish: it failed, ran out of time, or did not run. Never
+    to be read as "nothing found": DMARC reads an unavailable SPF or DKIM as a temporary
+    error, not as a missing pass."""
+
+    kind: type
+    why: str  # English, for the logs
+
+
+def undecided(facts: SpfFacts | DkimFacts | Unavailable, name: str) -> str:
+    """Why SPF's or DKIM's answer cannot count against the sender ("" when it can): a lookup
+    failed, or the check itself could not run to its end."""
+    if isinstance(facts, Unavailable):
+        return f"{name} unavailable ({facts.why})"
+    if isinstance(facts, SpfFacts):
+        return f"{name} lookup failed" if facts.result is AuthResult.TEMPERROR else ""
+    if any(s.result is AuthResult.TEMPERROR for s in facts.signatures):
+        return f"{name} lookup failed"
+    return ""

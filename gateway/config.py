@@ -107,7 +107,26 @@ class ScoringSection:
     quarantine: float = 10.0  # score >= quarantine: held in the encrypted quarantine
     reject: float = 20.0  # score >= reject: 550 at end of DATA
     message_budget_s: float = 45.0  # all checks of one message; past it: 451
-    parse_timeout_s: float = 20.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeoutsSection:
+    """One limit per phase of work in the worker pool, in seconds. What a check's timeout
+    leads to (retry or hold) is declared in rules/symbols.toml (`fail`)."""
+
+    __pydantic_config__ = _STRICT
+    parse_s: float = 20.0  # reading the MIME structure of a message (past it: 451)
+    dkim_s: float = 20.0  # verifying the DKIM signatures of one message
+    arc_s: float = 20.0  # validating its ARC chain
+    attachments_s: float = 20.0  # true types, archives, PDF, HTML, YARA of all its parts
+    impersonation_s: float = 20.0  # links and text read for lures
+    outbound_s: float = 20.0  # health data search in an outgoing message (PDF/DOCX text)
+    banner_s: float = 20.0  # adding the warning banner
+    release_s: float = 20.0  # preparing a released message (banner, note)
+    preview_s: float = 20.0  # the web page's safe preview of a held message
+
+    def for_check(self, name: str) -> float:
+        return float(getattr(self, f"{name}_s"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,6 +239,7 @@ class Config:
     next_hop: NextHopSection = field(default_factory=NextHopSection)
     dns: DnsSection = field(default_factory=DnsSection)
     scoring: ScoringSection = field(default_factory=ScoringSection)
+    timeouts: TimeoutsSection = field(default_factory=TimeoutsSection)
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
     outbound: OutboundSection = field(default_factory=OutboundSection)
@@ -345,7 +365,9 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(s.message_budget_s > 0, "scoring.message_budget_s", "must be > 0")
     check(s.message_budget_s < cfg.smtp.idle_timeout_s, "scoring.message_budget_s",
           "must stay under smtp.idle_timeout_s, or clients give up before the verdict")
-    check(s.parse_timeout_s > 0, "scoring.parse_timeout_s", "must be > 0")
+    for key in ("parse_s", "dkim_s", "arc_s", "attachments_s", "impersonation_s", "outbound_s",
+                "banner_s", "release_s", "preview_s"):
+        check(getattr(cfg.timeouts, key) > 0, f"timeouts.{key}", "must be > 0")
     for key, value in (("smtp.listen", cfg.smtp.listen), ("next_hop.address", cfg.next_hop.address),
                        ("submission.listen", cfg.submission.listen),
                        ("submission.listen_tls", cfg.submission.listen_tls),

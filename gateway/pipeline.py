@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from gateway import banner, headers
-from gateway.auth import ArcFacts, AuthResult, DkimFacts, DmarcFacts, OutboundFacts, SpfFacts
+from gateway.auth import (
+    ArcFacts,
+    AuthResult,
+    DkimFacts,
+    DmarcFacts,
+    OutboundFacts,
+    SpfFacts,
+    Unavailable,
+)
 from gateway.checks.base import Check, CheckContext, CheckResult, Hit, runner_symbols
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
@@ -95,7 +103,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             parsed = await self._workers.run(
-                parse_message, inbound.raw, limit_s=min(self._cfg.scoring.parse_timeout_s, budget))
+                parse_message, inbound.raw, limit_s=min(self._cfg.timeouts.parse_s, budget))
         except ScanTimeout:
             raise
         except Exception:  # noqa: BLE001 - a parser bug must not lose or bounce the message
@@ -137,12 +145,10 @@ class Pipeline:
         for task in pending:
             task.cancel()
         out: list[CheckResult] = []
-        for name, task in tasks.items():
-            if task in done:
-                out.append(task.result())
-            else:
-                out.append(CheckResult.of(name, Hit(symbol=f"{name.upper()}_TIMEOUT",
-                                                    detail="message budget exhausted")))
+        for check in checks:
+            task = tasks[check.name]
+            out.append(task.result() if task in done else
+                       failed(check, "TIMEOUT", "message budget exhausted"))
         return out
 
     async def reload(self) -> None:
@@ -363,7 +369,7 @@ class Pipeline:
                            warning: banner.Warning) -> banner.Result:
         try:
             return await self._workers.run(banner.apply, raw, parsed, warning, self._templates,
-                                           self._mark, limit_s=self._cfg.scoring.parse_timeout_s)
+                                           self._mark, limit_s=self._cfg.timeouts.banner_s)
         except Exception:  # noqa: BLE001 - a banner bug must not hold mail back: tag only
             log.exception("banner failed; subject tag only")
             return banner.Result(raw=banner.tag_subject(raw, warning.style.subject_tag),
@@ -375,7 +381,7 @@ class Pipeline:
         if not self._cfg.banner.enabled:
             return raw
         parsed = await self._workers.run(parse_message, raw,
-                                         limit_s=self._cfg.scoring.parse_timeout_s)
+                                         limit_s=self._cfg.timeouts.release_s)
         warning = banner.Warning(style=self._templates.suspect, reasons=self.reasons(symbols),
                                  note=self._templates.released_note)
         result = await self._with_banner(raw, parsed, warning)
@@ -413,7 +419,13 @@ def authentication_results(authserv_id: str, results: Sequence[CheckResult],
             override = " (trusted ARC sealer)" if f.arc_override else ""
             parts.append(f"dmarc={f.result.value}{override} "
                          f"header.from={_ar_value(f.from_domain)}{extra}")
+        elif isinstance(f, Unavailable) and f.kind in _AR_METHODS:
+            parts.append(f"{_AR_METHODS[f.kind]}=temperror (check unavailable)")
     return "; ".join([authserv_id, *parts]) if parts else f"{authserv_id}; none"
+
+
+_AR_METHODS: dict[type, str] = {SpfFacts: "spf", DkimFacts: "dkim", ArcFacts: "arc",
+                                 DmarcFacts: "dmarc"}
 
 
 def _ar_value(value: str) -> str:
@@ -442,11 +454,21 @@ async def _run_one(check: Check, parsed: ParsedMessage, ctx: CheckContext) -> Ch
         result = await check.run(parsed, ctx)
     except asyncio.CancelledError:
         raise
+    except ScanTimeout as exc:  # one of its jobs ran out of time: a timeout, not an error
+        log.warning("check %s timed out: %s", check.name, exc)
+        result = failed(check, "TIMEOUT", str(exc))
     except Exception as exc:  # noqa: BLE001 - a failing check never cancels its siblings
         log.exception("check %s failed", check.name)
-        result = CheckResult.of(check.name, Hit(symbol=f"{check.name.upper()}_ERROR",
-                                                detail=type(exc).__name__))
+        result = failed(check, "ERROR", type(exc).__name__)
     return dataclasses.replace(result, duration_s=time.perf_counter() - t0)
+
+
+def failed(check: Check, kind: str, why: str) -> CheckResult:
+    """A check that did not finish: its `_TIMEOUT` or `_ERROR` symbol (what follows is the
+    symbol table's `fail` declaration), and its facts Unavailable to the checks after it."""
+    produces = getattr(check, "produces", None)
+    return CheckResult.of(check.name, Hit(symbol=f"{check.name.upper()}_{kind}", detail=why),
+                          facts=Unavailable(kind=produces, why=why) if produces else None)
 
 
 def emitted_symbols(checks: Sequence[Check]) -> frozenset[str]:

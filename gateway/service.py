@@ -45,7 +45,12 @@ from gateway.smtp import (
     submission_throttle,
     tls_context,
 )
-from gateway.symbols import SymbolTable, check_consistency, load_table
+from gateway.symbols import (
+    SymbolTable,
+    check_consistency,
+    check_failure_contract,
+    load_table,
+)
 from gateway.workers import Workers
 from quarantine.crypto import load_or_create_key
 from quarantine.store import Store
@@ -97,6 +102,7 @@ def load_rules(cfg: Config, workers: Workers) -> tuple[SymbolTable, list[Check]]
     table = load_table(symbol_table_path(cfg))
     checks = create_checks(Services(cfg=cfg, workers=workers, resolver=create_resolver(cfg)))
     check_consistency(table, emitted_symbols(checks), path=symbol_table_path(cfg))
+    check_failure_contract(table, [c.name for c in checks], path=symbol_table_path(cfg))
     return table, checks
 
 

@@ -3,6 +3,15 @@
 Each symbol has a group, a default score, an optional forced action and a French explanation
 for the people who read banners and the quarantine page. At start-up the table and the checks
 must agree: a symbol a check may emit without an entry, or an entry no check emits, is an error.
+
+Failure is a declared contract: the symbols the runner emits when a check does not finish,
+`<CHECK>_TIMEOUT` and `<CHECK>_ERROR`, each declare `fail` instead of an action:
+
+* "retry": the sender is asked to retry (451); timeouts only;
+* "closed": the message is held in quarantine (outbound: not sent);
+* "open": the message is judged on the other checks; errors only, never a timeout.
+
+A table where one of them lacks `fail` is refused at start-up.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ class Symbol:
     score: float
     description: str  # French
     action: Action | None = None  # forced minimum action
+    fail: str = ""  # runner symbols: "retry", "closed" or "open" (gives the action)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,7 +47,8 @@ class SymbolTable:
         return name in self.symbols
 
 
-_SYMBOL_KEYS = {"group", "score", "description", "action"}
+_SYMBOL_KEYS = {"group", "score", "description", "action", "fail"}
+FAIL_ACTIONS = {"retry": Action.TEMPFAIL, "closed": Action.QUARANTINE, "open": None}
 
 
 def load_table(path: Path) -> SymbolTable:
@@ -67,6 +78,13 @@ def load_table(path: Path) -> SymbolTable:
             problems.append(f"{where}.description: a French explanation is required")
             continue
         action = None
+        fail = spec.get("fail", "")
+        if fail:
+            if fail not in FAIL_ACTIONS or "action" in spec:
+                problems.append(f"{where}.fail: one of retry, closed, open (and no action: "
+                                "fail gives it)")
+                continue
+            action = FAIL_ACTIONS[fail]
         if "action" in spec:
             try:
                 action = Action(spec["action"])
@@ -75,7 +93,7 @@ def load_table(path: Path) -> SymbolTable:
                 continue
         symbols[name] = Symbol(
             name=name, group=str(spec.get("group", "misc")), score=float(spec["score"]),
-            description=spec["description"].strip(), action=action)
+            description=spec["description"].strip(), action=action, fail=fail)
     if set(data) - {"symbols"}:
         problems.append(f"{path}: unknown top-level key(s) {', '.join(sorted(set(data) - {'symbols'}))}")
     if problems:
@@ -92,5 +110,22 @@ def check_consistency(table: SymbolTable, emitted: frozenset[str], *, path: Path
         problems.append(f"{path}: no entry for symbol(s) {', '.join(missing)}")
     if unused:
         problems.append(f"{path}: entries no check emits: {', '.join(unused)}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def check_failure_contract(table: SymbolTable, check_names: list[str], *, path: Path) -> None:
+    """Every check's `_TIMEOUT` declares retry or closed, its `_ERROR` open or closed: how
+    the message is answered when that check cannot finish is never left to chance."""
+    allowed = {"TIMEOUT": ("retry", "closed"), "ERROR": ("open", "closed")}
+    problems = []
+    for name in check_names:
+        for kind, values in allowed.items():
+            symbol = f"{name.upper()}_{kind}"
+            fail = table.symbols[symbol].fail if symbol in table.symbols else ""
+            if fail not in values:
+                problems.append(f"{path}: symbols.{symbol}: fail = " + " or ".join(
+                    f'"{v}"' for v in values) + " is required (what happens when the check "
+                    f"{'runs out of time' if kind == 'TIMEOUT' else 'fails'})")
     if problems:
         raise ConfigError("\n".join(problems))

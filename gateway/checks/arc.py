@@ -24,6 +24,7 @@ _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 class ArcCheck(SignatureCheck):
     name: ClassVar[str] = "arc"
     phase: ClassVar[int] = 1
+    produces: ClassVar[type | None] = ArcFacts
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({"ARC_PASS", "ARC_FAIL", "ARC_NONE",
                                                    "ARC_TEMPERROR"})

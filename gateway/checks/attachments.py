@@ -17,6 +17,7 @@ from gateway.yara_rules import YaraRules, compile_rules
 class AttachmentsCheck:
     name: ClassVar[str] = "attachments"
     phase: ClassVar[int] = 1
+    produces: ClassVar[type | None] = None
     symbols: ClassVar[frozenset[str]] = frozenset({
         "ATTACH_DANGEROUS_TYPE", "ATTACH_TYPE_MISMATCH", "ATTACH_DOUBLE_EXTENSION",
         "ATTACH_RTLO_NAME", "ATTACH_EXEC_IN_ARCHIVE", "ATTACH_ARCHIVE_BOMB",
@@ -33,7 +34,7 @@ class AttachmentsCheck:
         cfg = services.cfg
         a = cfg.attachments
         self._workers = services.workers
-        self._limit_s = cfg.scoring.parse_timeout_s
+        self._limit_s = cfg.timeouts.attachments_s
         self._policy = Policy.load(
             cfg.rules_dir / "attachments.toml", max_depth=a.max_depth,
             max_members=a.max_members, max_total_bytes=a.max_total_mb * 1024 * 1024,

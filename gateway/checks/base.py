@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
-from gateway.auth import Facts
+from gateway.auth import Facts, Unavailable
 from gateway.config import Config
 from gateway.dns import Resolver
 from gateway.message import Inbound, ParsedMessage
@@ -32,10 +32,10 @@ class CheckResult:
     check: str
     hits: tuple[Hit, ...] = ()
     duration_s: float = 0.0
-    facts: Facts | None = None  # what later checks and the result headers read
+    facts: Facts | Unavailable | None = None  # what later checks and the result headers read
 
     @staticmethod
-    def of(check: str, *hits: Hit, facts: Facts | None = None) -> CheckResult:
+    def of(check: str, *hits: Hit, facts: Facts | Unavailable | None = None) -> CheckResult:
         return CheckResult(check=check, hits=hits, facts=facts)
 
 
@@ -56,16 +56,22 @@ class CheckContext:
     inbound: Inbound
     earlier: tuple[CheckResult, ...] = field(default=())
 
-    def facts(self, kind: type[F]) -> F | None:
-        """The facts of that kind an earlier phase produced, if any."""
+    def facts(self, kind: type[F]) -> F | Unavailable:
+        """The facts of that kind an earlier phase established; Unavailable when its check
+        failed, ran out of time or did not run (never None: absence is not a result)."""
         for r in self.earlier:
             if isinstance(r.facts, kind):
                 return r.facts
-        return None
+            if isinstance(r.facts, Unavailable) and r.facts.kind is kind:
+                return r.facts
+        return Unavailable(kind=kind, why="not run")
 
 
 class Check(Protocol):
     name: ClassVar[str]  # lower case; symbols start with its upper-case form
+    # The kind of facts run() establishes (None: only hits); when the check fails, later
+    # checks read Unavailable(kind) instead.
+    produces: ClassVar[type | None]
     phase: ClassVar[int]  # 1: independent; 2: reads phase-1 results from ctx.earlier
     symbols: ClassVar[frozenset[str]]  # every symbol run() may emit
 

@@ -36,16 +36,19 @@ class SignatureCheck:
     """What the DKIM and ARC checks share: keys fetched on our resolver, verification in the
     worker pool within the parse time limit, the minimal RSA key size."""
 
+    name: ClassVar[str]
+
     def __init__(self, services: Services) -> None:
         self._resolver = services.resolver
         self._workers = services.workers
         self._minkey = services.cfg.auth.dkim_min_key_bits
-        self._limit_s = services.cfg.scoring.parse_timeout_s
+        self._limit_s = services.cfg.timeouts.for_check(self.name)
 
 
 class DkimCheck(SignatureCheck):
     name: ClassVar[str] = "dkim"
     phase: ClassVar[int] = 1
+    produces: ClassVar[type | None] = DkimFacts
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "DKIM_PASS", "DKIM_FAIL", "DKIM_NONE", "DKIM_TEMPERROR", "DKIM_PERMERROR",

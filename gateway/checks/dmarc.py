@@ -15,7 +15,7 @@ import asyncio
 import random
 from typing import ClassVar
 
-from gateway.auth import ArcFacts, AuthResult, DkimFacts, DmarcFacts, SpfFacts
+from gateway.auth import ArcFacts, AuthResult, DkimFacts, DmarcFacts, SpfFacts, undecided
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.dmarc import aligned, discover, domain_exists, org_domain
 from gateway.errors import DnsTemporaryError
@@ -25,6 +25,7 @@ from gateway.message import Direction, ParsedMessage
 class DmarcCheck:
     name: ClassVar[str] = "dmarc"
     phase: ClassVar[int] = 2
+    produces: ClassVar[type | None] = DmarcFacts
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "DMARC_PASS", "DMARC_FAIL", "DMARC_NONE", "DMARC_POLICY_QUARANTINE",
@@ -74,10 +75,10 @@ class DmarcCheck:
 
         spf = ctx.facts(SpfFacts)
         dkim = ctx.facts(DkimFacts)
-        spf_ok = (spf is not None and spf.identity == "mailfrom"
+        spf_ok = (isinstance(spf, SpfFacts) and spf.identity == "mailfrom"
                   and spf.result is AuthResult.PASS
                   and aligned(from_domain, spf.domain, record.aspf))
-        dkim_ok = dkim is not None and any(
+        dkim_ok = isinstance(dkim, DkimFacts) and any(
             s.result is AuthResult.PASS and aligned(from_domain, s.domain, record.adkim)
             for s in dkim.signatures)
         if spf_ok or dkim_ok:
@@ -93,15 +94,17 @@ class DmarcCheck:
         if record.pct < 100 and self._random.randrange(100) >= record.pct:
             policy = {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)
 
-        temp = (spf is not None and spf.result is AuthResult.TEMPERROR) or (
-            dkim is not None and any(s.result is AuthResult.TEMPERROR for s in dkim.signatures))
+        # A check that could not say (a lookup failed, or the check itself failed or ran out
+        # of time) is not a failure of the sender: temporary, retried under p=reject.
+        temp = [why for why in (
+            undecided(spf, "SPF"), undecided(dkim, "DKIM")) if why]
         if temp:
             symbol = "DMARC_TEMPERROR_RETRY" if policy == "reject" else "DMARC_TEMPERROR"
             return self._result(AuthResult.TEMPERROR, from_domain, policy, symbol,
-                                "SPF or DKIM lookup failed")
+                                "; ".join(temp))
 
         arc = ctx.facts(ArcFacts)
-        if (arc is not None and arc.result is AuthResult.PASS and arc.sealers
+        if (isinstance(arc, ArcFacts) and arc.result is AuthResult.PASS and arc.sealers
                 and any(s.lower().rstrip(".") in self._trusted for s in arc.sealers)):
             return CheckResult.of(self.name, Hit(symbol="DMARC_ARC_OVERRIDE",
                                                  detail=f"sealed by {arc.sealers[0]}"),

@@ -16,7 +16,7 @@ import email.utils
 import re
 from typing import ClassVar
 
-from gateway.auth import AuthResult, DkimFacts, DmarcFacts, SpfFacts
+from gateway.auth import AuthResult, DkimFacts, DmarcFacts, SpfFacts, undecided
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.config import read_toml
 from gateway.dmarc import aligned, org_domain
@@ -33,6 +33,7 @@ def _domain(address: str) -> str:
 class ImpersonationCheck:
     name: ClassVar[str] = "impersonation"
     phase: ClassVar[int] = 2
+    produces: ClassVar[type | None] = None
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "IMPERSONATION_UNAUTHENTICATED", "IMPERSONATION_TEMPERROR", "IMPERSONATION_DISPLAY_NAME",
@@ -45,7 +46,7 @@ class ImpersonationCheck:
     def __init__(self, services: Services) -> None:
         cfg = services.cfg
         self._workers = services.workers
-        self._limit_s = cfg.scoring.parse_timeout_s
+        self._limit_s = cfg.timeouts.impersonation_s
         practice = Organisation(
             id="practice", name="le cabinet", domains=tuple(sorted(cfg.domains)),
             names=tuple(cfg.practice.names) + tuple(cfg.practice.colleagues))
@@ -119,24 +120,25 @@ class ImpersonationCheck:
     def _authenticated(self, ctx: CheckContext, from_domain: str) -> bool | None:
         """Did mail from a protected domain authenticate? None: could not tell (DNS trouble)."""
         dmarc = ctx.facts(DmarcFacts)
-        if dmarc is not None:
+        if isinstance(dmarc, DmarcFacts):
             if dmarc.result is AuthResult.PASS or dmarc.arc_override:
                 return True
             if dmarc.result is AuthResult.TEMPERROR:
                 return None
             if dmarc.result is AuthResult.FAIL:
                 return False
-        # No DMARC verdict (no record): an aligned DKIM or SPF pass still authenticates.
+        # No DMARC verdict (no record, or DMARC runs beside this check): an aligned DKIM or
+        # SPF pass still authenticates.
         dkim = ctx.facts(DkimFacts)
         spf = ctx.facts(SpfFacts)
-        if dkim and any(s.result is AuthResult.PASS and aligned(from_domain, s.domain, "r")
-                        for s in dkim.signatures):
+        if isinstance(dkim, DkimFacts) and any(
+                s.result is AuthResult.PASS and aligned(from_domain, s.domain, "r")
+                for s in dkim.signatures):
             return True
-        if spf and spf.result is AuthResult.PASS and aligned(from_domain, spf.domain, "r"):
+        if (isinstance(spf, SpfFacts) and spf.result is AuthResult.PASS
+                and aligned(from_domain, spf.domain, "r")):
             return True
-        temp = (spf is not None and spf.result is AuthResult.TEMPERROR) or (
-            dkim is not None and any(s.result is AuthResult.TEMPERROR for s in dkim.signatures))
-        return None if temp else False
+        return None if undecided(spf, "SPF") or undecided(dkim, "DKIM") else False
 
     def _reply_to(self, msg: ParsedMessage) -> list[str]:
         value = msg.header("Reply-To")

@@ -110,6 +110,7 @@ def _encrypted_zip(data: bytes) -> bool:
 class OutboundHealthCheck:
     name: ClassVar[str] = "outbound"
     phase: ClassVar[int] = 1
+    produces: ClassVar[type | None] = OutboundFacts
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.OUTBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "OUTBOUND_NIR", "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_HEALTH_DOCUMENT",
@@ -120,7 +121,7 @@ class OutboundHealthCheck:
 
     def __init__(self, services: Services) -> None:
         self._workers = services.workers
-        self._limit_s = services.cfg.scoring.parse_timeout_s
+        self._limit_s = services.cfg.timeouts.outbound_s
         self._policy = services.cfg.outbound.policy
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:

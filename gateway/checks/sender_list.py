@@ -24,6 +24,7 @@ def sender_lists(services: Services) -> SenderLists:
 class SenderListCheck:
     name: ClassVar[str] = "sender_list"
     phase: ClassVar[int] = 2
+    produces: ClassVar[type | None] = None
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "SENDER_LIST_BLOCKED", "SENDER_LIST_ALLOWED", "SENDER_LIST_ALLOWED_UNVERIFIED"})
@@ -54,12 +55,13 @@ class SenderListCheck:
 
 def _authenticated(domain: str, envelope: str, ctx: CheckContext) -> bool:
     dkim = ctx.facts(DkimFacts)
-    if dkim is not None and any(
+    if isinstance(dkim, DkimFacts) and any(
             s.result is AuthResult.PASS and (domain == s.domain or domain.endswith("." + s.domain))
             for s in dkim.signatures):
         return True
     spf = ctx.facts(SpfFacts)
-    return (spf is not None and spf.result is AuthResult.PASS and spf.identity == "mailfrom"
+    return (isinstance(spf, SpfFacts) and spf.result is AuthResult.PASS
+            and spf.identity == "mailfrom"
             and envelope.rpartition("@")[2].lower() == domain)
 
 

@@ -16,6 +16,7 @@ _SYMBOL: dict[AuthResult, str] = {r: f"SPF_{r.name}" for r in AuthResult
 class SpfCheck:
     name: ClassVar[str] = "spf"
     phase: ClassVar[int] = 1
+    produces: ClassVar[type | None] = SpfFacts
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset(_SYMBOL.values())
 

@@ -17,6 +17,7 @@ _SINGLE = ("Date", "From", "Sender", "Reply-To", "To", "Cc", "Subject", "Message
 class StructureCheck:
     name: ClassVar[str] = "structure"
     phase: ClassVar[int] = 1
+    produces: ClassVar[type | None] = None
     symbols: ClassVar[frozenset[str]] = frozenset({
         "MIME_MALFORMED", "MIME_TOO_COMPLEX",
         "FROM_MISSING", "FROM_MULTIPLE", "FROM_UNPARSABLE",

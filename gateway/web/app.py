@@ -334,7 +334,7 @@ class WebApp:
         view = None
         if raw is not None:
             view = await self.runtime.workers.run(_preview, raw, show,
-                                                  limit_s=self.cfg.scoring.parse_timeout_s)
+                                                  limit_s=self.cfg.timeouts.preview_s)
         await self.audit(request, "view_identifiers" if show else "view", item_id)
         table = self.runtime.table.symbols
         symbols = [(s, s.description or (table[s.name].description if s.name in table else ""))
@@ -353,7 +353,7 @@ class WebApp:
         except NotFound:
             raise web.HTTPNotFound() from None
         view = await self.runtime.workers.run(_preview, raw, show,
-                                              limit_s=self.cfg.scoring.parse_timeout_s)
+                                              limit_s=self.cfg.timeouts.preview_s)
         resp = web.Response(text=preview.document(view.html or ""), content_type="text/html",
                             charset="utf-8")
         resp.headers["Content-Security-Policy"] = PREVIEW_CSP
