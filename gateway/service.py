@@ -49,6 +49,7 @@ from gateway.symbols import (
     SymbolTable,
     check_consistency,
     check_failure_contract,
+    extended,
     load_table,
 )
 from gateway.workers import Workers
@@ -101,6 +102,10 @@ def load_rules(cfg: Config, workers: Workers) -> tuple[SymbolTable, list[Check]]
     """The symbol table and the checks, refusing any symbol missing on either side."""
     table = load_table(symbol_table_path(cfg))
     checks = create_checks(Services(cfg=cfg, workers=workers, resolver=create_resolver(cfg)))
+    for check in checks:  # symbols a rule file declares itself (third-party YARA sets)
+        declared = getattr(check, "rule_symbols", None)
+        if declared is not None:
+            table = extended(table, declared(), path=symbol_table_path(cfg))
     check_consistency(table, emitted_symbols(checks), path=symbol_table_path(cfg))
     check_failure_contract(table, [c.name for c in checks], path=symbol_table_path(cfg))
     return table, checks

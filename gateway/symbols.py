@@ -101,6 +101,37 @@ def load_table(path: Path) -> SymbolTable:
     return SymbolTable(symbols=symbols, group_caps=caps)
 
 
+def rule_symbol(name: str, meta: dict[str, object], *, where: str) -> Symbol:
+    """A symbol whose policy a rule file declares in its own metadata (a third-party YARA
+    set adds its symbols without a code or table change)."""
+    score, text, action = meta.get("score"), meta.get("description_fr"), meta.get("action")
+    if not name.isupper() or " " in name:
+        raise ConfigError(f"{where}: symbol names are UPPER_SNAKE_CASE: {name}")
+    try:
+        value = float(score)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: symbol {name}: meta score must be a number") from None
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{where}: symbol {name}: meta description_fr (French) is required")
+    try:
+        forced = Action(action) if action is not None else None
+    except ValueError:
+        raise ConfigError(f"{where}: symbol {name}: meta action must be one of "
+                          f"{', '.join(a.value for a in Action)}") from None
+    return Symbol(name=name, group="attachments", score=value, description=text.strip(),
+                  action=forced)
+
+
+def extended(table: SymbolTable, more: dict[str, Symbol], *, path: Path) -> SymbolTable:
+    """The table with symbols declared elsewhere (rule metadata); one declared in both places
+    is refused: a policy is written once."""
+    twice = sorted(set(more) & set(table.symbols))
+    if twice:
+        raise ConfigError(f"{path}: symbol(s) {', '.join(twice)} also given a score and a "
+                          "description by rule metadata: keep one")
+    return SymbolTable(symbols={**table.symbols, **more}, group_caps=table.group_caps)
+
+
 def check_consistency(table: SymbolTable, emitted: frozenset[str], *, path: Path) -> None:
     """Refuse a symbol a check may emit without a table entry, and the reverse."""
     missing = sorted(emitted - set(table.symbols))

@@ -3,7 +3,10 @@
 Our rules live in rules/yara/; extra folders (third-party sets) come from the config. Each file
 is compiled on its own first, so that one broken file is reported (file and line) without
 losing the others; what compiles is then compiled together. Rule metadata `symbol` names the
-symbol of a match (it must exist in rules/symbols.toml); without it, YARA_MATCH.
+symbol of a match; without it, YARA_MATCH. The symbol's policy is written once: in
+rules/symbols.toml for our own rules, or, for a symbol a third-party folder brings, in the
+rule's own metadata (`score`, `description_fr`, optionally `action`), read into the symbol
+table at start (gateway/symbols.py: `rule_symbol`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ class LoadReport:
 
 class YaraRules:
     def __init__(self, compiled: yara.Rules, symbols: dict[str, str], report: LoadReport,
-                 timeout_s: int) -> None:
+                 timeout_s: int, declared: dict[str, dict[str, object]] | None = None) -> None:
         self._rules = compiled
         self._symbols = symbols
+        # symbol -> the policy a rule's metadata gives it (score, description_fr, action)
+        self.declared = declared or {}
         self.report = report
         self._timeout = max(1, timeout_s)
 
@@ -82,13 +87,18 @@ def compile_rules(folders: list[Path], *, timeout_s: int = 5) -> YaraRules:
     compiled = yara.compile(filepaths=good, includes=True) if good else yara.compile(
         source="rule gateway_empty { condition: false }")
     symbols: dict[str, str] = {}
+    declared: dict[str, dict[str, object]] = {}
     for rule in compiled:
         report.rules += 1
         symbol = rule.meta.get("symbol")
         if isinstance(symbol, str) and symbol:
             symbols[rule.identifier] = symbol
+            policy = {k: rule.meta[k] for k in ("score", "description_fr", "action")
+                      if k in rule.meta}
+            if policy:
+                declared.setdefault(symbol, {**policy, "rule": rule.identifier})
     for rejected, error in report.rejected.items():
         log.error("YARA rules rejected: %s: %s", rejected, error)
     log.info("YARA rules loaded", extra={"fields": {
         "files": report.files, "rules": report.rules, "rejected": len(report.rejected)}})
-    return YaraRules(compiled, symbols, report, timeout_s)
+    return YaraRules(compiled, symbols, report, timeout_s, declared)

@@ -233,3 +233,49 @@ async def test_macro_analysis_that_overruns_is_killed_and_held(tmp_path: Path):
         await rt.close()
     assert "ATTACH_ANALYSIS_TIMEOUT" in {s.name for s in v.symbols}
     assert v.action is Action.QUARANTINE
+
+
+THIRD_PARTY_RULE = """
+rule Tiers_Motif_Test
+{
+    meta:
+        symbol = "YARA_TIERS_MOTIF"
+        score = 12
+        action = "quarantine"
+        description_fr = "La pièce jointe {name} contient le motif d'un ensemble de règles tiers."
+    strings:
+        $a = "motif-tiers-du-test-7"
+    condition:
+        $a
+}
+"""
+
+
+async def test_a_third_party_rule_brings_its_own_symbol_without_a_code_change(tmp_path: Path):
+    extra = tmp_path / "tiers"
+    extra.mkdir()
+    (extra / "tiers.yar").write_text(THIRD_PARTY_RULE, encoding="utf-8")
+    cfg = make_config(tmp_path / "d", attachments={"yara_dirs": [str(extra)]})
+    rt = await build_runtime(cfg, with_store=False)
+    try:
+        v = await analyse(rt, message_with("note.txt", b"debut motif-tiers-du-test-7 fin"))
+    finally:
+        await rt.close()
+    (hit,) = [s for s in v.symbols if s.name == "YARA_TIERS_MOTIF"]
+    assert hit.score == 12 and v.action is Action.QUARANTINE
+    assert hit.description == ("La pièce jointe note.txt contient le motif d'un ensemble de "
+                               "règles tiers.")
+
+
+def test_a_symbol_given_a_policy_twice_is_refused(tmp_path: Path):
+    from gateway.errors import ConfigError
+    from gateway.service import load_rules
+    from gateway.workers import Workers
+
+    extra = tmp_path / "tiers"
+    extra.mkdir()
+    (extra / "twice.yar").write_text(THIRD_PARTY_RULE.replace("YARA_TIERS_MOTIF", "YARA_EICAR"),
+                                     encoding="utf-8")
+    cfg = make_config(tmp_path / "d", attachments={"yara_dirs": [str(extra)]})
+    with pytest.raises(ConfigError, match="YARA_EICAR also given a score"):
+        load_rules(cfg, Workers())

@@ -11,6 +11,7 @@ from gateway.attachments import Policy, analyse
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.errors import ConfigError
 from gateway.message import Direction, ParsedMessage
+from gateway.symbols import Symbol, rule_symbol
 from gateway.yara_rules import YaraRules, compile_rules
 
 
@@ -18,7 +19,7 @@ class AttachmentsCheck:
     name: ClassVar[str] = "attachments"
     phase: ClassVar[int] = 1
     produces: ClassVar[type | None] = None
-    symbols: ClassVar[frozenset[str]] = frozenset({
+    fixed_symbols: ClassVar[frozenset[str]] = frozenset({
         "ATTACH_DANGEROUS_TYPE", "ATTACH_TYPE_MISMATCH", "ATTACH_DOUBLE_EXTENSION",
         "ATTACH_RTLO_NAME", "ATTACH_EXEC_IN_ARCHIVE", "ATTACH_ARCHIVE_BOMB",
         "ATTACH_NESTED_ARCHIVE", "ATTACH_ENCRYPTED_ARCHIVE", "ATTACH_ARCHIVE_UNSCANNED",
@@ -26,9 +27,8 @@ class AttachmentsCheck:
         "ATTACH_REMOTE_TEMPLATE", "ATTACH_PDF_JAVASCRIPT", "ATTACH_PDF_LAUNCH",
         "ATTACH_PDF_EMBEDDED_FILE", "ATTACH_PDF_AUTO_ACTION", "ATTACH_HTML_SCRIPT",
         "ATTACH_HTML_SMUGGLING", "ATTACH_HTML_CREDENTIAL_FORM", "ATTACH_ANALYSIS_TIMEOUT",
-        "YARA_MATCH", "YARA_TIMEOUT", "YARA_EICAR", "YARA_OFFICE_AUTOEXEC",
-        "YARA_PDF_JS_ACTION", "YARA_HTML_SMUGGLING", "YARA_LNK_COMMAND", "YARA_FR_HEALTH_LURE",
-    })
+        "YARA_MATCH", "YARA_TIMEOUT",
+    })  # and the symbols the compiled YARA rules name (their metadata), see __init__
 
     def __init__(self, services: Services) -> None:
         cfg = services.cfg
@@ -42,19 +42,24 @@ class AttachmentsCheck:
         self._folders = [cfg.rules_dir / "yara", *(Path(d) for d in a.yara_dirs)]
         self._timeout = a.yara_timeout_s
         self._lock = threading.Lock()
-        self.yara: YaraRules = self._compile()
+        self.yara: YaraRules = compile_rules(self._folders, timeout_s=self._timeout)
+        # Instance-wide: the fixed set, and whatever symbols the rules name (a third-party
+        # folder adds its own, their policy in the rule's metadata: rule_symbols()).
+        self.symbols: frozenset[str] = self.fixed_symbols | self.yara.symbols
 
-    def _compile(self) -> YaraRules:
-        rules = compile_rules(self._folders, timeout_s=self._timeout)
-        unknown = sorted(rules.symbols - self.symbols)
-        if unknown:
-            raise ConfigError(f"YARA rule metadata names symbol(s) {', '.join(unknown)} "
-                              f"unknown to the attachments check")
-        return rules
+    def rule_symbols(self) -> dict[str, Symbol]:
+        """Symbols whose score and French text the rules' metadata declare."""
+        return {name: rule_symbol(name, meta, where=f"YARA rule {meta.get('rule')}")
+                for name, meta in self.yara.declared.items()}
 
     def reload(self) -> None:
-        """Recompile the rules (SIGHUP); on error the rules in use stay."""
-        new = self._compile()
+        """Recompile the rules (SIGHUP); on error the rules in use stay. The symbol table is
+        built at start: a rule naming a symbol not known then needs a restart."""
+        new = compile_rules(self._folders, timeout_s=self._timeout)
+        unknown = sorted(new.symbols - self.symbols)
+        if unknown:
+            raise ConfigError(f"YARA rules name new symbol(s) {', '.join(unknown)}: restart "
+                              "the gateway to add them")
         with self._lock:
             self.yara = new
 

@@ -73,7 +73,11 @@ class Check(Protocol):
     # checks read Unavailable(kind) instead.
     produces: ClassVar[type | None]
     phase: ClassVar[int]  # 1: independent; 2: reads phase-1 results from ctx.earlier
-    symbols: ClassVar[frozenset[str]]  # every symbol run() may emit
+
+    @property
+    def symbols(self) -> frozenset[str]:
+        """Every symbol run() may emit (a class attribute, or set per instance)."""
+        ...
 
     def __init__(self, services: Services) -> None: ...
 
