@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import email.errors
 import email.header
 import email.utils
 import enum
@@ -103,7 +104,10 @@ class ParsedMessage:
 
 def decode_words(value: str) -> str:
     """Decode RFC 2047 encoded words; raises ValueError/LookupError on broken ones."""
-    return str(email.header.make_header(email.header.decode_header(value)))
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except email.errors.HeaderParseError as exc:  # bad base64 in a word: also a ValueError
+        raise ValueError(f"undecodable encoded word: {exc}") from None
 
 
 def has_smuggling_dot(raw: bytes) -> bool:
@@ -137,15 +141,18 @@ def decode_transfer(payload: bytes, cte: str | None) -> bytes | None:
     return None
 
 
+# Every ASCII byte, then the escape sequence ISO-2022 codecs shift state with.
+_ASCII = bytes(range(128)) + b"\x1b$Bab\x1b(B"
+
+
 def text_codec(charset: str) -> str | None:
-    """Python codec for a MIME charset, if it is ASCII-compatible (so it can be edited)."""
+    """Python codec for a MIME charset, if every ASCII byte means itself in it (so it can be
+    read and edited safely): not UTF-7, HZ or ISO-2022, whose "+", "~" and escape sequences
+    shift into other characters, nor UTF-16/32. None for an unknown or malformed charset."""
     try:
         name = codecs.lookup(charset).name
-    except LookupError:
-        return None
-    try:
-        ok = "<a\r\n>".encode(name) == b"<a\r\n>"
-    except (UnicodeEncodeError, LookupError):
+        ok = _ASCII.decode(name, "replace") == _ASCII.decode("ascii")
+    except (LookupError, ValueError, UnicodeError):  # ValueError: a NUL in the name
         return None
     return name if ok else None
 

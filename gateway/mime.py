@@ -224,6 +224,10 @@ def _multipart(walk: Walk, node: Node, ctype: str) -> None:
         while last.children and last.headers.get_content_maintype() != "multipart":
             last = last.children[-1]
         if last.headers.get_content_maintype() != "multipart":  # else: from its epilogue
+            if last.gap is not None and last.gap[1] >= last.body_end:
+                # The skipped blank line (after a trailing "From " header line) ends the part:
+                # the payload stops before it.
+                last.body_end, last.gap = last.gap[0], None
             last.body_end = _strip_eol(walk.raw, last.body_start, last.body_end)
         node.children.append(child)
         if not followed:

@@ -209,6 +209,12 @@ class GatewaySMTP(SMTP):
             self.session.abort_txn()
         super().connection_lost(error)
 
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            await super().push(_printable(status))
+        else:
+            await super().push(status)
+
     def _timeout_cb(self) -> None:
         # aiosmtpd closes a connection past its timeout without a word: say why first.
         transport = self.transport
@@ -447,7 +453,7 @@ class Handler:
                 "client": client, "open": self.slots.open, "reply": busy.status}})
             return busy
         try:
-            txn = await self._next_hop.begin(envelope.mail_from or "",
+            txn = await self._next_hop.begin(reverse_path(envelope),
                                              smtputf8=envelope.smtp_utf8)
         except BaseException:
             self.slots.give(client)
@@ -478,7 +484,7 @@ class Handler:
             peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
             inbound = Inbound(
                 queue_id=queue_id, peer_ip=peer, helo=session.host_name or "",
-                mail_from=envelope.mail_from or "", rcpts=tuple(envelope.rcpt_tos), raw=raw,
+                mail_from=reverse_path(envelope), rcpts=tuple(envelope.rcpt_tos), raw=raw,
                 tls=session.ssl is not None, direction=self._direction,
                 auth_user=session.auth_user, next_hop_tls=txn.tls)
             outcome = await self._pipeline.process(inbound, txn)
@@ -543,6 +549,22 @@ def author_addresses(head: bytes) -> list[str]:
     if froms != 1:
         out.append(f"({froms} champ(s) From)")
     return out
+
+
+def reverse_path(envelope: Envelope) -> str:
+    """The envelope sender, "" for the null reverse-path (bounces, receipts): aiosmtpd keeps
+    it as "<>", which no next hop takes as an address."""
+    sender = envelope.mail_from or ""
+    return "" if sender == "<>" else sender
+
+
+def _printable(text: str) -> str:
+    """A reply line as sent: aiosmtpd echoes the client's words in some replies (an unknown
+    command, VRFY), and neither control characters nor undecodable bytes may go back."""
+    return _UNPRINTABLE.sub("?", text)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def _as_checked(session: GatewaySession, address: str) -> bool:

@@ -1,6 +1,7 @@
 """Downstream SMTP sink for tests: a real aiosmtpd server on loopback feeding a queue.
 
 It can be told to answer 4xx/5xx at RCPT or DATA, to refuse given recipients, or to be down.
+`open_connections` counts the connections open to it (a leaked next-hop connection shows).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
@@ -31,6 +33,18 @@ class SinkBehaviour:
 class _LenientSMTP(SMTP):
     # Accept lines longer than RFC 5322's 998 characters, as Postfix and Exchange do.
     line_length_limit = 1 << 20
+
+    def __init__(self, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._open = handler.sink._open
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._open.add(self)  # a set: STARTTLS calls this again for the same connection
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._open.discard(self)
+        super().connection_lost(error)
 
 
 class _Handler:
@@ -61,6 +75,11 @@ class Sink:
         self.behaviour = SinkBehaviour()
         self.port = _free_port()
         self._server: asyncio.Server | None = None
+        self._open: set[SMTP] = set()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
 
     @property
     def address(self) -> str:
