@@ -60,6 +60,31 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     raise SystemExit(f"port {port} never opened: {proc.args}")
 
 
+def tree_pids(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(k) for k in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its descendants, in seconds."""
+    ticks = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def tree_memory_kb(pid: int) -> int:
     """Proportional set size (PSS) of a process and all its descendants, in KiB.
 
@@ -158,13 +183,16 @@ def load(port: int, corpus: Path, concurrency: int, count: int) -> dict[str, obj
 
 
 def measure(name: str, cmd: list[str], port: int, corpus: Path, concurrency: int,
-            count: int) -> dict[str, object]:
-    with process(cmd, port) as proc:
+            count: int, cwd: Path | None = None) -> dict[str, object]:
+    with process(cmd, port, cwd=cwd) as proc:
         load(port, corpus, concurrency, min(count, 20))  # warm-up: imports, first connections
         sampler = RssSampler(proc.pid)
         sampler.start()
+        cpu = tree_cpu_s(proc.pid)
         result = load(port, corpus, concurrency, count)
+        cpu = tree_cpu_s(proc.pid) - cpu
         result["peak_mem_mb"] = round(sampler.stop() / 1024, 1)
+        result["cpu_ms_per_msg"] = round(1000 * cpu / max(1, int(result["ok"])), 2)  # type: ignore[call-overload]
     result["system"] = name
     return result
 
@@ -179,6 +207,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="gateway serving processes (0 = cores)")
     ap.add_argument("--also-c", type=int, action="append", default=[],
                     help="extra concurrency levels to measure (e.g. 50)")
+    ap.add_argument("--compare", metavar="REV", help="also run the gateway of this git "
+                    "revision (a temporary worktree), alternating with this one in each run")
     ap.add_argument("--no-web", action="store_true",
                     help="gateway without its web page (served by one process by default)")
     args = ap.parse_args()
@@ -203,12 +233,13 @@ def main() -> None:
         conf = data_dir / "bench.toml"
         conf.write_text('[gateway]\ndomains = ["corp.example"]\n[next_hop]\n'
                         'max_transactions = 400\nmax_transactions_per_client = 400\n')
-        systems: list[tuple[str, list[str], int]] = []
+        systems: list[tuple[str, list[str], int, Path | None]] = []
         if (SHARED / "pyproxy.py").exists():
             p = free_port()
             systems.append(("bare pass-through (pyproxy.py)",
                             [sys.executable, str(SHARED / "pyproxy.py"), "--listen",
-                             f"127.0.0.1:{p}", "--downstream", f"127.0.0.1:{sink_port}"], p))
+                             f"127.0.0.1:{p}", "--downstream", f"127.0.0.1:{sink_port}"], p,
+                            None))
         g = free_port()
         systems.append((f"gateway (workers={args.workers or os.cpu_count()})",
                         [sys.executable, "-m", "gateway", "serve", "--config", str(conf),
@@ -216,12 +247,34 @@ def main() -> None:
                          "--next-hop", f"127.0.0.1:{sink_port}", "--domain", "corp.example",
                          "--data-dir", str(data_dir), "--workers", str(args.workers),
                          "--dns", dns_server.address,
-                         "--web-listen", "" if args.no_web else f"127.0.0.1:{free_port()}"], g))
-        for concurrency in [args.concurrency, *args.also_c]:
-            for name, cmd, port in systems:
-                runs = [measure(name, cmd, port, corpus, concurrency, args.count)
-                        for _ in range(args.runs)]
-                rows.append(summarise(runs))
+                         "--web-listen", "" if args.no_web else f"127.0.0.1:{free_port()}"], g,
+                        None))
+        if args.compare:
+            # The other revision's gateway, from its own worktree (its own defaults: the
+            # per-client limit did not exist before that revision or is given by its config).
+            tree = Path(tempfile.mkdtemp(prefix="gw-compare-")) / "tree"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "-f", str(tree),
+                            args.compare], check=True)
+            c = free_port()
+            other = data_dir / "compare"
+            systems.append((f"gateway @ {args.compare} (workers={args.workers or os.cpu_count()})",
+                            [sys.executable, "-m", "gateway", "serve", "--listen",
+                             f"127.0.0.1:{c}", "--next-hop", f"127.0.0.1:{sink_port}",
+                             "--domain", "corp.example", "--data-dir", str(other), "--workers",
+                             str(args.workers), "--dns", dns_server.address, "--web-listen",
+                             "" if args.no_web else f"127.0.0.1:{free_port()}"], c, tree))
+        try:
+            for concurrency in [args.concurrency, *args.also_c]:
+                runs_of: dict[str, list[dict[str, object]]] = {name: [] for name, *_ in systems}
+                for _ in range(args.runs):  # systems alternate within each run
+                    for name, cmd, port, cwd in systems:
+                        runs_of[name].append(measure(name, cmd, port, corpus, concurrency,
+                                                     args.count, cwd))
+                rows += [summarise(runs) for runs in runs_of.values()]
+        finally:
+            if args.compare:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                                str(tree)], check=False)
         shutil.rmtree(data_dir, ignore_errors=True)
     finally:
         sink.terminate()
@@ -231,11 +284,12 @@ def main() -> None:
         for row in rows:
             f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **row}) + "\n")
     print(f"corpus: {corpus.name}, {args.count} messages per run, medians of {args.runs} run(s)\n")
-    print("| system | c | msg/s | p50 / p99 ms | peak memory (PSS) MB | failed |")
-    print("|---|---|---|---|---|---|")
+    print("| system | c | msg/s | p50 / p99 ms | CPU ms/msg | peak memory (PSS) MB | failed |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['system']} | {r['concurrency']} | {r['msgs_per_s']} | "
-              f"{r['p50_ms']} / {r['p99_ms']} | {r['peak_mem_mb']} | {r['fail']} |")
+              f"{r['p50_ms']} / {r['p99_ms']} | {r['cpu_ms_per_msg']} | {r['peak_mem_mb']} | "
+              f"{r['fail']} |")
 
 
 def summarise(runs: list[dict[str, object]]) -> dict[str, object]:
@@ -246,6 +300,7 @@ def summarise(runs: list[dict[str, object]]) -> dict[str, object]:
     return {"system": first["system"], "concurrency": first["concurrency"],
             "msgs_per_s": med("msgs_per_s"), "p50_ms": med("lat_total_ms", "p50"),
             "p99_ms": med("lat_total_ms", "p99"), "peak_mem_mb": med("peak_mem_mb"),
+            "cpu_ms_per_msg": med("cpu_ms_per_msg"),
             "fail": sum(int(r["fail"]) for r in runs),  # type: ignore[call-overload]
             "load_tool": first["load_tool"], "runs": len(runs)}
 
