@@ -174,3 +174,31 @@ async def test_malformed_http_is_a_warning_without_traceback(tmp_path: Path, sin
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert any(r.levelno == logging.WARNING and "malformed HTTP" in r.getMessage()
                for r in caplog.records)
+
+
+async def test_a_client_that_never_reads_its_answers_is_cut(tmp_path: Path, sink: Sink):
+    import socket
+
+    from tests.test_hardening import established_to, wait_established
+
+    cfg = web_config(tmp_path / "data", sink, header_timeout_s=1, body_timeout_s=1)
+    async with running(cfg) as gw:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", gw.web_port))
+        s.setblocking(False)
+        request = b"GET /connexion HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 3000
+        sent = 0
+        try:
+            while sent < len(request):
+                sent += s.send(request[sent:])
+        except BlockingIOError:
+            pass  # the page stopped reading: its answers fill our (never read) buffer
+        assert sent > 0
+        # The page gives up on writing within body_timeout_s and closes its side.
+        assert await wait_established(gw.web_port, 0, timeout=10) == 0, \
+            established_to(gw.web_port)
+        s.close()
+        client = Client(f"http://127.0.0.1:{gw.web_port}")
+        assert (await client.get("/connexion"))[0] == 200  # still serving
+        await client.close()

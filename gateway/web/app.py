@@ -142,6 +142,22 @@ class WebApp:
             resp.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         if isinstance(resp, web.HTTPException):
             raise resp
+        return await self._written(request, resp)
+
+    async def _written(self, request: web.Request,
+                       resp: web.StreamResponse) -> web.StreamResponse:
+        """Send the answer here, within a deadline: a client that never reads its answers
+        (pipelined requests) would otherwise hold its connection for ever, waiting for the
+        socket to drain."""
+        try:
+            async with asyncio.timeout(self.cfg.web.body_timeout_s):
+                await resp.prepare(request)
+                await resp.write_eof()
+        except TimeoutError:
+            log.warning("web client not reading its answers; connection closed",
+                        extra={"fields": {"client": self.client(request)}})
+            if request.transport is not None:
+                request.transport.abort()
         return resp
 
     @web.middleware
