@@ -115,6 +115,10 @@ def parse(text: str, *, sender: bool, smtputf8: bool | None,
         if sender and text.startswith("<"):
             return Path(mailbox="", local="", domain="", params=params)
         raise PathRefused(bad, "empty path")
+    if not sender and inner.lower() == "postmaster":
+        # RFC 5321 section 4.5.1: "RCPT TO:<Postmaster>" without a domain must be accepted
+        # (gateway/smtp.py gives it the practice's first domain).
+        return Path(mailbox=inner, local=inner, domain="", params=params)
     if route := _ROUTE.match(inner):
         if not sender:  # a route asks us to relay: refused (RFC 5321 section 3.6.1 allows it)
             raise PathRefused(replies.SOURCE_ROUTE, "source route in recipient")

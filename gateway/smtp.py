@@ -401,6 +401,8 @@ class Handler:
         # routing characters, no trailing dot; the domain is compared exactly.
         if not _as_checked(session, address):
             return str(replies.BAD_RCPT_SYNTAX)
+        if address.lower() == "postmaster" and self._cfg.gateway.domains:
+            address = f"postmaster@{self._cfg.gateway.domains[0].lower().rstrip('.')}"
         local, at, domain = address.rpartition("@")
         if not (local and at and domain):
             return str(replies.BAD_RCPT_SYNTAX)

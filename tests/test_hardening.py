@@ -246,6 +246,7 @@ async def test_malformed_recipients_and_helo_get_5xx(tmp_path: Path, sink: Sink,
         for rcpt, code in ((b"<doc\x00teur@cabinet.test>", b"501 5.5.2"),
                            (b"<doc\xfft@cabinet.test>", b"501 5.5.2"),
                            (b"<>", b"501"), (b"<docteur>", b"501 5.1.3"),
+                           (b"<postmaster@>", b"501 5.1.3"),
                            (b"<doc teur@cabinet.test>", b"501 5.1.3"),
                            (b"<" + b"a" * 65 + b"@cabinet.test>", b"501 5.1.3"),
                            ("<médecin@cabinet.test>".encode(), b"553 5.6.7"),
@@ -420,3 +421,15 @@ async def test_a_transaction_cannot_be_held_open_with_noops(tmp_path: Path, sink
         assert (await client.cmd(MSG[80:] + b".")).startswith(b"250")
         client.close()
     assert (await sink.get()).data.endswith(MSG)
+
+
+async def test_postmaster_without_a_domain_is_the_practices(gateway, sink: Sink):
+    """RFC 5321 section 4.5.1: RCPT TO:<Postmaster> must be accepted."""
+    client = await Raw.open(gateway.port)
+    await client.cmd(b"EHLO c.example")
+    await client.cmd(b"MAIL FROM:<a@labo.example>")
+    assert (await client.cmd(b"RCPT TO:<Postmaster>")).startswith(b"250")
+    assert (await client.cmd(b"DATA")).startswith(b"354")
+    assert (await client.cmd(MSG + b".")).startswith(b"250")
+    client.close()
+    assert (await sink.get()).rcpts == [f"postmaster@{DOMAIN}"]
