@@ -44,6 +44,13 @@ class Account:
     # empty: the login itself (Postfix's smtpd_sender_login_maps, reject_sender_login_mismatch)
     addresses: tuple[str, ...] = ()
 
+    @property
+    def stamp(self) -> str:
+        """A digest of what the account logs in with: a web session made with another stamp
+        (password, second factor or role changed since) has ended."""
+        text = f"{self.password_hash}\0{self.totp_secret}\0{self.role}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
     def may_send_as(self, address: str) -> bool:
         addr = address.strip().lower()
         return any(addr == a or (a.startswith("@") and addr.endswith(a) and len(addr) > len(a))

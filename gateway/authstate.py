@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from gateway.netaddr import client_key
+
 T = TypeVar("T")
 MAX_DELAY_S = 60.0
 SEEN_EVERY_S = 30.0  # a session's last use is written at most this often
@@ -75,10 +77,6 @@ class Session:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
-
-
-def credentials_stamp(password_hash: str, totp_secret: str, role: str) -> str:
-    return hashlib.sha256(f"{password_hash}\0{totp_secret}\0{role}".encode()).hexdigest()[:32]
 
 
 def _digest(text: str) -> str:
@@ -210,9 +208,17 @@ class Throttle:
     window_s: float
     lock_s: float
 
+    @classmethod
+    def of(cls, state: AuthState, scope: str, *, failures: int, minutes: int) -> Throttle:
+        """`failures` free tries per account and address, four times that per address, all
+        within `minutes`, which is also how long a locked address stays locked."""
+        return cls(state=state, scope=scope, free_tries=failures, address_limit=4 * failures,
+                   window_s=minutes * 60, lock_s=minutes * 60)
+
     def _keys(self, user: str, ip: str) -> tuple[str, str]:
         user = user.strip().lower()[:100]
-        return f"{self.scope}|pair|{user}|{ip}", f"{self.scope}|ip|{ip}"
+        client = client_key(ip)  # an IPv6 client is its /64: a new address is no fresh start
+        return f"{self.scope}|pair|{user}|{client}", f"{self.scope}|ip|{client}"
 
     async def begin(self, user: str, ip: str) -> Attempt:
         """Start an attempt for this account from this address, or say how long to wait."""

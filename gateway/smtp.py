@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.header
-import ipaddress
 import logging
 import math
 import re
@@ -23,13 +22,14 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from gateway import address, replies
+from gateway import address, netaddr, replies
 from gateway.accounts import AccountFile
 from gateway.authstate import AuthState, Throttle
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.logs import queue_id_var
 from gateway.message import Direction, Inbound
+from gateway.netaddr import client_key, networks, parse_ip, within
 from gateway.pipeline import Outcome, OutcomeKind, Pipeline
 from gateway.relay import NextHop, RcptAnswer, Transaction
 
@@ -101,13 +101,6 @@ class Slots:
         left = self._by_client.pop(client, 1) - 1
         if left:
             self._by_client[client] = left
-
-
-def client_key(address: str) -> str:
-    ip = _ip(address)
-    if isinstance(ip, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip) if ip is not None else address
 
 
 class _Leased:
@@ -274,9 +267,8 @@ class GatewaySMTP(SMTP):
         return False
 
     async def _refused(self, exc: address.PathRefused, arg: str | None) -> None:
-        peer = self.session.peer if self.session is not None else None
         log.info("command refused: %s", exc.why, extra={"fields": {
-            "client": peer[0] if isinstance(peer, tuple) else str(peer),
+            "client": _peer(self.session) if self.session is not None else "",
             "argument": ascii(arg)[:300]}})
         await self.push(str(exc.reply))
 
@@ -483,9 +475,8 @@ class Handler:
                     log.warning("submission sender refused", extra={"fields": {
                         "user": session.auth_user, "from": refused[:5], "where": "header"}})
                     return str(replies.SENDER_NOT_OWNED)
-            peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
             inbound = Inbound(
-                queue_id=queue_id, peer_ip=peer, helo=session.host_name or "",
+                queue_id=queue_id, peer_ip=_peer(session), helo=session.host_name or "",
                 mail_from=reverse_path(envelope), rcpts=tuple(envelope.rcpt_tos), raw=raw,
                 tls=session.ssl is not None, direction=self._direction,
                 auth_user=session.auth_user, next_hop_tls=txn.tls)
@@ -620,7 +611,7 @@ class SubmissionSMTP(GatewaySMTP):
     may send without AUTH. Too many failed attempts end the connection."""
 
     def __init__(self, handler: Handler, *, accounts: AccountFile, throttle: Throttle,
-                 trusted: Sequence[IPNetwork], cleartext_auth: Sequence[IPNetwork],
+                 trusted: Sequence[netaddr.IPNetwork], cleartext_auth: Sequence[netaddr.IPNetwork],
                  max_failures: int, implicit_tls: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, auth_require_tls=True, auth_required=False,
                          auth_exclude_mechanism=[], **kwargs)
@@ -636,14 +627,14 @@ class SubmissionSMTP(GatewaySMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        ip = _ip(peer[0] if isinstance(peer, tuple) else "")
-        self._auth_require_tls = not _within(ip, self._cleartext_auth)
+        ip = parse_ip(peer[0] if isinstance(peer, tuple) else "")
+        self._auth_require_tls = not within(ip, self._cleartext_auth)
         if self._implicit_tls and self.session is not None:
             # aiosmtpd records TLS only for STARTTLS: the session is encrypted all along.
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
             self._auth_require_tls = False
         if isinstance(self.session, GatewaySession):
-            self.session.trusted = _within(ip, self._trusted)
+            self.session.trusted = within(ip, self._trusted)
 
     # aiosmtpd's PLAIN and LOGIN decode the exchange and call the synchronous _authenticate;
     # the argon2 check is slow, so it only keeps the credentials here, checked after, in a
@@ -694,30 +685,7 @@ class SubmissionSMTP(GatewaySMTP):
         return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))
 
     def _peer_ip(self) -> str:
-        peer = self.session.peer if self.session is not None else None
-        return str(peer[0]) if isinstance(peer, tuple) else str(peer)
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def networks(values: Sequence[str]) -> list[IPNetwork]:
-    return [ipaddress.ip_network(v, strict=False) for v in values]
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text.split("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def _within(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
-            nets: Sequence[IPNetwork]) -> bool:
-    return ip is not None and any(ip.version == n.version and ip in n for n in nets)
+        return _peer(self.session) if self.session is not None else ""
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
@@ -747,10 +715,8 @@ def smtp_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> A
 
 
 def submission_throttle(cfg: Config, state: AuthState) -> Throttle:
-    window = cfg.submission.lockout_minutes * 60
-    return Throttle(state=state, scope="smtp", free_tries=cfg.submission.lockout_failures,
-                    address_limit=4 * cfg.submission.lockout_failures, window_s=window,
-                    lock_s=window)
+    return Throttle.of(state, "smtp", failures=cfg.submission.lockout_failures,
+                       minutes=cfg.submission.lockout_minutes)
 
 
 def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter, *,

@@ -549,3 +549,15 @@ async def test_message_page_lists_the_yara_rules_of_each_attachment(site: Web):
     rows = {r.split("</td>")[0].split(">")[-1]: r for r in text.split("<tr><td>")[1:]}
     assert "French_Health_Lure_In_Document" in rows["courrier.txt"]
     assert "aucune" in rows["facture.js"]
+
+
+async def test_an_ipv6_client_cannot_start_afresh_with_a_new_address(tmp_path: Path):
+    from gateway.authstate import AuthState, Throttle
+
+    state = AuthState.open(tmp_path / "auth.sqlite3")
+    throttle = Throttle.of(state, "web", failures=1, minutes=15)  # 4 per address
+    for i in range(4):  # four addresses of one /64, four accounts
+        await throttle.failed(await throttle.begin(f"n{i}", f"2001:db8:1:2::{i + 1}"))
+    assert (await throttle.begin("claire", "2001:db8:1:2::99")).wait > 800  # locked: its /64
+    assert (await throttle.begin("claire", "2001:db8:1:3::1")).wait == 0  # another /64
+    state.close()

@@ -26,8 +26,8 @@ import jinja2
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.accounts import Account, AccountFile
-from gateway.authstate import Session, Throttle, credentials_stamp
+from gateway.accounts import AccountFile
+from gateway.authstate import Session, Throttle
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.notice import release_token
 from gateway.release import release
@@ -81,11 +81,8 @@ class WebApp:
         self.accounts = AccountFile(cfg.web_users_file)
         self.lists = SenderLists(cfg.data_dir / "sender-lists.json")
         self.sessions = Sessions(cfg.web, runtime.auth)
-        window = cfg.web.lockout_minutes * 60
-        self.throttle = Throttle(state=runtime.auth, scope="web",
-                                 free_tries=cfg.web.max_login_failures,
-                                 address_limit=4 * cfg.web.max_login_failures,
-                                 window_s=window, lock_s=window)
+        self.throttle = Throttle.of(runtime.auth, "web", failures=cfg.web.max_login_failures,
+                                    minutes=cfg.web.lockout_minutes)
         self.totp = TotpGuard(runtime.auth)
         self.secure = bool(cfg.web.tls_cert) or cfg.web.public_url.startswith("https://")
         self.cookie = "__Host-session" if self.secure else "session"
@@ -165,8 +162,8 @@ class WebApp:
         path = request.path
         public = path in ("/connexion",) or path.startswith(("/static/", "/liberation/"))
         session = await self.sessions.get(request.cookies.get(self.cookie))
-        if session is not None and session.stamp != _stamp(self.accounts.load().get(
-                session.user)):
+        account = self.accounts.load().get(session.user) if session is not None else None
+        if session is not None and (account is None or session.stamp != account.stamp):
             # The account was removed, or its password, second factor or role changed (on
             # this page, with the CLI or in the file): its sessions end.
             await self.sessions.drop_user(session.user)
@@ -269,7 +266,7 @@ class WebApp:
                 f"{self.cfg.web.lockout_minutes} minutes." if locked else
                 "Identifiant, mot de passe ou code à usage unique incorrect."))
         await self.throttle.succeeded(attempt)
-        session = await self.sessions.create(account.name, account.role, _stamp(account))
+        session = await self.sessions.create(account.name, account.role, account.stamp)
         request[SESSION] = session
         await self.audit(request, "login")
         resp = web.HTTPSeeOther("/")
@@ -569,12 +566,6 @@ class WebApp:
                              user=f"expéditeur {item.mail_from}")
             done = "Le message a été libéré et envoyé."
         return self.render(request, "sender_release.html", item=item, done=done, reasons=[])
-
-
-def _stamp(account: Account | None) -> str:
-    if account is None:
-        return ""
-    return credentials_stamp(account.password_hash, account.totp_secret, account.role)
 
 
 def _duration(seconds: float) -> str:
