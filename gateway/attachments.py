@@ -10,13 +10,11 @@ zipfile (stdlib), oletools (VBA in OLE documents), yara-python.
 from __future__ import annotations
 
 import io
-import multiprocessing
 import re
 import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,11 @@ with warnings.catch_warnings():  # oletools 0.60 calls a pyparsing API deprecate
 from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.message import ParsedMessage, decode_transfer
+from gateway.workers import Overrun, provided, time_limit
 from gateway.yara_rules import YaraRules
 
 RTLO = "\u202e"
+YARA = "yara"  # the name the compiled rules are provided under in the worker processes
 _local = threading.local()
 
 
@@ -54,7 +54,7 @@ class Policy:
     max_members: int = 1000
     max_total_bytes: int = 200 * 1024 * 1024
     max_ratio: int = 150
-    macro_timeout_s: float = 15.0  # oletools runs in a child process killed past this
+    macro_timeout_s: float = 15.0  # oletools, per document (see _ole)
 
     @staticmethod
     def load(path: Path, **limits: Any) -> Policy:
@@ -87,6 +87,11 @@ class _Scan:
         if (symbol, name) not in self.seen:
             self.seen.add((symbol, name))
             self.findings.append(Finding(symbol=symbol, name=name, detail=detail[:200]))
+
+
+def analyse_job(raw: bytes, parsed: ParsedMessage, policy: Policy) -> list[Finding]:
+    """`analyse` as a killable job: with the YARA rules installed in the worker process."""
+    return analyse(raw, parsed, policy, provided(YARA))
 
 
 def analyse(raw: bytes, parsed: ParsedMessage, policy: Policy,
@@ -227,41 +232,28 @@ def _ooxml(scan: _Scan, name: str, archive: zipfile.ZipFile, names: set[str]) ->
 
 
 def _ole(scan: _Scan, name: str, data: bytes) -> None:
-    """oletools is pure Python over a hostile file: it runs in a child process that is killed
-    past policy.macro_timeout_s (a thread could not be stopped)."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_ole_child, args=(name, data, child), daemon=True)
-    proc.start()
-    child.close()
+    """oletools is pure Python over a hostile file: bounded by policy.macro_timeout_s (in a
+    worker process; the whole job is killed past the attachments limit anyway)."""
+    macros = autoexec = ""
     try:
-        if parent.poll(scan.policy.macro_timeout_s):
-            macros, autoexec = parent.recv()
-        else:
-            scan.add("ATTACH_ANALYSIS_TIMEOUT", name, "macro analysis")
-            return
-    except (EOFError, OSError):  # the child died: a file that breaks the parser
-        scan.add("ATTACH_ANALYSIS_TIMEOUT", name, "macro analysis failed")
+        with time_limit(scan.policy.macro_timeout_s):
+            macros, autoexec = _vba(name, data)
+    except Overrun:
+        scan.add("ATTACH_ANALYSIS_TIMEOUT", name, "macro analysis")
         return
-    finally:
-        parent.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
     if macros:
         scan.add("ATTACH_OFFICE_MACRO", name, macros)
     if autoexec:
         scan.add("ATTACH_MACRO_AUTOEXEC", name, autoexec)
 
 
-def _ole_child(name: str, data: bytes, out: Connection) -> None:
-    """In the child process: (macro description or "", auto-exec keyword or "")."""
+def _vba(name: str, data: bytes) -> tuple[str, str]:
+    """(macro description or "", auto-exec keyword or "")."""
     macros = autoexec = ""
     try:
         parser = VBA_Parser(name or "document", data=data)
     except Exception:  # noqa: BLE001 - oletools raises many kinds on hostile files
-        out.send((macros, autoexec))
-        return
+        return macros, autoexec
     try:
         if parser.detect_vba_macros():
             macros = "VBA"
@@ -273,7 +265,7 @@ def _ole_child(name: str, data: bytes, out: Connection) -> None:
         macros = "VBA (unparsable)"
     finally:
         parser.close()
-    out.send((macros, autoexec))
+    return macros, autoexec
 
 
 # ---- PDF -----------------------------------------------------------------------------------

@@ -52,6 +52,10 @@ class GatewaySection:
     data_dir: str = "./gateway-data"  # quarantine, keys, embedded Maildir
     rules_dir: str = ""  # default: the rules/ folder shipped beside the code
     workers: int = 0  # serving processes on the SMTP port; 0 = one per core
+    # Worker processes of each serving process for the jobs hostile input can make run away
+    # (MIME, archives, PDF text), killed past their limit; 0 = cores / serving processes.
+    job_processes: int = 0
+    job_memory_mb: int = 2048  # address-space limit of each of them; 0 = none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,7 +211,7 @@ class AttachmentsSection:
     max_members: int = 1000  # files in one archive
     max_total_mb: int = 200  # uncompressed bytes opened per message
     max_ratio: int = 150  # uncompressed / compressed size of one member
-    macro_timeout_s: float = 15.0  # Office macro analysis (a child process, killed past it)
+    macro_timeout_s: float = 15.0  # Office macro analysis of one document (then held)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -327,6 +331,10 @@ class Config:
     @property
     def worker_count(self) -> int:
         return self.gateway.workers or (os.cpu_count() or 1)
+
+    @property
+    def job_process_count(self) -> int:
+        return self.gateway.job_processes or max(1, (os.cpu_count() or 1) // self.worker_count)
 
 
 _ADAPTER = TypeAdapter(Config)

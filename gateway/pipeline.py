@@ -102,7 +102,9 @@ class Pipeline:
         durations: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
-            parsed = await self._workers.run(
+            # In a worker process: the MIME of a huge or hostile message is killed past
+            # the limit (451, the sender retries) instead of holding a thread.
+            parsed = await self._workers.run_killable(
                 parse_message, inbound.raw, limit_s=min(self._cfg.timeouts.parse_s, budget))
         except ScanTimeout:
             raise
@@ -380,7 +382,7 @@ class Pipeline:
         a note that it was released."""
         if not self._cfg.banner.enabled:
             return raw
-        parsed = await self._workers.run(parse_message, raw,
+        parsed = await self._workers.run_killable(parse_message, raw,
                                          limit_s=self._cfg.timeouts.release_s)
         warning = banner.Warning(style=self._templates.suspect, reasons=self.reasons(symbols),
                                  note=self._templates.released_note)

@@ -114,7 +114,11 @@ def load_rules(cfg: Config, workers: Workers) -> tuple[SymbolTable, list[Check]]
 def prepare(cfg: Config) -> None:
     """Blocking start-up checks, before any port opens: rules, data folder, key, index."""
     os.umask(0o077)
-    load_rules(cfg, Workers())
+    workers = Workers()  # its processes start only with a first job: none here
+    try:
+        load_rules(cfg, workers)
+    finally:
+        workers.close()
     load_templates(cfg.banner_templates)
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     Store.open_sync(quarantine_root(cfg), cfg.key_file).close_sync()
@@ -122,7 +126,7 @@ def prepare(cfg: Config) -> None:
 
 
 async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
-    workers = Workers()
+    workers = Workers(processes=cfg.job_process_count, memory_mb=cfg.gateway.job_memory_mb)
     table, checks = load_rules(cfg, workers)
     store = None
     if with_store:

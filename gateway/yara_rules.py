@@ -1,4 +1,5 @@
-"""YARA rules: compiled once at start (and again on SIGHUP), scanned in worker threads.
+"""YARA rules: compiled once at start (and again on SIGHUP), installed in the worker processes
+(pickled in YARA's compiled form) and scanned there.
 
 Our rules live in rules/yara/; extra folders (third-party sets) come from the config. Each file
 is compiled on its own first, so that one broken file is reported (file and line) without
@@ -11,6 +12,7 @@ table at start (gateway/symbols.py: `rule_symbol`).
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,13 @@ class YaraRules:
         self.report = report
         self._timeout = max(1, timeout_s)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as YARA's own compiled form, to be installed in the worker processes."""
+        saved = io.BytesIO()
+        self._rules.save(file=saved)
+        return (_restore, (saved.getvalue(), self._symbols, self.report, self._timeout,
+                           self.declared))
+
     @property
     def symbols(self) -> frozenset[str]:
         return frozenset(self._symbols.values()) | {FALLBACK_SYMBOL}
@@ -60,6 +69,11 @@ class YaraRules:
             return []
         return [Match(rule=m.rule, symbol=self._symbols.get(m.rule, FALLBACK_SYMBOL))
                 for m in matches]
+
+
+def _restore(saved: bytes, symbols: dict[str, str], report: LoadReport, timeout_s: int,
+             declared: dict[str, dict[str, object]]) -> YaraRules:
+    return YaraRules(yara.load(file=io.BytesIO(saved)), symbols, report, timeout_s, declared)
 
 
 def rule_files(folders: list[Path]) -> list[Path]:

@@ -16,7 +16,7 @@ from gateway.workers import Workers
 from tests.conftest import DOMAIN, make_config
 from tests.support.dnsserver import ThreadedDnsServer
 from tests.support.sink import Sink
-from tests.support.webclient import suspicious
+from tests.test_attachments import message_with
 from tests.test_auth_smtp import ZONE, original, send
 from tests.test_outbound import LAB, mail
 from tests.test_submission import PASSWORD, USER, Setup, cert, client, relay  # noqa: F401
@@ -44,21 +44,58 @@ async def test_dkim_overrunning_its_time_on_a_p_reject_domain_gets_451_not_550(
     assert b"dkim=pass" in (await sink.get()).data
 
 
-async def test_an_attachment_analysis_that_overruns_holds_the_message(tmp_path: Path,
-                                                                      sink: Sink):
-    cfg = make_config(tmp_path, timeouts={"attachments_s": INSTANT},
+# A third-party rule that costs quadratic time in the size of what it scans, for files that
+# start with "RUNN": tens of minutes on the attachment below, if nothing stopped it.
+RUNAWAY_RULE = """
+rule tiers_regle_lente {
+    meta:
+        symbol = "TIERS_LENT"
+        score = 1
+        description_fr = "Motif d'une règle tierce lente."
+    condition:
+        uint32(0) == 0x4e4e5552 and
+        for all i in (0..filesize - 1) : (
+            for all j in (0..filesize - 1) : ( uint8(i) != uint8(j) + 1 or uint8(i) == 0 ) )
+}
+"""
+
+
+async def test_an_attachment_analysis_that_runs_away_is_killed_frees_its_slot_and_holds(
+        tmp_path: Path, sink: Sink):
+    """One worker process: if the runaway job kept it, the next message's analysis could not
+    run within its own limits. It is killed, the message is held, and the next one passes."""
+    extra = tmp_path / "tiers"
+    extra.mkdir()
+    (extra / "lente.yar").write_text(RUNAWAY_RULE)
+    cfg = make_config(tmp_path / "d", gateway={"job_processes": 1},
+                      timeouts={"attachments_s": 1.0},
+                      attachments={"yara_dirs": [str(extra)], "yara_timeout_s": 3600},
                       next_hop={"address": sink.address, "starttls": "off"})
-    raw = suspicious(subject="Compte rendu", body="Bonjour,\nle compte rendu.\n")
+    runaway = message_with("mesures.bin", b"RUNN" + b"\x05" * 60_000)
     async with running(cfg) as gw:
-        _, reply = await aiosmtplib.send(raw, sender="contact@labo-analyses.example",
-                                         recipients=[f"docteur@{DOMAIN}"], hostname="127.0.0.1",
-                                         port=gw.port, start_tls=False)
-        assert "quarantaine" in reply
         store = gw.runtime.store
         assert store is not None
-        (item,) = await store.list_items()
-        assert "ATTACHMENTS_TIMEOUT" in {s.name for s in item.symbols}
+        for _ in range(2):  # as many as the threads of the thread pool: not there
+            code, reply = await _send(gw.port, runaway)
+            assert (code, "quarantaine" in reply) == (250, True)
+        items = await store.list_items()
+        assert len(items) == 2
+        assert all("ATTACHMENTS_TIMEOUT" in {s.name for s in i.symbols} for i in items)
+        # The same process slot analyses the next message in full, within the 1 s limit.
+        code, reply = await _send(gw.port, message_with("note.txt", b"Bonjour docteur."))
+        assert code == 250 and "quarantaine" not in reply
+    delivered = await sink.get()
+    assert b"ATTACHMENTS_TIMEOUT" not in delivered.data
+    assert b"X-Gateway-Action: accept" in delivered.data
     assert sink.empty()
+
+
+async def _send(port: int, raw: bytes) -> tuple[int, str]:
+    errors, reply = await aiosmtplib.send(
+        raw, sender="resultats@labo.example", recipients=[f"docteur@{DOMAIN}"],
+        hostname="127.0.0.1", port=port, start_tls=False)
+    assert not errors
+    return 250, reply
 
 
 async def test_an_outbound_scan_that_overruns_holds_the_message(tmp_path: Path, cert,  # noqa: F811

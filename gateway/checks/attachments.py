@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
-from gateway.attachments import Policy, analyse
+from gateway.attachments import YARA, Policy, analyse_job
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.errors import ConfigError
 from gateway.message import Direction, ParsedMessage
@@ -43,6 +43,7 @@ class AttachmentsCheck:
         self._timeout = a.yara_timeout_s
         self._lock = threading.Lock()
         self.yara: YaraRules = compile_rules(self._folders, timeout_s=self._timeout)
+        self._workers.provide(YARA, self.yara)
         # Instance-wide: the fixed set, and whatever symbols the rules name (a third-party
         # folder adds its own, their policy in the rule's metadata: rule_symbols()).
         self.symbols: frozenset[str] = self.fixed_symbols | self.yara.symbols
@@ -62,10 +63,13 @@ class AttachmentsCheck:
                               "the gateway to add them")
         with self._lock:
             self.yara = new
+            self._workers.provide(YARA, new)
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
-        findings = await self._workers.run(analyse, ctx.inbound.raw, msg, self._policy,
-                                           self.yara, limit_s=self._limit_s)
+        # In a worker process: an archive walk or a PDF that runs away is killed past the
+        # limit (ATTACHMENTS_TIMEOUT: the message is held), and the process replaced.
+        findings = await self._workers.run_killable(analyse_job, ctx.inbound.raw, msg,
+                                                    self._policy, limit_s=self._limit_s)
         if ctx.inbound.direction is Direction.OUTBOUND:
             # An encrypted archive is suspect coming in (scanners cannot look inside), but
             # going out it is what the outbound guard recommends for health documents.

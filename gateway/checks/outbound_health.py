@@ -126,7 +126,8 @@ class OutboundHealthCheck:
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         inbound = ctx.inbound
-        found = await self._workers.run(_scan, inbound.raw, msg, limit_s=self._limit_s)
+        # PDF and DOCX text in a worker process, killed past the limit (OUTBOUND_TIMEOUT: held).
+        found = await self._workers.run_killable(_scan, inbound.raw, msg, limit_s=self._limit_s)
         hits: list[Hit] = []
         if found.nirs:
             masked = ", ".join(dict.fromkeys(mask(n) for n in found.nirs))
