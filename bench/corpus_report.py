@@ -25,7 +25,7 @@ from gateway import config  # noqa: E402
 from gateway.cli import to_crlf  # noqa: E402
 from gateway.message import Inbound  # noqa: E402
 from gateway.service import build_runtime  # noqa: E402
-from gateway.verdict import Action  # noqa: E402
+from gateway.symbols import Action  # noqa: E402
 from tests.support.dnsserver import ThreadedDnsServer  # noqa: E402
 
 CORPUS = HERE.parent.parent / "shared" / "corpus"

@@ -250,15 +250,17 @@ def main() -> None:
                          "--web-listen", "" if args.no_web else f"127.0.0.1:{free_port()}"], g,
                         None))
         if args.compare:
-            # The other revision's gateway, from its own worktree (its own defaults: the
-            # per-client limit did not exist before that revision or is given by its config).
+            # The other revision's gateway, from its own worktree.
             tree = Path(tempfile.mkdtemp(prefix="gw-compare-")) / "tree"
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "-f", str(tree),
                             args.compare], check=True)
             c = free_port()
             other = data_dir / "compare"
+            # Its config, when it knows the per-client limit (else its default is no limit).
+            limits = (["--config", str(conf)] if "max_transactions_per_client" in
+                      (tree / "gateway" / "config.py").read_text() else [])
             systems.append((f"gateway @ {args.compare} (workers={args.workers or os.cpu_count()})",
-                            [sys.executable, "-m", "gateway", "serve", "--listen",
+                            [sys.executable, "-m", "gateway", "serve", *limits, "--listen",
                              f"127.0.0.1:{c}", "--next-hop", f"127.0.0.1:{sink_port}",
                              "--domain", "corp.example", "--data-dir", str(other), "--workers",
                              str(args.workers), "--dns", dns_server.address, "--web-listen",

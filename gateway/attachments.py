@@ -73,6 +73,7 @@ class Finding:
     symbol: str
     name: str  # the file it is about ("facture.pdf", "archive.zip/payload.exe")
     detail: str = ""
+    rule: str = ""  # the YARA rule that matched
 
 
 @dataclass(slots=True)
@@ -83,10 +84,11 @@ class _Scan:
     seen: set[tuple[str, str]] = field(default_factory=set)
     budget_bytes: int = 0
 
-    def add(self, symbol: str, name: str, detail: str = "") -> None:
+    def add(self, symbol: str, name: str, detail: str = "", rule: str = "") -> None:
         if (symbol, name) not in self.seen:
             self.seen.add((symbol, name))
-            self.findings.append(Finding(symbol=symbol, name=name, detail=detail[:200]))
+            self.findings.append(Finding(symbol=symbol, name=name, detail=detail[:200],
+                                         rule=rule))
 
 
 def analyse_job(raw: bytes, parsed: ParsedMessage, policy: Policy) -> list[Finding]:
@@ -157,7 +159,7 @@ def _file(scan: _Scan, name: str, data: bytes, declared: str, *, depth: int,
 def _yara(scan: _Scan, data: bytes, name: str) -> None:
     assert scan.yara is not None
     for match in scan.yara.scan(data):
-        scan.add(match.symbol, name, match.rule)
+        scan.add(match.symbol, name, match.rule, rule=match.rule)
 
 
 # ---- archives ------------------------------------------------------------------------------

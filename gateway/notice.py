@@ -24,28 +24,22 @@ from email.utils import formatdate, make_msgid
 
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
-from gateway.message import Direction, Inbound
+from gateway.message import Inbound
 from gateway.relay import NextHop, deliver
-from gateway.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
-HOLD = "OUTBOUND_HEALTH_CLEARTEXT_HOLD"
-WARN = "OUTBOUND_HEALTH_CLEARTEXT_WARN"
-# Findings reported to the sender, in this order (descriptions from rules/symbols.toml).
-FINDINGS = ("OUTBOUND_NIR", "OUTBOUND_PATIENT_ADDRESS", "OUTBOUND_HEALTH_DOCUMENT",
-            "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_ENCRYPTED_ARCHIVE", "OUTBOUND_CLEARTEXT_SESSION",
-            "OUTBOUND_CLEARTEXT_RELAY")
 
 
-def build(cfg: Config, inbound: Inbound, subject: str, verdict: Verdict, *, held: bool,
+def build(cfg: Config, inbound: Inbound, subject: str, *, findings: tuple[str, ...], held: bool,
           exposed: tuple[str, ...], reference: str, release_url: str = "",
           delivered_to: tuple[str, ...] = ()) -> bytes:
     """The notice as wire bytes (CRLF). `exposed`: the recipients the outbound guard found the
-    health data would reach in clear."""
+    health data would reach in clear; `findings`: the French explanations of the symbols the
+    table lists in notices (`notice = "list"`)."""
     domain = inbound.mail_from.rpartition("@")[2] or sorted(cfg.domains)[0]
     clear = [r for r in exposed if r not in delivered_to]
-    found = [s.description for name in FINDINGS for s in verdict.symbols if s.name == name]
+    found = list(findings)
     when = time.strftime("%d/%m/%Y à %H:%M", time.localtime(inbound.received_at))
     lines = [
         "Bonjour,",
@@ -118,19 +112,18 @@ class Notifier:
         self._release_url = release_url
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def after(self, inbound: Inbound, verdict: Verdict, subject: str, *,
+    def after(self, inbound: Inbound, subject: str, *, findings: tuple[str, ...],
               exposed: tuple[str, ...], delivered: bool, quarantine_id: str | None,
               delivered_to: tuple[str, ...] = ()) -> None:
-        if not self._cfg.outbound.notify_sender or inbound.direction is not Direction.OUTBOUND:
-            return
-        names = {s.name for s in verdict.symbols}
-        held = HOLD in names and quarantine_id is not None
-        warned = WARN in names and delivered
-        if not (held or warned) or "@" not in inbound.mail_from:
+        """A notice for a message whose chain has the NOTICE step and whose verdict has a
+        symbol asking for one (`notice = "send"`): held, or sent without protection."""
+        held = quarantine_id is not None
+        if not self._cfg.outbound.notify_sender or not (held or delivered) \
+                or "@" not in inbound.mail_from:
             return
         reference = quarantine_id or inbound.queue_id
         url = self._release_url(reference, inbound.mail_from) if held and self._release_url else ""
-        raw = build(self._cfg, inbound, subject, verdict, held=held, exposed=exposed,
+        raw = build(self._cfg, inbound, subject, findings=findings, held=held, exposed=exposed,
                     reference=reference, release_url=url, delivered_to=delivered_to)
         task = asyncio.get_running_loop().create_task(self._send(inbound.mail_from, raw, reference))
         self._tasks.add(task)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
-from gateway import banner, headers
+from gateway import banner, chains, headers, replies
 from gateway.auth import (
     ArcFacts,
     AuthResult,
@@ -26,6 +26,7 @@ from gateway.auth import (
     SpfFacts,
     Unavailable,
 )
+from gateway.chains import Step
 from gateway.checks.base import Check, CheckContext, CheckResult, Hit, runner_symbols
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
@@ -33,9 +34,10 @@ from gateway.logs import log_message
 from gateway.message import Direction, Inbound, ParsedMessage, parse_message
 from gateway.notice import Notifier
 from gateway.relay import Transaction
+from gateway.replies import Reply
 from gateway.senders import fold
-from gateway.symbols import SymbolTable
-from gateway.verdict import Action, Verdict, decide
+from gateway.symbols import Action, SymbolTable
+from gateway.verdict import Verdict, decide
 from gateway.workers import Workers
 from quarantine.store import NewItem, Store, SymbolRecord
 
@@ -71,6 +73,7 @@ class Outcome:
     delivered_to: tuple[str, ...] = ()  # quarantined for some recipients, delivered to these
     downstream_code: int | None = None
     downstream_text: str = ""
+    reply: Reply | None = None  # what the client is told (a next hop's 5xx: its own reply)
 
 
 class Pipeline:
@@ -113,7 +116,8 @@ class Pipeline:
             result = CheckResult.of("pipeline", Hit(symbol="MESSAGE_UNPARSABLE",
                                                     detail="parser raised"))
             return Analysis(parsed=None, results=(result,),
-                            verdict=decide([result], self._table, self._cfg.scoring))
+                            verdict=decide([result], self._table, self._cfg.scoring,
+                                           inbound.direction))
         durations["parse"] = time.perf_counter() - t0
         results: list[CheckResult] = []
         # Phase-2 checks may look up what they will need while phase 1 runs (DMARC's record
@@ -135,7 +139,7 @@ class Pipeline:
             task.cancel()
         for r in results:
             durations[r.check] = r.duration_s
-        verdict = decide(results, self._table, self._cfg.scoring)
+        verdict = decide(results, self._table, self._cfg.scoring, inbound.direction)
         return Analysis(parsed=parsed, results=tuple(results), verdict=verdict,
                         durations=durations)
 
@@ -176,52 +180,86 @@ class Pipeline:
         except ScanTimeout as exc:
             txn.abort()
             log.warning("scan timeout: %s", exc)
-            outcome = Outcome(kind=OutcomeKind.TEMPFAIL_SCAN)
+            outcome = Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, reply=replies.TEMPFAIL_SCAN)
             log_message(inbound, outcome, time.perf_counter() - started)
             return outcome
-        outcome = await self._act(inbound, analysis, txn)
+        decision = chains.plan(inbound.direction, analysis.verdict, self._table,
+                               self._cfg.scoring.quarantine)
+        outcome = await self._act(inbound, analysis, txn, decision)
         log_message(inbound, outcome, time.perf_counter() - started)
         self._count(inbound, outcome)
-        if self._notifier is not None:
+        if Step.NOTICE in decision.chain and self._notifier is not None:
+            send, findings = chains.notice_symbols(analysis.verdict, self._table)
             facts = _outbound_facts(analysis)
-            self._notifier.after(inbound, analysis.verdict,
-                                 analysis.parsed.subject if analysis.parsed else "",
-                                 exposed=facts.exposed if facts else (),
-                                 delivered=outcome.kind is OutcomeKind.DELIVERED,
-                                 quarantine_id=outcome.quarantine_id,
-                                 delivered_to=outcome.delivered_to)
+            if send:
+                self._notifier.after(
+                    inbound, analysis.parsed.subject if analysis.parsed else "",
+                    findings=findings, exposed=facts.exposed if facts else (),
+                    delivered=outcome.kind is OutcomeKind.DELIVERED,
+                    quarantine_id=outcome.quarantine_id, delivered_to=outcome.delivered_to)
         return outcome
 
-    async def _act(self, inbound: Inbound, analysis: Analysis, txn: Transaction) -> Outcome:
-        verdict = analysis.verdict
-        action = verdict.action
-        if action in (Action.ACCEPT, Action.TAG):
-            raw: bytes = inbound.raw
-            extra: tuple[tuple[str, str], ...] = ()
-            warning = self._warning_for(inbound, analysis)
-            if warning is not None and analysis.parsed is not None:
-                result = await self._with_banner(inbound.raw, analysis.parsed, warning)
-                raw, extra = result.raw, result.fields
-            try:
-                await txn.send(self.result_headers(inbound, analysis, extra),
-                               headers.strip_own_headers(raw, self._cfg.authserv_id))
-            except DownstreamUnavailable as exc:
-                log.warning("next hop unavailable: %s", exc)
-                return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis)
-            except DownstreamRejected as exc:
+    async def _act(self, inbound: Inbound, analysis: Analysis, txn: Transaction,
+                   decision: chains.Decision) -> Outcome:
+        """Run the decision's chain: store (all recipients, or the exposed ones), then
+        deliver (to all, or to the others), each failure answered as its own tempfail."""
+        chain = decision.chain
+        if Step.STORE not in chain and Step.DELIVER not in chain:
+            txn.abort()
+            kind = (OutcomeKind.REJECTED if decision.plan is chains.Plan.REJECT
+                    else OutcomeKind.TEMPFAIL_SCAN)
+            return Outcome(kind=kind, analysis=analysis, reply=decision.reply)
+        verdict_headers = Step.VERDICT_HEADERS in chain
+        held: Outcome | None = None
+        recipients = inbound.rcpts
+        if Step.STORE in chain:
+            stored = inbound
+            if decision.plan is chains.Plan.PARTIAL_HOLD:
+                facts = _outbound_facts(analysis)
+                exposed = set(facts.exposed) if facts else set(inbound.rcpts)
+                recipients = tuple(r for r in inbound.rcpts if r not in exposed)
+                stored = dataclasses.replace(inbound, rcpts=tuple(
+                    r for r in inbound.rcpts if r in exposed))
+            held = await self._quarantine(stored, analysis, verdict_headers)
+            if held.quarantine_id is None or Step.DELIVER not in chain or not recipients:
+                txn.abort()
+                return dataclasses.replace(held, reply=(
+                    decision.reply if held.kind is OutcomeKind.QUARANTINED
+                    else replies.TEMPFAIL_QUARANTINE))
+            txn.restrict(list(recipients))
+        raw: bytes = inbound.raw
+        extra: tuple[tuple[str, str], ...] = ()
+        warning = self._warning_for(analysis) if Step.BANNER in chain else None
+        if warning is not None and analysis.parsed is not None:
+            result = await self._with_banner(inbound.raw, analysis.parsed, warning)
+            raw, extra = result.raw, result.fields
+        try:
+            await txn.send(self.result_headers(inbound, analysis, extra,
+                                               verdict=verdict_headers),
+                           headers.strip_own_headers(raw, self._cfg.authserv_id))
+        except (DownstreamUnavailable, DownstreamRejected) as exc:
+            if held is not None:  # the sender retries the whole message: withdraw the copy
+                await self._withdraw(held, exc)
+                return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis,
+                               reply=replies.TEMPFAIL_DOWNSTREAM)
+            if isinstance(exc, DownstreamRejected):
                 return Outcome(kind=OutcomeKind.DOWNSTREAM_REJECTED, analysis=analysis,
                                downstream_code=exc.code, downstream_text=exc.text)
-            return Outcome(kind=OutcomeKind.DELIVERED, analysis=analysis)
-        if action is Action.QUARANTINE:
-            secure = self._secure_share(inbound, analysis)
-            if secure:
-                return await self._partial_hold(inbound, analysis, txn, secure)
-            txn.abort()
-            return await self._quarantine(inbound, analysis)
-        txn.abort()
-        if action is Action.REJECT:
-            return Outcome(kind=OutcomeKind.REJECTED, analysis=analysis)
-        return Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, analysis=analysis)
+            log.warning("next hop unavailable: %s", exc)
+            return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis,
+                           reply=replies.TEMPFAIL_DOWNSTREAM)
+        if held is not None:
+            return dataclasses.replace(held, delivered_to=recipients, reply=decision.reply)
+        return Outcome(kind=OutcomeKind.DELIVERED, analysis=analysis, reply=decision.reply)
+
+    async def _withdraw(self, held: Outcome, exc: Exception) -> None:
+        log.warning("delivery to the other recipients failed; held copy withdrawn: %s", exc)
+        assert self._store is not None and held.quarantine_id is not None
+        try:
+            await self._store.delete(held.quarantine_id, by="system:retry")
+        except Exception:  # noqa: BLE001 - the sender retries either way; say what is left
+            log.exception("held copy %s not withdrawn: the retry will hold a second one",
+                          held.quarantine_id)
 
     # ---- statistics -------------------------------------------------------------------
 
@@ -251,48 +289,8 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - statistics must never disturb mail
             log.exception("statistics not saved")
 
-    def _secure_share(self, inbound: Inbound, analysis: Analysis) -> list[str]:
-        """Outbound mail held only because health data would reach some recipients in clear:
-        the others (MSSanté), who may have it untouched. Empty when anything else holds it."""
-        verdict = analysis.verdict
-        if inbound.direction is not Direction.OUTBOUND or \
-                verdict.score >= self._cfg.scoring.quarantine:
-            return []
-        forcing = {s.name for s in verdict.symbols
-                   if (sym := self._table.symbols.get(s.name)) is not None
-                   and sym.action is not None and sym.action.severity >= Action.TEMPFAIL.severity}
-        if forcing != {"OUTBOUND_HEALTH_CLEARTEXT_HOLD"}:
-            return []
-        facts = _outbound_facts(analysis)
-        if facts is None or not facts.exposed:
-            return []
-        return [r for r in inbound.rcpts if r not in facts.exposed]
-
-    async def _partial_hold(self, inbound: Inbound, analysis: Analysis, txn: Transaction,
-                            secure: list[str]) -> Outcome:
-        """Hold the copy of the recipients in clear, then deliver to the secure ones. If that
-        delivery fails, the held copy is withdrawn and the sender retries the whole message."""
-        clear = tuple(r for r in inbound.rcpts if r not in secure)
-        held = await self._quarantine(dataclasses.replace(inbound, rcpts=clear), analysis)
-        if held.kind is not OutcomeKind.QUARANTINED or held.quarantine_id is None:
-            txn.abort()
-            return held
-        txn.restrict(secure)
-        try:
-            await txn.send(self.result_headers(inbound, analysis),
-                           headers.strip_own_headers(inbound.raw, self._cfg.authserv_id))
-        except (DownstreamUnavailable, DownstreamRejected) as exc:
-            log.warning("delivery to the secure recipients failed; held copy withdrawn: %s", exc)
-            assert self._store is not None
-            try:
-                await self._store.delete(held.quarantine_id, by="system:retry")
-            except Exception:  # noqa: BLE001 - the sender retries either way; say what is left
-                log.exception("held copy %s not withdrawn: the retry will hold a second one",
-                              held.quarantine_id)
-            return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis)
-        return dataclasses.replace(held, delivered_to=tuple(secure))
-
-    async def _quarantine(self, inbound: Inbound, analysis: Analysis) -> Outcome:
+    async def _quarantine(self, inbound: Inbound, analysis: Analysis,
+                          verdict_headers: bool) -> Outcome:
         if self._store is None:
             return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)
         verdict = analysis.verdict
@@ -300,14 +298,14 @@ class Pipeline:
         new = NewItem(
             queue_id=inbound.queue_id, received_at=inbound.received_at,
             direction=inbound.direction.value, action=verdict.action.value, score=verdict.score,
-            symbols=tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail,
+            symbols=tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail, args=s.args,
                                        description=s.description) for s in verdict.symbols),
             mail_from=inbound.mail_from, rcpts=inbound.rcpts,
             subject=parsed.subject if parsed else "",
             from_header=(parsed.header("From") or "") if parsed else "",
             client_ip=inbound.peer_ip, helo=inbound.helo)
         try:
-            raw = (self.result_headers(inbound, analysis)
+            raw = (self.result_headers(inbound, analysis, verdict=verdict_headers)
                    + headers.strip_own_headers(inbound.raw, self._cfg.authserv_id))
             item_id = await self._store.put(new, raw)
         except Exception:  # noqa: BLE001 - disk full, permissions: the sender must retry
@@ -316,30 +314,28 @@ class Pipeline:
         return Outcome(kind=OutcomeKind.QUARANTINED, analysis=analysis, quarantine_id=item_id)
 
     def result_headers(self, inbound: Inbound, analysis: Analysis,
-                       extra: Sequence[tuple[str, str]] = ()) -> bytes:
-        """Our trace and result header fields, put in front of the message (whose own copies
-        are removed: they are forged). Mail the practice sends out gets the trace only: the
-        verdict is the practice's business, not its correspondents'."""
-        verdict = analysis.verdict
-        if inbound.direction is Direction.OUTBOUND:
-            return headers.encode_fields([("Received", self._received(inbound)), *extra])
-        fields = [
-            ("Received", self._received(inbound)),
-            ("Authentication-Results", authentication_results(
-                self._cfg.authserv_id, analysis.results, inbound)),
-            ("X-Gateway-Action", verdict.action.value),
-            ("X-Gateway-Score", f"{verdict.score:g}"),
-        ]
-        if verdict.symbols:
-            fields.append(("X-Gateway-Symbols", verdict.symbols_header()))
+                       extra: Sequence[tuple[str, str]] = (), *, verdict: bool) -> bytes:
+        """Our header fields, put in front of the message (whose own copies are removed: they
+        are forged): the trace, and with `verdict` (the chain's VERDICT_HEADERS step) the
+        authentication results and our verdict."""
+        fields = [("Received", self._received(inbound))]
+        if verdict:
+            v = analysis.verdict
+            fields += [
+                ("Authentication-Results", authentication_results(
+                    self._cfg.authserv_id, analysis.results, inbound)),
+                ("X-Gateway-Action", v.action.value),
+                ("X-Gateway-Score", f"{v.score:g}"),
+            ]
+            if v.symbols:
+                fields.append(("X-Gateway-Symbols", v.symbols_header()))
         fields.extend(extra)
         return headers.encode_fields(fields)
 
     # ---- banners ----------------------------------------------------------------------
 
-    def _warning_for(self, inbound: Inbound, analysis: Analysis) -> banner.Warning | None:
-        # Banners warn the practice's readers; mail the practice sends is never marked.
-        if not self._cfg.banner.enabled or inbound.direction is Direction.OUTBOUND:
+    def _warning_for(self, analysis: Analysis) -> banner.Warning | None:
+        if not self._cfg.banner.enabled:
             return None
         verdict = analysis.verdict
         if verdict.action is Action.TAG:

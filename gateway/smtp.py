@@ -481,7 +481,7 @@ class Handler:
                 tls=session.ssl is not None, direction=self._direction,
                 auth_user=session.auth_user, next_hop_tls=txn.tls)
             outcome = await self._pipeline.process(inbound, txn)
-            return reply_for(outcome, queue_id, self._direction)
+            return reply_for(outcome, queue_id)
         finally:
             txn.abort()
             queue_id_var.reset(token)
@@ -578,31 +578,13 @@ def _peer(session: Session) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
-def reply_for(outcome: Outcome, queue_id: str,
-              direction: Direction = Direction.INBOUND) -> str:
-    kind = outcome.kind
-    if kind is OutcomeKind.DELIVERED:
-        return f"{replies.DELIVERED} id={queue_id}"
-    if kind is OutcomeKind.QUARANTINED and outcome.delivered_to:
-        return f"{replies.PARTLY_HELD} id={queue_id}"
-    if kind is OutcomeKind.QUARANTINED:
-        return f"{replies.QUARANTINED} id={queue_id}"
-    if kind is OutcomeKind.REJECTED:
-        names = {s.name for s in outcome.analysis.verdict.symbols} if outcome.analysis else set()
-        if "DMARC_POLICY_REJECT" in names:
-            return str(replies.DMARC_REJECT)
-        if "OUTBOUND_HEALTH_CLEARTEXT_REJECT" in names:
-            return str(replies.HEALTH_DATA_REJECT)
-        if direction is Direction.OUTBOUND:
-            return str(replies.OUTBOUND_POLICY_REJECT)
-        return str(replies.POLICY_REJECT)
-    if kind is OutcomeKind.DOWNSTREAM_REJECTED:
+def reply_for(outcome: Outcome, queue_id: str) -> str:
+    """The reply the outcome's chain chose (a next hop's refusal: its own), with our queue id
+    on a 250 so that a sender's report can be traced."""
+    if outcome.kind is OutcomeKind.DOWNSTREAM_REJECTED:
         return replies.downstream_reply(outcome.downstream_code or 550, outcome.downstream_text)
-    if kind is OutcomeKind.TEMPFAIL_DOWNSTREAM:
-        return str(replies.TEMPFAIL_DOWNSTREAM)
-    if kind is OutcomeKind.TEMPFAIL_QUARANTINE:
-        return str(replies.TEMPFAIL_QUARANTINE)
-    return str(replies.TEMPFAIL_SCAN)
+    reply = outcome.reply or replies.TEMPFAIL_SCAN
+    return f"{reply} id={queue_id}" if reply.code == 250 else str(reply)
 
 
 class SubmissionSMTP(GatewaySMTP):

@@ -12,17 +12,42 @@ Failure is a declared contract: the symbols the runner emits when a check does n
 * "open": the message is judged on the other checks; errors only, never a timeout.
 
 A table where one of them lacks `fail` is refused at start-up.
+
+What is done with the message is the chain of its direction and action (gateway/chains.py);
+a symbol may refine it here, never in code: `reply` (the name of the reply in
+gateway/replies.py sent when it decides the action), `hold = "exposed"` (held only for the
+recipients a check found exposed, sent to the others), `notice = "send"` (the sender gets a
+French notice) or `notice = "list"` (its explanation is listed in that notice);
+`direction` keeps a symbol for mail going one way.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import replies
 from gateway.config import read_toml
 from gateway.errors import ConfigError
-from gateway.verdict import Action
+
+
+class Action(enum.Enum):
+    """What a message's score or a symbol's forced action leads to, least severe first."""
+
+    ACCEPT = "accept"
+    TAG = "tag"
+    TEMPFAIL = "tempfail"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+
+    @property
+    def severity(self) -> int:
+        return _SEVERITY[self]
+
+
+_SEVERITY = {a: i for i, a in enumerate(Action)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +58,10 @@ class Symbol:
     description: str  # French
     action: Action | None = None  # forced minimum action
     fail: str = ""  # runner symbols: "retry", "closed" or "open" (gives the action)
+    reply: str = ""  # a name in gateway/replies.py: the reply when this symbol decides
+    hold: str = ""  # "exposed": held only for the exposed recipients
+    notice: str = ""  # "send": the sender gets a notice; "list": listed in it
+    direction: str = ""  # "inbound" or "outbound": counts only for mail going that way
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,7 +76,11 @@ class SymbolTable:
         return name in self.symbols
 
 
-_SYMBOL_KEYS = {"group", "score", "description", "action", "fail"}
+_SYMBOL_KEYS = {"group", "score", "description", "action", "fail", "reply", "hold", "notice",
+                "direction"}
+_CHOICES = {"hold": ("exposed",), "notice": ("send", "list"),
+            "direction": ("inbound", "outbound")}
+_REPLY_CLASS = {Action.REJECT: 5, Action.TEMPFAIL: 4}
 FAIL_ACTIONS = {"retry": Action.TEMPFAIL, "closed": Action.QUARANTINE, "open": None}
 
 
@@ -91,9 +124,24 @@ def load_table(path: Path) -> SymbolTable:
             except ValueError:
                 problems.append(f"{where}.action: one of {', '.join(a.value for a in Action)}")
                 continue
+        refine = {k: spec.get(k, "") for k in ("reply", "hold", "notice", "direction")}
+        if refine["reply"]:
+            reply = getattr(replies, str(refine["reply"]), None)
+            wanted = _REPLY_CLASS.get(action) if action is not None else None
+            if not isinstance(reply, replies.Reply) or wanted is None \
+                    or reply.code // 100 != wanted:
+                problems.append(f"{where}.reply: a {wanted or '4 or 5'}xx reply of "
+                                "gateway/replies.py, with action reject (5xx) or tempfail (4xx)")
+                continue
+        bad = [k for k, values in _CHOICES.items() if refine[k] and refine[k] not in values]
+        if bad:
+            problems.append(f"{where}.{bad[0]}: one of {', '.join(_CHOICES[bad[0]])}")
+            continue
         symbols[name] = Symbol(
             name=name, group=str(spec.get("group", "misc")), score=float(spec["score"]),
-            description=spec["description"].strip(), action=action, fail=fail)
+            description=spec["description"].strip(), action=action, fail=fail,
+            reply=str(refine["reply"]), hold=str(refine["hold"]), notice=str(refine["notice"]),
+            direction=str(refine["direction"]))
     if set(data) - {"symbols"}:
         problems.append(f"{path}: unknown top-level key(s) {', '.join(sorted(set(data) - {'symbols'}))}")
     if problems:

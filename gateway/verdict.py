@@ -8,30 +8,13 @@ anyway, goes to quarantine rather than back to the sender).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gateway.checks.base import CheckResult
-    from gateway.config import ScoringSection
-    from gateway.symbols import SymbolTable
-
-
-class Action(enum.Enum):
-    ACCEPT = "accept"
-    TAG = "tag"
-    TEMPFAIL = "tempfail"
-    QUARANTINE = "quarantine"
-    REJECT = "reject"
-
-    @property
-    def severity(self) -> int:
-        return _SEVERITY[self]
-
-
-_SEVERITY = {a: i for i, a in enumerate(Action)}
+from gateway.checks.base import CheckResult
+from gateway.config import ScoringSection
+from gateway.message import Direction
+from gateway.symbols import Action, SymbolTable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +23,7 @@ class ScoredSymbol:
     score: float  # after the factor, before group caps
     description: str  # French
     detail: str
+    args: tuple[tuple[str, str], ...] = ()  # the hit's values (file, rule...) for the pages
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,18 +56,23 @@ def fill(description: str, args: dict[str, str]) -> str:
     return text
 
 
-def decide(results: Iterable[CheckResult], table: SymbolTable, scoring: ScoringSection) -> Verdict:
+def decide(results: Iterable[CheckResult], table: SymbolTable, scoring: ScoringSection,
+           direction: Direction = Direction.INBOUND) -> Verdict:
+    """The verdict; a symbol the table keeps for one direction (`direction`) counts only for
+    mail going that way."""
     by_group: dict[str, float] = {}
     scored: list[ScoredSymbol] = []
     forced = Action.ACCEPT
     for result in results:
         for hit in result.hits:
             sym = table[hit.symbol]
+            if sym.direction and sym.direction != direction.value:
+                continue
             value = round(sym.score * hit.factor, 3)
             by_group[sym.group] = by_group.get(sym.group, 0.0) + value
             scored.append(ScoredSymbol(name=sym.name, score=value,
                                        description=fill(sym.description, dict(hit.args)),
-                                       detail=hit.detail))
+                                       detail=hit.detail, args=hit.args))
             if sym.action is not None and sym.action.severity > forced.severity:
                 forced = sym.action
     total = 0.0

@@ -75,6 +75,7 @@ class SymbolRecord:
     score: float
     detail: str
     description: str = ""  # French, as shown when the message was held
+    args: tuple[tuple[str, str], ...] = ()  # the finding's values: file, YARA rule...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,7 +331,7 @@ class Store:
     def _insert(self, item: Item) -> None:
         # Symbol details can name the sender's domain or a file name: sealed with the rest.
         personal = {k: getattr(item, k) for k in _PERSONAL}
-        personal["details"] = [[s.detail, s.description] for s in item.symbols]
+        personal["details"] = [[s.detail, s.description, s.args] for s in item.symbols]
         sealed = self._sealer.seal(json.dumps(personal, ensure_ascii=False).encode(),
                                    record_id=item.id, purpose=_META)
         symbols = json.dumps([{"name": s.name, "score": s.score} for s in item.symbols])
@@ -400,8 +401,9 @@ class Store:
         personal = json.loads(self._sealer.open(sealed, record_id=item_id, purpose=_META))
         personal["rcpts"] = tuple(personal["rcpts"])
         details = personal.pop("details")
-        symbols_ = tuple(SymbolRecord(name=s["name"], score=s["score"], detail=d, description=t)
-                         for s, (d, t) in zip(json.loads(symbols), details, strict=True))
+        symbols_ = tuple(SymbolRecord(name=s["name"], score=s["score"], detail=d[0],
+                                      description=d[1], args=_pairs(d[2:]))
+                         for s, d in zip(json.loads(symbols), details, strict=True))
         return Item(id=item_id, received_at=received_at, direction=direction, action=action,
                     score=score, symbols=symbols_,
                     state=state, size=size, state_changed_at=changed_at, state_by=changed_by,
@@ -413,7 +415,8 @@ class Store:
         (n,) = struct.unpack(">I", plain[:4])
         data = json.loads(plain[4:4 + n])
         data["rcpts"] = tuple(data["rcpts"])
-        data["symbols"] = tuple(SymbolRecord(**s) for s in data["symbols"])
+        data["symbols"] = tuple(SymbolRecord(**{**s, "args": _pairs([s.get("args", [])])})
+                                for s in data["symbols"])
         return Item(**data), plain[4 + n:]
 
     async def search(self, filters: Filters, *, limit: int = 50,
@@ -608,3 +611,8 @@ def _to_json(item: Item) -> dict[str, Any]:
     data = asdict(item)
     data["rcpts"] = list(item.rcpts)
     return data
+
+
+def _pairs(stored: Sequence[Any]) -> tuple[tuple[str, str], ...]:
+    """A finding's values as read back from JSON ([[k, v], ...]; absent in older records)."""
+    return tuple((str(k), str(v)) for k, v in stored[0]) if stored else ()

@@ -15,7 +15,7 @@ import pytest
 from gateway.cli import to_crlf
 from gateway.message import Inbound
 from gateway.service import Runtime, build_runtime
-from gateway.verdict import Action
+from gateway.symbols import Action
 from gateway.yara_rules import compile_rules
 from tests.conftest import CORPUS, DOMAIN, make_config
 from tests.support.ole import word_document_with_macro

@@ -18,7 +18,7 @@ import pytest
 from gateway.cli import to_crlf
 from gateway.message import Inbound
 from gateway.service import Runtime, build_runtime, running
-from gateway.verdict import Action
+from gateway.symbols import Action
 from tests.conftest import DNS, DOMAIN, make_config
 from tests.support.dnsserver import ThreadedDnsServer
 from tests.support.keys import dkim_keypair

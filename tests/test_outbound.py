@@ -17,7 +17,7 @@ from gateway.cli import to_crlf
 from gateway.health_data import find_nirs, mask, valid_nir
 from gateway.message import Direction, Inbound
 from gateway.service import Runtime, build_runtime
-from gateway.verdict import Action
+from gateway.symbols import Action
 from tests.conftest import DNS, DOMAIN, make_config
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from gateway.checks.base import CheckResult, Hit
 from gateway.config import DEFAULT_RULES_DIR, ScoringSection
-from gateway.symbols import load_table
-from gateway.verdict import Action, decide
+from gateway.symbols import Action, load_table
+from gateway.verdict import decide
 
 TABLE = load_table(DEFAULT_RULES_DIR / "symbols.toml")
 SCORING = ScoringSection(tag=2.0, quarantine=4.0, reject=8.0)

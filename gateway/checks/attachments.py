@@ -10,7 +10,7 @@ from typing import ClassVar
 from gateway.attachments import YARA, Policy, analyse_job
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.errors import ConfigError
-from gateway.message import Direction, ParsedMessage
+from gateway.message import ParsedMessage
 from gateway.symbols import Symbol, rule_symbol
 from gateway.yara_rules import YaraRules, compile_rules
 
@@ -70,16 +70,11 @@ class AttachmentsCheck:
         # limit (ATTACHMENTS_TIMEOUT: the message is held), and the process replaced.
         findings = await self._workers.run_killable(analyse_job, ctx.inbound.raw, msg,
                                                     self._policy, limit_s=self._limit_s)
-        if ctx.inbound.direction is Direction.OUTBOUND:
-            # An encrypted archive is suspect coming in (scanners cannot look inside), but
-            # going out it is what the outbound guard recommends for health documents.
-            findings = [f for f in findings if f.symbol not in OUTBOUND_EXEMPT]
         return CheckResult(check=self.name, hits=tuple(
             Hit(symbol=f.symbol, detail=f"{f.name}: {f.detail}".strip(": ")[:200],
-                args=(("name", f.name.rsplit("/", 1)[-1] or f.name), ("file", f.name)))
+                args=(("name", f.name.rsplit("/", 1)[-1] or f.name), ("file", f.name),
+                      *((("rule", f.rule),) if f.rule else ())))
             for f in findings))
 
-
-OUTBOUND_EXEMPT = frozenset({"ATTACH_ENCRYPTED_ARCHIVE"})
 
 CHECKS = (AttachmentsCheck,)

@@ -582,13 +582,13 @@ def _label(description: str, width: int = 80) -> str:
 
 
 def _yara_rules(item: Item, name: str) -> list[str]:
-    """The YARA rules that matched this attachment (or a file inside it), from the symbols the
-    analysis stored: their detail reads `name: rule` or `name/member: rule`."""
+    """The YARA rules that matched this attachment (or a file inside it, `name/member`), from
+    the values the analysis stored with each finding."""
     out = []
     for s in item.symbols:
-        where, _, rule = s.detail.partition(": ")
-        if s.name.startswith("YARA_") and rule and (where == name or
-                                                    where.startswith(name + "/")):
+        args = dict(s.args)
+        where, rule = args.get("file", ""), args.get("rule", "")
+        if rule and (where == name or where.startswith(name + "/")):
             out.append(rule)
     return list(dict.fromkeys(out))
 
