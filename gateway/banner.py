@@ -129,8 +129,10 @@ def load_templates(path: Path) -> Templates:
 
 def apply(raw: bytes, parsed: ParsedMessage, warning: Warning, tpl: Templates,
           mark: str) -> Result:
-    """Subject tag, and the banner in every readable part (unless the body must not change)."""
-    protected = _is_protected(raw, parsed, tpl)
+    """Subject tag, and the banner in every readable part (unless the body must not change,
+    or the structure was not read whole: what looked like a body may be the rest of a
+    header block, which a banner would corrupt)."""
+    protected = parsed.parts_truncated or _is_protected(raw, parsed, tpl)
     edits: list[tuple[int, int, bytes]] = []
     if not protected:
         for part in readable_parts(parsed):

@@ -17,13 +17,13 @@ OWN_PREFIX = b"x-gateway-"
 def fields(block: bytes) -> list[bytes]:
     """Split a header block into fields (each with its continuation lines and line ends);
     a trailing blank line, if any, is the last element."""
-    out: list[bytes] = []
+    out: list[list[bytes]] = []  # lines of each field, joined once (linear in the block)
     for line in block.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and out and out[-1].strip():
-            out[-1] += line
+        if line[:1] in (b" ", b"\t") and out and (len(out[-1]) > 1 or out[-1][0].strip()):
+            out[-1].append(line)
         else:
-            out.append(line)
-    return out
+            out.append([line])
+    return [b"".join(lines) for lines in out]
 
 
 def field_name(field: bytes) -> bytes:

@@ -140,3 +140,44 @@ def test_a_symbol_table_without_a_declared_failure_is_refused(tmp_path: Path):
                                   'score = 0.0\nfail = "open"'))
     with pytest.raises(ConfigError, match=r"symbols\.SPF_TIMEOUT: fail = \"retry\" or \"closed\""):
         load_rules(cfg, Workers())
+
+
+async def test_a_subject_of_200000_encoded_words_is_judged_not_retried(tmp_path: Path,
+                                                                       sink: Sink):
+    """The stdlib joins encoded words in quadratic time: this 4 MB Subject took 38 s to decode,
+    past the parse limit (451, and the sender's retry costs as much again). Only the first
+    16 KB of a field is decoded: the message is judged and delivered. Its header block is
+    longer than the MIME walk reads, so it is tagged: the warning goes in a header field, and
+    the rest of the message, which the walk could not tell from a body, is left as it was
+    (a banner there had re-encoded the end of the Subject as text)."""
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"})
+    subject = "\r\n ".join(["=?utf-8?q?caf=C3=A9?="] * 200_000)  # folded: 998-octet lines
+    raw = (f"From: Laboratoire <resultats@labo.example>\r\nTo: docteur@{DOMAIN}\r\n"
+           f"Subject: {subject}\r\nMessage-ID: <long@labo.example>\r\n"
+           "Date: Sat, 28 Nov 2026 10:00:00 +0100\r\n\r\nBonjour.\r\n").encode()
+    async with running(cfg) as gw:
+        code, reply = await _send(gw.port, raw)
+    assert code == 250 and "transmis" in reply
+    data = (await sink.get()).data
+    assert b"X-Gateway-Action: tag" in data and b"X-Gateway-Warning: " in data
+    start = raw.index(b"From: ")
+    tagged = raw[start:].replace(b"Subject: ", b"Subject: [SUSPECT] ", 1)
+    assert data.endswith(tagged)
+
+
+async def test_a_from_of_50000_domains_is_held_without_50000_lookups(tmp_path: Path, sink: Sink):
+    """Each From domain is a DMARC lookup (RFC 7489 6.6.1): 50,000 of them held the event
+    loop and the resolver for the whole message budget. Past five, the message is held."""
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"})
+    authors = ",\r\n ".join(f"<u{i}@x{i}.example>" for i in range(50_000))
+    raw = (f"From: {authors}\r\nTo: docteur@{DOMAIN}\r\nSubject: Bonjour\r\n"
+           "Message-ID: <many@x0.example>\r\nDate: Sat, 28 Nov 2026 10:00:00 +0100\r\n\r\n"
+           "Bonjour.\r\n").encode()
+    async with running(cfg) as gw:
+        code, reply = await _send(gw.port, raw)
+        store = gw.runtime.store
+        assert store is not None
+        (item,) = await store.list_items()
+    assert code == 250 and "quarantaine" in reply
+    assert "DMARC_TOO_MANY_FROM_DOMAINS" in {s.name for s in item.symbols}
+    assert sink.empty()
