@@ -102,13 +102,11 @@ def analyse(raw: bytes, parsed: ParsedMessage, policy: Policy,
     for part in parsed.parts:
         if part.is_multipart:
             continue
-        readable_body = part.content_type in ("text/plain", "text/html") and not part.filename \
-            and part.disposition != "attachment"
         data = decode_transfer(part.payload(raw), part.transfer_encoding)
         if data is None:
             continue
         name = part.filename or ""
-        if readable_body:
+        if part.is_body:
             if scan.yara is not None:
                 _yara(scan, data, name or f"part {part.path}")
             continue

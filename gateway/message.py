@@ -63,6 +63,12 @@ class Part:
     size: int  # payload bytes, still transfer-encoded
     smime_type: str | None = None  # application/pkcs7-mime: enveloped-data, signed-data...
 
+    @property
+    def is_body(self) -> bool:
+        """A text the mail client shows as the message itself (not a file)."""
+        return (self.content_type in ("text/plain", "text/html") and not self.filename
+                and self.disposition != "attachment")
+
     def payload(self, raw: bytes) -> bytes:
         """The payload as sent (transfer-encoded), from the message it was parsed from."""
         return b"".join(raw[a:b] for a, b in self.spans)
@@ -93,6 +99,11 @@ class ParsedMessage:
     def header_count(self, name: str) -> int:
         lname = name.lower()
         return sum(1 for n, _ in self.headers if n.lower() == lname)
+
+    @property
+    def has_files(self) -> bool:
+        """Leaf parts other than the bodies: attachments, inline files, unknown types."""
+        return any(not p.is_multipart and not p.is_body for p in self.parts)
 
     def header(self, name: str) -> str | None:
         lname = name.lower()

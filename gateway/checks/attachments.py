@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
-from gateway.attachments import YARA, Policy, analyse_job
+from gateway.attachments import YARA, Policy, analyse, analyse_job
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
 from gateway.errors import ConfigError
 from gateway.message import ParsedMessage
@@ -66,10 +66,14 @@ class AttachmentsCheck:
             self._workers.provide(YARA, new)
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
-        # In a worker process: an archive walk or a PDF that runs away is killed past the
-        # limit (ATTACHMENTS_TIMEOUT: the message is held), and the process replaced.
-        findings = await self._workers.run_killable(analyse_job, ctx.inbound.raw, msg,
-                                                    self._policy, limit_s=self._limit_s)
+        if msg.has_files:
+            # In a worker process: an archive walk or a PDF that runs away is killed past
+            # the limit (ATTACHMENTS_TIMEOUT: the message is held), and the process replaced.
+            findings = await self._workers.run_killable(analyse_job, ctx.inbound.raw, msg,
+                                                        self._policy, limit_s=self._limit_s)
+        else:  # the bodies only: YARA, bounded by its own timeout (a thread is enough)
+            findings = await self._workers.run(analyse, ctx.inbound.raw, msg, self._policy,
+                                               self.yara, limit_s=self._limit_s)
         return CheckResult(check=self.name, hits=tuple(
             Hit(symbol=f.symbol, detail=f"{f.name}: {f.detail}".strip(": ")[:200],
                 args=(("name", f.name.rsplit("/", 1)[-1] or f.name), ("file", f.name),

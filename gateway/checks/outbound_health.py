@@ -126,8 +126,10 @@ class OutboundHealthCheck:
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         inbound = ctx.inbound
-        # PDF and DOCX text in a worker process, killed past the limit (OUTBOUND_TIMEOUT: held).
-        found = await self._workers.run_killable(_scan, inbound.raw, msg, limit_s=self._limit_s)
+        # Documents (PDF, DOCX text) in a worker process, killed past the limit
+        # (OUTBOUND_TIMEOUT: held); the bodies alone in a thread.
+        run = self._workers.run_killable if msg.has_files else self._workers.run
+        found = await run(_scan, inbound.raw, msg, limit_s=self._limit_s)
         hits: list[Hit] = []
         if found.nirs:
             masked = ", ".join(dict.fromkeys(mask(n) for n in found.nirs))
