@@ -23,8 +23,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from gateway.errors import ConfigError
-from gateway.files import write_private
+from gateway.errors import ConfigError, Refused
+from quarantine.files import write_private
 
 _HASHER = PasswordHasher()
 # Verified against when the name is unknown, so that unknown and known names cost the same.
@@ -95,12 +95,12 @@ class AccountFile:
             addresses: tuple[str, ...] = ()) -> Account:
         key = normalise(name)
         if not key or any(c.isspace() for c in key):
-            raise ValueError("nom d'utilisateur vide ou contenant des espaces")
+            raise Refused("nom d'utilisateur vide ou contenant des espaces")
         if len(password) < MIN_PASSWORD:
-            raise ValueError(f"mot de passe trop court ({MIN_PASSWORD} caractères au moins)")
+            raise Refused(f"mot de passe trop court ({MIN_PASSWORD} caractères au moins)")
         accounts = dict(self.load())
         if key in accounts:
-            raise ValueError(f"l'utilisateur {key} existe déjà")
+            raise Refused(f"l'utilisateur {key} existe déjà")
         account = Account(name=key, password_hash=_HASHER.hash(password), role=role,
                           totp_secret=totp_secret, created_at=time.time(),
                           addresses=_addresses(addresses))
@@ -110,7 +110,7 @@ class AccountFile:
 
     def set_password(self, name: str, password: str) -> None:
         if len(password) < MIN_PASSWORD:
-            raise ValueError(f"mot de passe trop court ({MIN_PASSWORD} caractères au moins)")
+            raise Refused(f"mot de passe trop court ({MIN_PASSWORD} caractères au moins)")
         accounts = dict(self.load())
         key = normalise(name)
         if key not in accounts:
@@ -174,6 +174,6 @@ def _addresses(values: tuple[str, ...]) -> tuple[str, ...]:
         v = value.strip().lower()
         local, at, domain = v.rpartition("@")
         if not at or not domain or "." not in domain or any(c.isspace() for c in v):
-            raise ValueError(f"adresse invalide : {value!r} (adresse@domaine ou @domaine)")
+            raise Refused(f"adresse invalide : {value!r} (adresse@domaine ou @domaine)")
         out.append(v)
     return tuple(dict.fromkeys(out))

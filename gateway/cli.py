@@ -19,13 +19,13 @@ from gateway.accounts import AccountFile
 from gateway.authstate import AuthState
 from gateway.banner import load_templates
 from gateway.config import Config
-from gateway.errors import ConfigError, DownstreamRejected, DownstreamUnavailable
+from gateway.errors import ConfigError, DownstreamRejected, Refused, TemporaryError
 from gateway.message import Direction, Inbound, header_section_end
 from gateway.release import release
 from gateway.service import Runtime, build_runtime, load_rules, serve
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
-from quarantine.store import STATES, STATES_FR, Item, NotFound
+from quarantine.store import STATES, STATES_FR, Item, NotFound, NotQuarantined
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -192,7 +192,7 @@ def read_password(from_stdin: bool) -> str:
         return sys.stdin.readline().rstrip("\r\n")
     first = getpass.getpass("Mot de passe : ")
     if getpass.getpass("Mot de passe (encore) : ") != first:
-        raise ValueError("les deux mots de passe diffèrent")
+        raise Refused("les deux mots de passe diffèrent")
     return first
 
 
@@ -232,7 +232,7 @@ def _users(accounts: AccountFile, args: argparse.Namespace, **fields: Any) -> in
     except KeyError:
         print(f"Compte inconnu : {args.name}", file=sys.stderr)
         return 1
-    except ValueError as exc:
+    except Refused as exc:
         print(f"Impossible : {exc}", file=sys.stderr)
         return 1
 
@@ -379,11 +379,15 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
     if cmd == "release":
         try:
             item = await release(runtime, args.id, by=by)
-        except (DownstreamUnavailable, DownstreamRejected) as exc:
-            print(f"Remise impossible : {exc}", file=sys.stderr)
+        except NotQuarantined as exc:
+            print(f"Impossible : {exc.text_fr}.", file=sys.stderr)
             return 1
-        except ValueError as exc:
-            print(f"Impossible : {exc}", file=sys.stderr)
+        except DownstreamRejected as exc:
+            print(f"Remise refusée par le serveur de messagerie : {exc}", file=sys.stderr)
+            return 1
+        except TemporaryError as exc:  # next hop down, preparation out of time
+            print(f"Remise impossible pour le moment ({exc}) ; le message reste en "
+                  "quarantaine, réessayez plus tard.", file=sys.stderr)
             return 1
         await store.audit(user=by, action="release", target=item.id,
                           detail=", ".join(item.rcpts))
@@ -392,8 +396,8 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
     if cmd == "delete":
         try:
             await store.delete(args.id, by=by)
-        except ValueError as exc:  # being released right now
-            print(f"Impossible : {exc}", file=sys.stderr)
+        except NotQuarantined as exc:  # being released right now
+            print(f"Impossible : {exc.text_fr}.", file=sys.stderr)
             return 1
         await store.audit(user=by, action="delete", target=args.id)
         print(f"{args.id} supprimé")

@@ -1,20 +1,20 @@
-"""Exception tree of the gateway.
+"""Exception tree of the gateway: each class is raised somewhere and caught through the tree.
 
     GatewayError
-    ├── TemporaryError            -> 451 4.x.x, the sender retries
-    │   ├── DnsTemporaryError
-    │   ├── ScanTimeout           (also a TimeoutError)
-    │   ├── WorkerCrashed
-    │   ├── DownstreamUnavailable (next hop down, timing out, or answering 4xx)
-    │   └── QuarantineWriteError
-    └── PermanentError            -> 5xx, only for deliberate decisions
-        ├── PolicyReject
-        ├── MessageTooLarge
-        └── DownstreamRejected    (next hop answered 5xx: passed back)
-    ├── DnsPermanentError         (a name that cannot be looked up: a fact, not a retry)
-    ConfigError                   (stands apart: raised before any port opens)
+    ├── TemporaryError            the work can succeed later: 451 to a client, "réessayez
+    │   │                         plus tard" on the web page and in the CLI
+    │   ├── DnsTemporaryError     (a check turns it into its TEMPERROR symbol)
+    │   ├── ScanTimeout           a job past its limit (also a TimeoutError)
+    │   ├── WorkerCrashed         a worker process died (a crashing parser, its memory limit)
+    │   └── DownstreamUnavailable the next hop is down, timing out, or answered 4xx
+    ├── DownstreamRejected        the next hop answered 5xx: its reply is passed back
+    ├── DnsPermanentError         a name that cannot be looked up: a fact, not a retry
+    └── Refused                   a person's request refused for a reason they can fix; its
+                                  text is French and is shown to them (web page, CLI)
+    ConfigError                   stands apart: raised before any port opens
 
-Only gateway/smtp.py turns these into SMTP replies (through gateway/replies.py).
+The quarantine's own errors (NotFound, NotQuarantined, QuarantineWriteError, RecordError) are
+in quarantine/, which knows nothing of the gateway. Only gateway/smtp.py writes SMTP replies.
 """
 
 from __future__ import annotations
@@ -25,11 +25,7 @@ class GatewayError(Exception):
 
 
 class TemporaryError(GatewayError):
-    """The message could not be handled now; the sender must retry."""
-
-
-class PermanentError(GatewayError):
-    """The message is refused for good."""
+    """The work could not be done now; it may succeed if tried again."""
 
 
 class DnsTemporaryError(TemporaryError):
@@ -56,25 +52,18 @@ class DownstreamUnavailable(TemporaryError):
         self.code = code
 
 
-class QuarantineWriteError(TemporaryError):
-    pass
-
-
-class PolicyReject(PermanentError):
-    pass
-
-
-class MessageTooLarge(PermanentError):
-    pass
-
-
-class DownstreamRejected(PermanentError):
+class DownstreamRejected(GatewayError):
     """The next hop answered 5xx; its code and text are passed back."""
 
     def __init__(self, code: int, text: str) -> None:
         super().__init__(f"{code} {text}")
         self.code = code
         self.text = text
+
+
+class Refused(GatewayError):
+    """A request refused for a reason the person can fix (a password too short, an address
+    that is not one): the message is French, for them."""
 
 
 class ConfigError(Exception):

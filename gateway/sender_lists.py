@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gateway.files import write_private
+from gateway.errors import Refused
+from quarantine.files import write_private
 
 KINDS = ("allow", "block")
 
@@ -27,13 +28,13 @@ class Entry:
 
 
 def normalise(value: str) -> str:
-    """An address or `@domain`, lower case; ValueError when it is neither."""
+    """An address or `@domain`, lower case; Refused when it is neither."""
     v = value.strip().lower().strip("<>").rstrip(".")
     local, at, domain = v.rpartition("@")
     if not at:
         local, domain = "", v
     if not domain or "." not in domain or any(c.isspace() for c in v) or "@" in local:
-        raise ValueError(f"adresse ou domaine invalide : {value!r}")
+        raise Refused(f"adresse ou domaine invalide : {value!r}")
     return f"{local}@{domain}"
 
 

@@ -38,9 +38,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import QuarantineWriteError
-from gateway.files import fsync_dir, write_private
 from quarantine.crypto import RecordError, Sealer, load_or_create_key
+from quarantine.files import fsync_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +56,30 @@ _META = b"meta"
 _MSG = b"message"
 
 
-class NotFound(LookupError):
+class QuarantineError(Exception):
+    """Base of the quarantine's errors (it knows nothing of the gateway's)."""
+
+
+class NotFound(QuarantineError, LookupError):
     pass
 
 
-class NotQuarantined(ValueError):
-    """The item is not in a state that allows the change (e.g. released, or being released)."""
+class NotQuarantined(QuarantineError):
+    """The item is not in a state that allows the change (e.g. released, or being released):
+    `state` says which (STATES_FR has its French name)."""
 
     def __init__(self, item_id: str, state: str) -> None:
         super().__init__(f"quarantine item {item_id} is {state}, not quarantined")
         self.state = state
+
+    @property
+    def text_fr(self) -> str:
+        """For the person who asked (web page, CLI)."""
+        return f"ce message n'est plus en quarantaine (état : {STATES_FR[self.state]})"
+
+
+class QuarantineWriteError(QuarantineError):
+    """The sealed file and its index row could not be written (both are gone again)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,13 +21,21 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from gateway.errors import DownstreamRejected, DownstreamUnavailable, QuarantineWriteError
-from gateway.files import write_private
+from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.relay import create_next_hop, deliver
 from gateway.release import release
 from gateway.service import Running, quarantine_root, running
 from quarantine import store as store_module
-from quarantine.store import STALE_AFTER_S, Item, NewItem, NotQuarantined, Store, SymbolRecord
+from quarantine.files import write_private
+from quarantine.store import (
+    STALE_AFTER_S,
+    Item,
+    NewItem,
+    NotQuarantined,
+    QuarantineWriteError,
+    Store,
+    SymbolRecord,
+)
 from tests.conftest import DOMAIN, make_config
 from tests.support.sink import Sink
 
@@ -100,7 +108,8 @@ async def test_two_stores_racing_one_release_deliver_it_once(tmp_path: Path, sin
                                        return_exceptions=True)
         [won] = [r for r in results if isinstance(r, Item)]
         [lost] = [r for r in results if isinstance(r, BaseException)]
-        assert isinstance(lost, NotQuarantined) and isinstance(lost, ValueError)
+        assert isinstance(lost, NotQuarantined)
+        assert lost.text_fr.endswith("(état : libération en cours)")
         assert lost.state == "releasing" and "not quarantined" in str(lost)
         assert won.state == "released" and calls == [item_id]
         assert (await sink.get()).rcpts == [RCPT]
@@ -147,7 +156,8 @@ async def test_the_cli_in_another_process_cannot_release_an_item_being_released(
             item_id, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _, err = await cli.communicate()
         assert cli.returncode == 1
-        assert f"Impossible : quarantine item {item_id} is releasing" in err.decode()
+        assert "Impossible : ce message n'est plus en quarantaine (état : libération en cours)" \
+            in err.decode()
         go.set()
         assert (await web).state == "released"
         assert (await sink.get()).data.endswith(suspect())

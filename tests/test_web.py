@@ -226,6 +226,12 @@ async def test_release_delete_download_and_the_audit_log(site: Web):
     got = await site.sink.get()
     assert got.rcpts == [f"docteur@{DOMAIN}"] and b"Subject: [SUSPECT] Premier" in got.data
     assert b"X-Gateway-Released: by web:claire" in got.data
+    # Released twice (another tab): told in French, nothing sent again.
+    status, _, resp = await c.post(f"/quarantaine/{one}/liberer", {"csrf": c.csrf})
+    assert status == 303
+    status, text, _ = await c.get(resp.headers["Location"])
+    assert "Impossible : ce message n&#39;est plus en quarantaine (état : libéré)" in text
+    assert site.sink.empty()
     status, _, _ = await c.post(f"/quarantaine/{two}/supprimer", {"csrf": c.csrf})
     assert status == 303
     assert (await store.item(one)).state == "released"

@@ -28,7 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accounts import AccountFile
 from gateway.authstate import Session, Throttle
-from gateway.errors import DownstreamRejected, DownstreamUnavailable
+from gateway.errors import DownstreamRejected, Refused, TemporaryError
 from gateway.notice import release_token
 from gateway.release import release
 from gateway.sender_lists import SenderLists
@@ -43,7 +43,7 @@ from gateway.web.security import (
     new_totp_secret,
     same_token,
 )
-from quarantine.store import STATES_FR, Filters, Item, NotFound
+from quarantine.store import STATES_FR, Filters, Item, NotFound, NotQuarantined
 
 if TYPE_CHECKING:  # service.py imports this module
     from gateway.service import Runtime
@@ -435,12 +435,18 @@ class WebApp:
             return "Message libéré et remis au destinataire."
         except NotFound:
             return "Impossible : message introuvable."
-        except ValueError as exc:
+        except NotQuarantined as exc:
+            return f"Impossible : {exc.text_fr}."
+        except Refused as exc:
             return f"Impossible : {exc}"
-        except (DownstreamUnavailable, DownstreamRejected) as exc:
+        except DownstreamRejected as exc:
             await self.audit(request, "release_failed", item_id, str(exc)[:200])
-            return ("Impossible pour le moment : le serveur de messagerie n'a pas accepté le "
-                    "message. Le message reste en quarantaine ; réessayez plus tard.")
+            return ("Impossible : le serveur de messagerie a refusé le message "
+                    f"({exc.code}). Le message reste en quarantaine.")
+        except TemporaryError as exc:  # next hop down, preparation out of time
+            await self.audit(request, "release_failed", item_id, str(exc)[:200])
+            return ("Impossible pour le moment : le message n'a pas pu être remis. Il reste en "
+                    "quarantaine ; réessayez plus tard.")
 
     async def lists_page(self, request: web.Request) -> web.Response:
         entries = sorted(self.lists.entries(), key=lambda e: (e.kind, e.value))
@@ -461,7 +467,7 @@ class WebApp:
                                                 by=request[SESSION].user,
                                                 note=str(form.get("note", ""))[:200])
                 await self.audit(request, kind, "", entry.value)
-        except ValueError as exc:
+        except Refused as exc:
             entries = sorted(self.lists.entries(), key=lambda e: (e.kind, e.value))
             return self.render(request, "lists.html", status=400, entries=entries,
                                error=str(exc))
@@ -517,7 +523,7 @@ class WebApp:
         try:
             account = await asyncio.to_thread(self.accounts.add, name, str(form.get("mot_de_passe", "")),
                                               role=role, totp_secret=secret)
-        except ValueError as exc:
+        except Refused as exc:
             return await self.accounts_page(request, status=400, error=str(exc))
         await self.audit(request, "user_add", "", f"{account.name} ({role})")
         qr = enrolment_qr(secret, account.name, self.cfg.gateway.hostname)
@@ -557,9 +563,9 @@ class WebApp:
             return self.refuse(request, 400, "Cochez la case de confirmation.")
         try:
             await release(self.runtime, item.id, by=f"sender:{item.mail_from}")
-        except ValueError:
+        except (NotFound, NotQuarantined):
             done = "Ce message a déjà été traité."
-        except (DownstreamUnavailable, DownstreamRejected):
+        except (DownstreamRejected, TemporaryError):
             done = "L'envoi a échoué pour le moment ; le message reste retenu. Réessayez plus tard."
         else:
             await self.audit(request, "sender_release", item.id, ", ".join(item.rcpts),
