@@ -14,19 +14,29 @@ Library: pebble (maintained; per-job timeout that kills the worker, which
 concurrent.futures.ProcessPoolExecutor cannot do). Worker processes are started by a fork
 server with the job modules preloaded, so a killed worker is replaced in milliseconds; none is
 started before the first job (a serving process forks after start-up, never with a pool).
+
+A large bytes argument (the message) does not go through pebble's pipe, whose pickling and
+64 KB chunks cost 1.3 ms of CPU per MB on both sides (bench/RESULTS.md): it is written once
+to a private file in shared memory (/dev/shm, mode 0600 in a 0700 folder), which the worker
+reads, and removed when the job ends. Without room there, it goes through the pipe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
+import os
 import resource
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pebble import ProcessExpired, ProcessPool
@@ -40,6 +50,8 @@ log = logging.getLogger(__name__)
 JOB_MODULES = ["gateway.message", "gateway.attachments", "gateway.checks.outbound_health"]
 
 _provided: dict[str, object] = {}  # in a worker process: what `provide` installed
+SPOOL_MIN_BYTES = 64 * 1024  # smaller arguments go through the pipe
+_SPOOL_PREFIX = "gateway-jobs-"
 
 
 class Workers:
@@ -51,6 +63,8 @@ class Workers:
         self._state: dict[str, object] = {}
         self._procs: ProcessPool | None = None
         self._lock = threading.Lock()  # `provide` runs from the reload thread
+        self._spool: Path | None = None  # created with the pool
+        self._spooled = 0
 
     async def run(self, fn: Callable[..., T], *args: object, limit_s: float) -> T:
         """Run fn(*args) in a thread; ScanTimeout past `limit_s` seconds."""
@@ -65,8 +79,11 @@ class Workers:
     async def run_killable(self, fn: Callable[..., T], *args: object, limit_s: float) -> T:
         """Run fn(*args) in a worker process, killed past `limit_s` seconds of running
         (ScanTimeout) or when the caller is cancelled; WorkerCrashed if it died."""
-        future = self._process_pool().schedule(fn, args=args, timeout=limit_s)
+        pool = self._process_pool()
+        files: list[Path] = []
+        sent = tuple(self._spooled_arg(a, files) for a in args)
         try:
+            future = pool.schedule(_call, args=(fn, sent), timeout=limit_s)
             # Counted from now, queue wait included (as for a thread). Cancelling the wait
             # cancels the job, which kills its process if it had started.
             async with asyncio.timeout(limit_s):
@@ -75,6 +92,33 @@ class Workers:
             raise ScanTimeout(f"{_name(fn)} took more than {limit_s}s (stopped)") from None
         except ProcessExpired as exc:
             raise WorkerCrashed(f"{_name(fn)}: worker process died ({exc})") from None
+        finally:
+            for path in files:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def _spooled_arg(self, arg: object, files: list[Path]) -> object:
+        """A large bytes argument as a file in the spool (the argument itself if there is
+        no room: the pipe still works)."""
+        if self._spool is None or not isinstance(arg, bytes) or len(arg) < SPOOL_MIN_BYTES:
+            return arg
+        self._spooled += 1
+        path = self._spool / str(self._spooled)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(arg)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError as exc:  # /dev/shm full (a container's is 64 MB): through the pipe
+            log.debug("spool write failed: %s", exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return arg
+        files.append(path)
+        return _Spooled(str(path))
 
     def provide(self, name: str, value: object) -> None:
         """Install `value` (picklable) under `name` in every worker process. Jobs already
@@ -91,6 +135,8 @@ class Workers:
             if self._procs is None:
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload(JOB_MODULES)
+                if self._spool is None:
+                    self._spool = _new_spool()
                 self._procs = ProcessPool(
                     max_workers=self._processes, context=ctx, initializer=_start_worker,
                     initargs=(dict(self._state), self._memory_mb))
@@ -103,6 +149,51 @@ class Workers:
         if procs is not None:  # stopped and joined (about 0.1 s) beside the caller
             procs.stop()  # type: ignore[no-untyped-call]
             threading.Thread(target=procs.join, name="gw-pool-stop").start()
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+
+
+class _Spooled:
+    """A bytes argument waiting in a spool file (read by the worker)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_Spooled, (self.path,))
+
+
+def _call(fn: Callable[..., T], args: tuple[object, ...]) -> T:
+    """In a worker process: fn with its spooled arguments read back."""
+    return fn(*(Path(a.path).read_bytes() if isinstance(a, _Spooled) else a for a in args))
+
+
+def _new_spool() -> Path | None:
+    """A private folder in shared memory (else the temporary folder) for large arguments;
+    folders left by serving processes that died are removed first."""
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+    for old in base.glob(f"{_SPOOL_PREFIX}*"):
+        pid = old.name[len(_SPOOL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{_SPOOL_PREFIX}{os.getpid()}-", dir=base))
+    except OSError as exc:
+        log.warning("no spool folder for worker jobs (%s): messages go through the pipe", exc)
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def provided(name: str) -> Any:
