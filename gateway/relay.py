@@ -30,6 +30,7 @@ from typing import Protocol
 import aiosmtplib
 
 from gateway.config import Config, HostPort
+from gateway.deps.aiosmtplib import write_data
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -192,17 +193,11 @@ class SmtpTransaction:
                 resp = await client.execute_command(b"DATA")
                 if resp.code != 354:
                     raise aiosmtplib.SMTPDataError(resp.code, resp.message)
-                # The body is written through the protocol rather than SMTP.data(), whose
-                # regex-based line-end normalisation and dot-stuffing cost as much CPU as our
-                # whole parse; wire_lines() gives the same bytes (tests/test_relay.py).
-                protocol = client.protocol
-                assert protocol is not None
-                protocol.write(wire_lines(head))
-                # A large message's passes over its bytes would hold the loop: a thread then.
-                protocol.write(wire_lines(raw) if len(raw) < 1_000_000
-                               else await asyncio.to_thread(wire_lines, raw))
-                protocol.write(b".\r\n")
-                resp = await protocol.read_response(timeout=self._hop.timeout_s)
+                # wire_lines() gives the bytes SMTP.data() would (tests/test_relay.py); a
+                # large message's passes over its bytes would hold the loop: a thread then.
+                body = (wire_lines(raw) if len(raw) < 1_000_000
+                        else await asyncio.to_thread(wire_lines, raw))
+                resp = await write_data(client, (wire_lines(head), body), self._hop.timeout_s)
                 if resp.code != 250:
                     raise aiosmtplib.SMTPDataError(resp.code, resp.message)
         finally:

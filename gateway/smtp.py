@@ -20,12 +20,14 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from gateway import address, netaddr, replies
 from gateway.accounts import AccountFile
 from gateway.authstate import AuthState, Throttle
 from gateway.config import Config
+from gateway.deps.aiosmtpd import SMTPBase
+from gateway.deps.streams import unread
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.logs import queue_id_var
 from gateway.message import Direction, Inbound
@@ -159,7 +161,7 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class GatewaySMTP(SMTP):
+class GatewaySMTP(SMTPBase):
     def __init__(self, handler: Handler, *, counter: ConnectionCounter, data_timeout: float,
                  data_deadline: float, allow_percent_hack: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -169,18 +171,17 @@ class GatewaySMTP(SMTP):
         self._allow_percent_hack = allow_percent_hack
         self._counted = False
 
-    def _create_session(self) -> GatewaySession:
+    def new_session(self) -> GatewaySession:
         return GatewaySession(self.loop)
 
-    def _set_rset_state(self) -> None:
+    def on_reset(self) -> None:
         # RSET, EHLO/HELO and STARTTLS end a transaction: drop its downstream side too.
         session = getattr(self, "session", None)
         if isinstance(session, GatewaySession):
             session.abort_txn()
-        super()._set_rset_state()  # type: ignore[no-untyped-call]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._original_transport is None and self.transport is None:
+        if self.fresh_connection:
             if self._counter.active >= self._counter.limit:
                 log.warning("connection limit %d reached; refusing a client", self._counter.limit)
                 assert isinstance(transport, asyncio.WriteTransport)
@@ -208,13 +209,12 @@ class GatewaySMTP(SMTP):
         else:
             await super().push(status)
 
-    def _timeout_cb(self) -> None:
+    def before_timeout_close(self) -> None:
         # aiosmtpd closes a connection past its timeout without a word: say why first.
         transport = self.transport
         if transport is not None and not transport.is_closing():
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(f"{replies.TIMEOUT}\r\n".encode())
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     # ---- command syntax, checked before aiosmtpd's lenient parsing (gateway/address.py) ----
 
@@ -279,7 +279,7 @@ class GatewaySMTP(SMTP):
         if isinstance(session, GatewaySession) and session.txn is not None:
             log.warning("transaction held too long before DATA; closing", extra={"fields": {
                 "client": _peer(session)}})
-            self._timeout_cb()
+            self.close_for_timeout()
 
     async def smtp_DATA(self, arg: str) -> None:
         if isinstance(self.session, GatewaySession):
@@ -299,18 +299,18 @@ class GatewaySMTP(SMTP):
         content = await self._read_data()
         if content is None:
             await self.push(str(replies.TOO_LARGE))
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self.end_transaction()
             return
         self.envelope.content = content
         self.envelope.original_content = content
-        self._reset_timeout()
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.restart_timer()
+        status = await self.call_data_hook()
+        self.end_transaction()
         await self.push(status)
 
     async def _read_data(self) -> bytes | None:
         """Read up to CRLF.CRLF in large chunks; None when over the size limit."""
-        reader = self._reader
+        reader = self.reader
         limit = self.data_size_limit or 0
         buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command line
         scan_from = 0
@@ -319,8 +319,8 @@ class GatewaySMTP(SMTP):
         # client trickling one byte a second is cut too); either way _timeout_cb answers 421.
         deadline = self.loop.time() + self._data_deadline
         while True:
-            self._reset_timeout(max(0.001, min(self._data_timeout,
-                                               deadline - self.loop.time())))
+            self.restart_timer(max(0.001, min(self._data_timeout,
+                                              deadline - self.loop.time())))
             chunk = await reader.read(CHUNK)
             if not chunk:  # EOF mid-DATA: eof_received cancels this task anyway
                 raise ConnectionResetError("connection closed during DATA")
@@ -330,8 +330,7 @@ class GatewaySMTP(SMTP):
                 leftover = bytes(buf[end + len(_END):])
                 del buf[end + 2:]
                 if leftover:  # pipelined commands after the end of data go back to the reader
-                    # StreamReader has no unread(); aiosmtpd itself edits _buffer likewise.
-                    reader._buffer[:0] = leftover  # type: ignore[attr-defined]
+                    unread(reader, leftover)
                 break
             if limit and len(buf) - 2 > limit:
                 too_much = True
@@ -610,18 +609,18 @@ class SubmissionSMTP(GatewaySMTP):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         ip = parse_ip(peer[0] if isinstance(peer, tuple) else "")
-        self._auth_require_tls = not within(ip, self._cleartext_auth)
+        self.require_tls_for_auth(not within(ip, self._cleartext_auth))
         if self._implicit_tls and self.session is not None:
             # aiosmtpd records TLS only for STARTTLS: the session is encrypted all along.
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
-            self._auth_require_tls = False
+            self.require_tls_for_auth(False)
         if isinstance(self.session, GatewaySession):
             self.session.trusted = within(ip, self._trusted)
 
-    # aiosmtpd's PLAIN and LOGIN decode the exchange and call the synchronous _authenticate;
-    # the argon2 check is slow, so it only keeps the credentials here, checked after, in a
+    # aiosmtpd's PLAIN and LOGIN decode the exchange and hand it over synchronously; the
+    # argon2 check is slow, so it only keeps the credentials here, checked after, in a
     # thread (verify_async).
-    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+    def keep_credentials(self, mechanism: str, auth_data: Any) -> AuthResult:
         self._credentials = auth_data if isinstance(auth_data, LoginPassword) else None
         return AuthResult(success=False, handled=False)
 

@@ -8,26 +8,18 @@ a temporary reason gives DKIM_TEMPERROR for that signature, never a forged-signa
 from __future__ import annotations
 
 import asyncio
-import base64
-import re
 import time
-from collections.abc import Callable
 from typing import ClassVar
 
 import dkim
-from dkim.canonicalization import (
-    compress_whitespace,
-    correct_empty_body,
-    strip_trailing_lines,
-    strip_trailing_whitespace,
-)
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from gateway.auth import AuthResult, DkimFacts, DkimSignature
 from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.deps.dkimpy import BodyHashMismatch, verifier_for, verify_one
 from gateway.dns import Resolver
 from gateway.errors import DnsPermanentError, DnsTemporaryError
-from gateway.message import Direction, ParsedMessage, header_section_end
+from gateway.message import Direction, ParsedMessage
 
 TEMP = object()  # marker: the key lookup failed temporarily
 
@@ -117,7 +109,7 @@ def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str
         value = keys.get(name.decode("ascii", "replace").rstrip("."))
         return value if isinstance(value, bytes) else None
 
-    verifier = _verifier(raw, minkey)
+    verifier = verifier_for(raw, minkey)
     out = []
     for idx, t in enumerate(tags):
         if t is None:
@@ -145,7 +137,7 @@ def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str
                                          reason=f"key record: {str(exc)[:80]}", **base))
                 continue
         try:
-            ok = _verify(verifier, idx, lookup)
+            ok = verify_one(verifier, idx, lookup)
         except BodyHashMismatch:
             out.append(DkimSignature(result=AuthResult.FAIL, reason="body hash mismatch",
                                      **base))
@@ -168,70 +160,6 @@ def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str
             out.append(DkimSignature(result=AuthResult.FAIL, reason="signature mismatch",
                                      **base))
     return out
-
-
-class BodyHashMismatch(Exception):
-    pass
-
-
-def _verify(verifier: dkim.DKIM, idx: int, lookup: Callable[..., bytes | None]) -> bool:
-    """dkimpy's verify(), with the body hash computed here (fast_body below) and the rest --
-    key, header hash, signature -- left to dkimpy's own verify_sig()."""
-    sig, include_headers, sigheaders = verifier.verify_headerprep(idx)
-    try:
-        computed = body_hash(verifier.body, sig)
-    except (KeyError, ValueError):
-        return bool(verifier.verify(idx=idx, dnsfunc=lookup))  # unusual c=/a=/l=: dkimpy's way
-    if computed != base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"])):
-        raise BodyHashMismatch()
-    without_bh = {k: v for k, v in sig.items() if k != b"bh"}
-    return bool(verifier.verify_sig(without_bh, include_headers, sigheaders[idx], lookup))
-
-
-def body_hash(body: bytes, sig: dict[bytes, bytes]) -> bytes:
-    algorithms = sig.get(b"c", b"simple/simple").split(b"/")
-    if len(algorithms) > 2 or (algorithms + [b"simple"])[1] not in (b"simple", b"relaxed"):
-        raise ValueError("c=")
-    relaxed = (algorithms + [b"simple"])[1] == b"relaxed"
-    canon = relaxed_body(body) if relaxed else strip_trailing_lines(body)
-    if b"l" in sig:
-        canon = canon[:int(sig[b"l"])]
-    digest: bytes = dkim.HASH_ALGORITHMS[sig[b"a"]](canon).digest()
-    return digest
-
-
-def relaxed_body(body: bytes) -> bytes:
-    """RFC 6376 3.4.4, the same bytes as dkimpy's Relaxed.canonicalize_body, whose two regex
-    passes over the whole body dominate DKIM's cost: here they run only on the stretches of
-    lines that hold a space or a tab (base64 attachments hold none)."""
-    if b" " in body or b"\t" in body:
-        out = []
-        pos, n = 0, len(body)
-        while pos < n:
-            cut = body.find(b"\r\n", min(pos + 65536, n))
-            end = n if cut < 0 else cut + 2
-            chunk = body[pos:end]
-            if b" " in chunk or b"\t" in chunk:
-                chunk = compress_whitespace(strip_trailing_whitespace(chunk))
-            out.append(chunk)
-            pos = end
-        body = b"".join(out)
-    canonical: bytes = correct_empty_body(strip_trailing_lines(body))
-    return canonical
-
-
-def _verifier(raw: bytes, minkey: int) -> dkim.DKIM:
-    """dkimpy's verifier. dkimpy splits the whole message into lines to find the body and
-    rejoin it with CRLF; when the body's line ends are all CRLF already (SMTP data), only the
-    header block is given to it and the body is set as is: the same bytes, a fraction of the
-    cost on large attachments."""
-    end = header_section_end(raw)
-    if end > 0 and raw[end - 4:end] == b"\r\n\r\n" \
-            and raw.count(b"\n", end) == raw.count(b"\r\n", end):
-        verifier = dkim.DKIM(raw[:end], minkey=minkey)
-        verifier.body = raw[end:]
-        return verifier
-    return dkim.DKIM(raw, minkey=minkey)
 
 
 CHECKS = (DkimCheck,)

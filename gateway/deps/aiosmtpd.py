@@ -1,0 +1,87 @@
+"""aiosmtpd's private names: its SMTP protocol class seen through public-named hooks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Session
+
+# (name, what the gateway does with it): checked by tests/test_dependencies.py
+PRIVATE_METHODS = {
+    "_authenticate": "the submission port keeps the decoded credentials (keep_credentials)",
+    "_call_handler_hook": "our DATA command calls the DATA hook (call_data_hook)",
+    "_reset_timeout": "DATA read and transaction deadlines (restart_timer)",
+    "_timeout_cb": "421 4.4.2 said before a timeout closes (before_timeout_close)",
+    "_set_rset_state": "RSET/EHLO/STARTTLS drop the next-hop transaction (on_reset)",
+    "_set_post_data_state": "the envelope reset after DATA (end_transaction)",
+    "_create_session": "our session class (new_session)",
+    "check_helo_needed": "command order before our path checks",
+    "check_auth_needed": "command order before our path checks",
+}
+PRIVATE_ATTRIBUTES = ["_reader", "_original_transport", "_auth_require_tls"]
+
+
+class SMTPBase(SMTP):
+    """aiosmtpd's SMTP with its private hooks turned into methods a subclass overrides or
+    calls; nothing outside this module names them."""
+
+    # ---- hooks a subclass overrides -------------------------------------------------------
+
+    def new_session(self) -> Session:
+        return Session(self.loop)
+
+    def on_reset(self) -> None:
+        """A transaction ended without DATA (RSET, EHLO/HELO, STARTTLS)."""
+
+    def before_timeout_close(self) -> None:
+        """The idle or DATA timer fired; the connection closes right after."""
+
+    def keep_credentials(self, mechanism: str, auth_data: Any) -> AuthResult:
+        """aiosmtpd decoded an AUTH PLAIN/LOGIN exchange (synchronously)."""
+        return AuthResult(success=False, handled=False)
+
+    # ---- what a subclass calls ------------------------------------------------------------
+
+    def restart_timer(self, seconds: float | None = None) -> None:
+        """The idle timer, from now (the configured timeout, or `seconds`)."""
+        self._reset_timeout(seconds)
+
+    def close_for_timeout(self) -> None:
+        """As when the timer fires: our reply, then aiosmtpd closes."""
+        self._timeout_cb()
+
+    def end_transaction(self) -> None:
+        """The envelope reset that follows DATA."""
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    async def call_data_hook(self) -> str:
+        return str(await self._call_handler_hook("DATA"))
+
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        return self._reader
+
+    @property
+    def fresh_connection(self) -> bool:
+        """connection_made for the client's connection, not after STARTTLS's handshake."""
+        return self._original_transport is None and self.transport is None
+
+    def require_tls_for_auth(self, required: bool) -> None:
+        self._auth_require_tls = required
+
+    # ---- the private names, mapped --------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return self.new_session()
+
+    def _set_rset_state(self) -> None:
+        self.on_reset()
+        super()._set_rset_state()  # type: ignore[no-untyped-call]
+
+    def _timeout_cb(self) -> None:
+        self.before_timeout_close()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        return self.keep_credentials(mechanism, auth_data)
