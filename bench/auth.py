@@ -23,10 +23,10 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench.run import bench_zone, ensure_corpus  # noqa: E402
 from gateway import config  # noqa: E402
+from gateway.auth.dns import Resolver  # noqa: E402
 from gateway.checks import create_checks  # noqa: E402
 from gateway.checks.base import Services  # noqa: E402
 from gateway.cli import to_crlf  # noqa: E402
-from gateway.dns import Resolver  # noqa: E402
 from gateway.message import Inbound  # noqa: E402
 from gateway.pipeline import Pipeline  # noqa: E402
 from gateway.service import load_rules  # noqa: E402

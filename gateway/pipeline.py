@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from gateway import banner, chains, headers, replies
-from gateway.auth import (
-    ArcFacts,
-    AuthResult,
-    DkimFacts,
-    DmarcFacts,
-    OutboundFacts,
-    SpfFacts,
-    Unavailable,
-)
 from gateway.chains import Step
-from gateway.checks.base import Check, CheckContext, CheckResult, Hit, runner_symbols
+from gateway.checks.base import (
+    Check,
+    CheckContext,
+    CheckResult,
+    Facts,
+    Hit,
+    Unavailable,
+    runner_symbols,
+)
+from gateway.checks.outbound_health import OutboundFacts
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
 from gateway.logs import log_message
@@ -398,39 +398,15 @@ class Pipeline:
 
 def authentication_results(authserv_id: str, results: Sequence[CheckResult],
                            inbound: Inbound) -> str:
-    """RFC 8601 header value from the authentication facts."""
+    """RFC 8601 header value: each standard's fragment (gateway/auth/), in check order; a
+    check that could not finish says temperror."""
     parts = []
     for r in results:
-        f = r.facts
-        if isinstance(f, SpfFacts):
-            prop = "smtp.mailfrom" if f.identity == "mailfrom" else "smtp.helo"
-            value = inbound.mail_from if f.identity == "mailfrom" else f.domain
-            parts.append(f"spf={f.result.value} {prop}={_ar_value(value or f.domain)}")
-        elif isinstance(f, DkimFacts):
-            parts += [f"dkim={s.result.value} header.d={_ar_value(s.domain)} "
-                      f"header.s={_ar_value(s.selector)} header.b={_ar_value(s.b)}"
-                      for s in f.signatures if s.domain]
-        elif isinstance(f, ArcFacts) and f.result is not AuthResult.NONE:
-            parts.append(f"arc={f.result.value}")
-        elif isinstance(f, DmarcFacts) and f.from_domain:
-            extra = f" policy.dmarc={f.policy}" if f.policy else ""
-            override = " (trusted ARC sealer)" if f.arc_override else ""
-            parts.append(f"dmarc={f.result.value}{override} "
-                         f"header.from={_ar_value(f.from_domain)}{extra}")
-        elif isinstance(f, Unavailable) and f.kind in _AR_METHODS:
-            parts.append(f"{_AR_METHODS[f.kind]}=temperror (check unavailable)")
+        if isinstance(r.facts, Facts):
+            parts += r.facts.ar(inbound)
+        elif isinstance(r.facts, Unavailable) and r.facts.kind.method:
+            parts.append(f"{r.facts.kind.method}=temperror (check unavailable)")
     return "; ".join([authserv_id, *parts]) if parts else f"{authserv_id}; none"
-
-
-_AR_METHODS: dict[type, str] = {SpfFacts: "spf", DkimFacts: "dkim", ArcFacts: "arc",
-                                 DmarcFacts: "dmarc"}
-
-
-def _ar_value(value: str) -> str:
-    """A property value, quoted when it is not a plain token (RFC 8601 2.2)."""
-    if value and all(c.isalnum() or c in "-._@+/=" for c in value):
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _outbound_facts(analysis: Analysis) -> OutboundFacts | None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import jellyfish
 from confusable_homoglyphs import confusables
 
+from gateway.auth.dmarc import org_domain
 from gateway.config import read_toml
-from gateway.dmarc import org_domain
 from gateway.errors import ConfigError
 
 

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import logs
 from gateway.accounts import AccountFile
+from gateway.auth.dns import Resolver
 from gateway.authstate import AuthState
 from gateway.banner import load_templates, marker
 from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
 from gateway.config import Config, HostPort, nameservers
-from gateway.dns import Resolver
 from gateway.errors import ConfigError
 from gateway.message import Direction
 from gateway.notice import Notifier, release_token

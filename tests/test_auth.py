@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.auth import ArcFacts, AuthResult, DkimFacts, DkimSignature, DmarcFacts, SpfFacts
+from gateway.auth import AuthStatus
+from gateway.auth.arc import ArcFacts
+from gateway.auth.dkim import DkimFacts, DkimSignature
+from gateway.auth.dmarc import DmarcCheck, DmarcFacts, DmarcSyntaxError, aligned, parse_record
+from gateway.auth.spf import SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Services
-from gateway.checks.dmarc import DmarcCheck
 from gateway.cli import to_crlf
-from gateway.dmarc import DmarcSyntaxError, aligned, parse_record
 from gateway.message import Inbound, parse_message
 from gateway.service import Runtime, build_runtime, create_resolver
 from gateway.workers import Workers
@@ -87,7 +89,7 @@ async def test_dkim_bad_key_records(runtime: Runtime, dns_zone: ThreadedDnsServe
     analysis = await runtime.pipeline.analyse(inbound(signed))
     [sig] = facts(analysis, DkimFacts).signatures
     # test2.txt is the same key without k= (rsa by default): it verifies.
-    expected = AuthResult.PASS if record == "test2.txt" else AuthResult.PERMERROR
+    expected = AuthStatus.PASS if record == "test2.txt" else AuthStatus.PERMERROR
     assert sig.result is expected
 
 
@@ -97,7 +99,7 @@ async def test_dkim_key_lookup_timeout_is_temperror_not_fail(runtime: Runtime,
                    "brisbane._domainkey.football.example.com": ["TIMEOUT"]})
     analysis = await runtime.pipeline.analyse(
         inbound((DKIM_DIR / "rfc6376.signed.msg").read_bytes()))
-    assert [s.result for s in facts(analysis, DkimFacts).signatures] == [AuthResult.TEMPERROR] * 2
+    assert [s.result for s in facts(analysis, DkimFacts).signatures] == [AuthStatus.TEMPERROR] * 2
     names = {s.name for s in analysis.verdict.symbols}
     assert "DKIM_TEMPERROR" in names and "DKIM_FAIL" not in names
 
@@ -145,10 +147,10 @@ async def test_dmarc_cases(tmp_path: Path, dns_zone: ThreadedDnsServer, zone, ca
             await rt.close()
         result = facts(analysis, DmarcFacts)
     else:
-        sigs = tuple(DkimSignature(result=AuthResult(d["result"]), domain=d["d"], selector="s",
+        sigs = tuple(DkimSignature(result=AuthStatus(d["result"]), domain=d["d"], selector="s",
                                    b="") for d in case["dkim_results"])
         earlier = (CheckResult(check="dkim", facts=DkimFacts(signatures=sigs)),
-                   CheckResult(check="spf", facts=SpfFacts(result=AuthResult.NONE,
+                   CheckResult(check="spf", facts=SpfFacts(result=AuthStatus.NONE,
                                                            domain="x.invalid",
                                                            identity="mailfrom")))
         check = DmarcCheck(Services(cfg=cfg, workers=Workers(), resolver=create_resolver(cfg)))

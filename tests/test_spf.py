@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 import yaml
 
-from gateway.dns import Resolver
-from gateway.spf import check_host
+from gateway.auth.dns import Resolver
+from gateway.auth.spf import check_host
 from tests.conftest import CORPUS
 from tests.support.dnsserver import DnsServer, Zone
 

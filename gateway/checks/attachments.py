@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from gateway.attachments import YARA, Policy, analyse, analyse_job
-from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.errors import ConfigError
 from gateway.message import ParsedMessage
 from gateway.symbols import Symbol, rule_symbol
@@ -18,7 +18,7 @@ from gateway.yara_rules import YaraRules, compile_rules
 class AttachmentsCheck:
     name: ClassVar[str] = "attachments"
     phase: ClassVar[int] = 1
-    produces: ClassVar[type | None] = None
+    produces: ClassVar[type[Facts] | None] = None
     fixed_symbols: ClassVar[frozenset[str]] = frozenset({
         "ATTACH_DANGEROUS_TYPE", "ATTACH_TYPE_MISMATCH", "ATTACH_DOUBLE_EXTENSION",
         "ATTACH_RTLO_NAME", "ATTACH_EXEC_IN_ARCHIVE", "ATTACH_ARCHIVE_BOMB",

@@ -9,13 +9,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
-from gateway.auth import Facts, Unavailable
+from gateway.auth.dns import Resolver
 from gateway.config import Config
-from gateway.dns import Resolver
 from gateway.message import Inbound, ParsedMessage
 from gateway.workers import Workers
 
-F = TypeVar("F")
+
+class Facts:
+    """What a check establishes for the checks after it and for our header fields (each
+    authentication standard's facts: gateway/auth/). `method` names its Authentication-Results
+    method (RFC 8601), if it has one, and `ar` gives its fragment of that field."""
+
+    __slots__ = ()
+    method: ClassVar[str] = ""
+
+    def ar(self, inbound: Inbound) -> list[str]:
+        return []
+
+
+F = TypeVar("F", bound=Facts)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unavailable:
+    """Facts a check could not establish: it failed, ran out of time, or did not run. Never
+    to be read as "nothing found": DMARC reads an unavailable SPF or DKIM as a temporary
+    error, not as a missing pass."""
+
+    kind: type[Facts]
+    why: str  # English, for the logs
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,7 +93,7 @@ class Check(Protocol):
     name: ClassVar[str]  # lower case; symbols start with its upper-case form
     # The kind of facts run() establishes (None: only hits); when the check fails, later
     # checks read Unavailable(kind) instead.
-    produces: ClassVar[type | None]
+    produces: ClassVar[type[Facts] | None]
     phase: ClassVar[int]  # 1: independent; 2: reads phase-1 results from ctx.earlier
 
     @property

@@ -16,10 +16,12 @@ import email.utils
 import re
 from typing import ClassVar
 
-from gateway.auth import AuthResult, DkimFacts, DmarcFacts, SpfFacts, undecided
-from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.auth import AuthStatus
+from gateway.auth.dkim import DkimFacts
+from gateway.auth.dmarc import DmarcFacts, aligned, org_domain, undecided
+from gateway.auth.spf import SpfFacts
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.config import read_toml
-from gateway.dmarc import aligned, org_domain
 from gateway.errors import ConfigError
 from gateway.links import Content, extract
 from gateway.message import Direction, ParsedMessage, decode_words
@@ -33,7 +35,7 @@ def _domain(address: str) -> str:
 class ImpersonationCheck:
     name: ClassVar[str] = "impersonation"
     phase: ClassVar[int] = 2
-    produces: ClassVar[type | None] = None
+    produces: ClassVar[type[Facts] | None] = None
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "IMPERSONATION_UNAUTHENTICATED", "IMPERSONATION_TEMPERROR", "IMPERSONATION_DISPLAY_NAME",
@@ -121,21 +123,21 @@ class ImpersonationCheck:
         """Did mail from a protected domain authenticate? None: could not tell (DNS trouble)."""
         dmarc = ctx.facts(DmarcFacts)
         if isinstance(dmarc, DmarcFacts):
-            if dmarc.result is AuthResult.PASS or dmarc.arc_override:
+            if dmarc.result is AuthStatus.PASS or dmarc.arc_override:
                 return True
-            if dmarc.result is AuthResult.TEMPERROR:
+            if dmarc.result is AuthStatus.TEMPERROR:
                 return None
-            if dmarc.result is AuthResult.FAIL:
+            if dmarc.result is AuthStatus.FAIL:
                 return False
         # No DMARC verdict (no record, or DMARC runs beside this check): an aligned DKIM or
         # SPF pass still authenticates.
         dkim = ctx.facts(DkimFacts)
         spf = ctx.facts(SpfFacts)
         if isinstance(dkim, DkimFacts) and any(
-                s.result is AuthResult.PASS and aligned(from_domain, s.domain, "r")
+                s.result is AuthStatus.PASS and aligned(from_domain, s.domain, "r")
                 for s in dkim.signatures):
             return True
-        if (isinstance(spf, SpfFacts) and spf.result is AuthResult.PASS
+        if (isinstance(spf, SpfFacts) and spf.result is AuthStatus.PASS
                 and aligned(from_domain, spf.domain, "r")):
             return True
         return None if undecided(spf, "SPF") or undecided(dkim, "DKIM") else False

@@ -17,8 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import ClassVar
 
-from gateway.auth import OutboundFacts
-from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.health_data import (
     analyse_text,
     document_text,
@@ -32,6 +31,11 @@ from gateway.message import Direction, ParsedMessage, Part, decode_transfer
 
 _ENCRYPTED = {"multipart/encrypted", "application/pgp-encrypted"}
 _SMIME = {"application/pkcs7-mime", "application/x-pkcs7-mime"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundFacts(Facts):
+    exposed: tuple[str, ...]  # recipients health data would reach in clear (empty: none)
 
 
 def _encrypted_part(part: Part) -> bool:
@@ -110,7 +114,7 @@ def _encrypted_zip(data: bytes) -> bool:
 class OutboundHealthCheck:
     name: ClassVar[str] = "outbound"
     phase: ClassVar[int] = 1
-    produces: ClassVar[type | None] = OutboundFacts
+    produces: ClassVar[type[Facts] | None] = OutboundFacts
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.OUTBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "OUTBOUND_NIR", "OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_HEALTH_DOCUMENT",

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from gateway.auth import AuthResult, DkimFacts, SpfFacts
-from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.auth import AuthStatus
+from gateway.auth.dkim import DkimFacts
+from gateway.auth.spf import SpfFacts
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.message import Direction, ParsedMessage
 from gateway.sender_lists import SenderLists
 
@@ -24,7 +26,7 @@ def sender_lists(services: Services) -> SenderLists:
 class SenderListCheck:
     name: ClassVar[str] = "sender_list"
     phase: ClassVar[int] = 2
-    produces: ClassVar[type | None] = None
+    produces: ClassVar[type[Facts] | None] = None
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "SENDER_LIST_BLOCKED", "SENDER_LIST_ALLOWED", "SENDER_LIST_ALLOWED_UNVERIFIED"})
@@ -56,11 +58,11 @@ class SenderListCheck:
 def _authenticated(domain: str, envelope: str, ctx: CheckContext) -> bool:
     dkim = ctx.facts(DkimFacts)
     if isinstance(dkim, DkimFacts) and any(
-            s.result is AuthResult.PASS and (domain == s.domain or domain.endswith("." + s.domain))
+            s.result is AuthStatus.PASS and (domain == s.domain or domain.endswith("." + s.domain))
             for s in dkim.signatures):
         return True
     spf = ctx.facts(SpfFacts)
-    return (isinstance(spf, SpfFacts) and spf.result is AuthResult.PASS
+    return (isinstance(spf, SpfFacts) and spf.result is AuthStatus.PASS
             and spf.identity == "mailfrom"
             and envelope.rpartition("@")[2].lower() == domain)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.message import ParsedMessage
 
 # RFC 5322 section 3.6: fields that may appear at most once.
@@ -17,7 +17,7 @@ _SINGLE = ("Date", "From", "Sender", "Reply-To", "To", "Cc", "Subject", "Message
 class StructureCheck:
     name: ClassVar[str] = "structure"
     phase: ClassVar[int] = 1
-    produces: ClassVar[type | None] = None
+    produces: ClassVar[type[Facts] | None] = None
     symbols: ClassVar[frozenset[str]] = frozenset({
         "MIME_MALFORMED", "MIME_TOO_COMPLEX",
         "FROM_MISSING", "FROM_MULTIPLE", "FROM_UNPARSABLE",

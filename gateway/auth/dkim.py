@@ -9,17 +9,39 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import ClassVar
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from gateway.auth import AuthResult, DkimFacts, DkimSignature
-from gateway.checks.base import CheckContext, CheckResult, Hit, Services
+from gateway.auth import AuthStatus, ar_value
+from gateway.auth.dns import Resolver
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.deps.dkimpy import BodyHashMismatch, verifier_for, verify_one
-from gateway.dns import Resolver
 from gateway.errors import DnsPermanentError, DnsTemporaryError
-from gateway.message import Direction, ParsedMessage
+from gateway.message import Direction, Inbound, ParsedMessage
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DkimSignature:
+    result: AuthStatus
+    domain: str  # d=
+    selector: str  # s=
+    b: str  # first characters of b=, to tell signatures apart in Authentication-Results
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DkimFacts(Facts):
+    method: ClassVar[str] = "dkim"
+    signatures: tuple[DkimSignature, ...]
+
+    def ar(self, inbound: Inbound) -> list[str]:
+        return [f"dkim={s.result.value} header.d={ar_value(s.domain)} "
+                f"header.s={ar_value(s.selector)} header.b={ar_value(s.b)}"
+                for s in self.signatures if s.domain]
+
 
 TEMP = object()  # marker: the key lookup failed temporarily
 
@@ -40,7 +62,7 @@ class SignatureCheck:
 class DkimCheck(SignatureCheck):
     name: ClassVar[str] = "dkim"
     phase: ClassVar[int] = 1
-    produces: ClassVar[type | None] = DkimFacts
+    produces: ClassVar[type[Facts] | None] = DkimFacts
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
         "DKIM_PASS", "DKIM_FAIL", "DKIM_NONE", "DKIM_TEMPERROR", "DKIM_PERMERROR",
@@ -61,7 +83,7 @@ class DkimCheck(SignatureCheck):
         for sig, t in zip(sigs, tags, strict=True):
             detail = f"d={sig.domain} s={sig.selector} {sig.reason}".strip()[:200]
             hits.append(Hit(symbol=f"DKIM_{sig.result.name}", detail=detail))
-            if t is not None and sig.result is AuthResult.PASS:
+            if t is not None and sig.result is AuthStatus.PASS:
                 if b"l" in t:
                     hits.append(Hit(symbol="DKIM_LENGTH_LIMIT", detail=f"d={sig.domain}"))
                 if b"from" not in [h.strip().lower() for h in t.get(b"h", b"").split(b":")]:
@@ -113,7 +135,7 @@ def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str
     out = []
     for idx, t in enumerate(tags):
         if t is None:
-            out.append(DkimSignature(result=AuthResult.PERMERROR, domain="", selector="", b="",
+            out.append(DkimSignature(result=AuthStatus.PERMERROR, domain="", selector="", b="",
                                      reason="unparsable signature"))
             continue
         domain = t.get(b"d", b"").decode("ascii", "replace")
@@ -121,43 +143,43 @@ def verify_all(raw: bytes, tags: list[dict[bytes, bytes] | None], keys: dict[str
         b = b"".join(t.get(b"b", b"").split())[:8].decode("ascii", "replace")
         base = {"domain": domain, "selector": selector, "b": b}
         if keys.get(_key_name(t)) is TEMP:
-            out.append(DkimSignature(result=AuthResult.TEMPERROR, reason="key lookup failed",
+            out.append(DkimSignature(result=AuthStatus.TEMPERROR, reason="key lookup failed",
                                      **base))
             continue
         x = t.get(b"x")
         if x is not None and x.strip().isdigit() and int(x) < now:
-            out.append(DkimSignature(result=AuthResult.FAIL, reason="expired (x=)", **base))
+            out.append(DkimSignature(result=AuthStatus.FAIL, reason="expired (x=)", **base))
             continue
         record = keys.get(_key_name(t))
         if isinstance(record, bytes):
             try:  # dkimpy's verify() turns a bad key record into a bare False: check it first
                 dkim.evaluate_pk(_key_name(t).encode() + b".", record)
             except dkim.KeyFormatError as exc:
-                out.append(DkimSignature(result=AuthResult.PERMERROR,
+                out.append(DkimSignature(result=AuthStatus.PERMERROR,
                                          reason=f"key record: {str(exc)[:80]}", **base))
                 continue
         try:
             ok = verify_one(verifier, idx, lookup)
         except BodyHashMismatch:
-            out.append(DkimSignature(result=AuthResult.FAIL, reason="body hash mismatch",
+            out.append(DkimSignature(result=AuthStatus.FAIL, reason="body hash mismatch",
                                      **base))
             continue
         except dkim.KeyFormatError as exc:
             text = str(exc)
             reason = "key too small" if "too small" in text else f"key: {text[:80]}"
-            result = AuthResult.FAIL if "too small" in text else AuthResult.PERMERROR
+            result = AuthStatus.FAIL if "too small" in text else AuthStatus.PERMERROR
             out.append(DkimSignature(result=result, reason=reason, **base))
             continue
         except dkim.DKIMException as exc:
-            out.append(DkimSignature(result=AuthResult.PERMERROR,
+            out.append(DkimSignature(result=AuthStatus.PERMERROR,
                                      reason=f"{type(exc).__name__}: {str(exc)[:80]}", **base))
             continue
         if ok:
-            out.append(DkimSignature(result=AuthResult.PASS, **base))
+            out.append(DkimSignature(result=AuthStatus.PASS, **base))
         elif lookup((_key_name(t)).encode()) is None:
-            out.append(DkimSignature(result=AuthResult.PERMERROR, reason="no key", **base))
+            out.append(DkimSignature(result=AuthStatus.PERMERROR, reason="no key", **base))
         else:
-            out.append(DkimSignature(result=AuthResult.FAIL, reason="signature mismatch",
+            out.append(DkimSignature(result=AuthStatus.FAIL, reason="signature mismatch",
                                      **base))
     return out
 

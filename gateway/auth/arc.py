@@ -1,22 +1,30 @@
-"""ARC (RFC 8617) chain validation with dkimpy, keys fetched first on our resolver.
-
-The chain result and who sealed it are facts for DMARC: a trusted sealer (a forwarder or list
-named in auth.trusted_arc_sealers) vouching for a message keeps a DMARC failure caused by the
-forwarding from counting against it.
-"""
+"""ARC (RFC 8617) chain validation with dkimpy, keys fetched first on our resolver."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import ClassVar
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from gateway.auth import ArcFacts, AuthResult
-from gateway.checks.base import CheckContext, CheckResult, Hit
-from gateway.checks.dkim import TEMP, SignatureCheck, fetch_keys
-from gateway.message import Direction, ParsedMessage
+from gateway.auth import AuthStatus
+from gateway.auth.dkim import TEMP, SignatureCheck, fetch_keys
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit
+from gateway.message import Direction, Inbound, ParsedMessage
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArcFacts(Facts):
+    method: ClassVar[str] = "arc"
+    result: AuthStatus  # chain validation: pass, fail or none
+    sealers: tuple[str, ...]  # d= of each ARC-Seal, newest first
+    oldest_results: str  # the Authentication-Results the first sealer recorded (its AAR)
+
+    def ar(self, inbound: Inbound) -> list[str]:
+        return [f"arc={self.result.value}"] if self.result is not AuthStatus.NONE else []
+
 
 _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 
@@ -24,7 +32,7 @@ _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 class ArcCheck(SignatureCheck):
     name: ClassVar[str] = "arc"
     phase: ClassVar[int] = 1
-    produces: ClassVar[type | None] = ArcFacts
+    produces: ClassVar[type[Facts] | None] = ArcFacts
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({"ARC_PASS", "ARC_FAIL", "ARC_NONE",
                                                    "ARC_TEMPERROR"})
@@ -34,7 +42,7 @@ class ArcCheck(SignatureCheck):
         arc_headers = ("arc-seal", "arc-message-signature", "arc-authentication-results")
         if not any(n.lower() in arc_headers for n, _ in msg.headers):
             return CheckResult.of(self.name, Hit(symbol="ARC_NONE"), facts=ArcFacts(
-                result=AuthResult.NONE, sealers=(), oldest_results=""))
+                result=AuthStatus.NONE, sealers=(), oldest_results=""))
         names = set()
         for n, v in msg.headers:
             if n.lower() in ("arc-seal", "arc-message-signature"):
@@ -51,11 +59,11 @@ class ArcCheck(SignatureCheck):
         oldest = aar[0][1] if aar else ""
         if any(v is TEMP for v in keys.values()):
             return CheckResult.of(self.name, Hit(symbol="ARC_TEMPERROR"), facts=ArcFacts(
-                result=AuthResult.TEMPERROR, sealers=sealers, oldest_results=oldest))
+                result=AuthStatus.TEMPERROR, sealers=sealers, oldest_results=oldest))
         cv, reason = await self._workers.run(verify_chain, ctx.inbound.raw, keys, self._minkey,
                                              limit_s=self._limit_s)
-        result = {"pass": AuthResult.PASS, "none": AuthResult.NONE}.get(cv, AuthResult.FAIL)
-        symbol = {AuthResult.PASS: "ARC_PASS", AuthResult.NONE: "ARC_NONE"}.get(result, "ARC_FAIL")
+        result = {"pass": AuthStatus.PASS, "none": AuthStatus.NONE}.get(cv, AuthStatus.FAIL)
+        symbol = {AuthStatus.PASS: "ARC_PASS", AuthStatus.NONE: "ARC_NONE"}.get(result, "ARC_FAIL")
         return CheckResult.of(self.name, Hit(symbol=symbol, detail=f"{cv} {reason}"[:200]),
                               facts=ArcFacts(result=result, sealers=sealers, oldest_results=oldest))
 

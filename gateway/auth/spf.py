@@ -1,4 +1,5 @@
-"""SPF check_host() (RFC 7208), async on the gateway's resolver.
+"""SPF (RFC 7208): check_host(), async on the gateway's resolver, and the check of the MAIL FROM
+identity (HELO when MAIL FROM is empty).
 
 Every mechanism and modifier, macros (section 7), include/redirect, the limit of 10 DNS-querying
 terms and of 2 void lookups (4.6.4), exists/ptr, IPv6. Checked against the RFC 7208 test suite
@@ -13,10 +14,28 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from gateway.auth import AuthResult
-from gateway.dns import Resolver
+from gateway.auth import AuthStatus, ar_value
+from gateway.auth.dns import Resolver
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.errors import DnsPermanentError, DnsTemporaryError
+from gateway.message import Direction, Inbound, ParsedMessage
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpfFacts(Facts):
+    method: ClassVar[str] = "spf"
+    result: AuthStatus
+    domain: str
+    identity: str  # "mailfrom" or "helo"
+
+    def ar(self, inbound: Inbound) -> list[str]:
+        if self.identity == "mailfrom":
+            return [f"spf={self.result.value} smtp.mailfrom="
+                    f"{ar_value(inbound.mail_from or self.domain)}"]
+        return [f"spf={self.result.value} smtp.helo={ar_value(self.domain)}"]
+
 
 MAX_LOOKUPS = 10
 MAX_VOID = 2
@@ -25,13 +44,13 @@ MAX_MX_PTR = 10
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-_QUALIFIERS = {"+": AuthResult.PASS, "-": AuthResult.FAIL, "~": AuthResult.SOFTFAIL,
-               "?": AuthResult.NEUTRAL}
+_QUALIFIERS = {"+": AuthStatus.PASS, "-": AuthStatus.FAIL, "~": AuthStatus.SOFTFAIL,
+               "?": AuthStatus.NEUTRAL}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SpfOutcome:
-    result: AuthResult
+    result: AuthStatus
     domain: str  # the domain checked (MAIL FROM's, or HELO's)
     identity: str  # "mailfrom" or "helo"
     mechanism: str = ""  # the term that decided, for logs
@@ -84,15 +103,15 @@ async def check_host(resolver: Resolver, ip: str, domain: str, sender: str, helo
     state = _State(resolver=resolver, ip=addr, sender=sender, helo=helo, receiver=receiver)
     domain = domain.rstrip(".")
     if not _valid_domain(domain):
-        return SpfOutcome(result=AuthResult.NONE, domain=domain, identity=identity,
+        return SpfOutcome(result=AuthStatus.NONE, domain=domain, identity=identity,
                           reason="not a valid domain name")
     try:
         result, term, explanation = await _check(state, domain, depth=0)
     except _Perm as exc:
-        return SpfOutcome(result=AuthResult.PERMERROR, domain=domain, identity=identity,
+        return SpfOutcome(result=AuthStatus.PERMERROR, domain=domain, identity=identity,
                           reason=str(exc))
     except _Temp as exc:
-        return SpfOutcome(result=AuthResult.TEMPERROR, domain=domain, identity=identity,
+        return SpfOutcome(result=AuthStatus.TEMPERROR, domain=domain, identity=identity,
                           reason=str(exc))
     return SpfOutcome(result=result, domain=domain, identity=identity, mechanism=term,
                       explanation=explanation)
@@ -134,7 +153,7 @@ _CIDR = re.compile(r"^(?:/(0|[1-9]\d{0,2}))?(?://(0|[1-9]\d{0,2}))?$")
 
 @dataclass(frozen=True, slots=True)
 class _Term:
-    qualifier: AuthResult
+    qualifier: AuthStatus
     name: str
     arg: str | None
     cidr4: int
@@ -199,7 +218,7 @@ def _mechanism(text: str) -> _Term:
         _check_domain_spec(arg)
     if cidr4 > 32 or cidr6 > 128:
         raise _Perm(f"CIDR length out of range in {text!r}")
-    return _Term(qualifier=_QUALIFIERS.get(qual, AuthResult.PASS), name=name, arg=arg,
+    return _Term(qualifier=_QUALIFIERS.get(qual, AuthStatus.PASS), name=name, arg=arg,
                  cidr4=cidr4, cidr6=cidr6, text=text)
 
 
@@ -232,17 +251,17 @@ def _check_domain_spec(value: str) -> None:
         raise _Perm(f"invalid domain-spec {value!r}")
 
 
-async def _check(state: _State, domain: str, depth: int) -> tuple[AuthResult, str, str]:
+async def _check(state: _State, domain: str, depth: int) -> tuple[AuthStatus, str, str]:
     if depth > 20:
         raise _Perm("include/redirect loop")
     record = await _record(state, domain)
     if record is None:
-        return AuthResult.NONE, "", ""
+        return AuthStatus.NONE, "", ""
     terms, redirect, exp = _parse(record)
     for term in terms:
         if await _matches(state, term, domain, depth):
             explanation = ""
-            if term.qualifier is AuthResult.FAIL and exp:
+            if term.qualifier is AuthStatus.FAIL and exp:
                 explanation = await _explain(state, exp, domain)
             return term.qualifier, term.text, explanation
     if redirect is not None:
@@ -251,10 +270,10 @@ async def _check(state: _State, domain: str, depth: int) -> tuple[AuthResult, st
         if not _valid_domain(target):
             raise _Perm(f"redirect to invalid domain {target!r}")
         result, decided_by, explanation = await _check(state, target, depth + 1)
-        if result is AuthResult.NONE:
+        if result is AuthStatus.NONE:
             raise _Perm(f"redirect target {target} has no SPF record")
         return result, decided_by, explanation
-    return AuthResult.NEUTRAL, "(default)", ""
+    return AuthStatus.NEUTRAL, "(default)", ""
 
 
 async def _matches(state: _State, term: _Term, domain: str, depth: int) -> bool:
@@ -272,11 +291,11 @@ async def _matches(state: _State, term: _Term, domain: str, depth: int) -> bool:
         if not _valid_domain(target):
             raise _Perm(f"include of invalid domain {target!r}")
         result, _, _ = await _check(state, target, depth + 1)
-        if result is AuthResult.PASS:
+        if result is AuthStatus.PASS:
             return True
-        if result in (AuthResult.FAIL, AuthResult.SOFTFAIL, AuthResult.NEUTRAL):
+        if result in (AuthStatus.FAIL, AuthStatus.SOFTFAIL, AuthStatus.NEUTRAL):
             return False
-        if result is AuthResult.TEMPERROR:
+        if result is AuthStatus.TEMPERROR:
             raise _Temp(f"include:{target}")
         raise _Perm(f"include:{target} gave {result.value}")
     if not _valid_domain(target):
@@ -442,3 +461,37 @@ async def _macro_value(state: _State, letter: str, domain: str, explanation: boo
     if letter == "t":
         return str(int(time.time()))
     raise _Perm(f"unknown macro {letter}")
+
+
+_SYMBOL: dict[AuthStatus, str] = {r: f"SPF_{r.name}" for r in AuthStatus
+                                  if r is not AuthStatus.POLICY}
+
+
+class SpfCheck:
+    name: ClassVar[str] = "spf"
+    phase: ClassVar[int] = 1
+    produces: ClassVar[type[Facts] | None] = SpfFacts
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
+    symbols: ClassVar[frozenset[str]] = frozenset(_SYMBOL.values())
+
+    def __init__(self, services: Services) -> None:
+        self._resolver = services.resolver
+        self._receiver = services.cfg.gateway.hostname
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        inbound = ctx.inbound
+        mail_from = inbound.mail_from
+        if "@" in mail_from:
+            domain, identity = mail_from.rpartition("@")[2], "mailfrom"
+        else:
+            domain, identity = inbound.helo.strip("[]"), "helo"
+            mail_from = f"postmaster@{domain}"
+        outcome = await check_host(self._resolver, inbound.peer_ip, domain, mail_from,
+                                   inbound.helo, receiver=self._receiver, identity=identity)
+        result = outcome.result
+        detail = f"{identity}={domain} {outcome.mechanism or outcome.reason}".strip()
+        return CheckResult.of(self.name, Hit(symbol=_SYMBOL[result], detail=detail[:200]),
+                              facts=SpfFacts(result=result, domain=domain, identity=identity))
+
+
+CHECKS = (SpfCheck,)
