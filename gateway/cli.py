@@ -22,7 +22,8 @@ from gateway.config import Config
 from gateway.errors import ConfigError, DownstreamRejected, Refused, TemporaryError
 from gateway.message import Direction, Inbound, header_section_end
 from gateway.release import release
-from gateway.service import Runtime, build_runtime, load_rules, serve
+from gateway.runtime import Runtime
+from gateway.service import build_runtime, load_rules, serve
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
 from quarantine.store import STATES, STATES_FR, Item, NotFound, NotQuarantined

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from typing import Any
 
 from gateway import banner, chains, headers, replies
 from gateway.chains import Step
@@ -30,7 +31,6 @@ from gateway.checks.base import (
 from gateway.checks.outbound_health import OutboundFacts
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
-from gateway.logs import log_message
 from gateway.message import Direction, Inbound, ParsedMessage, parse_message
 from gateway.notice import Notifier
 from gateway.relay import Transaction
@@ -450,3 +450,36 @@ def emitted_symbols(checks: Sequence[Check]) -> frozenset[str]:
     for c in checks:
         out |= c.symbols | runner_symbols(c.name)
     return frozenset(out)
+
+
+_summary = logging.getLogger("gateway.message")  # one line per message
+
+
+def log_message(inbound: Inbound, outcome: Outcome, duration_s: float) -> None:
+    """The one log line of each message (JSON fields)."""
+    analysis = outcome.analysis
+    fields: dict[str, Any] = {
+        "event": "message",
+        "queue_id": inbound.queue_id,
+        "client": inbound.peer_ip,
+        "helo": inbound.helo,
+        "mail_from": inbound.mail_from,
+        "rcpt_count": len(inbound.rcpts),
+        "rcpts": list(inbound.rcpts),
+        "size": len(inbound.raw),
+        "tls": inbound.tls,
+        "direction": inbound.direction.value,
+        **({"auth_user": inbound.auth_user} if inbound.auth_user else {}),
+        "outcome": outcome.kind.value,
+        "duration_ms": round(duration_s * 1000, 1),
+    }
+    if analysis is not None:
+        fields["action"] = analysis.verdict.action.value
+        fields["score"] = analysis.verdict.score
+        fields["symbols"] = [f"{s.name}({s.score:g})" for s in analysis.verdict.symbols]
+        fields["check_ms"] = {k: round(v * 1000, 1) for k, v in analysis.durations.items()}
+    if outcome.quarantine_id:
+        fields["quarantine_id"] = outcome.quarantine_id
+    if outcome.downstream_code:
+        fields["downstream_code"] = outcome.downstream_code
+    _summary.info("message %s", outcome.kind.value, extra={"fields": fields})

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import time
 from email.utils import formatdate
-from typing import TYPE_CHECKING
 
 from gateway import headers
 from gateway.errors import DownstreamUnavailable
 from gateway.relay import deliver
+from gateway.runtime import Runtime
 from quarantine.store import Item
-
-if TYPE_CHECKING:
-    from gateway.service import Runtime
 
 
 async def release(runtime: Runtime, item_id: str, *, by: str) -> Item:

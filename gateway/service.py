@@ -36,7 +36,8 @@ from gateway.errors import ConfigError
 from gateway.message import Direction
 from gateway.notice import Notifier, release_token
 from gateway.pipeline import Pipeline, emitted_symbols
-from gateway.relay import NextHop, create_next_hop, create_smarthost
+from gateway.relay import create_next_hop, create_smarthost
+from gateway.runtime import Runtime
 from gateway.smtp import (
     ConnectionCounter,
     Handler,
@@ -70,28 +71,6 @@ def symbol_table_path(cfg: Config) -> Path:
 
 def quarantine_root(cfg: Config) -> Path:
     return cfg.data_dir / "quarantine"
-
-
-@dataclass(slots=True, kw_only=True)
-class Runtime:
-    cfg: Config
-    table: SymbolTable
-    workers: Workers
-    pipeline: Pipeline
-    next_hop: NextHop
-    smarthost: NextHop
-    notifier: Notifier
-    store: Store | None
-    auth: AuthState  # login counters, web sessions (shared by the serving processes)
-    secret: bytes  # the installation's secret (banner marker, sender release links)
-
-    async def close(self) -> None:
-        await self.notifier.close()
-        await self.pipeline.flush_stats()
-        if self.store is not None:
-            await self.store.close()
-        await asyncio.to_thread(self.auth.close)
-        self.workers.close()
 
 
 def create_resolver(cfg: Config) -> Resolver:

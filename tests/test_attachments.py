@@ -14,7 +14,8 @@ import pytest
 
 from gateway.cli import to_crlf
 from gateway.message import Inbound
-from gateway.service import Runtime, build_runtime
+from gateway.runtime import Runtime
+from gateway.service import build_runtime
 from gateway.symbols import Action
 from gateway.yara_rules import compile_rules
 from tests.conftest import CORPUS, DOMAIN, make_config

@@ -16,7 +16,8 @@ from gateway.auth.spf import SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Services
 from gateway.cli import to_crlf
 from gateway.message import Inbound, parse_message
-from gateway.service import Runtime, build_runtime, create_resolver
+from gateway.runtime import Runtime
+from gateway.service import build_runtime, create_resolver
 from gateway.workers import Workers
 from tests.conftest import CORPUS, DOMAIN, make_config
 from tests.support.dnsserver import ThreadedDnsServer

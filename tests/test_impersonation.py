@@ -17,7 +17,8 @@ import pytest
 
 from gateway.cli import to_crlf
 from gateway.message import Inbound
-from gateway.service import Runtime, build_runtime, running
+from gateway.runtime import Runtime
+from gateway.service import build_runtime, running
 from gateway.symbols import Action
 from tests.conftest import DNS, DOMAIN, make_config
 from tests.support.dnsserver import ThreadedDnsServer

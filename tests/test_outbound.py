@@ -16,7 +16,8 @@ import pytest
 from gateway.cli import to_crlf
 from gateway.health_data import find_nirs, mask, valid_nir
 from gateway.message import Direction, Inbound
-from gateway.service import Runtime, build_runtime
+from gateway.runtime import Runtime
+from gateway.service import build_runtime
 from gateway.symbols import Action
 from tests.conftest import DNS, DOMAIN, make_config
 

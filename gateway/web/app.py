@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 import jinja2
@@ -31,6 +31,7 @@ from gateway.authstate import Session, Throttle
 from gateway.errors import DownstreamRejected, Refused, TemporaryError
 from gateway.notice import release_token
 from gateway.release import release
+from gateway.runtime import Runtime
 from gateway.sender_lists import SenderLists
 from gateway.web import charts, preview
 from gateway.web.security import (
@@ -44,9 +45,6 @@ from gateway.web.security import (
     same_token,
 )
 from quarantine.store import STATES_FR, Filters, Item, NotFound, NotQuarantined
-
-if TYPE_CHECKING:  # service.py imports this module
-    from gateway.service import Runtime
 
 log = logging.getLogger(__name__)
 
