@@ -10,8 +10,10 @@ zipfile (stdlib), oletools (VBA in OLE documents), yara-python.
 from __future__ import annotations
 
 import io
+import math
 import re
 import threading
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -83,6 +85,7 @@ class _Scan:
     findings: list[Finding] = field(default_factory=list)
     seen: set[tuple[str, str]] = field(default_factory=set)
     budget_bytes: int = 0
+    deadline: float = math.inf  # time.monotonic() past which YARA scans no more
 
     def add(self, symbol: str, name: str, detail: str = "", rule: str = "") -> None:
         if (symbol, name) not in self.seen:
@@ -91,14 +94,19 @@ class _Scan:
                                          rule=rule))
 
 
-def analyse_job(raw: bytes, parsed: ParsedMessage, policy: Policy) -> list[Finding]:
+def analyse_job(raw: bytes, parsed: ParsedMessage, policy: Policy,
+                budget_s: float = math.inf) -> list[Finding]:
     """`analyse` as a killable job: with the YARA rules installed in the worker process."""
-    return analyse(raw, parsed, policy, provided(YARA))
+    return analyse(raw, parsed, policy, provided(YARA), budget_s)
 
 
-def analyse(raw: bytes, parsed: ParsedMessage, policy: Policy,
-            yara: YaraRules | None) -> list[Finding]:
-    scan = _Scan(policy=policy, yara=yara, budget_bytes=policy.max_total_bytes)
+def analyse(raw: bytes, parsed: ParsedMessage, policy: Policy, yara: YaraRules | None,
+            budget_s: float = math.inf) -> list[Finding]:
+    """The findings; YARA's scans of all the parts share `budget_s` (each is bounded by its
+    own timeout too), so that a thread scanning a message's bodies is bounded as a whole:
+    past it, YARA_TIMEOUT and no more scans."""
+    scan = _Scan(policy=policy, yara=yara, budget_bytes=policy.max_total_bytes,
+                 deadline=time.monotonic() + budget_s)
     for part in parsed.parts:
         if part.is_multipart:
             continue
@@ -156,7 +164,11 @@ def _file(scan: _Scan, name: str, data: bytes, declared: str, *, depth: int,
 
 def _yara(scan: _Scan, data: bytes, name: str) -> None:
     assert scan.yara is not None
-    for match in scan.yara.scan(data):
+    left = scan.deadline - time.monotonic()
+    if left <= 0:
+        scan.add("YARA_TIMEOUT", "(message)", "the message's scanning time is spent")
+        return
+    for match in scan.yara.scan(data, limit_s=left):
         scan.add(match.symbol, name, match.rule, rule=match.rule)
 
 

@@ -10,7 +10,7 @@ or is listed in it). Nothing outside this table branches on the direction to act
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway import replies
@@ -83,13 +83,11 @@ class Decision:
 def plan(direction: Direction, verdict: Verdict, table: SymbolTable,
          quarantine_score: float) -> Decision:
     """The chain for this message, and its reply."""
-    forcing = [s.name for s in verdict.symbols
-               if (sym := table.symbols.get(s.name)) is not None and sym.action is not None
-               and sym.action.severity >= Action.TEMPFAIL.severity]
+    names = [s.name for s in verdict.symbols]
+    forcing = _forcing(names, table)
     chosen = Plan(verdict.action.value)
-    if (chosen is Plan.QUARANTINE and (direction, Plan.PARTIAL_HOLD) in CHAINS and forcing
-            and verdict.score < quarantine_score
-            and all(table.symbols[n].hold == "exposed" for n in forcing)):
+    if (chosen is Plan.QUARANTINE and (direction, Plan.PARTIAL_HOLD) in CHAINS
+            and held_for_exposure_only(names, verdict.score, table, quarantine_score)):
         chosen = Plan.PARTIAL_HOLD
     chain = CHAINS[(direction, chosen)]
     reply = chain.reply
@@ -99,6 +97,24 @@ def plan(direction: Direction, verdict: Verdict, table: SymbolTable,
             reply = getattr(replies, sym.reply)
             break
     return Decision(plan=chosen, chain=chain, reply=reply)
+
+
+def held_for_exposure_only(names: Iterable[str], score: float, table: SymbolTable,
+                           quarantine_score: float) -> bool:
+    """Held for nothing but data that would reach some recipients in clear: every symbol
+    forcing the hold declares `hold = "exposed"`, and the score alone would not hold it.
+    Then the others may have it (partial hold), and the sender may release it herself (the
+    link in her notice); held for anything else, only the practice's admin may."""
+    forcing = _forcing(names, table)
+    return bool(forcing) and score < quarantine_score and all(
+        table.symbols[n].hold == "exposed" for n in forcing)
+
+
+def _forcing(names: Iterable[str], table: SymbolTable) -> list[str]:
+    """The symbols whose forced action is a hold, a refusal or a retry."""
+    return [n for n in names
+            if (sym := table.symbols.get(n)) is not None and sym.action is not None
+            and sym.action.severity >= Action.TEMPFAIL.severity]
 
 
 def notice_symbols(verdict: Verdict, table: SymbolTable) -> tuple[bool, tuple[str, ...]]:

@@ -114,15 +114,17 @@ class Notifier:
 
     def after(self, inbound: Inbound, subject: str, *, findings: tuple[str, ...],
               exposed: tuple[str, ...], delivered: bool, quarantine_id: str | None,
-              delivered_to: tuple[str, ...] = ()) -> None:
+              delivered_to: tuple[str, ...] = (), sender_may_release: bool = False) -> None:
         """A notice for a message whose chain has the NOTICE step and whose verdict has a
-        symbol asking for one (`notice = "send"`): held, or sent without protection."""
+        symbol asking for one (`notice = "send"`): held, or sent without protection. The
+        release link only when the sender may use it (held for exposure only)."""
         held = quarantine_id is not None
         if not self._cfg.outbound.notify_sender or not (held or delivered) \
                 or "@" not in inbound.mail_from:
             return
         reference = quarantine_id or inbound.queue_id
-        url = self._release_url(reference, inbound.mail_from) if held and self._release_url else ""
+        url = (self._release_url(reference, inbound.mail_from)
+               if held and sender_may_release and self._release_url else "")
         raw = build(self._cfg, inbound, subject, findings=findings, held=held, exposed=exposed,
                     reference=reference, release_url=url, delivered_to=delivered_to)
         task = asyncio.get_running_loop().create_task(self._send(inbound.mail_from, raw, reference))

@@ -30,7 +30,7 @@ from gateway.checks.base import (
 )
 from gateway.checks.outbound_health import OutboundFacts
 from gateway.config import Config
-from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout
+from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout, TemporaryError
 from gateway.message import Direction, Inbound, ParsedMessage, parse_message
 from gateway.notice import Notifier
 from gateway.relay import Transaction
@@ -107,7 +107,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             parsed = await self.parse(inbound.raw, min(self._cfg.timeouts.parse_s, budget))
-        except ScanTimeout:
+        except TemporaryError:  # out of time, or no worker to parse it: the sender retries
             raise
         except Exception:  # noqa: BLE001 - a parser bug must not lose or bounce the message
             log.exception("parsing failed")
@@ -184,9 +184,9 @@ class Pipeline:
         started = time.perf_counter()
         try:
             analysis = await self.analyse(inbound)
-        except ScanTimeout as exc:
+        except TemporaryError as exc:
             txn.abort()
-            log.warning("scan timeout: %s", exc)
+            log.warning("scan not possible now: %s", exc)
             outcome = Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, reply=replies.TEMPFAIL_SCAN)
             log_message(inbound, outcome, time.perf_counter() - started)
             return outcome
@@ -203,7 +203,10 @@ class Pipeline:
                     inbound, analysis.parsed.subject if analysis.parsed else "",
                     findings=findings, exposed=facts.exposed if facts else (),
                     delivered=outcome.kind is OutcomeKind.DELIVERED,
-                    quarantine_id=outcome.quarantine_id, delivered_to=outcome.delivered_to)
+                    quarantine_id=outcome.quarantine_id, delivered_to=outcome.delivered_to,
+                    sender_may_release=chains.held_for_exposure_only(
+                        (s.name for s in analysis.verdict.symbols), analysis.verdict.score,
+                        self._table, self._cfg.scoring.quarantine))
         return outcome
 
     async def _act(self, inbound: Inbound, analysis: Analysis, txn: Transaction,
@@ -229,10 +232,10 @@ class Pipeline:
                     r for r in inbound.rcpts if r in exposed))
             held = await self._quarantine(stored, analysis, verdict_headers)
             if held.quarantine_id is None or Step.DELIVER not in chain or not recipients:
-                txn.abort()
+                txn.abort()  # nobody to deliver to (a partial hold of exposed ones only)
                 return dataclasses.replace(held, reply=(
-                    decision.reply if held.kind is OutcomeKind.QUARANTINED
-                    else replies.TEMPFAIL_QUARANTINE))
+                    replies.TEMPFAIL_QUARANTINE if held.kind is not OutcomeKind.QUARANTINED
+                    else decision.reply if recipients else replies.QUARANTINED))
             txn.restrict(list(recipients))
         raw: bytes = inbound.raw
         extra: tuple[tuple[str, str], ...] = ()

@@ -137,6 +137,14 @@ def load_table(path: Path) -> SymbolTable:
         if bad:
             problems.append(f"{where}.{bad[0]}: one of {', '.join(_CHOICES[bad[0]])}")
             continue
+        if fail and any(refine.values()):  # the failure contract is not to be narrowed
+            problems.append(f"{where}: a failure symbol (fail) takes no reply, hold, notice "
+                            "or direction")
+            continue
+        if refine["hold"] and refine["direction"] != "outbound":
+            problems.append(f'{where}.hold: only for a symbol with direction = "outbound" '
+                            "(mail held for some recipients is sent to the others)")
+            continue
         symbols[name] = Symbol(
             name=name, group=str(spec.get("group", "misc")), score=float(spec["score"]),
             description=spec["description"].strip(), action=action, fail=fail,

@@ -57,7 +57,7 @@ def fill(description: str, args: dict[str, str]) -> str:
 
 
 def decide(results: Iterable[CheckResult], table: SymbolTable, scoring: ScoringSection,
-           direction: Direction = Direction.INBOUND) -> Verdict:
+           direction: Direction) -> Verdict:
     """The verdict; a symbol the table keeps for one direction (`direction`) counts only for
     mail going that way."""
     by_group: dict[str, float] = {}

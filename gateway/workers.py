@@ -35,6 +35,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,17 +78,31 @@ class Workers:
             raise ScanTimeout(f"{_name(fn)} took more than {limit_s}s") from None
 
     async def run_killable(self, fn: Callable[..., T], *args: object, limit_s: float) -> T:
-        """Run fn(*args) in a worker process, killed past `limit_s` seconds of running
-        (ScanTimeout) or when the caller is cancelled; WorkerCrashed if it died."""
-        pool = self._process_pool()
+        """Run fn(*args) in a worker process, killed past `limit_s` seconds of running, or
+        given up after waiting for a worker as long again (ScanTimeout), or when the caller is
+        cancelled. WorkerCrashed if its process died, or if the pool could not take it even
+        once rebuilt (a pool pebble declared broken is never used again)."""
         files: list[Path] = []
+        with self._lock:
+            if self._spool is None:
+                self._spool = _new_spool()
         sent = tuple(self._spooled_arg(a, files) for a in args)
         try:
-            future = pool.schedule(_call, args=(fn, sent), timeout=limit_s)
-            # Counted from now, queue wait included (as for a thread). Cancelling the wait
-            # cancels the job, which kills its process if it had started.
-            async with asyncio.timeout(limit_s):
-                return await asyncio.wrap_future(future)
+            # Cancelling the wait cancels the job, which kills its process if it had started.
+            async with asyncio.timeout(2 * limit_s):
+                for attempt in (1, 2):
+                    pool, future = self._schedule(fn, sent, limit_s)
+                    try:
+                        return await asyncio.wrap_future(future)
+                    except (RuntimeError, BrokenProcessPool) as exc:
+                        # The pool broke, not the job (pebble's "All workers expired" when a
+                        # worker died between jobs): once more on a new pool.
+                        self._discard(pool)
+                        if attempt == 2:
+                            raise WorkerCrashed(f"{_name(fn)}: worker pool failed ({exc})"
+                                                ) from None
+                        log.warning("worker pool failed (%s): job sent to a new one", exc)
+                raise AssertionError("unreachable")
         except (TimeoutError, concurrent.futures.TimeoutError):
             raise ScanTimeout(f"{_name(fn)} took more than {limit_s}s (stopped)") from None
         except ProcessExpired as exc:
@@ -96,6 +111,26 @@ class Workers:
             for path in files:
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+    def _schedule(self, fn: Callable[..., T], sent: tuple[object, ...],
+                  limit_s: float) -> tuple[ProcessPool, concurrent.futures.Future[T]]:
+        for _ in range(2):
+            pool = self._process_pool()
+            try:
+                return pool, pool.schedule(_call, args=(fn, sent), timeout=limit_s)
+            except (RuntimeError, BrokenProcessPool, OSError) as exc:
+                # Broken for good (a worker lost outside a job, a failed fork), or closed by
+                # a reload meanwhile: a new pool, once.
+                log.warning("worker pool unusable (%s): building a new one", exc)
+                self._discard(pool)
+        raise WorkerCrashed(f"{_name(fn)}: no usable worker pool")
+
+    def _discard(self, pool: ProcessPool) -> None:
+        with self._lock:
+            if self._procs is pool:
+                self._procs = None
+        pool.stop()  # type: ignore[no-untyped-call]
+        threading.Thread(target=pool.join, daemon=True).start()
 
     def _spooled_arg(self, arg: object, files: list[Path]) -> object:
         """A large bytes argument as a file in the spool (the argument itself if there is
@@ -132,11 +167,9 @@ class Workers:
 
     def _process_pool(self) -> ProcessPool:
         with self._lock:
-            if self._procs is None:
+            if self._procs is None or not self._procs.active:
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload(JOB_MODULES)
-                if self._spool is None:
-                    self._spool = _new_spool()
                 self._procs = ProcessPool(
                     max_workers=self._processes, context=ctx, initializer=_start_worker,
                     initargs=(dict(self._state), self._memory_mb))

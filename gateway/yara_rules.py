@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +60,13 @@ class YaraRules:
     def symbols(self) -> frozenset[str]:
         return frozenset(self._symbols.values()) | {FALLBACK_SYMBOL}
 
-    def scan(self, data: bytes) -> list[Match]:
+    def scan(self, data: bytes, limit_s: float = math.inf) -> list[Match]:
+        """Matches within the rules' timeout, or `limit_s` if less (whole seconds, 1 at
+        least: YARA's unit)."""
+        timeout = max(1, min(self._timeout, math.ceil(limit_s) if limit_s < math.inf
+                             else self._timeout))
         try:
-            matches = self._rules.match(data=data, timeout=self._timeout, fast=True)
+            matches = self._rules.match(data=data, timeout=timeout, fast=True)
         except yara.TimeoutError:
             return [Match(rule="(timeout)", symbol="YARA_TIMEOUT")]
         except yara.Error as exc:

@@ -78,10 +78,20 @@ async def test_the_reply_follows_the_symbol_table(tmp_path: Path, sink: Sink):
     ('reply = "TEMPFAIL_SCAN"\n', "reply: a 5xx reply"),  # 451 text for a refusal
     ('hold = "everyone"\n', "hold: one of exposed"),
     ('notice = "maybe"\n', "notice: one of send, list"),
+    ('hold = "exposed"\n', "hold: only for a symbol with direction"),  # inbound: no one else
 ])
 def test_a_wrong_refinement_is_refused_at_start(tmp_path: Path, line: str, why: str):
     rules = rules_with(tmp_path, "YARA_EICAR", 'action = "reject"\n',
                        f'action = "reject"\n{line}')
     cfg = make_config(tmp_path / "d", gateway={"rules_dir": str(rules)})
     with pytest.raises(ConfigError, match=f"symbols.YARA_EICAR.{why}"):
+        load_rules(cfg, Workers())
+
+
+def test_the_failure_contract_cannot_be_narrowed(tmp_path: Path):
+    """A timeout kept for one direction would count for nothing in the other: fail open."""
+    rules = rules_with(tmp_path, "ATTACHMENTS_TIMEOUT", 'fail = "closed"\n',
+                       'fail = "closed"\ndirection = "inbound"\n')
+    cfg = make_config(tmp_path / "d", gateway={"rules_dir": str(rules)})
+    with pytest.raises(ConfigError, match="ATTACHMENTS_TIMEOUT: a failure symbol"):
         load_rules(cfg, Workers())

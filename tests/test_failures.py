@@ -3,7 +3,10 @@ rules/symbols.toml declares (`fail`), and its facts are Unavailable, never "noth
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import aiosmtplib
@@ -181,3 +184,66 @@ async def test_a_from_of_50000_domains_is_held_without_50000_lookups(tmp_path: P
     assert code == 250 and "quarantaine" in reply
     assert "DMARC_TOO_MANY_FROM_DOMAINS" in {s.name for s in item.symbols}
     assert sink.empty()
+
+
+def _job_workers() -> list[int]:
+    """Worker processes of this process's killable-job pools: children of its fork server."""
+    def children(pid: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in (task / "children").read_text().split()]
+        return out
+    servers = [c for c in children(os.getpid())
+               if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [w for s in servers for w in children(s)]
+
+
+async def test_a_worker_lost_while_idle_does_not_break_the_analysis(tmp_path: Path, sink: Sink):
+    """pebble declares a pool broken for good when a worker dies outside a job (the kernel's
+    out-of-memory killer taking an idle one): every later message was then held as
+    unanalysable. A new pool is built and the mail is analysed."""
+    cfg = make_config(tmp_path, gateway={"job_processes": 1},
+                      next_hop={"address": sink.address, "starttls": "off"})
+    note = message_with("note.txt", b"Bonjour docteur.")
+    async with running(cfg) as gw:
+        assert (await _send(gw.port, note))[1].find("transmis") > 0
+        workers = _job_workers()
+        assert workers, "the message with a file went through a worker process"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(2):
+            code, reply = await _send(gw.port, note)
+            assert code == 250 and "transmis" in reply, reply
+    for _ in range(3):
+        data = (await sink.get()).data
+        assert b"X-Gateway-Action: accept" in data and b"ATTACHMENTS_ERROR" not in data
+
+
+def test_yara_on_the_bodies_of_one_message_shares_one_budget(tmp_path: Path):
+    """A message of bodies only is scanned in a thread, which cannot be stopped: each YARA
+    scan has its own timeout, and all of them share the check's limit, or 1,000 parts under
+    a slow third-party rule would hold the thread for 1,000 timeouts."""
+    from email.message import EmailMessage
+
+    from gateway.attachments import Policy, analyse
+    from gateway.cli import to_crlf
+    from gateway.config import DEFAULT_RULES_DIR
+    from gateway.message import parse_message
+    from gateway.yara_rules import compile_rules
+
+    (tmp_path / "lente.yar").write_text(RUNAWAY_RULE)
+    rules = compile_rules([tmp_path], timeout_s=1)
+    m = EmailMessage()
+    m["From"] = "resultats@labo.example"
+    m.set_content("RUNN" + "\x05" * 20_000)
+    for _ in range(40):
+        m.add_alternative("RUNN" + "\x05" * 20_000)
+    raw = to_crlf(bytes(m))
+    parsed = parse_message(raw)
+    assert not parsed.has_files
+    findings = analyse(raw, parsed, Policy.load(DEFAULT_RULES_DIR / "attachments.toml"), rules,
+                       1.5)
+    timeouts = [f for f in findings if f.symbol == "YARA_TIMEOUT"]
+    assert any(f.name == "(message)" for f in timeouts)  # the budget stopped the scans
+    assert len(timeouts) <= 4  # not one per part

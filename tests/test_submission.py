@@ -282,7 +282,8 @@ async def test_sender_releases_her_held_message_from_the_link_in_the_notice(
     AccountFile(cfg.submission_users_file).add(USER, PASSWORD)
     async with running(cfg) as gw:
         s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
-        assert "quarantaine" in await send(s, "patient@gmail.com", mail("patient@gmail.com", LAB))
+        reply = await send(s, "patient@gmail.com", mail("patient@gmail.com", LAB))
+        assert reply.startswith("2.0.0 Message accepte et mis en quarantaine")  # no MSSanté rcpt
         body = parsed(await sink.get()).get_content()
         link = next(w for w in body.split() if w.startswith("http://passerelle.cabinet.test/"))
         path = link.removeprefix("http://passerelle.cabinet.test")
@@ -524,3 +525,37 @@ async def test_parallel_logins_get_no_more_tries_than_one_by_one(tmp_path: Path,
     assert codes.count(535) <= 2  # the pair's free tries; the others had to wait (454)
     assert codes.count(235) <= 1
     assert set(codes) <= {535, 454, 235}
+
+
+async def test_no_release_link_for_a_message_held_for_anything_else(
+        tmp_path: Path, cert, relay: Sink, sink: Sink):
+    """The sender's own link frees only a message held for health data in clear. Held also
+    because its analysis could not finish (or for a dangerous file), it is for the practice's
+    admin: no link in the notice, and a link made anyway is refused."""
+    import aiohttp
+
+    from gateway.notice import release_token
+
+    cfg = make_config(
+        tmp_path / "data", smtp={"tls_cert": str(cert[0]), "tls_key": str(cert[1])},
+        next_hop={"address": sink.address, "starttls": "off"}, outbound={"policy": "warn"},
+        timeouts={"attachments_s": 1e-6},
+        submission={"listen": "127.0.0.1:0", "smarthost": relay.address,
+                    "smarthost_ca_file": str(cert[0])},
+        web={"listen": "127.0.0.1:0", "public_url": "http://passerelle.cabinet.test"})
+    AccountFile(cfg.submission_users_file).add(USER, PASSWORD)
+    async with running(cfg) as gw:
+        s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
+        assert "quarantaine" in await send(s, "patient@gmail.com", mail("patient@gmail.com", LAB))
+        store = gw.runtime.store
+        assert store is not None
+        (item,) = await store.list_items()
+        assert {"ATTACHMENTS_TIMEOUT", "OUTBOUND_HEALTH_CLEARTEXT_WARN"} <= {
+            x.name for x in item.symbols}
+        body = parsed(await sink.get()).get_content()
+        assert "données de santé" in body and "passerelle.cabinet.test" not in body
+        path = f"/liberation/{item.id}/{release_token(gw.runtime.secret, item.id, USER)}"
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{gw.web_port}{path}") as r:
+            assert r.status == 404
+    assert relay.empty()

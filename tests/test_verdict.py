@@ -8,9 +8,11 @@ import pytest
 
 from gateway.checks.base import CheckResult, Hit
 from gateway.config import DEFAULT_RULES_DIR, ScoringSection
+from gateway.message import Direction
 from gateway.symbols import Action, load_table
 from gateway.verdict import decide
 
+IN = Direction.INBOUND
 TABLE = load_table(DEFAULT_RULES_DIR / "symbols.toml")
 SCORING = ScoringSection(tag=2.0, quarantine=4.0, reject=8.0)
 
@@ -30,18 +32,19 @@ def result(*symbols: str, factor: float = 1.0) -> CheckResult:
     (("ATTACHMENTS_ERROR",), Action.QUARANTINE),  # attachment analysis fails closed
 ])
 def test_thresholds_and_forced_actions(symbols, action):
-    assert decide([result(*symbols)], TABLE, SCORING).action is action
+    assert decide([result(*symbols)], TABLE, SCORING, IN).action is action
 
 
 def test_group_cap_limits_structure_score():
     many = ("FROM_MISSING", "SMTP_BARE_LF_DOT", "MIME_TOO_COMPLEX", "DATE_MISSING")
-    v = decide([result(*many)], TABLE, ScoringSection(tag=5, quarantine=10, reject=20))
+    v = decide([result(*many)], TABLE, ScoringSection(tag=5, quarantine=10, reject=20), IN)
     assert v.score == TABLE.group_caps["structure"] == 6.0
     assert v.action is Action.TAG
 
 
 def test_symbols_sorted_by_weight_with_french_text_and_factor():
-    v = decide([result("MESSAGE_ID_MISSING"), result("FROM_MISSING", factor=0.5)], TABLE, SCORING)
+    v = decide([result("MESSAGE_ID_MISSING"), result("FROM_MISSING", factor=0.5)], TABLE,
+               SCORING, IN)
     assert [s.name for s in v.symbols] == ["FROM_MISSING", "MESSAGE_ID_MISSING"]
     assert v.symbols[0].score == 1.5
     assert v.score == 2.0
@@ -50,7 +53,7 @@ def test_symbols_sorted_by_weight_with_french_text_and_factor():
 
 
 def test_forced_tempfail_is_outranked_by_quarantine_score():
-    v = decide([result("FROM_MISSING", "DATE_MISSING", "STRUCTURE_TIMEOUT")], TABLE, SCORING)
+    v = decide([result("FROM_MISSING", "DATE_MISSING", "STRUCTURE_TIMEOUT")], TABLE, SCORING, IN)
     assert v.action is Action.QUARANTINE
 
 

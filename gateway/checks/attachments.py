@@ -71,9 +71,9 @@ class AttachmentsCheck:
             # the limit (ATTACHMENTS_TIMEOUT: the message is held), and the process replaced.
             findings = await self._workers.run_killable(analyse_job, ctx.inbound.raw, msg,
                                                         self._policy, limit_s=self._limit_s)
-        else:  # the bodies only: YARA, bounded by its own timeout (a thread is enough)
+        else:  # the bodies only: YARA, all scans within the limit (a thread is enough)
             findings = await self._workers.run(analyse, ctx.inbound.raw, msg, self._policy,
-                                               self.yara, limit_s=self._limit_s)
+                                               self.yara, self._limit_s, limit_s=self._limit_s)
         return CheckResult(check=self.name, hits=tuple(
             Hit(symbol=f.symbol, detail=f"{f.name}: {f.detail}".strip(": ")[:200],
                 args=(("name", f.name.rsplit("/", 1)[-1] or f.name), ("file", f.name),

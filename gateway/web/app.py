@@ -28,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accounts import AccountFile
 from gateway.authstate import Session, Throttle
+from gateway.chains import held_for_exposure_only
 from gateway.errors import DownstreamRejected, Refused, TemporaryError
 from gateway.notice import release_token
 from gateway.release import release
@@ -539,6 +540,11 @@ class WebApp:
             return None
         expected = release_token(self.secret, item.id, item.mail_from)
         if item.direction != "outbound" or not hmac.compare_digest(expected, token):
+            return None
+        # Held for anything but health data in clear (a dangerous file, an analysis that
+        # could not finish): for the practice's admin only, whatever the link says.
+        if not held_for_exposure_only((s.name for s in item.symbols), item.score,
+                                      self.runtime.table, self.cfg.scoring.quarantine):
             return None
         return item
 
