@@ -20,6 +20,7 @@ import aiosmtplib
 import pytest
 
 from gateway.accounts import AccountFile
+from gateway.config import Config
 from gateway.service import Running, running
 from tests.conftest import DOMAIN, make_config
 from tests.support.certs import self_signed
@@ -269,17 +270,25 @@ def test_cli_add_user_writes_an_argon2_hash_in_a_0600_file(tmp_path: Path):
     assert res.returncode == 1 and "trop court" in res.stderr
 
 
-async def test_sender_releases_her_held_message_from_the_link_in_the_notice(
-        tmp_path: Path, cert, relay: Sink, sink: Sink):
-    import aiohttp
-
+def with_release_links(tmp_path: Path, cert: tuple[Path, Path], relay: Sink, sink: Sink,
+                       **sections: dict[str, object]) -> Config:
+    """Submission with a user, notices through `sink`, the web page with a public address."""
     cfg = make_config(
         tmp_path / "data", smtp={"tls_cert": str(cert[0]), "tls_key": str(cert[1])},
         next_hop={"address": sink.address, "starttls": "off"},
         submission={"listen": "127.0.0.1:0", "smarthost": relay.address,
                     "smarthost_ca_file": str(cert[0])},
-        web={"listen": "127.0.0.1:0", "public_url": "http://passerelle.cabinet.test"})
+        web={"listen": "127.0.0.1:0", "public_url": "http://passerelle.cabinet.test"},
+        **sections)
     AccountFile(cfg.submission_users_file).add(USER, PASSWORD)
+    return cfg
+
+
+async def test_sender_releases_her_held_message_from_the_link_in_the_notice(
+        tmp_path: Path, cert, relay: Sink, sink: Sink):
+    import aiohttp
+
+    cfg = with_release_links(tmp_path, cert, relay, sink)
     async with running(cfg) as gw:
         s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
         reply = await send(s, "patient@gmail.com", mail("patient@gmail.com", LAB))
@@ -536,14 +545,8 @@ async def test_no_release_link_for_a_message_held_for_anything_else(
 
     from gateway.notice import release_token
 
-    cfg = make_config(
-        tmp_path / "data", smtp={"tls_cert": str(cert[0]), "tls_key": str(cert[1])},
-        next_hop={"address": sink.address, "starttls": "off"}, outbound={"policy": "warn"},
-        timeouts={"attachments_s": 1e-6},
-        submission={"listen": "127.0.0.1:0", "smarthost": relay.address,
-                    "smarthost_ca_file": str(cert[0])},
-        web={"listen": "127.0.0.1:0", "public_url": "http://passerelle.cabinet.test"})
-    AccountFile(cfg.submission_users_file).add(USER, PASSWORD)
+    cfg = with_release_links(tmp_path, cert, relay, sink, outbound={"policy": "warn"},
+                             timeouts={"attachments_s": 1e-6})
     async with running(cfg) as gw:
         s = Setup(gw=gw, relay=relay, mailbox=sink, cert=cert[0])
         assert "quarantaine" in await send(s, "patient@gmail.com", mail("patient@gmail.com", LAB))
