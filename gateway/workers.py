@@ -87,6 +87,8 @@ class Workers:
             if self._spool is None:
                 self._spool = _new_spool()
         sent = tuple(self._spooled_arg(a, files) for a in args)
+        if self._procs is None:  # the fork server and the workers start off the event loop
+            await asyncio.to_thread(self._started_pool)
         try:
             # Cancelling the wait cancels the job, which kills its process if it had started.
             async with asyncio.timeout(2 * limit_s):
@@ -164,6 +166,10 @@ class Workers:
         if old is not None:
             old.close()  # type: ignore[no-untyped-call]  # running jobs finish, then exit
             threading.Thread(target=old.join, daemon=True).start()
+
+    def _started_pool(self) -> None:
+        """The pool with its workers started (pebble starts them lazily, on first use)."""
+        self._process_pool().active  # noqa: B018 - the property starts the pool
 
     def _process_pool(self) -> ProcessPool:
         with self._lock:
