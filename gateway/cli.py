@@ -390,8 +390,6 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
             print(f"Remise impossible pour le moment ({exc}) ; le message reste en "
                   "quarantaine, réessayez plus tard.", file=sys.stderr)
             return 1
-        await store.audit(user=by, action="release", target=item.id,
-                          detail=", ".join(item.rcpts))
         print(f"{item.id} libéré et remis à {', '.join(item.rcpts)}")
         return 0
     if cmd == "delete":
@@ -400,7 +398,6 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         except NotQuarantined as exc:  # being released right now
             print(f"Impossible : {exc.text_fr}.", file=sys.stderr)
             return 1
-        await store.audit(user=by, action="delete", target=args.id)
         print(f"{args.id} supprimé")
         return 0
     if cmd == "purge":

@@ -20,7 +20,7 @@ from gateway.runtime import Runtime
 from quarantine.store import Item
 
 
-async def release(runtime: Runtime, item_id: str, *, by: str) -> Item:
+async def release(runtime: Runtime, item_id: str, *, by: str, client: str = "") -> Item:
     """Deliver and mark released. Raises NotFound, NotQuarantined (a ValueError: released,
     or being released by someone else), DownstreamUnavailable or DownstreamRejected (then the
     item stays quarantined)."""
@@ -40,6 +40,6 @@ async def release(runtime: Runtime, item_id: str, *, by: str) -> Item:
         await deliver(runtime.next_hop, item.mail_from, item.rcpts, head, body)
 
     try:
-        return await store.release(item_id, by=by, deliver=_deliver)
+        return await store.release(item_id, by=by, deliver=_deliver, client=client)
     except TimeoutError as exc:
         raise DownstreamUnavailable(f"release of {item_id}: the next hop took too long") from exc

@@ -540,8 +540,11 @@ class Store:
     # ---- state changes ----------------------------------------------------------------
 
     async def release(self, item_id: str, *, by: str,
-                      deliver: Callable[[Item, bytes], Awaitable[None]]) -> Item:
-        """Re-inject the original message through `deliver`, then mark it released.
+                      deliver: Callable[[Item, bytes], Awaitable[None]],
+                      client: str = "") -> Item:
+        """Re-inject the original message through `deliver`, then mark it released. The
+        audit log gets `release` (the recipients) or `release_failed` (the error), by `by`
+        from `client`: written here, whoever asks.
 
         The item goes `quarantined -> releasing` by a compare-and-set, so of two concurrent
         releases (web page and sender's link, web page and CLI) only one delivers; the other
@@ -555,28 +558,47 @@ class Store:
             item, raw = await self.get(item_id)
             async with asyncio.timeout(RELEASE_LIMIT_S):
                 await deliver(item, raw)
-        except BaseException:
+        except BaseException as exc:
             try:
                 await asyncio.to_thread(self._move, item_id, ("releasing",), "quarantined", None)
             except Exception:  # noqa: BLE001 - the delivery error is the one to report
                 log.exception("quarantine item %s left releasing after a failed delivery", item_id)
+            if isinstance(exc, Exception):
+                await self._audit_quietly(by, "release_failed", item_id, client,
+                                          f"{type(exc).__name__}: {exc}"[:200])
             raise
         await asyncio.to_thread(self._move, item_id, ("releasing",), "released", by)
+        await self._audit_quietly(by, "release", item_id, client, ", ".join(item.rcpts))
         return await self.item(item_id)
 
-    async def delete(self, item_id: str, *, by: str) -> None:
-        """Remove the message file for good; the index row stays, in state `deleted`.
-        An item being released cannot be deleted (NotQuarantined); deleting twice is harmless."""
+    async def _audit_quietly(self, by: str, action: str, item_id: str, client: str,
+                             detail: str = "") -> None:
+        """The audit record of a state change already made: its failure is logged, not
+        raised (the change stands)."""
+        try:
+            await self.audit(user=by, action=action, target=item_id, client=client,
+                             detail=detail)
+        except Exception:  # noqa: BLE001
+            log.exception("audit record of %s %s not written", action, item_id)
+
+    async def delete(self, item_id: str, *, by: str, client: str = "") -> None:
+        """Remove the message file for good; the index row stays, in state `deleted`, and the
+        audit log gets `delete`. An item being released cannot be deleted (NotQuarantined);
+        deleting twice is harmless."""
         _check_id(item_id)
 
-        def _delete() -> None:
+        def _delete() -> bool:
+            moved = True
             try:
                 self._move(item_id, ("quarantined", "released"), "deleted", by)
             except NotQuarantined as exc:
                 if exc.state != "deleted":
                     raise
+                moved = False  # deleted before: the file goes if a crash left it
             self._remove_file(item_id)
-        await asyncio.to_thread(_delete)
+            return moved
+        if await asyncio.to_thread(_delete):
+            await self._audit_quietly(by, "delete", item_id, client)
 
     def _move(self, item_id: str, from_states: tuple[str, ...], state: str,
               by: str | None) -> None:

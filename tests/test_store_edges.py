@@ -432,3 +432,30 @@ async def test_a_read_only_quarantine_folder_gives_451(tmp_path: Path, sink: Sin
         assert not list(msgs.iterdir())
         assert "quarantaine" in await send(gw.port, suspect())
     assert sink.empty()
+
+
+async def test_the_store_audits_its_own_state_changes(tmp_path: Path, sink: Sink):
+    """Whoever asks (web page, sender's link, CLI, the pipeline withdrawing a copy), a
+    release, a failed release and a deletion are in the audit log: the store writes them."""
+    store = await Store.open(tmp_path / "q", tmp_path / "key")
+    try:
+        one, two = await store.put(new_item(), suspect()), await store.put(new_item(), suspect())
+
+        async def refused(item: Item, raw: bytes) -> None:
+            raise DownstreamRejected(550, "5.1.1 unknown")
+
+        with pytest.raises(DownstreamRejected):
+            await store.release(one, by="web:claire", deliver=refused, client="192.0.2.7")
+        await store.release(one, by="sender:docteur@cabinet.test",
+                            deliver=to_sink(tmp_path, sink))
+        await store.delete(two, by="system:retry")
+        await store.delete(two, by="system:retry")  # twice: one record
+        entries, total = await store.audit_log()
+    finally:
+        await store.close()
+    assert total == 3
+    assert [(e.action, e.target, e.user) for e in reversed(entries)] == [
+        ("release_failed", one, "web:claire"), ("release", one, "sender:docteur@cabinet.test"),
+        ("delete", two, "system:retry")]
+    assert entries[-1].client == "192.0.2.7" and "550" in entries[-1].detail
+    assert (await sink.get()).rcpts == [RCPT]

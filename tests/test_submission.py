@@ -316,7 +316,7 @@ async def test_sender_releases_her_held_message_from_the_link_in_the_notice(
         assert b"X-Gateway-" not in got.data  # our verdict fields do not leave the practice
         assert b"Glyc" in got.data
         entries, _ = await gw.runtime.store.audit_log()  # type: ignore[union-attr]
-        assert entries[0].action == "sender_release" and USER in entries[0].user
+        assert (entries[0].action, entries[0].user) == ("release", f"sender:{USER}")
 
 
 async def test_remembered_login_ends_with_a_password_change(tmp_path: Path):

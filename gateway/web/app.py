@@ -419,8 +419,7 @@ class WebApp:
         try:
             item = await self.store.item(item_id)
             if action == "supprimer":
-                await self.store.delete(item_id, by=f"web:{user}")
-                await self.audit(request, "delete", item_id)
+                await self.store.delete(item_id, by=f"web:{user}", client=self.client(request))
                 return "Message supprimé."
             if action == "bloquer":
                 entry = await asyncio.to_thread(self.lists.add, "block", _sender(item), by=user)
@@ -429,8 +428,7 @@ class WebApp:
             if action == "liberer-autoriser":
                 entry = await asyncio.to_thread(self.lists.add, "allow", _sender(item), by=user)
                 await self.audit(request, "allow", item_id, entry.value)
-            await release(self.runtime, item_id, by=f"web:{user}")
-            await self.audit(request, "release", item_id, ", ".join(item.rcpts))
+            await release(self.runtime, item_id, by=f"web:{user}", client=self.client(request))
             return "Message libéré et remis au destinataire."
         except NotFound:
             return "Impossible : message introuvable."
@@ -438,12 +436,10 @@ class WebApp:
             return f"Impossible : {exc.text_fr}."
         except Refused as exc:
             return f"Impossible : {exc}"
-        except DownstreamRejected as exc:
-            await self.audit(request, "release_failed", item_id, str(exc)[:200])
+        except DownstreamRejected as exc:  # (the store audited the failure)
             return ("Impossible : le serveur de messagerie a refusé le message "
                     f"({exc.code}). Le message reste en quarantaine.")
-        except TemporaryError as exc:  # next hop down, preparation out of time
-            await self.audit(request, "release_failed", item_id, str(exc)[:200])
+        except TemporaryError:  # next hop down, preparation out of time
             return ("Impossible pour le moment : le message n'a pas pu être remis. Il reste en "
                     "quarantaine ; réessayez plus tard.")
 
@@ -566,14 +562,13 @@ class WebApp:
         if form.get("confirme") != "1":
             return self.refuse(request, 400, "Cochez la case de confirmation.")
         try:
-            await release(self.runtime, item.id, by=f"sender:{item.mail_from}")
+            await release(self.runtime, item.id, by=f"sender:{item.mail_from}",
+                          client=self.client(request))
         except (NotFound, NotQuarantined):
             done = "Ce message a déjà été traité."
         except (DownstreamRejected, TemporaryError):
             done = "L'envoi a échoué pour le moment ; le message reste retenu. Réessayez plus tard."
         else:
-            await self.audit(request, "sender_release", item.id, ", ".join(item.rcpts),
-                             user=f"expéditeur {item.mail_from}")
             done = "Le message a été libéré et envoyé."
         return self.render(request, "sender_release.html", item=item, done=done, reasons=[])
 
