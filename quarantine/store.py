@@ -565,7 +565,7 @@ class Store:
                 log.exception("quarantine item %s left releasing after a failed delivery", item_id)
             if isinstance(exc, Exception):
                 await self._audit_quietly(by, "release_failed", item_id, client,
-                                          f"{type(exc).__name__}: {exc}"[:200])
+                                          (str(exc) or type(exc).__name__)[:200])
             raise
         await asyncio.to_thread(self._move, item_id, ("releasing",), "released", by)
         await self._audit_quietly(by, "release", item_id, client, ", ".join(item.rcpts))

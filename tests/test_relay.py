@@ -311,3 +311,18 @@ def test_wire_lines_matches_aiosmtplib(raw: bytes):
     from gateway.relay import wire_lines
     expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(raw)) if raw else b""
     assert wire_lines(raw) == expected
+
+
+async def test_a_quoted_sender_cannot_add_results_to_our_authentication_results(
+        gateway, sink: Sink):
+    """RFC 8601 quotes a property value with backslash escapes: a sender address with a
+    backslash and a quote (legal in a quoted local part) must stay one value, not end it and
+    add `dmarc=pass header.from=bank.fr` under our own authserv-id."""
+    import authres
+
+    sender = '"x\\";dmarc=pass header.from=bank.fr;a=\\""@evil.example'
+    await send(gateway.port, MSG, [f"docteur@{DOMAIN}"], sender=sender)
+    ours = message_from_bytes((await sink.get()).data).get_all("Authentication-Results")[0]
+    parsed = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {ours}")
+    assert [(r.method, r.result) for r in parsed.results] == [("spf", "none"), ("dmarc", "none")]
+    assert "bank.fr" not in str(parsed.results[1])

@@ -457,5 +457,5 @@ async def test_the_store_audits_its_own_state_changes(tmp_path: Path, sink: Sink
     assert [(e.action, e.target, e.user) for e in reversed(entries)] == [
         ("release_failed", one, "web:claire"), ("release", one, "sender:docteur@cabinet.test"),
         ("delete", two, "system:retry")]
-    assert entries[-1].client == "192.0.2.7" and "550" in entries[-1].detail
+    assert entries[-1].client == "192.0.2.7" and entries[-1].detail == "550 5.1.1 unknown"
     assert (await sink.get()).rcpts == [RCPT]

@@ -239,6 +239,7 @@ async def test_release_delete_download_and_the_audit_log(site: Web):
     status, text, _ = await c.get("/journal")
     for word in ("connexion", "consultation", "téléchargement", "libération", "suppression"):
         assert word in text
+    assert "web:" not in text  # the store's tagged names read as people's names
     # Append-only: the database itself refuses to change the log.
     import sqlite3
     db = sqlite3.connect(store.root / "index.sqlite3")

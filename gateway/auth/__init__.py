@@ -32,4 +32,4 @@ def ar_value(value: str) -> str:
     """An Authentication-Results property value, quoted when not a plain token (RFC 8601 2.2)."""
     if value and all(c.isalnum() or c in "-._@+/=" for c in value):
         return value
-    return '"' + value.replace("\\", "\\").replace('"', '\\"') + '"'
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

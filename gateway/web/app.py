@@ -90,6 +90,7 @@ class WebApp:
             undefined=jinja2.StrictUndefined)
         self.env.filters["when"] = lambda ts: time.strftime("%d/%m/%Y %H:%M", time.localtime(ts))
         self.env.filters["size"] = _size
+        self.env.filters["actor"] = actor_fr
         self.env.globals.update(states_fr=STATES_FR, audit_fr=AUDIT_FR)
 
     # ---- plumbing ---------------------------------------------------------------------
@@ -571,6 +572,16 @@ class WebApp:
         else:
             done = "Le message a été libéré et envoyé."
         return self.render(request, "sender_release.html", item=item, done=done, reasons=[])
+
+
+def actor_fr(user: str) -> str:
+    """Who did it, for the journal: the store records state changes by a tagged name
+    (`web:claire`, `sender:dr@cabinet.fr`, `cli:root`, `system:retry`)."""
+    kind, sep, name = user.partition(":")
+    if not sep:
+        return user
+    return {"web": name, "sender": f"expéditeur {name}", "cli": f"{name} (ligne de commande)",
+            "system": "système"}.get(kind, user)
 
 
 def _duration(seconds: float) -> str:
