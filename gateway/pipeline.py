@@ -230,7 +230,11 @@ class Pipeline:
                 recipients = tuple(r for r in inbound.rcpts if r not in exposed)
                 stored = dataclasses.replace(inbound, rcpts=tuple(
                     r for r in inbound.rcpts if r in exposed))
-            held = await self._quarantine(stored, analysis, verdict_headers)
+            held = await self._quarantine(
+                stored, analysis, verdict_headers,
+                sender_may_release=Step.NOTICE in chain and chains.held_for_exposure_only(
+                    (s.name for s in analysis.verdict.symbols), analysis.verdict.score,
+                    self._table, self._cfg.scoring.quarantine))
             if held.quarantine_id is None or Step.DELIVER not in chain or not recipients:
                 txn.abort()  # nobody to deliver to (a partial hold of exposed ones only)
                 return dataclasses.replace(held, reply=(
@@ -299,8 +303,8 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - statistics must never disturb mail
             log.exception("statistics not saved")
 
-    async def _quarantine(self, inbound: Inbound, analysis: Analysis,
-                          verdict_headers: bool) -> Outcome:
+    async def _quarantine(self, inbound: Inbound, analysis: Analysis, verdict_headers: bool,
+                          *, sender_may_release: bool = False) -> Outcome:
         if self._store is None:
             return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)
         verdict = analysis.verdict
@@ -313,7 +317,7 @@ class Pipeline:
             mail_from=inbound.mail_from, rcpts=inbound.rcpts,
             subject=parsed.subject if parsed else "",
             from_header=(parsed.header("From") or "") if parsed else "",
-            client_ip=inbound.peer_ip, helo=inbound.helo)
+            client_ip=inbound.peer_ip, helo=inbound.helo, sender_may_release=sender_may_release)
         try:
             raw = (self.result_headers(inbound, analysis, verdict=verdict_headers)
                    + headers.strip_own_headers(inbound.raw, self._cfg.authserv_id))

@@ -108,6 +108,8 @@ class NewItem:
     from_header: str
     client_ip: str
     helo: str
+    # Decided when held: its sender may release it with the link of her notice.
+    sender_may_release: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,7 +192,8 @@ class Filters:
     subject: str = ""
 
 
-_PERSONAL = ("queue_id", "mail_from", "rcpts", "subject", "from_header", "client_ip", "helo")
+_PERSONAL = ("queue_id", "mail_from", "rcpts", "subject", "from_header", "client_ip", "helo",
+             "sender_may_release")  # sealed in the index row (the last is not personal)
 
 
 def _new_id(now: float) -> str:

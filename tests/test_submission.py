@@ -555,6 +555,7 @@ async def test_no_release_link_for_a_message_held_for_anything_else(
         (item,) = await store.list_items()
         assert {"ATTACHMENTS_TIMEOUT", "OUTBOUND_HEALTH_CLEARTEXT_WARN"} <= {
             x.name for x in item.symbols}
+        assert not (await store.item(item.id)).sender_may_release  # decided when held
         body = parsed(await sink.get()).get_content()
         assert "données de santé" in body and "passerelle.cabinet.test" not in body
         path = f"/liberation/{item.id}/{release_token(gw.runtime.secret, item.id, USER)}"

@@ -539,9 +539,11 @@ class WebApp:
         if item.direction != "outbound" or not hmac.compare_digest(expected, token):
             return None
         # Held for anything but health data in clear (a dangerous file, an analysis that
-        # could not finish): for the practice's admin only, whatever the link says.
-        if not held_for_exposure_only((s.name for s in item.symbols), item.score,
-                                      self.runtime.table, self.cfg.scoring.quarantine):
+        # could not finish): for the practice's admin only, whatever the link says. As decided
+        # when it was held, and still so under today's rules.
+        if not item.sender_may_release or not held_for_exposure_only(
+                (s.name for s in item.symbols), item.score, self.runtime.table,
+                self.cfg.scoring.quarantine):
             return None
         return item
 
