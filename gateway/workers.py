@@ -26,14 +26,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import multiprocessing
 import os
 import resource
 import shutil
 import signal
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -64,7 +67,7 @@ class Workers:
         self._state: dict[str, object] = {}
         self._procs: ProcessPool | None = None
         self._lock = threading.Lock()  # `provide` runs from the reload thread
-        self._spool: Path | None = None  # created with the pool
+        self._spool: Spool | None = None  # created with the first killable job
         self._spooled = 0
 
     async def run(self, fn: Callable[..., T], *args: object, limit_s: float) -> T:
@@ -85,7 +88,7 @@ class Workers:
         files: list[Path] = []
         with self._lock:
             if self._spool is None:
-                self._spool = _new_spool()
+                self._spool = Spool.create()
         sent = tuple(self._spooled_arg(a, files) for a in args)
         if self._procs is None:  # the fork server and the workers start off the event loop
             await asyncio.to_thread(self._started_pool)
@@ -140,7 +143,7 @@ class Workers:
         if self._spool is None or not isinstance(arg, bytes) or len(arg) < SPOOL_MIN_BYTES:
             return arg
         self._spooled += 1
-        path = self._spool / str(self._spooled)
+        path = self._spool.path / str(self._spooled)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -189,7 +192,7 @@ class Workers:
             procs.stop()  # type: ignore[no-untyped-call]
             threading.Thread(target=procs.join, name="gw-pool-stop").start()
         if self._spool is not None:
-            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool.remove()
             self._spool = None
 
 
@@ -210,28 +213,59 @@ def _call(fn: Callable[..., T], args: tuple[object, ...]) -> T:
     return fn(*(Path(a.path).read_bytes() if isinstance(a, _Spooled) else a for a in args))
 
 
-def _new_spool() -> Path | None:
-    """A private folder in shared memory (else the temporary folder) for large arguments;
-    folders left by serving processes that died are removed first."""
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    for old in base.glob(f"{_SPOOL_PREFIX}*"):
-        pid = old.name[len(_SPOOL_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    try:
-        return Path(tempfile.mkdtemp(prefix=f"{_SPOOL_PREFIX}{os.getpid()}-", dir=base))
-    except OSError as exc:
-        log.warning("no spool folder for worker jobs (%s): messages go through the pipe", exc)
-        return None
+class Spool:
+    """A private folder in shared memory (else the temporary folder) for large job arguments,
+    marked in use by an exclusive lock on its `.lock` file for the life of its owner: the
+    kernel drops the lock when the owner dies, whatever its PID namespace. Folders whose lock
+    can be taken (and lockless ones older than a minute) were left by a dead process and are
+    removed when a new spool is made; only the current user's folders are touched."""
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self.path = path
+        self._lock_fd = lock_fd
+
+    @staticmethod
+    def create() -> Spool | None:
+        base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+        for old in base.glob(f"{_SPOOL_PREFIX}*"):
+            if _abandoned(old):
+                shutil.rmtree(old, ignore_errors=True)
+        try:
+            path = Path(tempfile.mkdtemp(prefix=_SPOOL_PREFIX, dir=base))
+            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("no spool folder for worker jobs (%s): messages go through the pipe",
+                        exc)
+            return None
+        return Spool(path, fd)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
 
 
-def _alive(pid: int) -> bool:
+def _abandoned(folder: Path) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        st = folder.lstat()
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return False
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:  # being created right now, or left before its lock was made
+        return time.time() - st.st_mtime > 60
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its owner is alive
+    finally:
+        os.close(fd)
     return True
 
 
