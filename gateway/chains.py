@@ -78,6 +78,8 @@ class Decision:
     plan: Plan
     chain: Chain
     reply: Reply  # the chain's, or that of the symbol that decided
+    # A held message its sender may release with the link of her notice (stored with it).
+    sender_may_release: bool = False
 
 
 def plan(direction: Direction, verdict: Verdict, table: SymbolTable,
@@ -85,9 +87,10 @@ def plan(direction: Direction, verdict: Verdict, table: SymbolTable,
     """The chain for this message, and its reply."""
     names = [s.name for s in verdict.symbols]
     forcing = _forcing(names, table)
+    exposure_only = held_for_exposure_only(names, verdict.score, table, quarantine_score)
     chosen = Plan(verdict.action.value)
-    if (chosen is Plan.QUARANTINE and (direction, Plan.PARTIAL_HOLD) in CHAINS
-            and held_for_exposure_only(names, verdict.score, table, quarantine_score)):
+    if chosen is Plan.QUARANTINE and (direction, Plan.PARTIAL_HOLD) in CHAINS \
+            and exposure_only:
         chosen = Plan.PARTIAL_HOLD
     chain = CHAINS[(direction, chosen)]
     reply = chain.reply
@@ -96,7 +99,8 @@ def plan(direction: Direction, verdict: Verdict, table: SymbolTable,
         if sym.action is verdict.action and sym.reply:
             reply = getattr(replies, sym.reply)
             break
-    return Decision(plan=chosen, chain=chain, reply=reply)
+    return Decision(plan=chosen, chain=chain, reply=reply,
+                    sender_may_release=exposure_only and Step.NOTICE in chain)
 
 
 def held_for_exposure_only(names: Iterable[str], score: float, table: SymbolTable,

@@ -204,9 +204,7 @@ class Pipeline:
                     findings=findings, exposed=facts.exposed if facts else (),
                     delivered=outcome.kind is OutcomeKind.DELIVERED,
                     quarantine_id=outcome.quarantine_id, delivered_to=outcome.delivered_to,
-                    sender_may_release=chains.held_for_exposure_only(
-                        (s.name for s in analysis.verdict.symbols), analysis.verdict.score,
-                        self._table, self._cfg.scoring.quarantine))
+                    sender_may_release=decision.sender_may_release)
         return outcome
 
     async def _act(self, inbound: Inbound, analysis: Analysis, txn: Transaction,
@@ -230,11 +228,8 @@ class Pipeline:
                 recipients = tuple(r for r in inbound.rcpts if r not in exposed)
                 stored = dataclasses.replace(inbound, rcpts=tuple(
                     r for r in inbound.rcpts if r in exposed))
-            held = await self._quarantine(
-                stored, analysis, verdict_headers,
-                sender_may_release=Step.NOTICE in chain and chains.held_for_exposure_only(
-                    (s.name for s in analysis.verdict.symbols), analysis.verdict.score,
-                    self._table, self._cfg.scoring.quarantine))
+            held = await self._quarantine(stored, analysis, verdict_headers,
+                                          sender_may_release=decision.sender_may_release)
             if held.quarantine_id is None or Step.DELIVER not in chain or not recipients:
                 txn.abort()  # nobody to deliver to (a partial hold of exposed ones only)
                 return dataclasses.replace(held, reply=(

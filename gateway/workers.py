@@ -85,13 +85,12 @@ class Workers:
         given up after waiting for a worker as long again (ScanTimeout), or when the caller is
         cancelled. WorkerCrashed if its process died, or if the pool could not take it even
         once rebuilt (a pool pebble declared broken is never used again)."""
+        if self._procs is None or self._spool is None:
+            # The spool (which may clean folders of dead processes), the fork server and the
+            # workers are made off the event loop.
+            await asyncio.to_thread(self._prepare)
         files: list[Path] = []
-        with self._lock:
-            if self._spool is None:
-                self._spool = Spool.create()
         sent = tuple(self._spooled_arg(a, files) for a in args)
-        if self._procs is None:  # the fork server and the workers start off the event loop
-            await asyncio.to_thread(self._started_pool)
         try:
             # Cancelling the wait cancels the job, which kills its process if it had started.
             async with asyncio.timeout(2 * limit_s):
@@ -134,8 +133,7 @@ class Workers:
         with self._lock:
             if self._procs is pool:
                 self._procs = None
-        pool.stop()  # type: ignore[no-untyped-call]
-        threading.Thread(target=pool.join, daemon=True).start()
+        _retire(pool, finish_running=False)
 
     def _spooled_arg(self, arg: object, files: list[Path]) -> object:
         """A large bytes argument as a file in the spool (the argument itself if there is
@@ -167,11 +165,13 @@ class Workers:
             self._state[name] = value
             old, self._procs = self._procs, None
         if old is not None:
-            old.close()  # type: ignore[no-untyped-call]  # running jobs finish, then exit
-            threading.Thread(target=old.join, daemon=True).start()
+            _retire(old, finish_running=True)
 
-    def _started_pool(self) -> None:
-        """The pool with its workers started (pebble starts them lazily, on first use)."""
+    def _prepare(self) -> None:
+        """The spool, and the pool with its workers started (pebble starts them lazily)."""
+        with self._lock:
+            if self._spool is None:
+                self._spool = Spool.create()
         self._process_pool().active  # noqa: B018 - the property starts the pool
 
     def _process_pool(self) -> ProcessPool:
@@ -188,12 +188,22 @@ class Workers:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             procs, self._procs = self._procs, None
-        if procs is not None:  # stopped and joined (about 0.1 s) beside the caller
-            procs.stop()  # type: ignore[no-untyped-call]
-            threading.Thread(target=procs.join, name="gw-pool-stop").start()
+        if procs is not None:
+            _retire(procs, finish_running=False)
         if self._spool is not None:
             self._spool.remove()
             self._spool = None
+
+
+def _retire(pool: ProcessPool, *, finish_running: bool) -> None:
+    """No new jobs for `pool`; its running ones finish (a reload) or are stopped, and it is
+    joined (about 0.1 s) beside the caller, never on the event loop."""
+    if finish_running:
+        pool.close()  # type: ignore[no-untyped-call]
+    else:
+        pool.stop()  # type: ignore[no-untyped-call]
+    # A stopped pool's join terminates its workers: the process waits for it at exit.
+    threading.Thread(target=pool.join, name="gw-pool-retire", daemon=finish_running).start()
 
 
 class _Spooled:
