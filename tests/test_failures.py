@@ -200,9 +200,8 @@ def _job_workers() -> list[int]:
 
 
 async def test_a_worker_lost_while_idle_does_not_break_the_analysis(tmp_path: Path, sink: Sink):
-    """pebble declares a pool broken for good when a worker dies outside a job (the kernel's
-    out-of-memory killer taking an idle one): every later message was then held as
-    unanalysable. A new pool is built and the mail is analysed."""
+    """A worker that dies outside a job (the kernel's out-of-memory killer taking an idle
+    one) is replaced before the next job: the mail is analysed, not held as unanalysable."""
     cfg = make_config(tmp_path, gateway={"job_processes": 1},
                       next_hop={"address": sink.address, "starttls": "off"})
     note = message_with("note.txt", b"Bonjour docteur.")
@@ -247,29 +246,3 @@ def test_yara_on_the_bodies_of_one_message_shares_one_budget(tmp_path: Path):
     timeouts = [f for f in findings if f.symbol == "YARA_TIMEOUT"]
     assert any(f.name == "(message)" for f in timeouts)  # the budget stopped the scans
     assert len(timeouts) <= 4  # not one per part
-
-
-def test_a_live_spool_is_kept_and_an_abandoned_one_removed():
-    """Large job arguments wait in a spool folder in shared memory. A serving process that
-    starts removes the folders of dead ones, told apart by the lock each live owner holds
-    (not by a PID, which another PID namespace sharing /dev/shm would reuse)."""
-    import tempfile
-
-    from gateway.workers import Spool
-
-    live = Spool.create()
-    assert live is not None
-    dead = Path(tempfile.mkdtemp(prefix="gateway-jobs-", dir=live.path.parent))
-    (dead / ".lock").touch()  # its owner died: nobody holds the lock
-    (dead / "1").write_bytes(b"a message that was waiting")
-    fresh = Path(tempfile.mkdtemp(prefix="gateway-jobs-", dir=live.path.parent))  # no lock yet
-    other = Spool.create()  # another serving process starting
-    try:
-        assert other is not None
-        assert live.path.is_dir() and fresh.is_dir() and not dead.exists()
-    finally:
-        live.remove()
-        if other is not None:
-            other.remove()
-        shutil.rmtree(fresh, ignore_errors=True)
-    assert not live.path.exists()
