@@ -72,3 +72,22 @@ def test_no_private_name_of_a_dependency_outside_gateway_deps():
         found += [f"{path.relative_to(root)}: {n}" for n in names
                   if re.search(rf"(\.|def ){re.escape(n.lstrip('.'))}\b", text)]
     assert not found
+
+
+@pytest.mark.parametrize("arg", [
+    "<docteur@cabinet.test>", "<docteur@cabinet.test> SIZE=1000 BODY=8BITMIME", "<>",
+    "docteur@cabinet.test", " <docteur@cabinet.test>", "<@relais.example:docteur@cabinet.test>",
+    '<"un docteur"@cabinet.test>', "<docteur@[192.0.2.1]>", "<docteur>", "<docteur@",
+    "pas une adresse", "<a@b> <c@d>", "", "<" + "x" * 70 + "@cabinet.test>",
+    "<médecin@cabinet.test> SMTPUTF8"])
+def test_our_reading_of_a_path_is_aiosmtpd_s(arg: str):
+    """get_path replaces aiosmtpd's _getaddr for speed: same answers, limit on or off; where
+    aiosmtpd's crashes (the stdlib parser's IndexError), a path that cannot be read."""
+    for limit in (0, 64):
+        theirs = aiosmtpd.smtp.SMTP.__new__(aiosmtpd.smtp.SMTP)
+        theirs.local_part_limit = limit
+        try:
+            expected = theirs._getaddr(arg)
+        except IndexError:
+            expected = (None, None)
+        assert aiosmtpd_deps.get_path(arg, limit) == expected

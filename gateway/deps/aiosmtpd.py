@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Session
@@ -18,6 +20,7 @@ PRIVATE_METHODS = {
     "_create_session": "our session class (new_session)",
     "check_helo_needed": "command order before our path checks",
     "check_auth_needed": "command order before our path checks",
+    "_getaddr": "MAIL and RCPT paths read without a class made per call (get_path)",
 }
 PRIVATE_ATTRIBUTES = ["_reader", "_original_transport", "_auth_require_tls"]
 
@@ -85,3 +88,27 @@ class SMTPBase(SMTP):
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         return self.keep_credentials(mechanism, auth_data)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        return get_path(arg, self.local_part_limit)
+
+
+def get_path(arg: str, local_part_limit: int = 0) -> tuple[str | None, str | None]:
+    """aiosmtpd's reading of a MAIL or RCPT argument (the path, and the rest: parameters),
+    the same calls without the typing.Protocol class it defines on every call (33 of its
+    46 µs, twice a message). (None, None) when unreadable, including where the stdlib parser
+    itself fails (IndexError on "<a@": aiosmtpd answered that with a 500 error)."""
+    if not arg:
+        return "", ""
+    address: Any
+    try:
+        if arg.lstrip().startswith("<"):
+            address, rest = get_angle_addr(arg)
+        else:
+            address, rest = get_addr_spec(arg)
+    except (HeaderParseError, IndexError, ValueError):
+        return None, None
+    addr = str(address.addr_spec)
+    if local_part_limit and len(addr.rpartition("@")[0]) > local_part_limit:
+        return None, None
+    return addr, rest
