@@ -224,7 +224,8 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
                 "listen": [str(s.getsockname()) for s in srv.sockets],
                 "implicit_tls": srv is submission_tls, "smarthost": runtime.smarthost.name}})
     runner = None
-    tasks = [asyncio.create_task(_every(STATS_FLUSH_S, runtime.pipeline.flush_stats))]
+    tasks = [asyncio.create_task(_every(STATS_FLUSH_S, runtime.pipeline.flush_stats)),
+             asyncio.create_task(runtime.workers.warm())]
     if primary:
         if cfg.web_listen is not None:
             # Imported here, in the one process that serves the page: the other serving

@@ -15,12 +15,13 @@ a socket pair, read and written by the loop (no dispatching threads), and a job 
 each way. Large bytes arguments (the message) are sent beside the pickle, not inside it, so
 they are copied once into the socket and once out of it. Measured against pebble's pool, which
 this replaces (bench/RESULTS.md, `python bench/jobs.py`): a round trip of 20 KB, 500 KB and 2 MB
-costs 0.10, 0.15 and 0.55 ms of CPU instead of 0.35, 0.65 and 1.40 (pebble: three threads per
+costs 0.15, 0.30 and 0.85 ms of CPU instead of 0.35, 0.65 and 1.40 (pebble: three threads per
 pool, a pipe in 64 KB chunks, or a file in /dev/shm). Neither pebble, loky nor billiard
 offers a pool that an asyncio loop drives itself with a per-job kill.
 
 Worker processes are started by multiprocessing's fork server with the job modules
-preloaded (a killed worker is replaced in milliseconds); none is started before the first job.
+preloaded (a killed worker is replaced in milliseconds); a serving process starts its own as
+soon as it serves (`warm`), never the parent that forks the serving processes.
 A worker exits as soon as its serving process closes the socket or dies, even in the middle of
 a job (a thread of its own waits for the peer's hang-up), so a crashed serving process leaves
 no runaway job behind.
@@ -122,6 +123,25 @@ class Workers:
             raise value  # the job's own exception
         return value  # type: ignore[no-any-return]
 
+    async def warm(self) -> None:
+        """Start the worker processes now (a serving process that has just started), not with
+        the first job: the fork server's imports take about 0.3 s, more on a loaded host, and
+        the messages waiting for it would pay them. A failure is left to the first job."""
+        procs = self._process_pool()
+        for _ in range(procs.size):
+            try:
+                slot = procs.idle.get_nowait()
+            except asyncio.QueueEmpty:  # jobs took the slots meanwhile: they start workers
+                return
+            worker = None
+            try:
+                worker = await self._ready(procs, slot)
+            except WorkerCrashed as exc:
+                log.warning("worker processes not started in advance: %s", exc)
+                return
+            finally:
+                procs.idle.put_nowait(worker if worker is not None and worker.usable else None)
+
     async def _ready(self, procs: _ProcessPool, worker: _Worker | None) -> _Worker:
         """A live worker with the current state: the slot's own, or a new one."""
         if worker is not None and not worker.usable:  # died while idle (an OOM kill)
@@ -172,6 +192,7 @@ class _ProcessPool:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         self.loop = loop
+        self.size = size
         self.idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
         for _ in range(size):
             self.idle.put_nowait(None)
