@@ -21,8 +21,7 @@ from gateway.banner import load_templates
 from gateway.config import Config
 from gateway.errors import ConfigError, DownstreamRejected, Refused, TemporaryError
 from gateway.message import Direction, Inbound, header_section_end
-from gateway.release import release
-from gateway.runtime import Runtime
+from gateway.quarantine_service import QuarantineService
 from gateway.service import build_runtime, load_rules, serve
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
@@ -340,8 +339,9 @@ def _when(ts: float) -> str:
 
 async def _quarantine(cfg: Config, args: argparse.Namespace) -> int:
     runtime = await build_runtime(cfg)
+    assert runtime.quarantine is not None
     try:
-        return await _quarantine_cmd(cfg, args, runtime)
+        return await _quarantine_cmd(args, runtime.quarantine)
     except NotFound as exc:
         print(f"Introuvable : {exc}", file=sys.stderr)
         return 1
@@ -349,9 +349,8 @@ async def _quarantine(cfg: Config, args: argparse.Namespace) -> int:
         await runtime.close()
 
 
-async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtime) -> int:
-    store = runtime.store
-    assert store is not None
+async def _quarantine_cmd(args: argparse.Namespace, quarantine: QuarantineService) -> int:
+    store = quarantine.store
     by = f"cli:{getpass.getuser()}"
     cmd = args.qcommand
     if cmd == "list":
@@ -379,7 +378,7 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         return 0
     if cmd == "release":
         try:
-            item = await release(runtime, args.id, by=by)
+            item = await quarantine.release(args.id, by=by)
         except NotQuarantined as exc:
             print(f"Impossible : {exc.text_fr}.", file=sys.stderr)
             return 1
@@ -394,17 +393,15 @@ async def _quarantine_cmd(cfg: Config, args: argparse.Namespace, runtime: Runtim
         return 0
     if cmd == "delete":
         try:
-            await store.delete(args.id, by=by)
+            await quarantine.delete(args.id, by=by)
         except NotQuarantined as exc:  # being released right now
             print(f"Impossible : {exc.text_fr}.", file=sys.stderr)
             return 1
         print(f"{args.id} supprimé")
         return 0
     if cmd == "purge":
-        days = args.days if args.days is not None else cfg.quarantine.retention_days
-        n = await store.purge(older_than_days=days)
-        await store.audit(user=by, action="purge", detail=f"{n} message(s) de plus de "
-                          f"{days:g} jours supprimé(s)")
+        days = args.days if args.days is not None else quarantine.retention_days
+        n = await quarantine.purge(by=by, older_than_days=days)
         print(f"{n} message(s) de plus de {days:g} jours supprimé(s)")
         return 0
     raise AssertionError(cmd)

@@ -10,6 +10,7 @@ from gateway.authstate import AuthState
 from gateway.config import Config
 from gateway.notice import Notifier
 from gateway.pipeline import Pipeline
+from gateway.quarantine_service import QuarantineService
 from gateway.relay import NextHop
 from gateway.symbols import SymbolTable
 from gateway.workers import Workers
@@ -26,6 +27,7 @@ class Runtime:
     smarthost: NextHop
     notifier: Notifier
     store: Store | None
+    quarantine: QuarantineService | None  # what the web page and the CLI use (None: `scan`)
     auth: AuthState  # login counters, web sessions (shared by the serving processes)
     secret: bytes  # the installation's secret (banner marker, sender release links)
 

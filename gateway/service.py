@@ -36,6 +36,7 @@ from gateway.errors import ConfigError
 from gateway.message import Direction
 from gateway.notice import Notifier, release_token
 from gateway.pipeline import Pipeline, emitted_symbols
+from gateway.quarantine_service import QuarantineService
 from gateway.relay import create_next_hop, create_smarthost
 from gateway.runtime import Runtime
 from gateway.smtp import (
@@ -126,9 +127,14 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
     pipeline = Pipeline(cfg=cfg, checks=checks, table=table, workers=workers, store=store,
                         templates=load_templates(cfg.banner_templates), mark=marker(secret),
                         notifier=notifier)
+    smarthost = create_smarthost(cfg)
+    quarantine = None if store is None else QuarantineService(
+        store=store, table=table, next_hop=next_hop, smarthost=smarthost,
+        authserv_id=cfg.authserv_id, render_released=pipeline.released,
+        flush_stats=pipeline.flush_stats, retention_days=cfg.quarantine.retention_days)
     return Runtime(cfg=cfg, table=table, workers=workers, pipeline=pipeline,
-                   next_hop=next_hop, smarthost=create_smarthost(cfg), notifier=notifier,
-                   store=store, auth=auth, secret=secret)
+                   next_hop=next_hop, smarthost=smarthost, notifier=notifier,
+                   store=store, quarantine=quarantine, auth=auth, secret=secret)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -231,7 +237,9 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
             # Imported here, in the one process that serves the page: the other serving
             # processes never load aiohttp, jinja2 and the sanitiser.
             from gateway.web.app import start_web
-            runner = await start_web(runtime, runtime.secret, sock=sockets.web)
+            assert runtime.quarantine is not None
+            runner = await start_web(cfg, runtime.quarantine, runtime.auth, runtime.workers,
+                                     runtime.secret, sock=sockets.web)
         tasks.append(asyncio.create_task(_every(PURGE_EVERY_S, lambda: purge_expired(runtime))))
     return Running(runtime=runtime, server=server, submission=submission,
                    submission_tls=submission_tls, web=runner, counter=counter, tasks=tasks)
@@ -251,16 +259,13 @@ async def _every(period_s: float, job: Callable[[], Awaitable[object]]) -> None:
 
 
 async def purge_expired(runtime: Runtime) -> int:
-    """Remove quarantine items older than the retention period; noted in the audit log."""
-    store = runtime.store
-    if store is None:
+    """Remove quarantine items older than the retention period (audited by the service)."""
+    if runtime.quarantine is None:
         return 0
-    days = runtime.cfg.quarantine.retention_days
-    n = await store.purge(older_than_days=days)
+    n = await runtime.quarantine.purge()
     if n:
-        await store.audit(user="système", action="purge", detail=f"{n} message(s) de plus de "
-                          f"{days} jours supprimé(s)")
-        log.info("retention purge", extra={"fields": {"removed": n, "days": days}})
+        log.info("retention purge", extra={"fields": {
+            "removed": n, "days": runtime.quarantine.retention_days}})
     return n
 
 

@@ -73,3 +73,14 @@ def test_the_quarantine_imports_nothing_of_the_gateway():
     assert {m: sorted(t for t in e if t.startswith("gateway"))
             for m, e in edges.items() if m.startswith("quarantine")
             and any(t.startswith("gateway") for t in e)} == {}
+
+
+def test_the_web_page_sees_held_mail_through_the_quarantine_service_only():
+    """Not the pipeline, the checks or the whole Runtime: what it may do with held mail is
+    the service's (gateway/quarantine_service.py)."""
+    edges = imports()
+    reached = {m: sorted(t for t in e if t in {"gateway.runtime", "gateway.pipeline",
+                                               "gateway.service", "gateway.relay"}
+                         or t.startswith("gateway.checks"))
+               for m, e in edges.items() if m.startswith("gateway.web")}
+    assert {m: r for m, r in reached.items() if r} == {}

@@ -23,7 +23,6 @@ import pytest
 
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.relay import create_next_hop, deliver
-from gateway.release import release
 from gateway.service import Running, quarantine_root, running
 from quarantine import store as store_module
 from quarantine.files import write_private
@@ -175,11 +174,13 @@ async def test_a_failed_delivery_puts_the_item_back_in_quarantine(gateway: Runni
                          ("554 5.7.1 Refuse", DownstreamRejected)):
         sink.behaviour.data_reply = reply
         with pytest.raises(error):
-            await release(gateway.runtime, item_id, by="web:claire")  # the web page's and CLI's way
+            # The web page's and the CLI's way.
+            await gateway.runtime.quarantine.release(item_id, by="web:claire")
         item = await store.item(item_id)
         assert (item.state, item.state_by, item.state_changed_at) == ("quarantined", None, None)
     sink.behaviour.data_reply = None
-    assert (await release(gateway.runtime, item_id, by="web:claire")).state == "released"
+    released = await gateway.runtime.quarantine.release(item_id, by="web:claire")
+    assert released.state == "released"
     assert (await sink.get()).data.startswith(b"X-Gateway-Released: by web:claire")
     assert sink.empty()
 
@@ -193,7 +194,7 @@ async def test_a_release_past_its_time_limit_is_abandoned(gateway: Running, sink
     item_id = await store.put(new_item(), suspect())
     monkeypatch.setattr(store_module, "RELEASE_LIMIT_S", 0.0)
     with pytest.raises(DownstreamUnavailable):  # the web page's "réessayez plus tard"
-        await release(gateway.runtime, item_id, by="web:claire")
+        await gateway.runtime.quarantine.release(item_id, by="web:claire")
     assert (await store.item(item_id)).state == "quarantined"
     await asyncio.sleep(0.2)
     assert sink.empty()

@@ -368,8 +368,7 @@ async def test_mixed_recipients_mssante_gets_it_the_ordinary_mailbox_copy_is_hel
     assert patient in body and f"envoyé aux destinataires de la messagerie sécurisée ({doctor})" \
         in body.replace("\n", " ")
     # Released later, it goes to the held recipient only.
-    from gateway.release import release
-    await release(setup.gw.runtime, item.id, by="test")
+    await setup.gw.runtime.quarantine.release(item.id, by="test")
     again = await setup.relay.get()
     assert again.rcpts == [patient]
 

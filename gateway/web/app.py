@@ -27,12 +27,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accounts import AccountFile
-from gateway.authstate import Session, Throttle
+from gateway.authstate import AuthState, Session, Throttle
 from gateway.chains import held_for_exposure_only
+from gateway.config import Config
 from gateway.errors import DownstreamRejected, Refused, TemporaryError
 from gateway.notice import release_token
-from gateway.release import release
-from gateway.runtime import Runtime
+from gateway.quarantine_service import QuarantineService
 from gateway.sender_lists import SenderLists
 from gateway.web import charts, preview
 from gateway.web.security import (
@@ -45,6 +45,7 @@ from gateway.web.security import (
     new_totp_secret,
     same_token,
 )
+from gateway.workers import Workers
 from quarantine.store import STATES_FR, Filters, Item, NotFound, NotQuarantined
 
 log = logging.getLogger(__name__)
@@ -70,19 +71,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class WebApp:
-    def __init__(self, runtime: Runtime, secret: bytes) -> None:
-        cfg = runtime.cfg
-        self.runtime = runtime
+    """The page sees held mail through the quarantine service only (reads from its store,
+    changes through it), logins through the shared AuthState, and runs its previews in the
+    worker threads."""
+
+    def __init__(self, cfg: Config, quarantine: QuarantineService, auth: AuthState,
+                 workers: Workers, secret: bytes) -> None:
         self.cfg = cfg
-        self.store = runtime.store
-        assert self.store is not None
+        self.quarantine = quarantine
+        self.store = quarantine.store
+        self.table = quarantine.table.symbols
+        self.workers = workers
         self.secret = secret
         self.accounts = AccountFile(cfg.web_users_file)
         self.lists = SenderLists(cfg.data_dir / "sender-lists.json")
-        self.sessions = Sessions(cfg.web, runtime.auth)
-        self.throttle = Throttle.of(runtime.auth, "web", failures=cfg.web.max_login_failures,
+        self.sessions = Sessions(cfg.web, auth)
+        self.throttle = Throttle.of(auth, "web", failures=cfg.web.max_login_failures,
                                     minutes=cfg.web.lockout_minutes)
-        self.totp = TotpGuard(runtime.auth)
+        self.totp = TotpGuard(auth)
         self.secure = bool(cfg.web.tls_cert) or cfg.web.public_url.startswith("https://")
         self.cookie = "__Host-session" if self.secure else "session"
         self.env = jinja2.Environment(
@@ -286,9 +292,8 @@ class WebApp:
 
     async def dashboard(self, request: web.Request) -> web.Response:
         assert self.store is not None
-        await self.runtime.pipeline.flush_stats()
         since = time.strftime("%Y-%m-%d", time.localtime(time.time() - 29 * 86400))
-        rows = await self.store.stats(since_day=since)
+        rows = await self.quarantine.stats(since_day=since)
         held, size = await self.store.total_size()
         by_action: dict[str, int] = {}
         by_reason: dict[str, int] = {}
@@ -296,7 +301,7 @@ class WebApp:
             by_action[action] = by_action.get(action, 0) + n
             if reason:
                 by_reason[reason] = by_reason.get(reason, 0) + n
-        table = self.runtime.table.symbols
+        table = self.table
         reasons = sorted(by_reason.items(), key=lambda kv: -kv[1])[:10]
         return self.render(
             request, "dashboard.html", by_action=by_action, held=held, size=size,
@@ -321,14 +326,14 @@ class WebApp:
         return self.render(
             request, "list.html", items=[(i, self._reasons(i)) for i in items], total=total,
             page=page, pages=pages, q=q, reasons=[
-                (name, _label(self.runtime.table.symbols[name].description)
-                 if name in self.runtime.table.symbols else name)
+                (name, _label(self.table[name].description)
+                 if name in self.table else name)
                 for name in await self.store.symbol_names()],
             page_url=lambda n: "/quarantaine?" + urlencode({**args, "page": n}))
 
     def _reasons(self, item: Item) -> list[str]:
         """The main French reasons of an item, heaviest first (forced actions first)."""
-        table = self.runtime.table.symbols
+        table = self.table
         ranked = sorted(item.symbols, key=lambda s: (
             not (s.name in table and table[s.name].action is not None), -s.score))
         out = [s.description or (table[s.name].description if s.name in table else s.name)
@@ -346,10 +351,10 @@ class WebApp:
             return self.refuse(request, 404, "Message introuvable (supprimé ou purgé).")
         view = None
         if raw is not None:
-            view = await self.runtime.workers.run(_preview, raw, show,
+            view = await self.workers.run(_preview, raw, show,
                                                   limit_s=self.cfg.timeouts.preview_s)
         await self.audit(request, "view_identifiers" if show else "view", item_id)
-        table = self.runtime.table.symbols
+        table = self.table
         symbols = [(s, s.description or (table[s.name].description if s.name in table else ""))
                    for s in item.symbols]
         yara = {a.name: _yara_rules(item, a.name) for a in view.attachments} if view else {}
@@ -365,7 +370,7 @@ class WebApp:
             _, raw = await self.store.get(item_id)
         except NotFound:
             raise web.HTTPNotFound() from None
-        view = await self.runtime.workers.run(_preview, raw, show,
+        view = await self.workers.run(_preview, raw, show,
                                               limit_s=self.cfg.timeouts.preview_s)
         resp = web.Response(text=preview.document(view.html or ""), content_type="text/html",
                             charset="utf-8")
@@ -420,7 +425,7 @@ class WebApp:
         try:
             item = await self.store.item(item_id)
             if action == "supprimer":
-                await self.store.delete(item_id, by=f"web:{user}", client=self.client(request))
+                await self.quarantine.delete(item_id, by=f"web:{user}", client=self.client(request))
                 return "Message supprimé."
             if action == "bloquer":
                 entry = await asyncio.to_thread(self.lists.add, "block", _sender(item), by=user)
@@ -429,7 +434,7 @@ class WebApp:
             if action == "liberer-autoriser":
                 entry = await asyncio.to_thread(self.lists.add, "allow", _sender(item), by=user)
                 await self.audit(request, "allow", item_id, entry.value)
-            await release(self.runtime, item_id, by=f"web:{user}", client=self.client(request))
+            await self.quarantine.release(item_id, by=f"web:{user}", client=self.client(request))
             return "Message libéré et remis au destinataire."
         except NotFound:
             return "Impossible : message introuvable."
@@ -542,7 +547,7 @@ class WebApp:
         # could not finish): for the practice's admin only, whatever the link says. As decided
         # when it was held, and still so under today's rules.
         if not item.sender_may_release or not held_for_exposure_only(
-                (s.name for s in item.symbols), item.score, self.runtime.table,
+                (s.name for s in item.symbols), item.score, self.quarantine.table,
                 self.cfg.scoring.quarantine):
             return None
         return item
@@ -565,7 +570,7 @@ class WebApp:
         if form.get("confirme") != "1":
             return self.refuse(request, 400, "Cochez la case de confirmation.")
         try:
-            await release(self.runtime, item.id, by=f"sender:{item.mail_from}",
+            await self.quarantine.release(item.id, by=f"sender:{item.mail_from}",
                           client=self.client(request))
         except (NotFound, NotQuarantined):
             done = "Ce message a déjà été traité."
@@ -653,11 +658,11 @@ def _float(text: str | None) -> float | None:
         return None
 
 
-async def start_web(runtime: Runtime, secret: bytes, *, sock: Any = None) -> web.AppRunner:
+async def start_web(cfg: Config, quarantine: QuarantineService, auth: AuthState,
+                    workers: Workers, secret: bytes, *, sock: Any = None) -> web.AppRunner:
     """Serve the web page on the running loop: on `sock` (bound by the parent), else on
     `web.listen`."""
-    cfg = runtime.cfg
-    app = WebApp(runtime, secret)
+    app = WebApp(cfg, quarantine, auth, workers, secret)
     if not app.accounts.load():
         log.warning("web page has no account yet: create one with "
                     "`gateway admin add-user NAME --role admin`")

@@ -1,0 +1,91 @@
+"""Held mail as the people who decide about it see it: the web page, the CLI and the retention
+timer use this service, never the pipeline or the whole Runtime.
+
+Reads (list, search, one item, the audit log) go to its `store`. Each change is made here and
+audited by the store itself, in the same step, whoever asks:
+
+- `release`: the one way to release. Inbound mail goes to the practice's mailbox server with
+  the warning banner, the reasons it was held and a "released" note (rendered by the
+  pipeline, given here as `render_released`), plus `X-Gateway-Released` (who and when).
+  Outbound mail (held by the outbound guard) goes to the smarthost as the sender wrote it:
+  only our own `X-Gateway-*` and Authentication-Results fields are removed, nothing is added.
+  The item is marked released only once the next hop has accepted the message; two releases
+  of one item at once deliver it once (the store's compare-and-set, see `Store.release`).
+- `delete`, and `purge` (the retention period, or the CLI's own).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+
+from gateway import headers
+from gateway.errors import DownstreamUnavailable
+from gateway.relay import NextHop, deliver
+from gateway.symbols import SymbolTable
+from quarantine.store import Item, Store
+
+# The pipeline's rendering of a released inbound message: (symbol name, French reason)
+# pairs and the held bytes in, the bytes to deliver out.
+RenderReleased = Callable[[Iterable[tuple[str, str]], bytes], Awaitable[bytes]]
+
+
+class QuarantineService:
+    def __init__(self, *, store: Store, table: SymbolTable, next_hop: NextHop,
+                 smarthost: NextHop, authserv_id: str, render_released: RenderReleased,
+                 flush_stats: Callable[[], Awaitable[None]], retention_days: float) -> None:
+        self.store = store
+        self.table = table  # the symbols' French texts and actions, for the pages
+        self._next_hop = next_hop
+        self._smarthost = smarthost
+        self._authserv_id = authserv_id
+        self._render_released = render_released
+        self._flush_stats = flush_stats
+        self.retention_days = retention_days
+
+    def describe(self, name: str) -> str:
+        """The French reason a symbol stands for ("" for a name the table does not know)."""
+        symbol = self.table.symbols.get(name)
+        return symbol.description if symbol is not None else ""
+
+    async def release(self, item_id: str, *, by: str, client: str = "") -> Item:
+        """Deliver and mark released. Raises NotFound, NotQuarantined (released, or being
+        released by someone else), DownstreamUnavailable or DownstreamRejected (then the item
+        stays quarantined)."""
+        async def _deliver(item: Item, raw: bytes) -> None:
+            if item.direction == "outbound":
+                body = headers.strip_own_headers(raw, self._authserv_id)
+                await deliver(self._smarthost, item.mail_from, item.rcpts, b"", body)
+                return
+            stamp = f"by {by}; {formatdate(time.time())}; id {item.id}"
+            head = headers.encode_fields([("X-Gateway-Released", stamp)])
+            body = await self._render_released(
+                ((s.name, s.description) for s in item.symbols), raw)
+            await deliver(self._next_hop, item.mail_from, item.rcpts, head, body)
+
+        try:
+            return await self.store.release(item_id, by=by, deliver=_deliver, client=client)
+        except TimeoutError as exc:
+            raise DownstreamUnavailable(f"release of {item_id}: the next hop took too long"
+                                        ) from exc
+
+    async def delete(self, item_id: str, *, by: str, client: str = "") -> None:
+        """Raises NotFound, or NotQuarantined while someone releases it."""
+        await self.store.delete(item_id, by=by, client=client)
+
+    async def purge(self, *, by: str = "système", older_than_days: float | None = None) -> int:
+        """Remove the items older than the retention period (or `older_than_days`); audited
+        when asked by a person, or when something was removed."""
+        days = self.retention_days if older_than_days is None else older_than_days
+        n = await self.store.purge(older_than_days=days)
+        if n or by != "système":
+            await self.store.audit(user=by, action="purge", detail=f"{n} message(s) de plus de "
+                                   f"{days:g} jours supprimé(s)")
+        return n
+
+    async def stats(self, *, since_day: str) -> list[tuple[str, str, str, str, int]]:
+        """Counts per day, direction, action and main reason, this process's latest
+        included."""
+        await self._flush_stats()
+        return await self.store.stats(since_day=since_day)
