@@ -264,6 +264,8 @@ def _vba(name: str, data: bytes) -> tuple[str, str]:
     macros = autoexec = ""
     try:
         parser = VBA_Parser(name or "document", data=data)
+    except MemoryError:  # the worker's memory limit: unanalysed, not "no macro"
+        raise
     except Exception:  # noqa: BLE001 - oletools raises many kinds on hostile files
         return macros, autoexec
     try:
@@ -273,6 +275,8 @@ def _vba(name: str, data: bytes) -> tuple[str, str]:
                 if kind == "AutoExec":
                     autoexec = str(keyword)
                     break
+    except MemoryError:
+        raise
     except Exception:  # noqa: BLE001
         macros = "VBA (unparsable)"
     finally:
