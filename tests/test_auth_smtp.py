@@ -54,6 +54,7 @@ async def send(port: int, data: bytes, sender: str) -> str:
     return reply
 
 
+@pytest.mark.promise("dmarc-reject-550")
 async def test_dmarc_reject_domain_spoofed_gets_french_550(tmp_path: Path, sink: Sink,
                                                            dns_zone: ThreadedDnsServer):
     dns_zone.load(ZONE)
@@ -68,6 +69,7 @@ async def test_dmarc_reject_domain_spoofed_gets_french_550(tmp_path: Path, sink:
     assert sink.empty()
 
 
+@pytest.mark.promise("dmarc-reject-550")
 async def test_genuine_signed_mail_passes_dmarc(tmp_path: Path, sink: Sink,
                                                 dns_zone: ThreadedDnsServer):
     dns_zone.load(ZONE)
@@ -102,6 +104,7 @@ async def test_trusted_arc_forwarder_is_delivered(tmp_path: Path, sink: Sink,
     assert sink.empty()
 
 
+@pytest.mark.promise("dns-trouble-451")
 async def test_dns_outage_gives_451_without_hanging(tmp_path: Path, sink: Sink,
                                                      dns_zone: ThreadedDnsServer):
     dns_zone.load({name: ["TIMEOUT"] for name in ZONE} | {"hopital.example": ["TIMEOUT"]})

@@ -27,6 +27,7 @@ from tests.test_submission import PASSWORD, USER, Setup, cert, client, relay  # 
 INSTANT = 1e-6  # seconds: any job in the worker pool overruns it
 
 
+@pytest.mark.promise("dns-trouble-451")
 async def test_dkim_overrunning_its_time_on_a_p_reject_domain_gets_451_not_550(
         tmp_path: Path, sink: Sink, dns_zone: ThreadedDnsServer):
     """Genuine, DKIM-aligned mail from a p=reject domain, sent from an address its SPF does
@@ -63,6 +64,7 @@ rule tiers_regle_lente {
 """
 
 
+@pytest.mark.promise("timeouts-fail-closed")
 async def test_an_attachment_analysis_that_runs_away_is_killed_frees_its_slot_and_holds(
         tmp_path: Path, sink: Sink):
     """One worker process: if the runaway job kept it, the next message's analysis could not
@@ -101,6 +103,7 @@ async def _send(port: int, raw: bytes) -> tuple[int, str]:
     return 250, reply
 
 
+@pytest.mark.promise("timeouts-fail-closed")
 async def test_an_outbound_scan_that_overruns_holds_the_message(tmp_path: Path, cert,  # noqa: F811
                                                                 relay: Sink, sink: Sink):  # noqa: F811
     """A NIR must not leave in clear because the scan was slow: held, nothing sent."""

@@ -122,6 +122,7 @@ async def foreign() -> AsyncIterator[Sink]:
 
 @pytest.mark.skipif(not postfix.available(),
                     reason="Debian package postfix not installed (make test installs it)")
+@pytest.mark.promise("no-open-relay")
 async def test_relay_forms_never_reach_a_foreign_domain_through_postfix(
         tmp_path: Path, sink: Sink, foreign: Sink):
     # Debian's Postfix as the practice's mailbox server, at its defaults (percent hack and
@@ -171,6 +172,7 @@ async def test_relay_forms_never_reach_a_foreign_domain_through_postfix(
         await asyncio.to_thread(pf.stop)
 
 
+@pytest.mark.promise("no-open-relay")
 async def test_percent_hack_accepted_only_when_allowed(tmp_path: Path, sink: Sink):
     rcpt = f"user%other.example@{DOMAIN}"
     for allowed, expected in ((False, b"550 5.7.1"), (True, b"250")):

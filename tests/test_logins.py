@@ -88,6 +88,7 @@ def cli(data: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[
 
 
 @pytest.mark.parametrize("change", ["passwd", "reset-totp", "remove-user", "role"])
+@pytest.mark.promise("web-login-2fa")
 async def test_any_credential_change_ends_the_accounts_sessions(tmp_path: Path, sink: Sink,
                                                                change: str):
     cfg = web_config(tmp_path / "data", sink)

@@ -97,6 +97,7 @@ async def outbound(rt: Runtime, raw: bytes, to: str, *, tls: bool = True):
         rcpts=(to,), raw=raw, tls=tls, direction=Direction.OUTBOUND))).verdict
 
 
+@pytest.mark.promise("outbound-health-held")
 async def test_lab_result_to_gmail_is_held(runtime):
     v = await outbound(runtime, mail("patient@gmail.com", LAB), "patient@gmail.com")
     names = {s.name for s in v.symbols}
@@ -106,6 +107,7 @@ async def test_lab_result_to_gmail_is_held(runtime):
     assert NIR[5:] not in reason.replace(" ", "") and "2 95 10 **" in reason
 
 
+@pytest.mark.promise("outbound-health-held")
 async def test_same_result_to_mssante_is_delivered(runtime):
     to = "dr.x@medecin.mssante.fr"
     v = await outbound(runtime, mail(to, LAB), to)
@@ -211,6 +213,32 @@ async def test_ins_matricule_of_a_nia_in_a_cda_is_found(runtime):
     assert find_nirs(f"INS {nia}") == [nia]
 
 
+@pytest.mark.promise("mssante-boundary")
+@pytest.mark.parametrize(("address", "secure"), [
+    ("dr.x@medecin.mssante.fr", True), ("x@mssante.fr", True), ("x@MSSANTE.FR.", True),
+    ("x@evilmssante.fr", False), ("x@mssante.fr.example", False), ("x@mssante-fr.example", False),
+    ("x@medecin.mssante.fr.evil.example", False)])
+async def test_only_addresses_under_mssante_fr_are_the_secure_channel(runtime, address: str,
+                                                                      secure: bool):
+    """A domain ending in the letters "mssante.fr" is not under mssante.fr."""
+    v = await outbound(runtime, mail(address, LAB), address)
+    assert (v.action is Action.ACCEPT) is secure, v.symbols
+
+
+@pytest.mark.promise("outbound-health-held")
+async def test_an_smime_encrypted_message_to_a_patient_is_not_held(runtime):
+    """What S/MIME encrypts is protected: the patient's MSSanté address in To, which alone
+    holds a clear message to an ordinary mailbox, does not hold the encrypted one."""
+    to = f"{NIR}@patient.mssante.fr, patient.martin@gmail.com"
+    v = await outbound(runtime, mail(to, "MIAGCSqGSIb3DQEHA6CAMIACAQAx",
+                                     ctype="application/pkcs7-mime"), "patient.martin@gmail.com")
+    assert v.action is Action.ACCEPT, v.symbols
+    v = await outbound(runtime, mail(to, "Bonjour, voici vos résultats."),
+                       "patient.martin@gmail.com")
+    assert v.action is Action.QUARANTINE
+
+
+@pytest.mark.promise("outbound-health-held")
 async def test_patient_mssante_address_copied_to_an_ordinary_mailbox_is_held(runtime):
     patient = f"{NIR}@patient.mssante.fr"
     raw = mail("famille@gmail.com", "Bonjour, voici l'adresse de votre mère : " + patient)

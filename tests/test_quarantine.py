@@ -49,6 +49,7 @@ def write_config(tmp_path: Path, cfg) -> Path:
     return path
 
 
+@pytest.mark.promise("quarantine-encrypted")
 async def test_quarantined_mail_is_encrypted_on_disk_and_intact_after_restart(
         tmp_path: Path, sink: Sink):
     cfg = quarantine_config(tmp_path, sink)
@@ -80,6 +81,32 @@ async def test_quarantined_mail_is_encrypted_on_disk_and_intact_after_restart(
         assert b"X-Gateway-Action: quarantine" in raw
     finally:
         await store.close()
+
+
+@pytest.mark.promise("durable-before-250")
+async def test_held_mail_is_synced_to_disk_before_its_250(tmp_path: Path, sink: Sink,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """`250` for held mail only once its sealed file and the folder's new entry are on disk
+    (fsync'd): a power cut right after the reply must not lose it. The system call is
+    watched, not replaced: each fsync still happens, and its file is noted."""
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def watched_fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    cfg = quarantine_config(tmp_path, sink)
+    async with running(cfg) as gw:
+        reply = await send(gw.port)
+        at_reply = list(synced)
+    assert reply.startswith("2.0.0 Message accepte et mis en quarantaine")
+    [sealed] = Path(cfg.gateway.data_dir).rglob("*.qmsg")
+    # The file was written under a temporary name, synced, then renamed; then its folder.
+    assert any(p.parent == sealed.parent and p.name.startswith(f".{sealed.name}.")
+               for p in at_reply), at_reply
+    assert sealed.parent in at_reply, at_reply
 
 
 async def test_release_through_the_cli_delivers_the_original(tmp_path: Path, sink: Sink):
@@ -137,6 +164,7 @@ async def test_delete_and_purge(tmp_path: Path, sink: Sink):
         await store.close()
 
 
+@pytest.mark.promise("quarantine-encrypted")
 async def test_altered_or_swapped_records_are_refused(tmp_path: Path, sink: Sink):
     cfg = quarantine_config(tmp_path, sink)
     async with running(cfg) as gw:
@@ -173,6 +201,7 @@ async def test_index_is_rebuilt_from_the_files(tmp_path: Path, sink: Sink):
         await store.close()
 
 
+@pytest.mark.promise("durable-before-250")
 async def test_quarantine_write_failure_gives_451_and_loses_nothing(tmp_path: Path, sink: Sink):
     cfg = quarantine_config(tmp_path, sink)
     async with running(cfg) as gw:
@@ -186,6 +215,7 @@ async def test_quarantine_write_failure_gives_451_and_loses_nothing(tmp_path: Pa
     assert sink.empty()
 
 
+@pytest.mark.promise("secrets-private")
 async def test_key_file_is_created_0600_and_a_loose_one_is_refused(tmp_path: Path, sink: Sink):
     cfg = quarantine_config(tmp_path, sink)
     async with running(cfg):

@@ -80,6 +80,7 @@ async def test_forged_result_headers_are_removed(gateway, sink: Sink):
     assert got.data.endswith(MSG)
 
 
+@pytest.mark.promise("no-open-relay")
 async def test_open_relay_refused_at_rcpt(gateway, sink: Sink):
     smtp = await client(gateway.port)
     try:
@@ -128,6 +129,7 @@ async def test_oversize_refused(tmp_path: Path, sink: Sink):
     assert sink.empty()
 
 
+@pytest.mark.promise("durable-before-250")
 async def test_next_hop_down_gives_451_then_delivered_on_retry(tmp_path: Path):
     sink = Sink()  # not started: its port refuses connections
     cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off",
@@ -148,6 +150,7 @@ async def test_next_hop_down_gives_451_then_delivered_on_retry(tmp_path: Path):
             await sink.stop()
 
 
+@pytest.mark.promise("durable-before-250")
 async def test_next_hop_4xx_at_data_gives_451(gateway, sink: Sink):
     sink.behaviour.data_reply = "452 4.3.1 Insufficient system storage"
     with pytest.raises(aiosmtplib.SMTPDataError) as exc:
@@ -156,6 +159,7 @@ async def test_next_hop_4xx_at_data_gives_451(gateway, sink: Sink):
     assert exc.value.message.startswith("4.4.1 ")
 
 
+@pytest.mark.promise("durable-before-250")
 async def test_next_hop_5xx_at_data_is_passed_back(gateway, sink: Sink):
     sink.behaviour.data_reply = "554 5.6.0 Message content rejected"
     with pytest.raises(aiosmtplib.SMTPDataError) as exc:
@@ -221,6 +225,7 @@ async def raw_session(port: int):
     return reader, writer, reply
 
 
+@pytest.mark.promise("no-smuggling")
 async def test_smuggled_bare_lf_dot_does_not_end_data(gateway, sink: Sink):
     """CVE-2023-51764 shape: a dot line ended by a bare LF is data, flagged, and made harmless."""
     reader, writer, reply = await raw_session(gateway.port)

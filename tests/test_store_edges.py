@@ -87,6 +87,7 @@ def errors(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 # ---- one state change at a time ------------------------------------------------------------
 
 
+@pytest.mark.promise("release-once")
 async def test_two_stores_racing_one_release_deliver_it_once(tmp_path: Path, sink: Sink):
     root, key = tmp_path / "q", tmp_path / "q.key"
     web, link = await Store.open(root, key), await Store.open(root, key)  # two pages, one folder
@@ -128,6 +129,7 @@ async def test_two_stores_racing_one_release_deliver_it_once(tmp_path: Path, sin
         await link.close()
 
 
+@pytest.mark.promise("release-once")
 async def test_the_cli_in_another_process_cannot_release_an_item_being_released(
         tmp_path: Path, sink: Sink):
     cfg = config(tmp_path / "data", sink)
@@ -166,6 +168,7 @@ async def test_the_cli_in_another_process_cannot_release_an_item_being_released(
         await store.close()
 
 
+@pytest.mark.promise("release-once")
 async def test_a_failed_delivery_puts_the_item_back_in_quarantine(gateway: Running, sink: Sink):
     store = gateway.runtime.store
     assert store is not None
@@ -257,6 +260,7 @@ async def test_an_item_left_releasing_by_a_killed_process_goes_back_to_quarantin
 # ---- the sealed file and its index row are one unit ------------------------------------------
 
 
+@pytest.mark.promise("durable-before-250")
 async def test_a_failed_index_write_gives_451_and_leaves_no_file(
         tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture):
     cfg = config(tmp_path / "data", sink)
@@ -368,6 +372,7 @@ def test_write_private_leaves_nothing_on_a_full_disk(tmpfs: Path):
     assert list(tmpfs.iterdir()) == [filler]
 
 
+@pytest.mark.promise("durable-before-250")
 async def test_disk_full_gives_451_then_the_retry_is_held_once(
         tmpfs: Path, sink: Sink, caplog: pytest.LogCaptureFixture):
     cfg = config(tmpfs / "data", sink)

@@ -140,6 +140,7 @@ async def test_newsletter_and_smime_are_delivered(setup: Setup):
     assert setup.mailbox.empty()
 
 
+@pytest.mark.promise("no-open-relay")
 async def test_unauthenticated_client_cannot_relay(setup: Setup):
     smtp = await client(setup, login=None)
     try:
@@ -151,6 +152,7 @@ async def test_unauthenticated_client_cannot_relay(setup: Setup):
     assert setup.relay.empty()
 
 
+@pytest.mark.promise("auth-over-tls")
 async def test_auth_is_not_offered_before_starttls(setup: Setup):
     smtp = await client(setup, tls=False, login=None)
     try:
@@ -176,6 +178,7 @@ async def test_wrong_password_is_refused_then_the_connection_closed(setup: Setup
         smtp.close()
 
 
+@pytest.mark.promise("no-open-relay")
 async def test_sender_outside_the_practice_domains_is_refused(setup: Setup):
     smtp = await client(setup)
     try:
@@ -242,6 +245,7 @@ async def test_smarthost_leg_without_tls_holds_even_mssante(tmp_path: Path, cert
         await plain.stop()
 
 
+@pytest.mark.promise("no-open-relay")
 async def test_inbound_port_still_refuses_to_relay(setup: Setup):
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=setup.gw.port, start_tls=False)
     await smtp.connect()
@@ -252,6 +256,7 @@ async def test_inbound_port_still_refuses_to_relay(setup: Setup):
         smtp.close()
 
 
+@pytest.mark.promise("secrets-private")
 def test_cli_add_user_writes_an_argon2_hash_in_a_0600_file(tmp_path: Path):
     data = tmp_path / "data"
     res = subprocess.run([sys.executable, "-m", "gateway", "submission", "--domain", DOMAIN,
@@ -389,6 +394,7 @@ async def test_mixed_recipients_when_the_smarthost_fails_nothing_is_kept(setup: 
     assert await store.count(state="quarantined") == 0
 
 
+@pytest.mark.promise("login-throttle")
 async def test_guessing_over_new_connections_is_locked_out(tmp_path: Path, cert, relay: Sink,
                                                            sink: Sink):
     async with await start(tmp_path, cert, relay, sink, lockout_failures=2) as gw:
@@ -508,6 +514,7 @@ async def test_refused_header_frees_the_smarthost_connection(setup: Setup):
     assert "transmis" in await send(setup, to, mail(to, "Bonjour, rendez-vous jeudi."))
 
 
+@pytest.mark.promise("login-throttle")
 async def test_parallel_logins_get_no_more_tries_than_one_by_one(tmp_path: Path, cert,
                                                                  relay: Sink, sink: Sink):
     """Each attempt is counted when it starts: sixty at once from one address get no more

@@ -54,6 +54,7 @@ ACTIONS = ["/deconnexion", "/quarantaine/actions", "/listes",
            "/quarantaine/20261128T100000-0123456789ab/supprimer"]
 
 
+@pytest.mark.promise("web-login-2fa")
 async def test_every_page_and_action_needs_a_session(site: Web):
     item = await quarantine(site.gw, suspicious())
     for path in [*PAGES, f"/quarantaine/{item}", f"/quarantaine/{item}/apercu"]:
@@ -66,6 +67,7 @@ async def test_every_page_and_action_needs_a_session(site: Web):
     assert site.sink.empty()
 
 
+@pytest.mark.promise("web-login-2fa")
 async def test_login_needs_password_and_totp_and_sets_a_strict_cookie(site: Web):
     c = site.client
     assert await c.login(ADMIN, code="000000") == 401
@@ -99,6 +101,7 @@ async def test_login_needs_password_and_totp_and_sets_a_strict_cookie(site: Web)
         await other.close()
 
 
+@pytest.mark.promise("login-throttle")
 async def test_guessing_is_slowed_and_the_real_admin_still_logs_in(site: Web):
     guesser = Client(site.client.base, source="127.0.0.2")
     try:
@@ -116,6 +119,7 @@ async def test_guessing_is_slowed_and_the_real_admin_still_logs_in(site: Web):
         await guesser.close()
 
 
+@pytest.mark.promise("login-throttle")
 async def test_an_address_guessing_many_accounts_is_locked_out(site: Web):
     guesser = Client(site.client.base, source="127.0.0.3")
     try:
@@ -170,6 +174,64 @@ async def test_https_cookie_is_secure_with_host_prefix(tmp_path: Path, sink: Sin
             await c.close()
 
 
+def post_paths(gw: Running, item: str) -> list[str]:
+    """Every POST route of the running page, its parameters filled in (an action route once
+    per action): a route added later is covered without editing the tests."""
+    assert gw.web is not None
+    paths = []
+    for route in gw.web.app.router.routes():
+        if route.method != "POST":
+            continue
+        info = route.resource.get_info() if route.resource is not None else {}
+        template = str(info.get("formatter") or info.get("path"))
+        for action in (["liberer", "liberer-autoriser", "bloquer", "supprimer"]
+                       if "{action}" in template else [""]):
+            paths.append(template.replace("{id}", item).replace("{action}", action)
+                         .replace("{token}", "x" * 43))
+    return paths
+
+
+@pytest.mark.promise("web-csrf-origin")
+async def test_every_post_needs_its_token(site: Web):
+    item = await quarantine(site.gw, suspicious())
+    await site.client.login(ADMIN)
+    paths = post_paths(site.gw, item)
+    assert len(paths) >= 9, paths
+    for path in paths:
+        for form in ({"ids": item}, {"ids": item, "csrf": "faux", "jeton": "faux"}):
+            status, text, _ = await site.client.post(path, form)
+            if path == "/connexion":
+                assert status == 403 and "Formulaire expiré" in text, path
+            elif path.startswith("/liberation/"):  # a made-up link: refused before its form
+                assert status == 404 and "Lien invalide" in text, path
+            else:
+                assert status == 403 and "jeton de sécurité" in text, (path, status)
+    # Nothing happened: still held, nothing sent, still logged in.
+    assert (await site.gw.runtime.store.item(item)).state == "quarantined"  # type: ignore[union-attr]
+    assert site.sink.empty()
+    assert (await site.client.get("/"))[0] == 200
+
+
+@pytest.mark.promise("web-csrf-origin")
+async def test_a_form_posted_from_another_site_is_refused(site: Web):
+    item = await quarantine(site.gw, suspicious())
+    await site.client.login(ADMIN)
+    for path in post_paths(site.gw, item):
+        status, text, _ = await site.client.post(
+            path, {"ids": item, "csrf": site.client.csrf, "jeton": site.client.form_token},
+            headers={"Origin": "https://attaquant.example"})
+        assert status == 403 and "origine inconnue" in text, (path, status)
+    assert (await site.gw.runtime.store.item(item)).state == "quarantined"  # type: ignore[union-attr]
+    assert site.sink.empty()
+    # The page's own origin is accepted.
+    status, _, _ = await site.client.post(
+        f"/quarantaine/{item}/supprimer", {"csrf": site.client.csrf},
+        headers={"Origin": site.client.base})
+    assert status == 303
+    assert (await site.gw.runtime.store.item(item)).state == "deleted"  # type: ignore[union-attr]
+
+
+@pytest.mark.promise("web-csrf-origin")
 async def test_post_without_csrf_token_is_refused(site: Web):
     item = await quarantine(site.gw, suspicious())
     await site.client.login(ADMIN)
@@ -181,6 +243,7 @@ async def test_post_without_csrf_token_is_refused(site: Web):
     assert site.sink.empty()
 
 
+@pytest.mark.promise("preview-safe")
 async def test_subject_and_sender_with_html_are_escaped(site: Web):
     raw = suspicious('<script>alert("objet")</script><b>Urgent</b>',
                      display='<img src=x onerror=alert(1)>Labo')
@@ -194,6 +257,7 @@ async def test_subject_and_sender_with_html_are_escaped(site: Web):
         assert "&lt;img src=x onerror=alert(1)&gt;Labo" in text
 
 
+@pytest.mark.promise("web-roles")
 async def test_reader_can_view_but_not_act(site: Web):
     item = await quarantine(site.gw, suspicious())
     c = site.client
@@ -375,6 +439,7 @@ async def test_allow_list_counts_only_for_authenticated_mail(tmp_path: Path, dns
         await rt.close()
 
 
+@pytest.mark.promise("web-roles")
 async def test_admin_manages_accounts_and_a_reader_cannot(site: Web):
     import pyotp
 
@@ -412,6 +477,7 @@ async def test_admin_manages_accounts_and_a_reader_cannot(site: Web):
     assert "compte créé" in text and "compte supprimé" in text
 
 
+@pytest.mark.promise("preview-safe")
 async def test_social_security_numbers_are_masked_in_the_preview(site: Web):
     from tests.test_outbound import NIR
 

@@ -65,6 +65,7 @@ async def login(page, base: str, user: User, code: str | None = None) -> None:
     await page.get_by_role("button", name="Se connecter").click()
 
 
+@pytest.mark.promise("preview-safe")
 async def test_admin_reviews_previews_safely_and_releases(tmp_path: Path, sink: Sink, browser,
                                                           tracker):
     remote, hits = tracker
@@ -165,6 +166,7 @@ def web_config(data: Path, sink: Sink):
     return cfg
 
 
+@pytest.mark.promise("web-csrf-origin")
 async def test_reader_cannot_release_and_csrf_is_required(tmp_path: Path, sink: Sink, browser):
     async with running(web_config(tmp_path / "data", sink)) as gw:
         base = f"http://127.0.0.1:{gw.web_port}"

@@ -78,6 +78,7 @@ async def test_a_job_past_its_memory_limit_fails_alone_and_its_worker_is_replace
     assert await workers.run_killable(os.getpid, limit_s=30) != pid
 
 
+@pytest.mark.promise("timeouts-fail-closed")
 async def test_a_job_past_its_limit_is_killed_and_a_waiting_job_gets_the_slot(
         worker: tuple[Workers, int]):
     workers, pid = worker
