@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -60,8 +61,10 @@ _provided: dict[str, object] = {}  # in a worker process: what `provide` install
 OUT_OF_BAND_BYTES = 16 * 1024  # bytes arguments from this size are sent beside the pickle
 START_LIMIT_S = 60.0  # a worker process not started by then (the fork server's imports) failed
 _COUNT = struct.Struct("!I")
+_ACK = b"\x06"
 _SIZE = struct.Struct("!Q")
 _SOCKET_BUFFER = 4 << 20
+_PR_SET_PDEATHSIG = 1
 
 
 class Workers:
@@ -100,25 +103,43 @@ class Workers:
         worker: _Worker | None = None
         ok, value = True, cast(Any, None)
         try:
-            worker = await self._ready(procs, slot)
-            try:
-                async with asyncio.timeout(limit_s):
-                    ok, value = await worker.call(fn, args)
-            except TimeoutError:
-                worker.kill()
-                raise ScanTimeout(f"{_name(fn)} took more than {limit_s}s (stopped)") from None
-            except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError):
-                how = worker.exit_description()
-                worker.kill()
-                raise WorkerCrashed(f"{_name(fn)}: worker process died ({how})") from None
+            for attempt in (1, 2):
+                try:
+                    async with asyncio.timeout(limit_s):
+                        worker = await self._ready(procs, slot)
+                except TimeoutError:
+                    raise ScanTimeout(f"{_name(fn)}: no worker ready within {limit_s}s"
+                                      ) from None
+                try:
+                    async with asyncio.timeout(limit_s):
+                        ok, value = await worker.call(fn, args)
+                    break
+                except _NotSent as exc:
+                    # The worker was dead before it had the job (killed while idle, since
+                    # the last look): the job never ran, so a new worker takes it, once.
+                    worker.kill()
+                    worker = slot = None
+                    if attempt == 2:
+                        raise WorkerCrashed(f"{_name(fn)}: no live worker ({exc})") from None
+                    log.warning("worker process lost while idle: job sent to a new one")
+                except TimeoutError:
+                    worker.kill()
+                    raise ScanTimeout(f"{_name(fn)} took more than {limit_s}s (stopped)"
+                                      ) from None
+                except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError):
+                    how = worker.exit_description()
+                    worker.kill()
+                    raise WorkerCrashed(f"{_name(fn)}: worker process died ({how})") from None
         except BaseException:
             if worker is not None:
                 worker.kill()  # cancelled mid-job: nothing else can stop it
             raise
         finally:
-            if not ok and isinstance(value, MemoryError) and worker is not None:
-                worker.kill()  # past its memory limit: a fresh process for the next job
-            procs.idle.put_nowait(worker if worker is not None and worker.usable else None)
+            if worker is not None and (not worker.usable or not ok and isinstance(
+                    value, MemoryError)):  # dead, or past its memory limit: a fresh one next
+                worker.kill()
+                worker = None
+            procs.idle.put_nowait(worker)
         if not ok:
             raise value  # the job's own exception
         return value  # type: ignore[no-any-return]
@@ -159,6 +180,9 @@ class Workers:
                 worker.kill()
                 raise WorkerCrashed(f"worker process could not take its state ({exc!r})"
                                     ) from None
+            except BaseException:  # cancelled meanwhile: no half-installed worker is kept
+                worker.kill()
+                raise
             worker.generation = generation
         return worker
 
@@ -197,6 +221,8 @@ class _ProcessPool:
         for _ in range(size):
             self.idle.put_nowait(None)
         self.workers: set[_Worker] = set()
+        self._starter = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="gw-worker-start")
 
     async def start(self, memory_mb: int) -> _Worker:
         """A new worker process (started off the loop: the first start waits for the fork
@@ -209,33 +235,41 @@ class _ProcessPool:
         ctx.set_forkserver_preload(JOB_MODULES)
         proc = ctx.Process(target=_serve, args=(theirs, memory_mb), name="gateway-job",
                            daemon=True)  # at exit, multiprocessing stops it, not waits
-        started = self.loop.run_in_executor(None, proc.start)
+        # One thread of its own: a start stuck on the fork server never holds the loop's
+        # default executor (asyncio.to_thread), which the rest of the gateway uses.
+        started = self.loop.run_in_executor(self._starter, proc.start)
         try:
             async with asyncio.timeout(START_LIMIT_S):
                 await asyncio.shield(started)
         except BaseException as exc:
-            ours.close()
-            theirs.close()
-            # If it starts after all, it is stopped.
-            started.add_done_callback(lambda f: _reap_if_started(f, proc))
+            def _after(f: asyncio.Future[None]) -> None:
+                # Only now: until start() returns it may still send theirs's fd number,
+                # which a socket opened meanwhile could have taken.
+                ours.close()
+                theirs.close()
+                _reap_if_started(f, proc)  # if it started after all, it is stopped
+
+            started.add_done_callback(_after)
             if isinstance(exc, (TimeoutError, OSError)):
                 raise WorkerCrashed(f"no worker process could be started ({exc!r})") from None
             raise
         theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)
-        worker = _Worker(proc, reader, writer, self)
+        worker = _Worker(proc, reader, writer, self, ours)
         self.workers.add(worker)
         return worker
 
     def close(self) -> None:
         for worker in list(self.workers):
             worker.kill()
+        self._starter.shutdown(wait=False)
 
 
 class _Worker:
     def __init__(self, proc: BaseProcess, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, pool: _ProcessPool) -> None:
+                 writer: asyncio.StreamWriter, pool: _ProcessPool, sock: socket.socket) -> None:
         self.proc = proc
+        self.sock = sock
         self.reader = reader
         self.writer = writer
         self.pool = pool
@@ -244,7 +278,17 @@ class _Worker:
 
     @property
     def usable(self) -> bool:
-        return not self.killed and not self.reader.at_eof() and self.proc.is_alive()
+        """Not killed, and alive as far as can be seen now: an idle worker never writes, so
+        anything readable on its socket (its end closed, as a dying process's is) or a
+        status from the fork server means it is gone."""
+        if self.killed or self.reader.at_eof() or not self.proc.is_alive():
+            return False
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP | select.POLLHUP)
+        return not poller.poll(0)
 
     async def call(self, fn: Callable[..., object], args: tuple[object, ...]
                    ) -> tuple[bool, Any]:
@@ -256,10 +300,20 @@ class _Worker:
                 blobs.append(arg)
             else:
                 sent.append(arg)
-        await self._send([pickle.dumps(("job", fn, tuple(sent)), protocol=pickle.HIGHEST_PROTOCOL),
-                          *blobs])
+        frame = pickle.dumps(("job", fn, tuple(sent)), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            await self._send([frame, *blobs])
+            # The worker acknowledges a whole job before it runs it: a worker that died
+            # before (killed while idle, since `usable` looked) never started this one.
+            await self.reader.readexactly(len(_ACK))
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            raise _NotSent(repr(exc)) from None
         (size,) = _SIZE.unpack(await self.reader.readexactly(_SIZE.size))
-        result: tuple[bool, Any] = pickle.loads(await self.reader.readexactly(size))
+        reply = await self.reader.readexactly(size)
+        try:
+            result: tuple[bool, Any] = pickle.loads(reply)
+        except Exception as exc:  # noqa: BLE001 - a value that pickles but cannot be rebuilt
+            return False, RuntimeError(f"unreadable reply from the worker: {exc!r}")
         return result
 
     async def install(self, state_frame: bytes) -> None:
@@ -279,8 +333,10 @@ class _Worker:
             return
         self.killed = True
         self.pool.workers.discard(self)
-        with contextlib.suppress(RuntimeError):  # its loop may be closed already
+        try:
             self.writer.close()
+        except RuntimeError:  # its loop is closed already (an earlier asyncio.run)
+            self.sock.close()
         _reap(self.proc)
 
     def exit_description(self) -> str:
@@ -304,7 +360,10 @@ def _reap_if_started(start: asyncio.Future[None], proc: BaseProcess) -> None:
 def _join(proc: BaseProcess) -> None:
     with contextlib.suppress(OSError, ValueError, AssertionError):
         proc.join(10)
-        proc.close()
+
+
+class _NotSent(Exception):
+    """A job could not be sent: its worker was gone, and the job never started."""
 
 
 class _OutOfBand:
@@ -326,6 +385,7 @@ def _serve(sock: socket.socket, memory_mb: int) -> None:
     # C code (YARA, libmagic): here the default actions apply, and ^C is the parent's.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_the_fork_server(sock.fileno())
     threading.Thread(target=_exit_on_hang_up, args=(sock.fileno(),), daemon=True,
                      name="gw-hang-up").start()
     if memory_mb > 0:  # a bomb becomes MemoryError (or a dead worker), not a host in swap
@@ -345,16 +405,40 @@ def _serve(sock: socket.socket, memory_mb: int) -> None:
             _, fn, args = message
             args = tuple(frames[1 + a.index] if isinstance(a, _OutOfBand) else a for a in args)
             del frames
+            sock.sendall(_ACK)
             try:
                 value = fn(*args)
                 reply = pickle.dumps((True, value), protocol=pickle.HIGHEST_PROTOCOL)
             except (Exception, Overrun) as exc:
-                try:
-                    reply = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception:  # noqa: BLE001 - an exception that cannot be pickled
-                    reply = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+                reply = _exception_reply(exc)
             del args
         sock.sendall(_SIZE.pack(len(reply)) + reply)
+
+
+def _exception_reply(exc: BaseException) -> bytes:
+    """The job's exception as a reply the serving process can rebuild: some exceptions
+    pickle but cannot be unpickled (an __init__ with other arguments), some do not pickle."""
+    try:
+        reply = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(reply)
+        return reply
+    except Exception:  # noqa: BLE001
+        return pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+def _die_with_the_fork_server(keep_fd: int) -> None:
+    """In a worker process: killed by the kernel (SIGKILL, whatever holds the GIL) when its
+    parent, the fork server, exits. The fork server exits once its serving process is gone
+    and nothing else holds that process's "alive" pipe: every inherited descriptor but the
+    job socket and the standard streams is closed, that pipe's copy included."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the fork server died before the request
+        os._exit(0)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, limit if limit != resource.RLIM_INFINITY else 65536)
 
 
 def _receive(sock: socket.socket) -> list[bytes] | None:

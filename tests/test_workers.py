@@ -69,6 +69,20 @@ async def test_a_job_that_kills_its_worker_gives_worker_crashed_and_the_next_job
     assert await workers.run_killable(len, b"x" * 3_000_000, limit_s=30) == 3_000_000
 
 
+async def test_a_worker_killed_while_idle_is_replaced_before_the_next_job(
+        worker: tuple[Workers, int]):
+    """Killed between two jobs (the kernel's out-of-memory killer): the next job is not lost
+    with it, at once or a moment later."""
+    workers, pid = worker
+    os.kill(pid, signal.SIGKILL)
+    assert await workers.run_killable(os.getpid, limit_s=30) != pid
+    again = await workers.run_killable(os.getpid, limit_s=30)
+    assert _wait_gone(pid, 10)
+    os.kill(again, signal.SIGKILL)
+    assert _wait_gone(again, 10)
+    assert await workers.run_killable(len, b"x" * 100_000, limit_s=30) == 100_000
+
+
 async def test_a_job_past_its_memory_limit_fails_alone_and_its_worker_is_replaced(
         worker: tuple[Workers, int]):
     workers, pid = worker
@@ -113,13 +127,14 @@ async def test_a_job_that_raises_gives_its_exception_and_keeps_the_worker(
 
 
 SERVING = """
-import asyncio, os, sys, time
+import asyncio, os, sys
 from gateway.workers import Workers
+from tests.support.jobs import hold_the_gil
 
 async def main():
     workers = Workers(processes=1)
     pid = await workers.run_killable(os.getpid, limit_s=60)
-    job = asyncio.create_task(workers.run_killable(time.sleep, 3600, limit_s=3600))
+    job = asyncio.create_task(workers.run_killable(hold_the_gil, 3600, limit_s=3600))
     while "nanosleep" not in open(f"/proc/{pid}/wchan").read():
         await asyncio.sleep(0.01)
     print(pid, flush=True)
@@ -130,8 +145,9 @@ asyncio.run(main())
 
 
 def test_a_serving_process_that_dies_mid_job_leaves_no_worker_behind():
-    """A crashed serving process must not leave a runaway job holding a core: its worker
-    sees the hang-up and exits, even in the middle of the job."""
+    """A crashed serving process must not leave a runaway job holding a core, even one in C
+    code holding the GIL (no Python code of the worker can run): the kernel kills the
+    worker when its fork server exits, which it does once the serving process is gone."""
     with subprocess.Popen([sys.executable, "-c", SERVING], cwd=ROOT, stdout=subprocess.PIPE,
                           text=True) as proc:
         try:
