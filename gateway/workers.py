@@ -237,17 +237,19 @@ class _ProcessPool:
                            daemon=True)  # at exit, multiprocessing stops it, not waits
         # One thread of its own: a start stuck on the fork server never holds the loop's
         # default executor (asyncio.to_thread), which the rest of the gateway uses.
-        started = self.loop.run_in_executor(self._starter, proc.start)
+        started = self._starter.submit(proc.start)
         try:
             async with asyncio.timeout(START_LIMIT_S):
-                await asyncio.shield(started)
+                await asyncio.shield(asyncio.wrap_future(started))
         except BaseException as exc:
-            def _after(f: asyncio.Future[None]) -> None:
-                # Only now: until start() returns it may still send theirs's fd number,
-                # which a socket opened meanwhile could have taken.
+            def _after(f: concurrent.futures.Future[None]) -> None:
+                # Only once start() is over (it may still send theirs's fd number, which a
+                # socket opened meanwhile could have taken), in the starter's thread: the
+                # loop may be closed by then (a gateway stopping while it warmed up).
                 ours.close()
                 theirs.close()
-                _reap_if_started(f, proc)  # if it started after all, it is stopped
+                if not f.cancelled() and f.exception() is None:
+                    _reap(proc)  # it started after all: stopped
 
             started.add_done_callback(_after)
             if isinstance(exc, (TimeoutError, OSError)):
@@ -333,10 +335,9 @@ class _Worker:
             return
         self.killed = True
         self.pool.workers.discard(self)
-        try:
-            self.writer.close()
-        except RuntimeError:  # its loop is closed already (an earlier asyncio.run)
-            self.sock.close()
+        with contextlib.suppress(RuntimeError):  # its loop is closed already
+            self.writer.close()  # unregisters the socket from the loop at once
+        self.sock.close()  # now, not in a later loop iteration that may never come
         _reap(self.proc)
 
     def exit_description(self) -> str:
@@ -350,11 +351,6 @@ def _reap(proc: BaseProcess) -> None:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         proc.kill()
     threading.Thread(target=_join, args=(proc,), name="gw-worker-reap", daemon=True).start()
-
-
-def _reap_if_started(start: asyncio.Future[None], proc: BaseProcess) -> None:
-    if not start.cancelled() and start.exception() is None:
-        _reap(proc)
 
 
 def _join(proc: BaseProcess) -> None:

@@ -120,6 +120,33 @@ async def test_dns_outage_gives_451_without_hanging(tmp_path: Path, sink: Sink,
     assert sink.empty()
 
 
+@pytest.mark.promise("dns-trouble-451")
+@pytest.mark.parametrize(("policy", "code"), [("reject", 451), ("none", 250)])
+async def test_an_spf_lookup_timing_out_under_p_reject_gets_451_not_a_verdict(
+        tmp_path: Path, sink: Sink, dns_zone: ThreadedDnsServer, policy: str, code: int):
+    """Unsigned mail whose SPF record cannot be read: DMARC cannot be decided. Under
+    p=reject that is a retry (451), not a 550 nor a pass; under p=none the mail goes on."""
+    dns_zone.load(ZONE | {"hopital.example": ["TIMEOUT"],
+                          "_dmarc.hopital.example": [("TXT", f"v=DMARC1; p={policy}")]})
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"},
+                      dns={"timeout_s": 0.5})
+    unsigned = original().split(b"\r\n", 1)[1]  # its DKIM-Signature field removed
+    while unsigned.startswith((b" ", b"\t")):  # and that field's folded lines
+        unsigned = unsigned.split(b"\r\n", 1)[1]
+    assert unsigned.startswith(b"From: ") and b"DKIM-Signature" not in unsigned
+    async with running(cfg) as gw:
+        if code == 451:
+            with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+                await send(gw.port, unsigned, "secretariat@hopital.example")
+            assert exc.value.code == 451 and exc.value.message.startswith("4.7.1 ")
+            assert sink.empty()
+        else:
+            reply = await send(gw.port, unsigned, "secretariat@hopital.example")
+            assert reply.startswith("2.0.0 ")
+            delivered = (await sink.get()).data
+            assert b"dmarc=temperror" in delivered
+
+
 async def test_dmarc_pct_zero_downgrades_reject_to_quarantine(tmp_path: Path, sink: Sink,
                                                               dns_zone: ThreadedDnsServer):
     """pct=0: the published p=reject applies to no failing message; RFC 7489 6.6.4 then
