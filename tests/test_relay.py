@@ -247,7 +247,7 @@ async def test_smuggled_bare_lf_dot_does_not_end_data(gateway, sink: Sink):
     assert b"SMTP_BARE_LF_DOT" in got.data
     # Relayed with CRLF line ends and the dot stuffed: the next hop cannot be fooled either.
     assert b"\n.\n" not in got.data and b"\r\n.\n" not in got.data
-    await asyncio.sleep(0.2)
+    await sink.settled()
     assert sink.empty()
 
 

@@ -113,7 +113,7 @@ async def test_connection_limit_gives_421(tmp_path: Path, sink: Sink):
         writer.close()
         for _, w in held:
             w.close()
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(gw.counter.idle.wait(), 10)  # the gateway saw them go
         _, reply = await aiosmtplib.send(MSG, sender="a@labo.example",
                                          recipients=[f"docteur@{DOMAIN}"], hostname="127.0.0.1",
                                          port=gw.port, start_tls=False)

@@ -113,7 +113,7 @@ async def test_two_stores_racing_one_release_deliver_it_once(tmp_path: Path, sin
         assert lost.state == "releasing" and "not quarantined" in str(lost)
         assert won.state == "released" and calls == [item_id]
         assert (await sink.get()).rcpts == [RCPT]
-        await asyncio.sleep(0.2)
+        await sink.settled()
         assert sink.empty()  # exactly one delivery
         for store in (web, link):
             assert (await store.item(item_id)).state == "released"
@@ -162,7 +162,7 @@ async def test_the_cli_in_another_process_cannot_release_an_item_being_released(
         go.set()
         assert (await web).state == "released"
         assert (await sink.get()).data.endswith(suspect())
-        await asyncio.sleep(0.2)
+        await sink.settled()
         assert sink.empty()
     finally:
         await store.close()
@@ -199,7 +199,7 @@ async def test_a_release_past_its_time_limit_is_abandoned(gateway: Running, sink
     with pytest.raises(DownstreamUnavailable):  # the web page's "réessayez plus tard"
         await gateway.runtime.quarantine.release(item_id, by="web:claire")
     assert (await store.item(item_id)).state == "quarantined"
-    await asyncio.sleep(0.2)
+    await sink.settled()
     assert sink.empty()
 
 

@@ -187,9 +187,11 @@ class ThreadedDnsServer:
         return self.server.port
 
     def load(self, zone: Zone) -> None:
-        self._loop.call_soon_threadsafe(self.server.load, zone)
-        import time
-        time.sleep(0.01)
+        """Swap the zone in the server's own thread, and return once it is swapped: the
+        next query gets the new zone whole (one assignment), never the old one."""
+        async def swap() -> None:
+            self.server.load(zone)
+        asyncio.run_coroutine_threadsafe(swap(), self._loop).result(10)
 
     def close(self) -> None:
         fut = asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop)

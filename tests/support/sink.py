@@ -110,6 +110,14 @@ class Sink:
     def empty(self) -> bool:
         return self.queue.empty()
 
+    async def settled(self, timeout: float = 10) -> None:
+        """Wait until no client is connected (every session with the sink has ended): then
+        whatever was going to be delivered has been, and `empty()` means nothing was. A
+        positive signal, where a fixed sleep would only hope."""
+        async with asyncio.timeout(timeout):
+            while self._open:
+                await asyncio.sleep(0.01)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
