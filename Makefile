@@ -2,13 +2,14 @@
 #   make run    the gateway on the embedded default (SMTP on 127.0.0.1:2525, Maildir delivery)
 #   make test   lint, type checks and the whole test suite (installs Postfix for its tests)
 #   make bench  the benchmark against the bare pass-through proxy (bench/RESULTS.md)
+#   make soak   the whole suite N times in a row (N=20), stopping at the first failure: flakes
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench system-deps lint
+.PHONY: run test bench soak system-deps lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +38,10 @@ test: $(STAMP) system-deps lint
 
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/run.py $(ARGS)
+
+N ?= 20
+soak: $(STAMP) system-deps
+	@for i in $$(seq 1 $(N)); do \
+	  echo "== run $$i of $(N)"; \
+	  $(BIN)/pytest -q -p no:cacheprovider || { echo "== failed on run $$i of $(N)"; exit 1; }; \
+	done; echo "== $(N) runs in a row passed"
