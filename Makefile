@@ -3,13 +3,15 @@
 #   make test   lint, type checks and the whole test suite (installs Postfix for its tests)
 #   make bench  the benchmark against the bare pass-through proxy (bench/RESULTS.md)
 #   make soak   the whole suite N times in a row (N=20), stopping at the first failure: flakes
+#   make mutation  mutation testing (mutmut) of the modules that hold the promises: hours;
+#               MUTANTS="quarantine.files.*" for some of them (mutmut's mutant names)
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench soak system-deps lint
+.PHONY: run test bench soak mutation system-deps lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +47,10 @@ soak: $(STAMP) system-deps
 	  echo "== run $$i of $(N)"; \
 	  $(BIN)/pytest -q -p no:cacheprovider || { echo "== failed on run $$i of $(N)"; exit 1; }; \
 	done; echo "== $(N) runs in a row passed"
+
+# The shared corpus is found from the test folder's place, which mutmut's copy (mutants/)
+# moves: its path is given.
+CORPUS ?= $(abspath ../shared/corpus)
+mutation: $(STAMP) system-deps
+	GATEWAY_CORPUS=$(CORPUS) $(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results

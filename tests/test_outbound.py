@@ -91,9 +91,10 @@ async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
     await rt.close()
 
 
-async def outbound(rt: Runtime, raw: bytes, to: str, *, tls: bool = True):
+async def outbound(rt: Runtime, raw: bytes, to: str, *, tls: bool = True,
+                   peer: str = "192.0.2.20"):
     return (await rt.pipeline.analyse(Inbound(
-        queue_id="o", peer_ip="192.0.2.20", helo="poste.cabinet", mail_from=f"s@{DOMAIN}",
+        queue_id="o", peer_ip=peer, helo="poste.cabinet", mail_from=f"s@{DOMAIN}",
         rcpts=(to,), raw=raw, tls=tls, direction=Direction.OUTBOUND))).verdict
 
 
@@ -211,6 +212,18 @@ async def test_ins_matricule_of_a_nia_in_a_cda_is_found(runtime):
     names = {s.name for s in v.symbols}
     assert {"OUTBOUND_HEALTH_DOCUMENT", "OUTBOUND_HEALTH_CLEARTEXT_HOLD"} <= names
     assert find_nirs(f"INS {nia}") == [nia]
+
+
+@pytest.mark.parametrize(("peer", "flagged"), [
+    ("192.0.2.20", True), ("127.0.0.1", False), ("::1", False), ("inconnu", True)])
+async def test_a_submission_in_clear_is_flagged_unless_it_never_left_the_machine(
+        runtime, peer: str, flagged: bool):
+    """A mail client on the network that submits without TLS exposed the message on the
+    way; one on the gateway's own machine (loopback) did not. An address that cannot be
+    read counts as the network (found by mutation testing)."""
+    v = await outbound(runtime, mail("x@orange.fr", "Bonjour."), "x@orange.fr", tls=False,
+                       peer=peer)
+    assert ("OUTBOUND_CLEARTEXT_SESSION" in {s.name for s in v.symbols}) is flagged
 
 
 @pytest.mark.promise("mssante-boundary")
