@@ -22,11 +22,31 @@ _DOMAINISH = re.compile(r"^(?:https?://)?(?:www\.)?([a-z0-9.-]+\.[a-z]{2,})(?:[/
                         re.IGNORECASE)
 
 
+_SCRIPT_SCHEMES = ("data:", "javascript:", "vbscript:")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Link:
     href: str
     host: str  # lower case, no port; "" when the URL has none
     text: str  # what the reader sees ("" for text-part URLs)
+
+    @property
+    def is_script(self) -> bool:
+        """A page or a script in the link itself (data:, javascript:), not a site."""
+        return self.href.lstrip().lower().startswith(_SCRIPT_SCHEMES)
+
+    @property
+    def userinfo(self) -> str:
+        """What stands before an "@" in the address's site part (https://www.ameli.fr@evil.example/):
+        a reader takes it for the site, the browser goes to what follows."""
+        try:
+            parts = urllib.parse.urlsplit(self.href if "//" in self.href
+                                          else "http://" + self.href)
+        except ValueError:
+            return ""
+        user, sep, _ = parts.netloc.rpartition("@")
+        return user if sep else ""
 
     @property
     def shown_host(self) -> str:
@@ -80,9 +100,11 @@ class _Html(html.parser.HTMLParser):
             self._skip -= 1
         elif tag == "a" and self._href is not None:
             href = self._href.strip()
+            text = " ".join("".join(self._anchor).split())
             if href.lower().startswith(("http://", "https://", "www.")):
-                self.links.append(Link(href=href, host=host_of(href),
-                                       text=" ".join("".join(self._anchor).split())))
+                self.links.append(Link(href=href, host=host_of(href), text=text))
+            elif href.lower().startswith(_SCRIPT_SCHEMES):
+                self.links.append(Link(href=href[:200], host="", text=text))
             self._href = None
 
     def handle_data(self, data: str) -> None:

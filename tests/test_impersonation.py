@@ -129,6 +129,48 @@ async def test_links_that_lie(runtime):
     assert v.action is not Action.ACCEPT
 
 
+WEBMAIL_LURE = ("Votre boite de messagerie a atteint sa limite. Sans action de votre part "
+                "sous 24h, votre compte sera suspendu. Verifiez votre mot de passe : ")
+
+
+@pytest.mark.parametrize(("href", "symbol"), [
+    ("https://webmail-cabinet-3f2a.web.app/connexion", "LINK_FREE_HOSTING"),
+    ("https://portail-messagerie.run.app/login", "LINK_FREE_HOSTING"),
+    ("https://docs-partage.pages.dev/", "LINK_FREE_HOSTING"),
+    ("https://stockage7.blob.core.windows.net/o365/index.html", "LINK_FREE_HOSTING"),
+    ("https://www.ameli.fr@connexion-assure.example/login", "LINK_USERINFO"),
+    ("data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==", "LINK_SCRIPT_URL"),
+    ("javascript:document.location='https://collecte.example/'", "LINK_SCRIPT_URL"),
+])
+async def test_credential_pages_where_anyone_can_publish_are_flagged(runtime, href: str,
+                                                                    symbol: str):
+    """Generic credential phishing: a webmail-quota lure whose button leads to a page on free
+    hosting, behind an "@" trick, or inside the link itself (data:, javascript:)."""
+    html = (f"<html><body><p>{WEBMAIL_LURE}</p>"
+            f'<p><a href="{href}">Conserver mon compte</a></p></body></html>')
+    v = await verdict(runtime, mail("Service messagerie <support@mailbox-alerts.example>",
+                                    "Action requise : votre boite est pleine",
+                                    "Voir la version HTML", html=html))
+    assert symbol in names(v)
+    assert "LURE_FR" in names(v)  # the lure counts beside it
+    assert v.action is not Action.ACCEPT, v.symbols
+    reason = next(s.description for s in v.symbols if s.name == symbol)
+    assert "{" not in reason
+
+
+async def test_links_to_ordinary_sites_and_lookalike_hosting_names_stay_clean(runtime):
+    """The genuine counterpart: a supplier's newsletter with links to its own site, and host
+    names that only end with the letters of a hosting provider."""
+    html = ('<html><body><p>Nouveautes du catalogue : <a href="https://www.fournisseur-medical.'
+            'example/catalogue">catalogue</a>, <a href="https://notweb.app/produits">produits</a>,'
+            ' <a href="https://www.example-pages.dev.example/">salon</a>, '
+            '<a href="mailto:contact@fournisseur-medical.example">contact</a></p></body></html>')
+    v = await verdict(runtime, mail("Fournisseur <info@fournisseur-medical.example>",
+                                    "Catalogue de decembre", "Voir la version HTML", html=html))
+    assert not names(v) & {"LINK_FREE_HOSTING", "LINK_USERINFO", "LINK_SCRIPT_URL", "LURE_FR"}
+    assert v.action is Action.ACCEPT
+
+
 async def test_reply_to_elsewhere_and_lookalike_reply_to(runtime):
     raw = signed(mail("Assurance Maladie <info@ameli.fr>", "Votre attestation", "Bonjour",
                       reply_to="service.ameli@gmail.com"), b"mail", b"ameli.fr", AMELI_KEY)

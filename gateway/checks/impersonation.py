@@ -42,7 +42,7 @@ class ImpersonationCheck:
         "IMPERSONATION_SUBJECT_NAME", "IMPERSONATION_PRACTICE_NAME", "LOOKALIKE_FROM",
         "LOOKALIKE_REPLY_TO", "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
         "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
-        "LINK_SHORTENER", "LURE_FR",
+        "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE_FR",
     })
 
     def __init__(self, services: Services) -> None:
@@ -58,6 +58,7 @@ class ImpersonationCheck:
         try:
             self._freemail = frozenset(lists["freemail"])
             self._shorteners = frozenset(lists["shorteners"])
+            self._free_hosting = frozenset(str(d).lower() for d in lists["free_hosting"])
             self._lures = [re.compile(p) for p in lures["lures"]]
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{cfg.rules_dir}: domain-lists.toml or lures.toml: {exc}") from None
@@ -158,8 +159,21 @@ class ImpersonationCheck:
         hits: dict[str, Hit] = {}
         for link in content.links:
             host = link.host
+            if link.is_script and "LINK_SCRIPT_URL" not in hits:
+                scheme = link.href.lstrip().split(":", 1)[0].lower()
+                hits["LINK_SCRIPT_URL"] = Hit(symbol="LINK_SCRIPT_URL", detail=scheme,
+                                              args=(("scheme", scheme),))
             if not host:
                 continue
+            if link.userinfo and "LINK_USERINFO" not in hits:
+                shown = link.userinfo[:80]
+                hits["LINK_USERINFO"] = Hit(symbol="LINK_USERINFO",
+                                            detail=f"shows {shown}, goes to {host}",
+                                            args=(("domain", host), ("shown", shown)))
+            if "LINK_FREE_HOSTING" not in hits and trusted is None and _under(
+                    host, self._free_hosting):
+                hits["LINK_FREE_HOSTING"] = Hit(symbol="LINK_FREE_HOSTING", detail=host,
+                                                args=(("domain", host),))
             if "LINK_IP_LITERAL" not in hits and link.is_ip:
                 hits["LINK_IP_LITERAL"] = Hit(symbol="LINK_IP_LITERAL", detail=host,
                                               args=(("domain", host),))
@@ -191,11 +205,17 @@ class ImpersonationCheck:
         return sum(1 for p in self._lures if p.search(folded))
 
 
+def _under(host: str, domains: frozenset[str]) -> bool:
+    """`host` is one of `domains` or under one of them (dot boundary: notweb.app is not)."""
+    labels = host.split(".")
+    return any(".".join(labels[i:]) in domains for i in range(len(labels) - 1))
+
+
 _STRONG = frozenset({
     "IMPERSONATION_UNAUTHENTICATED", "IMPERSONATION_DISPLAY_NAME", "IMPERSONATION_SUBJECT_NAME",
     "IMPERSONATION_PRACTICE_NAME", "LOOKALIKE_FROM", "LOOKALIKE_REPLY_TO",
     "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
-    "LINK_TEXT_MISMATCH_PROTECTED",
+    "LINK_TEXT_MISMATCH_PROTECTED", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO",
 })
 
 
