@@ -147,6 +147,68 @@ async def test_an_spf_lookup_timing_out_under_p_reject_gets_451_not_a_verdict(
             assert b"dmarc=temperror" in delivered
 
 
+BOUNCE = (b"From: Mail Delivery System <MAILER-DAEMON@hopital.example>\r\n"
+          b"To: <docteur@" + DOMAIN.encode() + b">\r\n"
+          b"Subject: Undelivered Mail Returned to Sender\r\n"
+          b"Date: Sat, 28 Nov 2026 10:00:00 +0100\r\nMessage-ID: <dsn1@mail.hopital.example>\r\n"
+          b"\r\nVotre message n'a pas pu etre remis a secretariat@hopital.example.\r\n")
+
+
+@pytest.mark.parametrize(("spf", "code"), [("v=spf1 ip4:127.0.0.1 -all", 250),
+                                           ("v=spf1 ip4:192.0.2.1 -all", 550)])
+async def test_a_bounce_from_the_senders_own_server_passes_dmarc_by_its_helo(
+        tmp_path: Path, sink: Sink, dns_zone: ThreadedDnsServer, spf: str, code: int):
+    """A delivery-status notification has a null MAIL FROM: SPF checks the HELO name, and
+    DMARC aligns that name (RFC 7489 4.1). From the hospital's own server (its HELO's SPF
+    lists it) the bounce passes under p=reject; from elsewhere it is still refused."""
+    dns_zone.load(ZONE | {"mail.hopital.example": [("TXT", spf)]})
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"})
+    async with running(cfg) as gw:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.port, start_tls=False,
+                               local_hostname="mail.hopital.example")
+        await smtp.connect()
+        try:
+            await smtp.ehlo()
+            assert (await smtp.mail("")).code == 250  # MAIL FROM:<>
+            assert (await smtp.rcpt(f"docteur@{DOMAIN}")).code == 250
+            if code == 250:
+                assert (await smtp.data(BOUNCE)).code == 250
+            else:
+                with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+                    await smtp.data(BOUNCE)
+                assert exc.value.code == 550
+        finally:
+            smtp.close()
+    if code == 250:
+        delivered = (await sink.get()).data
+        assert b"dmarc=pass" in delivered and b"smtp.helo=mail.hopital.example" in delivered
+    else:
+        await sink.settled()
+        assert sink.empty()
+
+
+@pytest.mark.parametrize(("policy", "action"), [("none", "accept"), ("quarantine", "quarantine")])
+async def test_a_list_message_from_a_p_none_author_is_not_tagged(
+        tmp_path: Path, sink: Sink, dns_zone: ThreadedDnsServer, policy: str, action: str):
+    """A mailing list changes the subject (the author's DKIM breaks) and sends from its own
+    domain (SPF passes, unaligned): DMARC fails. Under p=none the author's domain asks for no
+    action, and the message is delivered untouched; under p=quarantine it is held."""
+    dns_zone.load(ZONE | {"_dmarc.hopital.example": [("TXT", f"v=DMARC1; p={policy}")]})
+    cfg = make_config(tmp_path / "d", next_hop={"address": sink.address, "starttls": "off"})
+    relayed = original().replace(b"Subject: Compte rendu", b"Subject: [liste] Compte rendu")
+    async with running(cfg) as gw:
+        reply = await send(gw.port, relayed, "bounce@liste.example")
+    if action == "accept":
+        assert reply.startswith("2.0.0 ") and "quarantaine" not in reply
+        delivered = (await sink.get()).data
+        assert b"X-Gateway-Action: accept" in delivered and b"dmarc=fail" in delivered
+        assert b"[SUSPECT]" not in delivered
+    else:
+        assert "quarantaine" in reply
+        await sink.settled()
+        assert sink.empty()
+
+
 async def test_dmarc_pct_zero_downgrades_reject_to_quarantine(tmp_path: Path, sink: Sink,
                                                               dns_zone: ThreadedDnsServer):
     """pct=0: the published p=reject applies to no failing message; RFC 7489 6.6.4 then

@@ -232,7 +232,10 @@ class DmarcCheck:
 
         spf = ctx.facts(SpfFacts)
         dkim = ctx.facts(DkimFacts)
-        spf_ok = (isinstance(spf, SpfFacts) and spf.identity == "mailfrom"
+        # With a null MAIL FROM (a bounce), SPF checked the HELO identity, and that is the
+        # domain DMARC aligns (RFC 7489 4.1, RFC 7208 2.3): a bounce from the sender's own
+        # servers passes.
+        spf_ok = (isinstance(spf, SpfFacts) and spf.identity in ("mailfrom", "helo")
                   and spf.result is AuthStatus.PASS
                   and aligned(from_domain, spf.domain, record.aspf))
         dkim_ok = isinstance(dkim, DkimFacts) and any(
