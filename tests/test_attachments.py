@@ -171,6 +171,19 @@ async def test_malicious_attachment_is_caught(runtime, case):
         assert "{name}" not in s.description
 
 
+@pytest.mark.parametrize("case", ["pdf OpenAction JavaScript", "pdf with escaped name",
+                                  "pdf document JavaScript", "pdf launch", "html smuggling"])
+async def test_active_content_is_held_not_tagged(runtime, case):
+    """A PDF with JavaScript or a launch action, or an HTML page that builds and downloads a
+    file: a tag would leave it one click away from running; it is held."""
+    own = {"pdf launch": ("ordre.pdf", pdf(b"/OpenAction << /S /Launch /F (cmd.exe) >> ")),
+           "pdf document JavaScript": ("formulaire.pdf", pdf(b"/Names << /JavaScript << /Names "
+                                                             b"[(init) 3 0 R] >> >> "))}
+    name, data = own[case] if case in own else MALICIOUS[case][:2]
+    v = await analyse(runtime, message_with(name, data))
+    assert v.action in (Action.QUARANTINE, Action.REJECT), (case, v.action, v.symbols)
+
+
 @pytest.mark.parametrize("case", list(CLEAN))
 async def test_everyday_medical_files_pass_clean(runtime, case):
     name, data = CLEAN[case]
