@@ -171,6 +171,34 @@ async def test_links_to_ordinary_sites_and_lookalike_hosting_names_stay_clean(ru
     assert v.action is Action.ACCEPT
 
 
+PARCEL = ("Votre colis est en attente. Des frais de livraison de 1,99 EUR restent a regler "
+          "sous 24h, sans quoi il sera retourne. Cliquez ici pour payer : ")
+
+
+@pytest.mark.parametrize(("spf", "link", "text", "held"), [
+    ("-all", "https://suivi-colis-paiement.example/payer", PARCEL, True),
+    ("ip4:198.51.100.66 -all", "https://suivi-colis-paiement.example/payer", PARCEL, False),
+    ("-all", "https://www.transporteur.example/suivi", PARCEL, False),
+    ("-all", "https://suivi-colis-paiement.example/payer", "Votre colis arrive demain : ", False),
+])
+async def test_spf_hard_fail_with_lures_and_an_outside_link_is_held(
+        runtime, dns_zone: ThreadedDnsServer, spf: str, link: str, text: str, held: bool):
+    """Parcel-fee phishing from a domain whose SPF says the sending server is not its own:
+    with two lure phrases and a link to another site, held. Its counterparts stay clear of
+    that rule: the domain's own server (SPF pass), a link to the domain's own site, a
+    message without the lures."""
+    dns_zone.load(ZONE | {"transporteur.example": [("TXT", f"v=spf1 {spf}")]})
+    html = f'<html><body><p>{text}<a href="{link}">{link}</a></p></body></html>'
+    v = await verdict(runtime, mail("Transporteur <colis@transporteur.example>",
+                                    "Livraison en attente", "Voir la version HTML", html=html),
+                      mail_from="colis@transporteur.example")
+    assert ("PHISH_SPF_FAIL_LURE_LINK" in names(v)) is held, v.symbols
+    if held:
+        assert v.action is Action.QUARANTINE
+        reason = next(s.description for s in v.symbols if s.name == "PHISH_SPF_FAIL_LURE_LINK")
+        assert "transporteur.example" in reason and "suivi-colis-paiement.example" in reason
+
+
 async def test_reply_to_elsewhere_and_lookalike_reply_to(runtime):
     raw = signed(mail("Assurance Maladie <info@ameli.fr>", "Votre attestation", "Bonjour",
                       reply_to="service.ameli@gmail.com"), b"mail", b"ameli.fr", AMELI_KEY)

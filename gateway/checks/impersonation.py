@@ -17,6 +17,7 @@ import re
 from typing import ClassVar
 
 from gateway.auth import AuthStatus
+from gateway.auth.arc import ArcFacts
 from gateway.auth.dkim import DkimFacts
 from gateway.auth.dmarc import DmarcFacts, aligned, org_domain, undecided
 from gateway.auth.spf import SpfFacts
@@ -43,6 +44,7 @@ class ImpersonationCheck:
         "LOOKALIKE_REPLY_TO", "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
         "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
         "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE_FR",
+        "PHISH_SPF_FAIL_LURE_LINK",
     })
 
     def __init__(self, services: Services) -> None:
@@ -62,6 +64,8 @@ class ImpersonationCheck:
             self._lures = [re.compile(p) for p in lures["lures"]]
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{cfg.rules_dir}: domain-lists.toml or lures.toml: {exc}") from None
+        self._trusted_sealers = frozenset(d.lower().rstrip(".")
+                                          for d in cfg.auth.trusted_arc_sealers)
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         hits: list[Hit] = []
@@ -112,13 +116,37 @@ class ImpersonationCheck:
         content = await self._workers.run(extract, ctx.inbound.raw, msg, limit_s=self._limit_s)
         link_hits = self._links(content, trusted)
         hits += link_hits
-        # Lure phrases are weak signals: they count only beside an impersonation signal.
-        if any(h.symbol in _STRONG for h in hits):
-            found = self._lure_count(f"{msg.subject}\n{content.text}")
-            if found:
-                hits.append(Hit(symbol="LURE_FR", factor=float(min(found, 3)),
-                                detail=f"{found} lure phrases"))
+        # Lure phrases are weak signals: they count only beside an impersonation signal, or
+        # a hard SPF failure (read only then: the phrases cost a pass over the text).
+        strong = any(h.symbol in _STRONG for h in hits)
+        spf = ctx.facts(SpfFacts)
+        spf_fail = (isinstance(spf, SpfFacts) and spf.result is AuthStatus.FAIL
+                    and spf.identity == "mailfrom")
+        found = self._lure_count(f"{msg.subject}\n{content.text}") if strong or spf_fail else 0
+        if found and strong:
+            hits.append(Hit(symbol="LURE_FR", factor=float(min(found, 3)),
+                            detail=f"{found} lure phrases"))
+        if found >= 2 and spf_fail and isinstance(spf, SpfFacts):
+            hits += self._spf_fail_lure_link(ctx, spf.domain, from_domain, content)
         return CheckResult(check=self.name, hits=tuple(hits))
+
+    def _spf_fail_lure_link(self, ctx: CheckContext, spf_domain: str, from_domain: str,
+                            content: Content) -> list[Hit]:
+        """The sender's domain says this server is not its own (SPF hard fail), and the
+        message presses (two lure phrases at least) to follow a link to another site: held.
+        Not when a forwarder the practice trusts vouches for it (ARC), as forwarding breaks
+        SPF."""
+        arc = ctx.facts(ArcFacts)
+        if (isinstance(arc, ArcFacts) and arc.result is AuthStatus.PASS
+                and any(s.lower().rstrip(".") in self._trusted_sealers for s in arc.sealers)):
+            return []
+        home = {org_domain(d) for d in (spf_domain, from_domain) if d}
+        outside = next((link.host for link in content.links
+                        if link.host and org_domain(link.host) not in home), None)
+        if outside is None:
+            return []
+        return [Hit(symbol="PHISH_SPF_FAIL_LURE_LINK", detail=f"{spf_domain} -> {outside}",
+                    args=(("domain", spf_domain), ("site", outside)))]
 
     def _authenticated(self, ctx: CheckContext, from_domain: str) -> bool | None:
         """Did mail from a protected domain authenticate? None: could not tell (DNS trouble)."""
