@@ -104,6 +104,33 @@ async def test_trusted_arc_forwarder_is_delivered(tmp_path: Path, sink: Sink,
     assert sink.empty()
 
 
+ATTACKER_KEY, ATTACKER_DNS = dkim_keypair()
+
+
+@pytest.mark.promise("dmarc-reject-550")
+async def test_a_trusted_lists_seal_replayed_under_another_seal_does_not_vouch(
+        tmp_path: Path, sink: Sink, dns_zone: ThreadedDnsServer):
+    """A trusted list's seal is in the chain, but the newest seal is another domain's: what
+    reached the gateway comes from that domain, which may have changed anything the list's
+    message signature does not cover. Only the newest sealer vouches: the spoof of a
+    p=reject domain is still refused."""
+    dns_zone.load(ZONE | {"arc._domainkey.attaquant.example": [("TXT", ATTACKER_DNS)],
+                          "attaquant.example": [("TXT", "v=spf1 ip4:127.0.0.1 -all")]})
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"},
+                      auth={"trusted_arc_sealers": ["liste.example"]})
+    listed = (b"Authentication-Results: attaquant.example; arc=pass\r\n"
+              + forwarded_by_list(original()))
+    seal = dkim.arc_sign(listed, b"arc", b"attaquant.example", ATTACKER_KEY,
+                         b"attaquant.example")
+    assert b"cv=pass" in b"".join(seal)  # a chain that validates, the list's seal inside
+    replayed = b"".join(seal) + listed
+    async with running(cfg) as gw:
+        with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+            await send(gw.port, replayed, "bounce@attaquant.example")
+        assert exc.value.code == 550
+    assert sink.empty()
+
+
 @pytest.mark.promise("dns-trouble-451")
 async def test_dns_outage_gives_451_without_hanging(tmp_path: Path, sink: Sink,
                                                      dns_zone: ThreadedDnsServer):

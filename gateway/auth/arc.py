@@ -25,6 +25,16 @@ class ArcFacts(Facts):
     def ar(self, inbound: Inbound) -> list[str]:
         return [f"arc={self.result.value}"] if self.result is not AuthStatus.NONE else []
 
+    def vouched_by(self, trusted: frozenset[str]) -> str:
+        """The trusted forwarder that vouches for the message ("" if none): the chain passes
+        and its newest seal is that forwarder's. Not an older seal: a chain validates with
+        only its newest message signature verifying, so anyone can copy a trusted list's old
+        seal onto another message and seal it again."""
+        if self.result is not AuthStatus.PASS or not self.sealers:
+            return ""
+        newest = self.sealers[0].lower().rstrip(".")
+        return newest if newest in trusted else ""
+
 
 _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 

@@ -264,10 +264,9 @@ class DmarcCheck:
                                 "; ".join(temp))
 
         arc = ctx.facts(ArcFacts)
-        if (isinstance(arc, ArcFacts) and arc.result is AuthStatus.PASS and arc.sealers
-                and any(s.lower().rstrip(".") in self._trusted for s in arc.sealers)):
+        if isinstance(arc, ArcFacts) and (sealer := arc.vouched_by(self._trusted)):
             return CheckResult.of(self.name, Hit(symbol="DMARC_ARC_OVERRIDE",
-                                                 detail=f"sealed by {arc.sealers[0]}"),
+                                                 detail=f"sealed by {sealer}"),
                                   facts=DmarcFacts(result=AuthStatus.FAIL, from_domain=from_domain,
                                                    policy=policy, arc_override=True))
         if policy == "reject":

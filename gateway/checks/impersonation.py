@@ -137,8 +137,7 @@ class ImpersonationCheck:
         Not when a forwarder the practice trusts vouches for it (ARC), as forwarding breaks
         SPF."""
         arc = ctx.facts(ArcFacts)
-        if (isinstance(arc, ArcFacts) and arc.result is AuthStatus.PASS
-                and any(s.lower().rstrip(".") in self._trusted_sealers for s in arc.sealers)):
+        if isinstance(arc, ArcFacts) and arc.vouched_by(self._trusted_sealers):
             return []
         home = {org_domain(d) for d in (spf_domain, from_domain) if d}
         outside = next((link.host for link in content.links
