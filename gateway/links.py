@@ -6,6 +6,7 @@ HTML is read with the standard library's HTML parser (a real tokenizer, not rege
 
 from __future__ import annotations
 
+import dataclasses
 import html.parser
 import ipaddress
 import re
@@ -22,7 +23,33 @@ _DOMAINISH = re.compile(r"^(?:https?://)?(?:www\.)?([a-z0-9.-]+\.[a-z]{2,})(?:[/
                         re.IGNORECASE)
 
 
-_SCRIPT_SCHEMES = ("data:", "javascript:", "vbscript:")
+_SCRIPT_SCHEMES = frozenset({"data", "javascript", "vbscript"})
+_SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):", re.IGNORECASE)
+_BREAKS = str.maketrans("", "", "\t\r\n")
+_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+_NO_OP = re.compile(r"javascript:\s*(void\s*\(?\s*0\s*\)?\s*;?|;|)\s*$", re.IGNORECASE)
+MAX_HREF = 2048  # characters of an address kept (the host is at its start)
+
+
+def normalise(href: str) -> str:
+    """An address as a browser reads it: spaces and control characters around it dropped,
+    tabs and line breaks inside removed, and for http(s) the slashes after the scheme taken
+    whatever they are (https:\\host and https:host go to host)."""
+    href = href[:MAX_HREF].strip("".join(chr(c) for c in range(33))).translate(_BREAKS)
+    scheme = scheme_of(href)
+    if scheme in ("http", "https"):
+        rest = href[len(scheme) + 1:].lstrip("/\\")
+        href = f"{scheme}://{rest}"
+    return href
+
+
+def scheme_of(href: str) -> str:
+    m = _SCHEME.match(href)
+    return m.group(1).lower() if m else ""
+
+
+def _with_scheme(url: str) -> str:
+    return url if scheme_of(url) else "http://" + url
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,18 +61,17 @@ class Link:
     @property
     def is_script(self) -> bool:
         """A page or a script in the link itself (data:, javascript:), not a site."""
-        return self.href.lstrip().lower().startswith(_SCRIPT_SCHEMES)
+        return scheme_of(self.href) in _SCRIPT_SCHEMES
 
     @property
     def userinfo(self) -> str:
-        """What stands before an "@" in the address's site part (https://www.ameli.fr@evil.example/):
+        """What stands before an "@" in the address's site part (https://www.ameli.fr@x.example/):
         a reader takes it for the site, the browser goes to what follows."""
         try:
-            parts = urllib.parse.urlsplit(self.href if "//" in self.href
-                                          else "http://" + self.href)
+            netloc = urllib.parse.urlsplit(_with_scheme(self.href)).netloc
         except ValueError:
             return ""
-        user, sep, _ = parts.netloc.rpartition("@")
+        user, sep, _ = netloc.rpartition("@")
         return user if sep else ""
 
     @property
@@ -70,48 +96,83 @@ class Content:
 
 
 def host_of(url: str) -> str:
-    if url.lower().startswith("www."):
-        url = "http://" + url
+    """The host an address leads to, as a browser resolves it: backslashes are slashes,
+    percent escapes and Unicode full stops decoded, IDNA form, lower case."""
+    url = _with_scheme(normalise(url))
+    scheme = scheme_of(url)
+    if scheme not in ("http", "https"):
+        return ""
+    rest = url[len(scheme) + 3:].replace("\\", "/")
     try:
-        host = urllib.parse.urlsplit(url).hostname or ""
+        host = urllib.parse.urlsplit(f"{scheme}://{rest}").hostname or ""
     except ValueError:
         return ""
-    return host.lower().rstrip(".")
+    host = urllib.parse.unquote(host).translate(_DOTS).lower().rstrip(".")
+    if len(host) > 253:  # not a DNS name: kept short for the checks that read it
+        return host[-253:]
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
 
 
 class _Html(html.parser.HTMLParser):
+    """Text and links of an HTML part. A link is taken at its opening tag (a missing </a>
+    does not hide it): <a> and <area> href, <form> action, <button>/<input> formaction,
+    <iframe>/<frame> src, and a <meta> refresh; an <a>'s text is added at its </a>."""
+
+    _TARGETS = {"a": "href", "area": "href", "form": "action", "iframe": "src", "frame": "src",
+                "button": "formaction", "input": "formaction"}
+
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.text: list[str] = []
         self.links: list[Link] = []
-        self._href: str | None = None
+        self._open: int | None = None  # index in links of the <a> being read
         self._anchor: list[str] = []
         self._skip = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in ("script", "style"):
             self._skip += 1
-        elif tag == "a":
-            self._href = next((v for k, v in attrs if k == "href" and v), None)
+            return
+        values = {k: v for k, v in attrs if v}
+        if tag == "meta" and values.get("http-equiv", "").lower() == "refresh":
+            _, _, target = values.get("content", "").partition("=")
+            self._add(target.strip(" '\""))
+            return
+        attr = self._TARGETS.get(tag)
+        if attr is None or attr not in values or len(self.links) >= MAX_LINKS:
+            return
+        added = self._add(values[attr])
+        if tag == "a":
+            self._open = len(self.links) - 1 if added else None
             self._anchor = []
+
+    def _add(self, href: str) -> bool:
+        href = normalise(href)
+        scheme = scheme_of(href)
+        if scheme in ("http", "https") or (not scheme and href.lower().startswith("www.")):
+            self.links.append(Link(href=href, host=host_of(href), text=""))
+            return True
+        if scheme in _SCRIPT_SCHEMES and not _NO_OP.match(href):
+            self.links.append(Link(href=href[:200], host="", text=""))
+            return True
+        return False
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("script", "style") and self._skip:
             self._skip -= 1
-        elif tag == "a" and self._href is not None:
-            href = self._href.strip()
+        elif tag == "a" and self._open is not None:
             text = " ".join("".join(self._anchor).split())
-            if href.lower().startswith(("http://", "https://", "www.")):
-                self.links.append(Link(href=href, host=host_of(href), text=text))
-            elif href.lower().startswith(_SCRIPT_SCHEMES):
-                self.links.append(Link(href=href[:200], host="", text=text))
-            self._href = None
+            self.links[self._open] = dataclasses.replace(self.links[self._open], text=text)
+            self._open = None
 
     def handle_data(self, data: str) -> None:
         if self._skip:
             return
         self.text.append(data)
-        if self._href is not None:
+        if self._open is not None:
             self._anchor.append(data)
 
 

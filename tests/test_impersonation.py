@@ -141,6 +141,20 @@ WEBMAIL_LURE = ("Votre boite de messagerie a atteint sa limite. Sans action de v
     ("https://www.ameli.fr@connexion-assure.example/login", "LINK_USERINFO"),
     ("data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==", "LINK_SCRIPT_URL"),
     ("javascript:document.location='https://collecte.example/'", "LINK_SCRIPT_URL"),
+    # Written the way browsers still read them (found by review):
+    ("JaVaScRiPt:document.location='https://collecte.example/'", "LINK_SCRIPT_URL"),
+    ("&#106;avascript:document.location='x'", "LINK_SCRIPT_URL"),
+    ("java&#9;script:document.location='x'", "LINK_SCRIPT_URL"),
+    ("java\nscript:document.location='x'", "LINK_SCRIPT_URL"),
+    ("\x01 javascript:document.location='x'", "LINK_SCRIPT_URL"),
+    ("ht\ttps://webmail.web.app/", "LINK_FREE_HOSTING"),
+    ("https:\\\\webmail.web.app/", "LINK_FREE_HOSTING"),
+    ("https:webmail.web.app/", "LINK_FREE_HOSTING"),
+    ("https://webmail.web.app\\.ameli.fr/", "LINK_FREE_HOSTING"),
+    ("https://webmail.web%2Eapp/", "LINK_FREE_HOSTING"),
+    ("https://webmail.web\u3002app/", "LINK_FREE_HOSTING"),
+    ("https://WEBMAIL.WEB.APP./", "LINK_FREE_HOSTING"),
+    ("https://depot.s3.eu-west-3.amazonaws.com/o365.html", "LINK_FREE_HOSTING"),
 ])
 async def test_credential_pages_where_anyone_can_publish_are_flagged(runtime, href: str,
                                                                     symbol: str):
@@ -156,6 +170,46 @@ async def test_credential_pages_where_anyone_can_publish_are_flagged(runtime, hr
     assert v.action is not Action.ACCEPT, v.symbols
     reason = next(s.description for s in v.symbols if s.name == symbol)
     assert "{" not in reason
+
+
+@pytest.mark.parametrize("markup", [
+    '<a href="https://webmail.web.app/">Conserver mon compte',  # no </a>
+    '<map><area shape="rect" coords="0,0,9,9" href="https://webmail.web.app/"></map>',
+    '<form action="https://webmail.web.app/login"><input type="password"></form>',
+    '<iframe src="https://webmail.web.app/"></iframe>',
+    '<meta http-equiv="refresh" content="0; url=https://webmail.web.app/">',
+])
+async def test_links_outside_a_closed_anchor_are_read(runtime, markup: str):
+    html = f"<html><body><p>{WEBMAIL_LURE}</p>{markup}</body></html>"
+    v = await verdict(runtime, mail("Service messagerie <support@mailbox-alerts.example>",
+                                    "Action requise", "Voir la version HTML", html=html))
+    assert "LINK_FREE_HOSTING" in names(v), markup
+
+
+async def test_a_text_url_with_the_at_trick_is_read(runtime):
+    v = await verdict(runtime, mail("Service <support@mailbox-alerts.example>", "Compte",
+                                    "Connectez-vous : www.ameli.fr@connexion.example/login"
+                                    "?retour=https://www.ameli.fr"))
+    assert "LINK_USERINFO" in names(v)
+
+
+async def test_a_signed_survey_and_a_no_op_script_link_are_not_flagged(
+        runtime, dns_zone: ThreadedDnsServer):
+    """The sender's own signed mail (aligned DKIM) linking to a form service, with words a
+    phishing lure also uses; and a link that runs nothing (javascript:void(0))."""
+    key, record = dkim_keypair()
+    dns_zone.load(ZONE | {"mail._domainkey.fournisseur-medical.example": [("TXT", record)],
+                          "fournisseur-medical.example": [("TXT", "v=spf1 -all")]})
+    html = ('<html><body><p>Donnez votre avis sous 72h : cliquez ici '
+            '<a href="https://forms.office.com/r/abc">questionnaire</a> '
+            '<a href="javascript:void(0)">fermer</a></p></body></html>')
+    raw = signed(mail("Fournisseur <info@fournisseur-medical.example>", "Votre avis compte",
+                      "Voir la version HTML", html=html), b"mail",
+                 b"fournisseur-medical.example", key)
+    v = await verdict(runtime, raw, mail_from="info@fournisseur-medical.example")
+    assert "DKIM_PASS" in names(v)
+    assert not names(v) & {"LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "PHISH_SPF_FAIL_LURE_LINK"}
+    assert v.action is Action.ACCEPT
 
 
 async def test_links_to_ordinary_sites_and_lookalike_hosting_names_stay_clean(runtime):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
 import re
 from typing import ClassVar
 
@@ -114,7 +115,10 @@ class ImpersonationCheck:
                 hits.append(_hit("LOOKALIKE_RETURN_PATH", look.org, return_path, look.kind))
 
         content = await self._workers.run(extract, ctx.inbound.raw, msg, limit_s=self._limit_s)
-        link_hits = self._links(content, trusted)
+        # Mail its From domain signed (aligned DKIM): a survey on a form service or a page on
+        # a hosting provider is that sender's own choice, not a sign of a fake.
+        authenticated = _dkim_aligned(ctx, from_domain)
+        link_hits = self._links(content, trusted, authenticated)
         hits += link_hits
         # Lure phrases are weak signals: they count only beside an impersonation signal, or
         # a hard SPF failure (read only then: the phrases cost a pass over the text).
@@ -126,7 +130,7 @@ class ImpersonationCheck:
         if found and strong:
             hits.append(Hit(symbol="LURE_FR", factor=float(min(found, 3)),
                             detail=f"{found} lure phrases"))
-        if found >= 2 and spf_fail and isinstance(spf, SpfFacts):
+        if found >= 2 and spf_fail and not authenticated and isinstance(spf, SpfFacts):
             hits += self._spf_fail_lure_link(ctx, spf.domain, from_domain, content)
         return CheckResult(check=self.name, hits=tuple(hits))
 
@@ -182,7 +186,8 @@ class ImpersonationCheck:
             return []
         return list(dict.fromkeys(d for _, a in pairs if (d := _domain(a))))
 
-    def _links(self, content: Content, trusted: Organisation | None) -> list[Hit]:
+    def _links(self, content: Content, trusted: Organisation | None,
+               authenticated: bool = False) -> list[Hit]:
         hits: dict[str, Hit] = {}
         for link in content.links:
             host = link.host
@@ -197,8 +202,8 @@ class ImpersonationCheck:
                 hits["LINK_USERINFO"] = Hit(symbol="LINK_USERINFO",
                                             detail=f"shows {shown}, goes to {host}",
                                             args=(("domain", host), ("shown", shown)))
-            if "LINK_FREE_HOSTING" not in hits and trusted is None and _under(
-                    host, self._free_hosting):
+            if "LINK_FREE_HOSTING" not in hits and trusted is None and not authenticated \
+                    and _under(host, self._free_hosting):
                 hits["LINK_FREE_HOSTING"] = Hit(symbol="LINK_FREE_HOSTING", detail=host,
                                                 args=(("domain", host),))
             if "LINK_IP_LITERAL" not in hits and link.is_ip:
@@ -232,10 +237,32 @@ class ImpersonationCheck:
         return sum(1 for p in self._lures if p.search(folded))
 
 
+def _dkim_aligned(ctx: CheckContext, from_domain: str) -> bool:
+    """A DKIM signature of the From domain (or its organisation) verified."""
+    dkim = ctx.facts(DkimFacts)
+    return bool(from_domain) and isinstance(dkim, DkimFacts) and any(
+        s.result is AuthStatus.PASS and org_domain(s.domain) == org_domain(from_domain)
+        for s in dkim.signatures)
+
+
 def _under(host: str, domains: frozenset[str]) -> bool:
-    """`host` is one of `domains` or under one of them (dot boundary: notweb.app is not)."""
-    labels = host.split(".")
-    return any(".".join(labels[i:]) in domains for i in range(len(labels) - 1))
+    """`host` is one of `domains` or under one of them (dot boundary: notweb.app is not).
+    An entry's "*" stands for one label (s3.*.amazonaws.com: every region). Only the last
+    six labels are looked at: no entry is longer, and a host of 120 labels costs no more."""
+    labels = host.split(".")[-6:]
+    for i in range(len(labels) - 1):
+        suffix = labels[i:]
+        if ".".join(suffix) in domains:
+            return True
+        if any(len(p) == len(suffix) and all(a in ("*", b) for a, b in zip(p, suffix, strict=True))
+               for p in _patterns(domains)):
+            return True
+    return False
+
+
+@functools.cache
+def _patterns(domains: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(d.split(".")) for d in domains if "*" in d)
 
 
 _STRONG = frozenset({
