@@ -6,6 +6,7 @@ HTML is read with the standard library's HTML parser (a real tokenizer, not rege
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html.parser
 import ipaddress
@@ -26,6 +27,8 @@ _DOMAINISH = re.compile(r"^(?:https?://)?(?:www\.)?([a-z0-9.-]+\.[a-z]{2,})(?:[/
 _SCRIPT_SCHEMES = frozenset({"data", "javascript", "vbscript"})
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):", re.IGNORECASE)
 _BREAKS = str.maketrans("", "", "\t\r\n")
+_AROUND = "".join(chr(c) for c in range(33))  # C0 controls and space
+_SLASHES = "/\\"
 _DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 _NO_OP = re.compile(r"javascript:\s*(void\s*\(?\s*0\s*\)?\s*;?|;|)\s*$", re.IGNORECASE)
 MAX_HREF = 2048  # characters of an address kept (the host is at its start)
@@ -35,11 +38,14 @@ def normalise(href: str) -> str:
     """An address as a browser reads it: spaces and control characters around it dropped,
     tabs and line breaks inside removed, and for http(s) the slashes after the scheme taken
     whatever they are (https:\\host and https:host go to host)."""
-    href = href[:MAX_HREF].strip("".join(chr(c) for c in range(33))).translate(_BREAKS)
+    href = href[:MAX_HREF].strip(_AROUND)
+    if "\t" in href or "\n" in href or "\r" in href:
+        href = href.translate(_BREAKS)
     scheme = scheme_of(href)
     if scheme in ("http", "https"):
-        rest = href[len(scheme) + 1:].lstrip("/\\")
-        href = f"{scheme}://{rest}"
+        rest = href[len(scheme) + 1:]
+        if not rest.startswith("//") or rest[2:3] in ("/", "\\"):
+            href = scheme + "://" + rest.lstrip(_SLASHES)
     return href
 
 
@@ -98,22 +104,26 @@ class Content:
 def host_of(url: str) -> str:
     """The host an address leads to, as a browser resolves it: backslashes are slashes,
     percent escapes and Unicode full stops decoded, IDNA form, lower case."""
-    url = _with_scheme(normalise(url))
+    return _host(_with_scheme(normalise(url)))
+
+
+def _host(url: str) -> str:
+    """host_of for an address already normalised, with its scheme."""
     scheme = scheme_of(url)
     if scheme not in ("http", "https"):
         return ""
-    rest = url[len(scheme) + 3:].replace("\\", "/")
+    if "\\" in url:
+        url = url.replace("\\", "/")
     try:
-        host = urllib.parse.urlsplit(f"{scheme}://{rest}").hostname or ""
+        host = urllib.parse.urlsplit(url).hostname or ""
     except ValueError:
         return ""
-    host = urllib.parse.unquote(host).translate(_DOTS).lower().rstrip(".")
-    if len(host) > 253:  # not a DNS name: kept short for the checks that read it
-        return host[-253:]
-    try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return host
+    if not host.isascii() or "%" in host:  # the common case skips the decoding
+        host = urllib.parse.unquote(host).translate(_DOTS).lower()
+        with contextlib.suppress(UnicodeError):
+            host = host.encode("idna").decode("ascii")
+    host = host.rstrip(".")
+    return host[-253:] if len(host) > 253 else host  # not a DNS name: kept short
 
 
 class _Html(html.parser.HTMLParser):
@@ -136,6 +146,8 @@ class _Html(html.parser.HTMLParser):
         if tag in ("script", "style"):
             self._skip += 1
             return
+        if tag not in self._TARGETS and tag != "meta":  # most tags: nothing to read
+            return
         values = {k: v for k, v in attrs if v}
         if tag == "meta" and values.get("http-equiv", "").lower() == "refresh":
             _, _, target = values.get("content", "").partition("=")
@@ -153,7 +165,7 @@ class _Html(html.parser.HTMLParser):
         href = normalise(href)
         scheme = scheme_of(href)
         if scheme in ("http", "https") or (not scheme and href.lower().startswith("www.")):
-            self.links.append(Link(href=href, host=host_of(href), text=""))
+            self.links.append(Link(href=href, host=_host(_with_scheme(href)), text=""))
             return True
         if scheme in _SCRIPT_SCHEMES and not _NO_OP.match(href):
             self.links.append(Link(href=href[:200], host="", text=""))
