@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,14 +293,14 @@ _PDF_NAME = re.compile(rb"/([A-Za-z0-9#]+)")
 _PDF_KEYS = (b"JavaScript", b"JS", b"Launch", b"EmbeddedFile", b"OpenAction", b"AA", b"URI",
              b"SubmitForm")
 _PDF_ESCAPED = re.compile(rb"/[A-Za-z0-9]*#[0-9A-Fa-f]{2}")
+_PDF_OBJSTM = re.compile(rb"/Type\s*/ObjStm")
+MAX_PDF_INFLATED = 20_000_000  # bytes of object streams inflated per PDF
 
 
-def _pdf(scan: _Scan, name: str, data: bytes) -> None:
-    """Action keys, with #xx escapes in names decoded (/J#61vaScript is /JavaScript). The
-    common case is a few C-speed searches; names are decoded one by one only when a PDF holds
-    escaped ones."""
-    data = data[:50_000_000]
-    keys = set()
+def _pdf_keys(data: bytes) -> set[bytes]:
+    """The action keys named in `data`: a few C-speed searches; names decoded one by one only
+    when some are escaped (/J#61vaScript is /JavaScript)."""
+    keys: set[bytes] = set()
     for key in _PDF_KEYS:
         pos = data.find(b"/" + key)
         while pos >= 0:
@@ -314,6 +315,39 @@ def _pdf(scan: _Scan, name: str, data: bytes) -> None:
             if b"#" in token:
                 keys.add(re.sub(rb"#([0-9A-Fa-f]{2})",
                                 lambda x: bytes([int(x.group(1), 16)]), token))
+    return keys
+
+
+def _pdf_object_streams(data: bytes) -> bytes:
+    """The objects a PDF 1.5+ keeps in compressed object streams (/Type /ObjStm), inflated
+    within MAX_PDF_INFLATED: a catalog's /OpenAction or a /JS there is invisible to a scan of
+    the file's bytes (found by review)."""
+    out: list[bytes] = []
+    total = 0
+    for m in _PDF_OBJSTM.finditer(data):
+        start = data.find(b"stream", m.end())
+        if start < 0 or total >= MAX_PDF_INFLATED:
+            break
+        start = data.find(b"\n", start) + 1
+        if start == 0:
+            break
+        end = data.find(b"endstream", start)
+        try:
+            chunk = zlib.decompressobj().decompress(
+                data[start:end if end > 0 else len(data)], MAX_PDF_INFLATED - total)
+        except zlib.error:  # another filter, or broken: its bytes were scanned as they are
+            continue
+        out.append(chunk)
+        total += len(chunk)
+    return b"\n".join(out)
+
+
+def _pdf(scan: _Scan, name: str, data: bytes) -> None:
+    """Action keys, with #xx escapes in names decoded (/J#61vaScript is /JavaScript). The
+    common case is a few C-speed searches; names are decoded one by one only when a PDF holds
+    escaped ones."""
+    data = data[:50_000_000]
+    keys = _pdf_keys(data) | _pdf_keys(_pdf_object_streams(data))
     if keys & {b"JavaScript", b"JS"}:
         scan.add("ATTACH_PDF_JAVASCRIPT", name)
     if b"Launch" in keys:

@@ -171,14 +171,27 @@ async def test_malicious_attachment_is_caught(runtime, case):
         assert "{name}" not in s.description
 
 
+def pdf_with_object_stream(objects: bytes) -> bytes:
+    """A PDF 1.5 whose objects sit in a compressed object stream: none of their keys appears
+    in the file's bytes."""
+    import zlib
+    packed = zlib.compress(b"2 0 " + objects)
+    return (b"%PDF-1.5\n1 0 obj << /Type /ObjStm /N 1 /First 4 /Filter /FlateDecode /Length "
+            + str(len(packed)).encode() + b" >>\nstream\n" + packed + b"\nendstream\nendobj\n"
+            b"trailer << /Root 2 0 R >>\n%%EOF\n")
+
+
 @pytest.mark.parametrize("case", ["pdf OpenAction JavaScript", "pdf with escaped name",
-                                  "pdf document JavaScript", "pdf launch", "html smuggling"])
+                                  "pdf document JavaScript", "pdf launch", "html smuggling",
+                                  "pdf JavaScript in an object stream"])
 async def test_active_content_is_held_not_tagged(runtime, case):
     """A PDF with JavaScript or a launch action, or an HTML page that builds and downloads a
     file: a tag would leave it one click away from running; it is held."""
     own = {"pdf launch": ("ordre.pdf", pdf(b"/OpenAction << /S /Launch /F (cmd.exe) >> ")),
            "pdf document JavaScript": ("formulaire.pdf", pdf(b"/Names << /JavaScript << /Names "
-                                                             b"[(init) 3 0 R] >> >> "))}
+                                                             b"[(init) 3 0 R] >> >> ")),
+           "pdf JavaScript in an object stream": ("releve.pdf", pdf_with_object_stream(
+               b"<< /Type /Catalog /OpenAction << /S /JavaScript /JS (app.alert(1)) >> >>"))}
     name, data = own[case] if case in own else MALICIOUS[case][:2]
     v = await analyse(runtime, message_with(name, data))
     assert v.action in (Action.QUARANTINE, Action.REJECT), (case, v.action, v.symbols)
