@@ -44,11 +44,6 @@ class QuarantineService:
         self._flush_stats = flush_stats
         self.retention_days = retention_days
 
-    def describe(self, name: str) -> str:
-        """The French reason a symbol stands for ("" for a name the table does not know)."""
-        symbol = self.table.symbols.get(name)
-        return symbol.description if symbol is not None else ""
-
     async def release(self, item_id: str, *, by: str, client: str = "") -> Item:
         """Deliver and mark released. Raises NotFound, NotQuarantined (released, or being
         released by someone else), DownstreamUnavailable or DownstreamRejected (then the item

@@ -135,11 +135,9 @@ class Workers:
                 worker.kill()  # cancelled mid-job: nothing else can stop it
             raise
         finally:
-            if worker is not None and (not worker.usable or not ok and isinstance(
-                    value, MemoryError)):  # dead, or past its memory limit: a fresh one next
-                worker.kill()
-                worker = None
-            procs.idle.put_nowait(worker)
+            if worker is not None and not ok and isinstance(value, MemoryError):
+                worker.kill()  # past its memory limit: a fresh process for the next job
+            procs.give_back(worker)
         if not ok:
             raise value  # the job's own exception
         return value  # type: ignore[no-any-return]
@@ -161,7 +159,7 @@ class Workers:
                 log.warning("worker processes not started in advance: %s", exc)
                 return
             finally:
-                procs.idle.put_nowait(worker if worker is not None and worker.usable else None)
+                procs.give_back(worker)
 
     async def _ready(self, procs: _ProcessPool, worker: _Worker | None) -> _Worker:
         """A live worker with the current state: the slot's own, or a new one."""
@@ -260,6 +258,14 @@ class _ProcessPool:
         worker = _Worker(proc, reader, writer, self, ours)
         self.workers.add(worker)
         return worker
+
+    def give_back(self, worker: _Worker | None) -> None:
+        """A slot back: its worker if still usable, else None (a dead or killed one is
+        stopped and forgotten, its slot starts a new one on use)."""
+        if worker is not None and not worker.usable:
+            worker.kill()
+            worker = None
+        self.idle.put_nowait(worker)
 
     def close(self) -> None:
         for worker in list(self.workers):
@@ -443,6 +449,8 @@ def _receive(sock: socket.socket) -> list[bytes] | None:
         return None
     (count,) = _COUNT.unpack(head)
     sizes = sock.recv(_SIZE.size * count, socket.MSG_WAITALL)
+    if len(sizes) < _SIZE.size * count:
+        return None
     frames = []
     for i in range(count):
         (size,) = _SIZE.unpack_from(sizes, i * _SIZE.size)

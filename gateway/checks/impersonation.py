@@ -165,9 +165,7 @@ class ImpersonationCheck:
         # SPF pass still authenticates.
         dkim = ctx.facts(DkimFacts)
         spf = ctx.facts(SpfFacts)
-        if isinstance(dkim, DkimFacts) and any(
-                s.result is AuthStatus.PASS and aligned(from_domain, s.domain, "r")
-                for s in dkim.signatures):
+        if _dkim_aligned(ctx, from_domain):
             return True
         if (isinstance(spf, SpfFacts) and spf.result is AuthStatus.PASS
                 and aligned(from_domain, spf.domain, "r")):
@@ -241,7 +239,7 @@ def _dkim_aligned(ctx: CheckContext, from_domain: str) -> bool:
     """A DKIM signature of the From domain (or its organisation) verified."""
     dkim = ctx.facts(DkimFacts)
     return bool(from_domain) and isinstance(dkim, DkimFacts) and any(
-        s.result is AuthStatus.PASS and org_domain(s.domain) == org_domain(from_domain)
+        s.result is AuthStatus.PASS and aligned(from_domain, s.domain, "r")
         for s in dkim.signatures)
 
 
