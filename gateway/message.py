@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import contextlib
 import email.errors
 import email.header
 import email.utils
@@ -111,6 +112,19 @@ class ParsedMessage:
             if n.lower() == lname:
                 return v
         return None
+
+    def reply_to(self) -> list[str]:
+        """The addresses of the (first) Reply-To field, lower case, in order, once each."""
+        value = self.header("Reply-To")
+        if not value:
+            return []
+        with contextlib.suppress(ValueError, LookupError):
+            value = decode_words(value)
+        try:
+            pairs = email.utils.getaddresses([value[:MAX_DECODED_CHARS]])
+        except Exception:  # noqa: BLE001 - the stdlib address parser has raised on odd input
+            return []
+        return list(dict.fromkeys(a.lower() for _, a in pairs if "@" in a))
 
 
 # The stdlib joins encoded words in quadratic time (a 4 MB Subject of 200,000 words took 38 s):

@@ -126,6 +126,7 @@ class Registry:
         label, _, suffix = registrable.partition(".")
         tokens = set(re.split(r"[-_.0-9]+", label))
         visual = _visual(label)
+        visual_tokens = set(re.split(r"[-_.]+", visual))  # micros0ft-billing: microsoft
         for org, own, own_label, own_suffix in self._targets:
             if skeleton != unicode_d and (skeleton == own or skeleton.endswith("." + own)):
                 return Lookalike(org=org, kind="homograph", imitated=own)
@@ -135,7 +136,8 @@ class Registry:
                 continue
             if label == own_label and suffix != own_suffix:
                 return Lookalike(org=org, kind="tld-swap", imitated=own)
-            if own_label in tokens and label != own_label:
+            if label != own_label and (own_label in tokens
+                                       or _visual(own_label) in visual_tokens):
                 return Lookalike(org=org, kind="combo", imitated=own)
             if label != own_label and visual == _visual(own_label):
                 return Lookalike(org=org, kind="typo", imitated=own)

@@ -42,6 +42,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -319,10 +320,12 @@ class _Worker:
         (size,) = _SIZE.unpack(await self.reader.readexactly(_SIZE.size))
         reply = await self.reader.readexactly(size)
         try:
-            result: tuple[bool, Any] = pickle.loads(reply)
+            ok, value, *traced = pickle.loads(reply)
         except Exception as exc:  # noqa: BLE001 - a value that pickles but cannot be rebuilt
             return False, RuntimeError(f"unreadable reply from the worker: {exc!r}")
-        return result
+        if traced:
+            _trace(traced[0])
+        return ok, value
 
     async def install(self, state_frame: bytes) -> None:
         await self._send([pickle.dumps(("state",), protocol=pickle.HIGHEST_PROTOCOL),
@@ -410,22 +413,50 @@ def _serve(sock: socket.socket, memory_mb: int) -> None:
             sock.sendall(_ACK)
             try:
                 value = fn(*args)
-                reply = pickle.dumps((True, value), protocol=pickle.HIGHEST_PROTOCOL)
+                reply = pickle.dumps((True, value, *_traced()),
+                                     protocol=pickle.HIGHEST_PROTOCOL)
             except (Exception, Overrun) as exc:
                 reply = _exception_reply(exc)
             del args
         sock.sendall(_SIZE.pack(len(reply)) + reply)
 
 
+def _mutmut_stats() -> set[str] | None:
+    """While mutation testing (mutmut) traces which tests run which functions, the set it
+    records them in; None otherwise (and always in production, where mutmut is not loaded)."""
+    state = sys.modules.get("mutmut.state")
+    if state is None or os.environ.get("MUTANT_UNDER_TEST") != "stats":
+        return None
+    return cast(set[str], state.state()._stats)  # noqa: SLF001
+
+
+def _traced() -> tuple[list[str], ...]:
+    """In a worker: the functions the job ran, for the serving process's tracer (mutmut traces
+    a process, not its children: worker-only code would look untested). Empty otherwise."""
+    stats = _mutmut_stats()
+    if not stats:
+        return ()
+    names = list(stats)
+    stats.clear()
+    return (names,)
+
+
+def _trace(names: list[str]) -> None:
+    stats = _mutmut_stats()
+    if stats is not None:
+        stats.update(names)
+
+
 def _exception_reply(exc: BaseException) -> bytes:
     """The job's exception as a reply the serving process can rebuild: some exceptions
     pickle but cannot be unpickled (an __init__ with other arguments), some do not pickle."""
+    traced = _traced()
     try:
-        reply = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
+        reply = pickle.dumps((False, exc, *traced), protocol=pickle.HIGHEST_PROTOCOL)
         pickle.loads(reply)
         return reply
     except Exception:  # noqa: BLE001
-        return pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+        return pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}"), *traced))
 
 
 def _die_with_the_fork_server(keep_fd: int) -> None:

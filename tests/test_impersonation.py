@@ -104,7 +104,7 @@ async def test_impersonation_of_a_protected_sender_is_quarantined(runtime, case,
     v = await verdict(runtime, mail(from_, "Remboursement en attente", LURE_TEXT),
                       mail_from="bounce@mailer.example")
     assert symbol in names(v), case
-    assert "LURE_FR" in names(v)
+    assert "LURE" in names(v)
     assert v.action in (Action.QUARANTINE, Action.REJECT), (case, v)
     reason = next(s.description for s in v.symbols if s.name == symbol)
     assert "{org}" not in reason and "{domain}" not in reason
@@ -166,7 +166,7 @@ async def test_credential_pages_where_anyone_can_publish_are_flagged(runtime, hr
                                     "Action requise : votre boite est pleine",
                                     "Voir la version HTML", html=html))
     assert symbol in names(v)
-    assert "LURE_FR" in names(v)  # the lure counts beside it
+    assert "LURE" in names(v)  # the lure counts beside it
     assert v.action is not Action.ACCEPT, v.symbols
     reason = next(s.description for s in v.symbols if s.name == symbol)
     assert "{" not in reason
@@ -221,7 +221,7 @@ async def test_links_to_ordinary_sites_and_lookalike_hosting_names_stay_clean(ru
             '<a href="mailto:contact@fournisseur-medical.example">contact</a></p></body></html>')
     v = await verdict(runtime, mail("Fournisseur <info@fournisseur-medical.example>",
                                     "Catalogue de decembre", "Voir la version HTML", html=html))
-    assert not names(v) & {"LINK_FREE_HOSTING", "LINK_USERINFO", "LINK_SCRIPT_URL", "LURE_FR"}
+    assert not names(v) & {"LINK_FREE_HOSTING", "LINK_USERINFO", "LINK_SCRIPT_URL", "LURE"}
     assert v.action is Action.ACCEPT
 
 
@@ -375,5 +375,5 @@ async def test_subject_return_path_and_text_links(runtime):
                                     "pour mettre a jour vos coordonnees bancaires."),
                       mail_from="bounce@cpam-info.ameli.fr.relay.example")
     assert {"IMPERSONATION_SUBJECT_NAME", "LINK_LOOKALIKE", "LOOKALIKE_RETURN_PATH",
-            "LURE_FR"} <= names(v)
+            "LURE"} <= names(v)
     assert v.action is not Action.ACCEPT

@@ -11,10 +11,9 @@ only together with those, French lure vocabulary.
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import functools
 import re
+from dataclasses import dataclass
 from typing import ClassVar
 
 from gateway.auth import AuthStatus
@@ -26,7 +25,7 @@ from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.links import Content, extract
-from gateway.message import Direction, ParsedMessage, decode_words
+from gateway.message import Direction, ParsedMessage
 from gateway.senders import Organisation, Registry, fold, load_registry
 
 
@@ -44,8 +43,9 @@ class ImpersonationCheck:
         "IMPERSONATION_SUBJECT_NAME", "IMPERSONATION_PRACTICE_NAME", "LOOKALIKE_FROM",
         "LOOKALIKE_REPLY_TO", "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
         "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
-        "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE_FR",
-        "PHISH_SPF_FAIL_LURE_LINK",
+        "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE",
+        "PHISH_SPF_FAIL_LURE_LINK", "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM",
+        "BRAND_LINK_LOOKALIKE", "BRAND_PHISH",
     })
 
     def __init__(self, services: Services) -> None:
@@ -56,6 +56,7 @@ class ImpersonationCheck:
             id="practice", name="le cabinet", domains=tuple(sorted(cfg.domains)),
             names=tuple(cfg.practice.names) + tuple(cfg.practice.colleagues))
         self._registry = Registry([*load_registry(cfg.rules_dir / "senders"), practice])
+        self._brands = Registry(load_registry(cfg.rules_dir / "brands"))
         lists = read_toml(cfg.rules_dir / "domain-lists.toml")
         lures = read_toml(cfg.rules_dir / "lures.toml")
         try:
@@ -100,7 +101,7 @@ class ImpersonationCheck:
                 claimed = claimed or look.org
                 hits.append(_hit("LOOKALIKE_FROM", look.org, from_domain, look.kind))
 
-        for symbol, domain in (("LOOKALIKE_REPLY_TO", d) for d in self._reply_to(msg)):
+        for symbol, domain in (("LOOKALIKE_REPLY_TO", d) for d in _reply_to_domains(msg)):
             look = self._registry.lookalike(domain)
             if look is not None:
                 hits.append(_hit(symbol, look.org, domain, look.kind))
@@ -120,19 +121,63 @@ class ImpersonationCheck:
         authenticated = _dkim_aligned(ctx, from_domain)
         link_hits = self._links(content, trusted, authenticated)
         hits += link_hits
-        # Lure phrases are weak signals: they count only beside an impersonation signal, or
-        # a hard SPF failure (read only then: the phrases cost a pass over the text).
+        brand: _Invoked | None = None
+        if claimed is None and owner is None:
+            brand = self._brand_invoked(msg, from_domain, content, hits)
+        # Lure phrases are weak signals: they count only beside an impersonation signal, a
+        # brand invoked from elsewhere, or a hard SPF failure (read only then: the phrases
+        # cost a pass over the text).
         strong = any(h.symbol in _STRONG for h in hits)
         spf = ctx.facts(SpfFacts)
         spf_fail = (isinstance(spf, SpfFacts) and spf.result is AuthStatus.FAIL
                     and spf.identity == "mailfrom")
-        found = self._lure_count(f"{msg.subject}\n{content.text}") if strong or spf_fail else 0
+        found = (self._lure_count(f"{msg.subject}\n{content.text}")
+                 if strong or spf_fail or brand is not None else 0)
         if found and strong:
-            hits.append(Hit(symbol="LURE_FR", factor=float(min(found, 3)),
+            hits.append(Hit(symbol="LURE", factor=float(min(found, 3)),
                             detail=f"{found} lure phrases"))
+        if brand is not None:
+            hits += _brand_phish(brand, found, content, self._brands)
         if found >= 2 and spf_fail and not authenticated and isinstance(spf, SpfFacts):
             hits += self._spf_fail_lure_link(ctx, spf.domain, from_domain, content)
         return CheckResult(check=self.name, hits=tuple(hits))
+
+    def _brand_invoked(self, msg: ParsedMessage, from_domain: str, content: Content,
+                       hits: list[Hit]) -> _Invoked | None:
+        """A brand of rules/brands/ that the message invokes while written from outside its
+        domains: in the display name, through a look-alike sender or link domain, in the
+        subject, or in a link's text. Adds the signs found to `hits`."""
+        if from_domain and self._brands.owner(from_domain) is not None:
+            return None  # the brand's own domain: DMARC judges whether it is genuine
+        invoked: _Invoked | None = None
+        named = self._brands.named_in(msg.from_display) if msg.from_display else None
+        if named is not None:
+            hits.append(_hit("BRAND_DISPLAY_NAME", named, from_domain))
+            invoked = _Invoked(named, "display")
+        look = self._brands.lookalike(from_domain) if from_domain else None
+        if look is not None:
+            hits.append(_hit("BRAND_LOOKALIKE_FROM", look.org, from_domain, look.kind))
+            invoked = invoked or _Invoked(look.org, "lookalike")
+        for link in content.links[:_BRAND_LINKS]:
+            if not link.host or self._registry.owner(link.host) is not None:
+                continue
+            look = self._brands.lookalike(link.host)
+            if look is not None:
+                hits.append(_hit("BRAND_LINK_LOOKALIKE", look.org, link.host, look.kind))
+                invoked = invoked or _Invoked(look.org, "lookalike")
+                break
+        if invoked is None and msg.subject:
+            subject = self._brands.named_in(msg.subject)
+            invoked = _Invoked(subject, "subject") if subject is not None else None
+        if invoked is None:
+            for link in content.links[:_BRAND_LINKS]:
+                text = link.text[:200]
+                shown = self._brands.owner(link.shown_host) if link.shown_host else None
+                org = shown or (self._brands.named_in(text) if text else None)
+                if org is not None and self._brands.owner(link.host) is not org:
+                    invoked = _Invoked(org, "link")
+                    break
+        return invoked
 
     def _spf_fail_lure_link(self, ctx: CheckContext, spf_domain: str, from_domain: str,
                             content: Content) -> list[Hit]:
@@ -171,18 +216,6 @@ class ImpersonationCheck:
                 and aligned(from_domain, spf.domain, "r")):
             return True
         return None if undecided(spf, "SPF") or undecided(dkim, "DKIM") else False
-
-    def _reply_to(self, msg: ParsedMessage) -> list[str]:
-        value = msg.header("Reply-To")
-        if not value:
-            return []
-        with contextlib.suppress(ValueError, LookupError):
-            value = decode_words(value)
-        try:
-            pairs = email.utils.getaddresses([value])
-        except Exception:  # noqa: BLE001 - the stdlib address parser has raised on odd input
-            return []
-        return list(dict.fromkeys(d for _, a in pairs if (d := _domain(a))))
 
     def _links(self, content: Content, trusted: Organisation | None,
                authenticated: bool = False) -> list[Hit]:
@@ -235,6 +268,33 @@ class ImpersonationCheck:
         return sum(1 for p in self._lures if p.search(folded))
 
 
+@dataclass(frozen=True, slots=True)
+class _Invoked:
+    org: Organisation
+    how: str  # display, lookalike, subject, link
+
+
+_BRAND_LINKS = 100  # links looked at for a brand's name or look-alike (each costs a lookup)
+
+
+def _brand_phish(brand: _Invoked, lures: int, content: Content, brands: Registry) -> list[Hit]:
+    """A brand invoked from outside its domains, and a call to act: a link away from the
+    brand's domains, with lure phrases (two when the brand is only in the subject or a link's
+    text, where newsletters and reviews name brands too)."""
+    if lures < (2 if brand.how in ("subject", "link") else 1):
+        return []
+    away = next((link.host for link in content.links
+                 if link.host and brands.owner(link.host) is not brand.org), None)
+    if away is None:
+        return []
+    return [Hit(symbol="BRAND_PHISH", detail=f"{brand.org.id} ({brand.how}) -> {away}",
+                args=(("org", brand.org.name), ("domain", away)))]
+
+
+def _reply_to_domains(msg: ParsedMessage) -> list[str]:
+    return list(dict.fromkeys(d for a in msg.reply_to() if (d := _domain(a))))
+
+
 def _dkim_aligned(ctx: CheckContext, from_domain: str) -> bool:
     """A DKIM signature of the From domain (or its organisation) verified."""
     dkim = ctx.facts(DkimFacts)
@@ -268,6 +328,7 @@ _STRONG = frozenset({
     "IMPERSONATION_PRACTICE_NAME", "LOOKALIKE_FROM", "LOOKALIKE_REPLY_TO",
     "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
     "LINK_TEXT_MISMATCH_PROTECTED", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO",
+    "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM", "BRAND_LINK_LOOKALIKE",
 })
 
 

@@ -1,0 +1,212 @@
+"""How a sender disguises itself, whoever it claims to be: the signs generic phishing and fraud
+share and genuine mail almost never shows (rspamd's header rules do the same work).
+
+- letters that only look like letters (mathematical bold, full-width), Latin words mixed with
+  Cyrillic or IPA letters, invisible characters inside words, in the sender's name or subject;
+- a sender's name that shows another address or domain than the one it writes from;
+- a free-mail address that names itself as an organisation (a bank, a support team, a
+  practice, a lab), above all one whose replies go elsewhere (fraud with no link);
+- replies sent to a free-mail address by an organisation's address;
+- the recipient's own address pasted into the subject;
+- random letter-and-digit strings in the sender's name or subject (per-recipient tokens that
+  defeat filters matching identical subjects).
+
+Facts from the headers only (no lookup, no body pass): cheap, on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import re
+import unicodedata
+from typing import ClassVar
+
+from gateway.auth.dmarc import org_domain
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
+from gateway.config import read_toml
+from gateway.errors import ConfigError
+from gateway.message import Direction, ParsedMessage
+from gateway.senders import fold
+
+# Greek capitals that read as Latin ones (ΚYC); lower-case Greek is how lab results are
+# written (β-HCG, γGT) and is left alone.
+_GREEK_LATIN = frozenset("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ")
+_ADDRESS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
+_TOKEN = re.compile(r"[A-Za-z0-9]{12,}")
+MAX_FIELD = 1000  # characters of a name or subject looked at
+
+
+class DisguiseCheck:
+    name: ClassVar[str] = "disguise"
+    phase: ClassVar[int] = 1
+    produces: ClassVar[type[Facts] | None] = None
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
+    symbols: ClassVar[frozenset[str]] = frozenset({
+        "DISGUISED_LETTERS", "FROM_NAME_OTHER_ADDRESS", "FREEMAIL_ORGANISATION_NAME",
+        "FREEMAIL_HEALTH_REPLY_ELSEWHERE", "REPLYTO_FREEMAIL", "SUBJECT_HAS_RECIPIENT",
+        "RANDOM_TOKEN",
+    })
+
+    def __init__(self, services: Services) -> None:
+        rules = services.cfg.rules_dir
+        lists = read_toml(rules / "domain-lists.toml")
+        words = read_toml(rules / "lures.toml")
+        try:
+            self._freemail = frozenset(str(d).lower() for d in lists["freemail"])
+            self._org_words = re.compile(r"\b(?:" + "|".join(words["organisation_words"]) + r")\b")
+            self._health_words = re.compile(r"\b(?:" + "|".join(words["health_words"]) + r")\b")
+        except (KeyError, TypeError, re.error) as exc:
+            raise ConfigError(f"{rules}: domain-lists.toml or lures.toml: {exc}") from None
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        hits: list[Hit] = []
+        name = _readable(msg.from_display[:MAX_FIELD])
+        subject = _readable(msg.subject[:MAX_FIELD])
+        address = msg.from_addresses[0].lower() if msg.from_addresses else ""
+        domain = address.rpartition("@")[2].rstrip(".>")
+        for field, text in (("From", name), ("Subject", subject)):
+            how = _disguised(text)
+            if how:
+                hits.append(Hit(symbol="DISGUISED_LETTERS", detail=f"{field}: {how}",
+                                args=(("field", _FIELDS[field]),)))
+                break
+        shown = _other_address(name, domain)
+        if shown:
+            hits.append(Hit(symbol="FROM_NAME_OTHER_ADDRESS", detail=f"shows {shown}",
+                            args=(("shown", shown), ("domain", domain))))
+        reply_to = msg.reply_to()
+        elsewhere = [a for a in reply_to if a != address]
+        freemail = org_domain(domain) in self._freemail if domain else False
+        if freemail and name:
+            folded = fold(name)
+            if self._health_words.search(folded) and elsewhere:
+                hits.append(Hit(symbol="FREEMAIL_HEALTH_REPLY_ELSEWHERE",
+                                detail=f"{domain}, replies to {elsewhere[0]}",
+                                args=(("domain", domain), ("reply", elsewhere[0]))))
+            elif self._org_words.search(folded):
+                hits.append(Hit(symbol="FREEMAIL_ORGANISATION_NAME", detail=domain,
+                                args=(("domain", domain),)))
+        if domain and not freemail:
+            free = next((a for a in elsewhere
+                         if org_domain(a.rpartition("@")[2]) in self._freemail), None)
+            if free is not None:
+                hits.append(Hit(symbol="REPLYTO_FREEMAIL", detail=free, args=(("reply", free),)))
+        recipient = _recipient_in(subject, msg, ctx.inbound.rcpts)
+        if recipient:
+            hits.append(Hit(symbol="SUBJECT_HAS_RECIPIENT", detail=recipient))
+        token = next((t for text in (name, subject) for t in _TOKEN.findall(text)
+                      if _random(t)), None)
+        if token:
+            hits.append(Hit(symbol="RANDOM_TOKEN", detail=token[:40]))
+        return CheckResult(check=self.name, hits=tuple(hits))
+
+
+_FIELDS = {"From": "le nom de l'expéditeur", "Subject": "l'objet"}
+
+
+def _readable(text: str) -> str:
+    """A header decoded as the reader's program shows it: raw UTF-8 (RFC 6532) the parser
+    left as escaped bytes is read as UTF-8."""
+    if text.isascii() or not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _disguised(text: str) -> str:
+    """What makes the text's letters a disguise, or ""."""
+    if not text or text.isascii():
+        return ""
+    for ch in text:
+        code = ord(ch)
+        if 0x1D400 <= code <= 0x1D7FF:
+            return "mathematical letters"
+        if 0xFF21 <= code <= 0xFF5A:
+            return "full-width letters"
+    # Invisible characters between two letters (Co\U000e0139inbase): never typed so. A
+    # variation selector after an emoji is how emoji are written, and is not between letters.
+    letters = [c for c in text if not _invisible(c)]
+    if len(letters) != len(text):
+        for i in range(1, len(text) - 1):
+            if _invisible(text[i]) and text[i - 1].isalpha():
+                after = next((c for c in text[i + 1:] if not _invisible(c)), "")
+                if after.isalpha():
+                    return "invisible characters inside a word"
+    for word in re.findall(r"\w+", text):
+        if word.isascii():
+            continue
+        scripts = {_script(c) for c in word if c.isalpha()}
+        # Latin with letters of another script in one word (MetɑMɑsk, Ꮇicrosoft, ΚYC): never
+        # written so.
+        if "latin" in scripts and len(scripts) > 1:
+            return f"mixed letters in {word[:40]!r}"
+    return ""
+
+
+def _invisible(ch: str) -> bool:
+    code = ord(ch)
+    return (unicodedata.category(ch) == "Cf" or 0xFE00 <= code <= 0xFE0F
+            or 0xE0100 <= code <= 0xE01EF)
+
+
+def _script(ch: str) -> str:
+    code = ord(ch)
+    if 0x0250 <= code <= 0x02AF:
+        return "ipa"
+    if ch in _GREEK_LATIN:
+        return "greek"
+    try:
+        first = unicodedata.name(ch).split(" ", 1)[0]
+    except ValueError:
+        return "other"
+    if first == "GREEK":
+        return "latin"  # lower-case Greek beside Latin: β-HCG (see _GREEK_LATIN)
+    return "latin" if first == "LATIN" else first.lower()
+
+
+def _other_address(name: str, domain: str) -> str:
+    """An address the display name shows, of another organisation than the sender's own
+    ("support@bank.example <x@gmail.com>"). Not a bare site name: "News.com" or
+    "Booking.com" is how many senders name themselves."""
+    if not name or not domain:
+        return ""
+    shown = [m.group(1) for m in _ADDRESS.finditer(name)]
+    home = org_domain(domain)
+    for other in shown:
+        if org_domain(other.lower().rstrip(".")) != home:
+            return other.lower()[:100]
+    return ""
+
+
+def _recipient_in(subject: str, msg: ParsedMessage, rcpts: tuple[str, ...]) -> str:
+    """A recipient's address (envelope or To) written in the subject."""
+    if "@" not in subject:
+        return ""
+    lowered = subject.lower()
+    addresses = set(r.lower() for r in rcpts)
+    to = msg.header("To")
+    if to:
+        with contextlib.suppress(Exception):
+            addresses.update(a.lower() for _, a in email.utils.getaddresses([to[:MAX_FIELD]])
+                             if "@" in a)
+    return next((a for a in addresses if a in lowered), "")
+
+
+def _random(token: str) -> bool:
+    """A token of letters and digits mixed the way machines mix them: upper and lower case
+    and digits interleaved (fg46qFdZiRVH3jI), not a word, a reference or a hex id."""
+    upper = sum(c.isupper() for c in token)
+    lower = sum(c.islower() for c in token)
+    digits = sum(c.isdigit() for c in token)
+    if min(upper, lower) < 3 or digits < 2:
+        return False
+    changes = sum(1 for a, b in zip(token, token[1:], strict=False)
+                  if _kind(a) != _kind(b))
+    return changes >= len(token) // 2
+
+
+def _kind(c: str) -> int:
+    return 0 if c.isdigit() else 1 if c.isupper() else 2
+
+
+CHECKS = (DisguiseCheck,)

@@ -1,0 +1,119 @@
+"""Signs of a disguised sender, whoever it claims to be (gateway/checks/disguise.py): each sign
+on a real-shaped message, and the genuine mail it must not touch (a colleague on a free-mail
+address, lab results with Greek letters, emoji, a newsletter named after its site)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.runtime import Runtime
+from gateway.service import build_runtime
+from gateway.symbols import Action
+from tests.conftest import DOMAIN, make_config
+from tests.support.dnsserver import ThreadedDnsServer
+from tests.test_impersonation import mail, names, verdict
+
+DISGUISE = {"DISGUISED_LETTERS", "FROM_NAME_OTHER_ADDRESS", "FREEMAIL_ORGANISATION_NAME",
+            "FREEMAIL_HEALTH_REPLY_ELSEWHERE", "REPLYTO_FREEMAIL", "SUBJECT_HAS_RECIPIENT",
+            "RANDOM_TOKEN"}
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path, dns_zone: ThreadedDnsServer) -> AsyncIterator[Runtime]:
+    dns_zone.load({})
+    rt = await build_runtime(make_config(tmp_path), with_store=False)
+    yield rt
+    await rt.close()
+
+
+@pytest.mark.parametrize(("case", "from_", "subject"), [
+    ("invisible selectors", "Co\U000e0139in\U000e0139base Wallet <support@wallet-help.example>",
+     "Confirmez vos informations"),
+    ("IPA letters", "Met\u0251M\u0251sk <hello@metamask-team.example>", "Ticket 756391"),
+    ("Cherokee M", "\u13b7icrosoft Mail <it@mail-support.example>", "Mise à jour"),
+    ("Greek capital", "Banque <kyc@kyc-update.example>", "Renouvelez votre \u039aYC"),
+    ("mathematical bold", "Assurance <offre@assur.example>",
+     "\U0001d40f\U0001d42b\U0001d428\U0001d42d\U0001d41e\U0001d41c\U0001d42d"),
+])
+async def test_letters_that_only_look_like_letters(runtime, case, from_, subject):
+    v = await verdict(runtime, mail(from_, subject, "Bonjour"))
+    assert "DISGUISED_LETTERS" in names(v), case
+
+
+@pytest.mark.parametrize(("case", "from_", "subject"), [
+    ("lab results in Greek", "Laboratoire Bio+ <resultats@labo-bioplus.example>",
+     "Résultats : β-HCG et γGT"),
+    ("emoji", "Amicale du personnel <amicale@chu-exemple.example>", "❤️ Repas de Noël 🎄"),
+    ("accents", "Éloïse Müller-Nuñez <eloise@exemple.example>", "Réunion à Saint-Étienne"),
+])
+async def test_ordinary_unicode_is_no_disguise(runtime, case, from_, subject):
+    v = await verdict(runtime, mail(from_, subject, "Bonjour"))
+    assert not names(v) & DISGUISE, case
+    assert v.action is Action.ACCEPT
+
+
+async def test_a_sender_name_showing_another_address(runtime):
+    v = await verdict(runtime, mail('"support@banque-exemple.fr" <x83@relay-mailer.example>',
+                                    "Alerte", "Bonjour"))
+    assert "FROM_NAME_OTHER_ADDRESS" in names(v)
+    # Its own address in its name, or a site name, is how many senders write.
+    v = await verdict(runtime, mail('"contact@labo.example" <contact@labo.example>', "Info",
+                                    "Bonjour"))
+    assert "FROM_NAME_OTHER_ADDRESS" not in names(v)
+    v = await verdict(runtime, mail("Booking.com <noreply@mailer.booking-partner.example>",
+                                    "Votre réservation", "Bonjour"))
+    assert "FROM_NAME_OTHER_ADDRESS" not in names(v)
+
+
+async def test_free_mail_claiming_a_health_organisation_with_replies_elsewhere_is_held(runtime):
+    """Invoice fraud: a 'lab' on Gmail asks to pay to new bank details, replies going to
+    another mailbox. No link at all."""
+    v = await verdict(runtime, mail(
+        "Laboratoire Biolab Comptabilité <biolab.compta@gmail.com>",
+        "Changement de coordonnées bancaires",
+        "Bonjour Docteur, suite à un changement de banque, merci de régler nos prochaines "
+        "factures sur le RIB joint. Cordialement, le service comptabilité.",
+        reply_to="Biolab <compta.biolab@outlook.fr>"))
+    assert "FREEMAIL_HEALTH_REPLY_ELSEWHERE" in names(v)
+    assert v.action is Action.QUARANTINE
+
+
+async def test_a_colleague_on_free_mail_is_not_held(runtime):
+    """The genuine counterpart: a doctor writing from Gmail, replies to the same address."""
+    v = await verdict(runtime, mail("Dr Claire Martin <claire.martin@gmail.com>",
+                                    "Remplacement du 12 décembre",
+                                    "Bonjour, je te confirme le remplacement. Claire."))
+    assert not names(v) & DISGUISE
+    assert v.action is Action.ACCEPT
+    # Replying to her own other address is no fraud sign either when she does not claim to be
+    # an organisation; a plain person's name is never an organisation name.
+    v = await verdict(runtime, mail("Claire Martin <claire.martin@gmail.com>", "Planning",
+                                    "Bonjour", reply_to="claire.martin@outlook.fr"))
+    assert "FREEMAIL_HEALTH_REPLY_ELSEWHERE" not in names(v)
+    assert v.action is Action.ACCEPT
+
+
+async def test_free_mail_naming_itself_an_organisation_and_replies_to_free_mail(runtime):
+    v = await verdict(runtime, mail("Service Client Banque <alerte.banque2026@gmail.com>",
+                                    "Votre compte", "Bonjour"))
+    assert "FREEMAIL_ORGANISATION_NAME" in names(v)
+    v = await verdict(runtime, mail("Direction <direction@entreprise-exemple.fr>",
+                                    "Virement urgent", "Merci de me répondre rapidement.",
+                                    reply_to="direction.entreprise@gmail.com"))
+    assert "REPLYTO_FREEMAIL" in names(v)
+
+
+async def test_the_recipients_address_in_the_subject_and_random_tokens(runtime):
+    v = await verdict(runtime, mail(
+        "Avis <avis@notif.example>", f"docteur@{DOMAIN}, votre colis fg46qFdZiRVH3jI",
+        "Bonjour"))
+    assert {"SUBJECT_HAS_RECIPIENT", "RANDOM_TOKEN"} <= names(v)
+    # References, tracking numbers and hex ids are not random tokens.
+    v = await verdict(runtime, mail(
+        "Transporteur <suivi@transport.example>",
+        "Colis 6A12345678901 - commande PO-WB-UK-0022 - réf 3f9a8c7e5b1d2a4c",
+        "Bonjour"))
+    assert not names(v) & {"RANDOM_TOKEN", "SUBJECT_HAS_RECIPIENT"}
