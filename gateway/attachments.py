@@ -27,6 +27,7 @@ with warnings.catch_warnings():  # oletools 0.60 calls a pyparsing API deprecate
     warnings.simplefilter("ignore", DeprecationWarning)
     from oletools.olevba import VBA_Parser
 
+from gateway import qr
 from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.message import ParsedMessage, decode_transfer
@@ -34,6 +35,12 @@ from gateway.workers import Overrun, provided, time_limit
 from gateway.yara_rules import YaraRules
 
 RTLO = "\u202e"
+# Findings whose detail is a web address: a QR code's, a PDF's link (the impersonation check
+# judges where they go: gateway/checks/attachments.py passes them on as facts).
+QR_LINK = "ATTACH_QR_LINK"
+PDF_LINK = "ATTACH_PDF_LINK"
+MAX_FILE_LINKS = 5  # addresses kept per file
+_PDF_URI = re.compile(rb"/URI\s*\(((?:https?://|www\.)[^)\s]{1,2000})\)", re.IGNORECASE)
 YARA = "yara"  # the name the compiled rules are provided under in the worker processes
 _local = threading.local()
 
@@ -87,12 +94,19 @@ class _Scan:
     seen: set[tuple[str, str]] = field(default_factory=set)
     budget_bytes: int = 0
     deadline: float = math.inf  # time.monotonic() past which YARA scans no more
+    images: int = 0  # images decoded for QR codes (qr.MAX_IMAGES per message)
 
     def add(self, symbol: str, name: str, detail: str = "", rule: str = "") -> None:
         if (symbol, name) not in self.seen:
             self.seen.add((symbol, name))
             self.findings.append(Finding(symbol=symbol, name=name, detail=detail[:200],
                                          rule=rule))
+
+    def add_link(self, symbol: str, name: str, url: str) -> None:
+        """A web address in a file (several per file, each once)."""
+        if (symbol, url) not in self.seen:
+            self.seen.add((symbol, url))
+            self.findings.append(Finding(symbol=symbol, name=name, detail=url[:2048]))
 
 
 def analyse_job(raw: bytes, parsed: ParsedMessage, policy: Policy,
@@ -161,6 +175,14 @@ def _file(scan: _Scan, name: str, data: bytes, declared: str, *, depth: int,
         _pdf(scan, name, data)
     elif kind in ("text/html", "image/svg+xml") or ext in ("html", "htm", "svg", "shtml", "xhtml"):
         _html(scan, name, data)
+    elif kind in qr.IMAGE_TYPES and scan.images < qr.MAX_IMAGES:
+        scan.images += 1
+        _qr_links(scan, name, qr.image_links(data))
+
+
+def _qr_links(scan: _Scan, name: str, links: list[str]) -> None:
+    for url in dict.fromkeys(links[:MAX_FILE_LINKS]):
+        scan.add_link(QR_LINK, name, url)
 
 
 def _yara(scan: _Scan, data: bytes, name: str) -> None:
@@ -347,7 +369,13 @@ def _pdf(scan: _Scan, name: str, data: bytes) -> None:
     common case is a few C-speed searches; names are decoded one by one only when a PDF holds
     escaped ones."""
     data = data[:50_000_000]
-    keys = _pdf_keys(data) | _pdf_keys(_pdf_object_streams(data))
+    inflated = _pdf_object_streams(data)
+    keys = _pdf_keys(data) | _pdf_keys(inflated)
+    if b"URI" in keys:
+        uris = [m.group(1).decode("latin-1") for text in (data, inflated)
+                for m in _PDF_URI.finditer(text)]
+        for url in dict.fromkeys(uris[:MAX_FILE_LINKS]):
+            scan.add_link(PDF_LINK, name, url)
     if keys & {b"JavaScript", b"JS"}:
         scan.add("ATTACH_PDF_JAVASCRIPT", name)
     if b"Launch" in keys:
@@ -357,6 +385,10 @@ def _pdf(scan: _Scan, name: str, data: bytes) -> None:
     if (b"OpenAction" in keys or b"AA" in keys) and keys & {b"JavaScript", b"JS", b"Launch",
                                                             b"URI", b"SubmitForm"}:
         scan.add("ATTACH_PDF_AUTO_ACTION", name)
+    if scan.images < qr.MAX_IMAGES and b"/Image" in data:
+        links, decoded = qr.pdf_links(data)
+        scan.images += decoded
+        _qr_links(scan, name, links)
 
 
 # ---- HTML and SVG attachments --------------------------------------------------------------

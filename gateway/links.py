@@ -18,6 +18,7 @@ from gateway.message import ParsedMessage
 
 MAX_TEXT = 200_000  # characters of readable text looked at per message
 MAX_LINKS = 500
+_PAGE_NAMES = (".html", ".htm", ".shtml", ".xhtml", ".svg")
 
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()]+", re.IGNORECASE)
 _DOMAINISH = re.compile(r"^(?:https?://)?(?:www\.)?([a-z0-9.-]+\.[a-z]{2,})(?:[/:?#].*)?$",
@@ -62,7 +63,12 @@ def _with_scheme(url: str) -> str:
 class Link:
     href: str
     host: str  # lower case, no port; "" when the URL has none
-    text: str  # what the reader sees ("" for text-part URLs)
+    text: str  # what the reader sees ("" for text-part URLs and QR codes)
+    qr: bool = False  # read from a QR code in an image or a PDF
+
+    @staticmethod
+    def from_qr(url: str) -> Link:
+        return Link(href=url, host=host_of(url), text="", qr=True)
 
     @property
     def is_script(self) -> bool:
@@ -193,15 +199,20 @@ def extract(raw: bytes, parsed: ParsedMessage) -> Content:
     links: list[Link] = []
     size = 0
     for part in parsed.parts:
-        if part.is_multipart or part.disposition == "attachment" or size > MAX_TEXT:
+        if part.is_multipart or size > MAX_TEXT:
             continue
-        if part.content_type not in ("text/plain", "text/html"):
+        # HTML and SVG files are pages the reader opens in a browser: their links count as
+        # the body's (whatever type they are sent as: .html attachments often come as
+        # application/octet-stream). Plain text attachments are documents, not read here.
+        page = part.content_type in ("text/html", "image/svg+xml") or \
+            (part.filename or "").lower().endswith(_PAGE_NAMES)
+        if not page and (part.content_type != "text/plain" or part.disposition == "attachment"):
             continue
         text = part.text(raw)
         if text is None:
             continue
         text = text[:MAX_TEXT]
-        if part.content_type == "text/html":
+        if page:
             doc = _Html()
             try:
                 doc.feed(text)

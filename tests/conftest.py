@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from gateway import config
-from gateway.service import Running, running
+from gateway.runtime import Runtime
+from gateway.service import Running, build_runtime, running
 from tests.support.dnsserver import ThreadedDnsServer
 from tests.support.sink import Sink
 
@@ -50,6 +51,15 @@ async def sink() -> AsyncIterator[Sink]:
     await s.start()
     yield s
     await s.stop()
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    """The analysis pipeline alone (no SMTP, no store) on the default configuration; modules
+    that need DNS records or other settings define their own."""
+    rt = await build_runtime(make_config(tmp_path), with_store=False)
+    yield rt
+    await rt.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -144,13 +143,6 @@ def message_with(name: str, data: bytes) -> bytes:
     m.set_content("Veuillez trouver le document ci-joint.")
     m.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
     return to_crlf(bytes(m))
-
-
-@pytest.fixture
-async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    rt = await build_runtime(make_config(tmp_path), with_store=False)
-    yield rt
-    await rt.close()
 
 
 async def analyse(rt: Runtime, raw: bytes):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ from gateway.workers import Workers
 from tests.conftest import CORPUS, DOMAIN, make_config
 from tests.support.dnsserver import ThreadedDnsServer
 from tests.support.keys import dkim_keypair
-
-
-@pytest.fixture
-async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    rt = await build_runtime(make_config(tmp_path), with_store=False)
-    yield rt
-    await rt.close()
 
 
 def inbound(raw: bytes, *, mail_from: str = "", ip: str = "192.0.2.10",

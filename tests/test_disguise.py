@@ -4,29 +4,16 @@ address, lab results with Greek letters, emoji, a newsletter named after its sit
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
-from gateway.runtime import Runtime
-from gateway.service import build_runtime
 from gateway.symbols import Action
-from tests.conftest import DOMAIN, make_config
-from tests.support.dnsserver import ThreadedDnsServer
+from tests.conftest import DOMAIN
 from tests.test_impersonation import mail, names, verdict
 
 DISGUISE = {"DISGUISED_LETTERS", "FROM_NAME_OTHER_ADDRESS", "FREEMAIL_ORGANISATION_NAME",
             "FREEMAIL_HEALTH_REPLY_ELSEWHERE", "REPLYTO_FREEMAIL", "SUBJECT_HAS_RECIPIENT",
             "RANDOM_TOKEN"}
 
-
-@pytest.fixture
-async def runtime(tmp_path: Path, dns_zone: ThreadedDnsServer) -> AsyncIterator[Runtime]:
-    dns_zone.load({})
-    rt = await build_runtime(make_config(tmp_path), with_store=False)
-    yield rt
-    await rt.close()
 
 
 @pytest.mark.parametrize(("case", "from_", "subject"), [

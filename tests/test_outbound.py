@@ -7,7 +7,6 @@ import json
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from gateway.cli import to_crlf
 from gateway.health_data import find_nirs, mask, valid_nir
 from gateway.message import Direction, Inbound
 from gateway.runtime import Runtime
-from gateway.service import build_runtime
 from gateway.symbols import Action
-from tests.conftest import DNS, DOMAIN, make_config
+from tests.conftest import DNS, DOMAIN
 
 
 def with_key(first13: str) -> str:
@@ -82,13 +80,6 @@ def mail(to: str, body: str, *, subject: str = "Résultats", attachment: tuple[s
 LAB = (f"Bonjour,\nVoici le compte rendu de biologie de Mme Martin, née le 12/03/1980, "
        f"NIR {NIR[0]} {NIR[1:3]} {NIR[3:5]} {NIR[5:7]} {NIR[7:10]} {NIR[10:13]} {NIR[13:]}.\n"
        "Glycémie à jeun 1,32 g/l.\n")
-
-
-@pytest.fixture
-async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    rt = await build_runtime(make_config(tmp_path), with_store=False)
-    yield rt
-    await rt.close()
 
 
 async def outbound(rt: Runtime, raw: bytes, to: str, *, tls: bool = True,

@@ -4,10 +4,11 @@ smuggling, YARA (gateway/attachments.py does the work, in the worker pool)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from gateway.attachments import YARA, Policy, analyse, analyse_job
+from gateway.attachments import PDF_LINK, QR_LINK, YARA, Policy, analyse, analyse_job
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.errors import ConfigError
 from gateway.message import ParsedMessage
@@ -15,10 +16,18 @@ from gateway.symbols import Symbol, rule_symbol
 from gateway.yara_rules import YaraRules, compile_rules
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttachmentFacts(Facts):
+    """What the files hold that later checks read: the web addresses QR codes and PDF links
+    lead to (the impersonation check judges them as links)."""
+    qr_links: tuple[str, ...] = ()
+    links: tuple[str, ...] = ()
+
+
 class AttachmentsCheck:
     name: ClassVar[str] = "attachments"
     phase: ClassVar[int] = 1
-    produces: ClassVar[type[Facts] | None] = None
+    produces: ClassVar[type[Facts] | None] = AttachmentFacts
     fixed_symbols: ClassVar[frozenset[str]] = frozenset({
         "ATTACH_DANGEROUS_TYPE", "ATTACH_TYPE_MISMATCH", "ATTACH_DOUBLE_EXTENSION",
         "ATTACH_RTLO_NAME", "ATTACH_EXEC_IN_ARCHIVE", "ATTACH_ARCHIVE_BOMB",
@@ -27,7 +36,7 @@ class AttachmentsCheck:
         "ATTACH_REMOTE_TEMPLATE", "ATTACH_PDF_JAVASCRIPT", "ATTACH_PDF_LAUNCH",
         "ATTACH_PDF_EMBEDDED_FILE", "ATTACH_PDF_AUTO_ACTION", "ATTACH_HTML_SCRIPT",
         "ATTACH_HTML_SMUGGLING", "ATTACH_HTML_CREDENTIAL_FORM", "ATTACH_ANALYSIS_TIMEOUT",
-        "YARA_MATCH", "YARA_TIMEOUT",
+        "ATTACH_QR_LINK", "ATTACH_PDF_LINK", "YARA_MATCH", "YARA_TIMEOUT",
     })  # and the symbols the compiled YARA rules name (their metadata), see __init__
 
     def __init__(self, services: Services) -> None:
@@ -75,10 +84,12 @@ class AttachmentsCheck:
             findings = await self._workers.run(analyse, ctx.inbound.raw, msg, self._policy,
                                                self.yara, self._limit_s, limit_s=self._limit_s)
         return CheckResult(check=self.name, hits=tuple(
-            Hit(symbol=f.symbol, detail=f"{f.name}: {f.detail}".strip(": ")[:200],
+            Hit(symbol=f.symbol, detail=f"{f.name}: {f.detail[:200]}".strip(": ")[:200],
                 args=(("name", f.name.rsplit("/", 1)[-1] or f.name), ("file", f.name),
                       *((("rule", f.rule),) if f.rule else ())))
-            for f in findings))
+            for f in findings), facts=AttachmentFacts(
+                qr_links=tuple(f.detail for f in findings if f.symbol == QR_LINK),
+                links=tuple(f.detail for f in findings if f.symbol == PDF_LINK)))
 
 
 CHECKS = (AttachmentsCheck,)

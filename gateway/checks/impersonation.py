@@ -11,6 +11,7 @@ only together with those, French lure vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from gateway.auth.arc import ArcFacts
 from gateway.auth.dkim import DkimFacts
 from gateway.auth.dmarc import DmarcFacts, aligned, org_domain, undecided
 from gateway.auth.spf import SpfFacts
+from gateway.checks.attachments import AttachmentFacts
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.config import read_toml
 from gateway.errors import ConfigError
-from gateway.links import Content, extract
+from gateway.links import Content, Link, extract, host_of
 from gateway.message import Direction, ParsedMessage
 from gateway.senders import Organisation, Registry, fold, load_registry
 
@@ -45,7 +47,7 @@ class ImpersonationCheck:
         "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
         "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE",
         "PHISH_SPF_FAIL_LURE_LINK", "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM",
-        "BRAND_LINK_LOOKALIKE", "BRAND_PHISH",
+        "BRAND_LINK_LOOKALIKE", "BRAND_PHISH", "LINK_QR_CODE",
     })
 
     def __init__(self, services: Services) -> None:
@@ -116,10 +118,17 @@ class ImpersonationCheck:
                 hits.append(_hit("LOOKALIKE_RETURN_PATH", look.org, return_path, look.kind))
 
         content = await self._workers.run(extract, ctx.inbound.raw, msg, limit_s=self._limit_s)
+        files = ctx.facts(AttachmentFacts)
+        if isinstance(files, AttachmentFacts) and (files.qr_links or files.links):
+            # QR codes in images and PDFs are links too, read by a phone instead of a click,
+            # and so are a PDF's links.
+            content = dataclasses.replace(content, links=content.links + tuple(
+                Link.from_qr(url) for url in files.qr_links) + tuple(
+                Link(href=url, host=host_of(url), text="") for url in files.links))
         # Mail its From domain signed (aligned DKIM): a survey on a form service or a page on
         # a hosting provider is that sender's own choice, not a sign of a fake.
         authenticated = _dkim_aligned(ctx, from_domain)
-        link_hits = self._links(content, trusted, authenticated)
+        link_hits = self._links(content, trusted, authenticated, from_domain)
         hits += link_hits
         brand: _Invoked | None = None
         if claimed is None and owner is None:
@@ -218,10 +227,16 @@ class ImpersonationCheck:
         return None if undecided(spf, "SPF") or undecided(dkim, "DKIM") else False
 
     def _links(self, content: Content, trusted: Organisation | None,
-               authenticated: bool = False) -> list[Hit]:
+               authenticated: bool = False, from_domain: str = "") -> list[Hit]:
         hits: dict[str, Hit] = {}
+        home = org_domain(from_domain) if from_domain else ""
         for link in content.links:
             host = link.host
+            if link.qr and host and "LINK_QR_CODE" not in hits and org_domain(host) != home \
+                    and trusted is None:
+                # A QR code to the sender's own site (a conference's programme) is no sign.
+                hits["LINK_QR_CODE"] = Hit(symbol="LINK_QR_CODE", detail=host,
+                                           args=(("domain", host),))
             if link.is_script and "LINK_SCRIPT_URL" not in hits:
                 scheme = link.href.lstrip().split(":", 1)[0].lower()
                 hits["LINK_SCRIPT_URL"] = Hit(symbol="LINK_SCRIPT_URL", detail=scheme,
@@ -328,7 +343,7 @@ _STRONG = frozenset({
     "IMPERSONATION_PRACTICE_NAME", "LOOKALIKE_FROM", "LOOKALIKE_REPLY_TO",
     "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
     "LINK_TEXT_MISMATCH_PROTECTED", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO",
-    "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM", "BRAND_LINK_LOOKALIKE",
+    "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM", "BRAND_LINK_LOOKALIKE", "LINK_QR_CODE",
 })
 
 
