@@ -5,13 +5,15 @@
 #   make soak   the whole suite N times in a row (N=20), stopping at the first failure: flakes
 #   make mutation  mutation testing (mutmut) of the modules that hold the promises: hours;
 #               MUTANTS="quarantine.files.*" for some of them (mutmut's mutant names)
+#   make mutation-sample  the functions that carry the promises, against the promise tests:
+#               every mutant must be killed (CI runs it after the tests; minutes)
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench soak mutation system-deps lint
+.PHONY: run test bench soak mutation mutation-sample system-deps lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +56,6 @@ CORPUS ?= $(abspath ../shared/corpus)
 mutation: $(STAMP) system-deps
 	GATEWAY_CORPUS=$(CORPUS) $(BIN)/mutmut run $(MUTANTS)
 	$(BIN)/mutmut results
+
+mutation-sample: $(STAMP) system-deps
+	GATEWAY_CORPUS=$(CORPUS) $(BIN)/python tests/mutation_sample.py

@@ -121,7 +121,7 @@ class ParsedMessage:
         with contextlib.suppress(ValueError, LookupError):
             value = decode_words(value)
         try:
-            pairs = email.utils.getaddresses([value[:MAX_DECODED_CHARS]])
+            pairs = email.utils.getaddresses([value[:MAX_REPLY_TO]])
         except Exception:  # noqa: BLE001 - the stdlib address parser has raised on odd input
             return []
         return list(dict.fromkeys(a.lower() for _, a in pairs if "@" in a))
@@ -130,6 +130,7 @@ class ParsedMessage:
 # The stdlib joins encoded words in quadratic time (a 4 MB Subject of 200,000 words took 38 s):
 # only this much of a field is decoded; no legitimate field comes near it.
 MAX_DECODED_CHARS = 16384
+MAX_REPLY_TO = 2000  # characters of Reply-To read for addresses (the parser is slow on junk)
 
 
 def decode_words(value: str) -> str:

@@ -77,10 +77,21 @@ def load_registry(folder: Path) -> list[Organisation]:
 
 
 class Registry:
-    def __init__(self, orgs: list[Organisation]) -> None:
+    def __init__(self, orgs: list[Organisation], *, loose_names: bool = False,
+                 min_label: int = 4, tld_swap: bool = True) -> None:
+        """`loose_names`: names are also found written with look-alike letters, spaces or
+        punctuation inside (Micrοsοft with Greek omicrons, M.i.c.r.o.s.o.f.t, LaPoste), for
+        names of 6 letters or more. `min_label`: shorter domain names get no look-alike by
+        name (a typo away from a 4-letter name is another word). `tld_swap`: the same name
+        under another TLD is a look-alike (not for brands, whose country domains abound)."""
         self.orgs = orgs
         self._names = sorted(((f" {fold(n)} ", o) for o in orgs for n in o.names if fold(n)),
                              key=lambda x: -len(x[0]))
+        self._compact = sorted(((c, o) for o in orgs for n in o.names
+                                if len(c := fold(n).replace(" ", "")) >= 6),
+                               key=lambda x: -len(x[0])) if loose_names else []
+        self._min_label = min_label
+        self._tld_swap = tld_swap
         # (organisation, its domain, the name to compare with, its suffix), computed once.
         self._targets: list[tuple[Organisation, str, str, str]] = []
         for org in orgs:
@@ -102,11 +113,18 @@ class Registry:
         return None
 
     def named_in(self, text: str) -> Organisation | None:
-        """The organisation whose name appears in the text, as whole words."""
+        """The organisation whose name appears in the text, as whole words (or, with
+        `loose_names`, anywhere once look-alike letters, spaces and punctuation are gone)."""
         folded = f" {fold(text)} "
         for name, org in self._names:
             if name in folded:
                 return org
+        if self._compact:
+            # Addresses dropped first: jean.dupont@laposte.net names no brand.
+            compact = fold(_skeleton(_ADDRESSES.sub(" ", text[:500]))).replace(" ", "")
+            for name, org in self._compact:
+                if name in compact:
+                    return org
         return None
 
     def lookalike(self, domain: str) -> Lookalike | None:
@@ -132,9 +150,9 @@ class Registry:
                 return Lookalike(org=org, kind="homograph", imitated=own)
             if f".{own}." in f".{skeleton}" and not skeleton.endswith(own):
                 return Lookalike(org=org, kind="subdomain", imitated=own)
-            if len(own_label) < 4 or org.generic_label:
+            if len(own_label) < self._min_label or org.generic_label:
                 continue
-            if label == own_label and suffix != own_suffix:
+            if label == own_label and suffix != own_suffix and self._tld_swap:
                 return Lookalike(org=org, kind="tld-swap", imitated=own)
             if label != own_label and (own_label in tokens
                                        or _visual(own_label) in visual_tokens):
@@ -150,6 +168,7 @@ class Registry:
         return None
 
 
+_ADDRESSES = re.compile(r"\S+@\S+")
 _VISUAL = (("rn", "m"), ("vv", "w"), ("cl", "d"), ("0", "o"), ("1", "l"), ("i", "l"))
 
 

@@ -35,6 +35,11 @@ async def test_letters_that_only_look_like_letters(runtime, case, from_, subject
      "Résultats : β-HCG et γGT"),
     ("emoji", "Amicale du personnel <amicale@chu-exemple.example>", "❤️ Repas de Noël 🎄"),
     ("accents", "Éloïse Müller-Nuñez <eloise@exemple.example>", "Réunion à Saint-Étienne"),
+    ("micro sign", "Laboratoire <labo@labo.example>", "Vitamine B12 : 250 µg/l"),
+    ("ordinal", "Cabinet <c@cab.example>", "Facture Nº 12, Mᵐᵉ Dupont"),
+    ("CJK beside Latin", "Li Wei <li.wei@exemple.example>", "MRI检查预约"),
+    ("Persian name", "Shirin \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 <s@exemple.example>",
+     "Rendez-vous"),
 ])
 async def test_ordinary_unicode_is_no_disguise(runtime, case, from_, subject):
     v = await verdict(runtime, mail(from_, subject, "Bonjour"))
@@ -64,8 +69,24 @@ async def test_free_mail_claiming_a_health_organisation_with_replies_elsewhere_i
         "Bonjour Docteur, suite à un changement de banque, merci de régler nos prochaines "
         "factures sur le RIB joint. Cordialement, le service comptabilité.",
         reply_to="Biolab <compta.biolab@outlook.fr>"))
-    assert "FREEMAIL_HEALTH_REPLY_ELSEWHERE" in names(v)
+    assert {"FREEMAIL_HEALTH_REPLY_ELSEWHERE", "FRAUD_PAYMENT_DETAILS"} <= names(v)
     assert v.action is Action.QUARANTINE
+    # The same request from an organisation's address whose replies go to free mail.
+    v = await verdict(runtime, mail(
+        "Comptabilité Fournitures Dubois <compta@dubois-medical.example>",
+        "Mise à jour de nos coordonnées bancaires",
+        "Merci de noter notre nouveau RIB pour vos prochains règlements.",
+        reply_to="compta.dubois.medical@gmail.com"))
+    assert {"REPLYTO_FREEMAIL", "FRAUD_PAYMENT_DETAILS"} <= names(v)
+    assert v.action is Action.QUARANTINE
+
+
+async def test_a_supplier_sending_its_rib_with_replies_to_itself_is_not_held(runtime):
+    v = await verdict(runtime, mail(
+        "Comptabilité Fournitures Dubois <compta@dubois-medical.example>",
+        "Facture F-2026-1187", "Veuillez trouver notre facture et notre RIB ci-joint."))
+    assert "FRAUD_PAYMENT_DETAILS" not in names(v)
+    assert v.action is Action.ACCEPT
 
 
 async def test_a_colleague_on_free_mail_is_not_held(runtime):
@@ -75,11 +96,21 @@ async def test_a_colleague_on_free_mail_is_not_held(runtime):
                                     "Bonjour, je te confirme le remplacement. Claire."))
     assert not names(v) & DISGUISE
     assert v.action is Action.ACCEPT
-    # Replying to her own other address is no fraud sign either when she does not claim to be
-    # an organisation; a plain person's name is never an organisation name.
-    v = await verdict(runtime, mail("Claire Martin <claire.martin@gmail.com>", "Planning",
-                                    "Bonjour", reply_to="claire.martin@outlook.fr"))
-    assert "FREEMAIL_HEALTH_REPLY_ELSEWHERE" not in names(v)
+    # Replies to her other mailbox, her secure health address, her secretary at the
+    # practice, or a discussion list: no sign (found by review).
+    for reply_to, extra in [("claire.martin@outlook.fr", None),
+                            ("claire.martin@medecin.mssante.fr", None),
+                            (f"secretariat@{DOMAIN}", None),
+                            ("medecins-67@googlegroups.com", {"List-Id": "<medecins-67.googlegroups.com>"})]:
+        v = await verdict(runtime, mail("Dr Claire Martin <claire.martin@gmail.com>",
+                                        "Planning", "Bonjour", reply_to=reply_to, extra=extra))
+        assert "FREEMAIL_HEALTH_REPLY_ELSEWHERE" not in names(v), reply_to
+        assert v.action is Action.ACCEPT
+    # Replies to a secretary's free mailbox are a sign, but not a hold without a request to
+    # pay elsewhere.
+    v = await verdict(runtime, mail("Dr Claire Martin <claire.martin@gmail.com>", "Planning",
+                                    "Bonjour", reply_to="secretariat.drmartin@orange.fr"))
+    assert "FREEMAIL_HEALTH_REPLY_ELSEWHERE" in names(v)
     assert v.action is Action.ACCEPT
 
 
@@ -91,6 +122,18 @@ async def test_free_mail_naming_itself_an_organisation_and_replies_to_free_mail(
                                     "Virement urgent", "Merci de me répondre rapidement.",
                                     reply_to="direction.entreprise@gmail.com"))
     assert "REPLYTO_FREEMAIL" in names(v)
+
+
+async def test_list_mail_and_calendar_invitations_carry_no_sign(runtime):
+    v = await verdict(runtime, mail(
+        "Marie Dupont (marie.dupont@orange.fr) via medecins-31 <medecins-31@listes.example>",
+        "Garde du week-end", "Qui est de garde ?", reply_to="marie.dupont@orange.fr",
+        extra={"List-Id": "<medecins-31.listes.example>"}))
+    assert not names(v) & DISGUISE
+    v = await verdict(runtime, mail(
+        "CPTS Sud <cpts.sud@gmail.com>",
+        f"Invitation : réunion CPTS @ lun. 7 déc. 2026 20:00 (docteur@{DOMAIN})", "Bonjour"))
+    assert "SUBJECT_HAS_RECIPIENT" not in names(v)
 
 
 async def test_the_recipients_address_in_the_subject_and_random_tokens(runtime):

@@ -49,6 +49,7 @@ class DisguiseCheck:
     })
 
     def __init__(self, services: Services) -> None:
+        self._own = frozenset(d.lower() for d in services.cfg.domains)
         rules = services.cfg.rules_dir
         lists = read_toml(rules / "domain-lists.toml")
         words = read_toml(rules / "lures.toml")
@@ -71,12 +72,15 @@ class DisguiseCheck:
                 hits.append(Hit(symbol="DISGUISED_LETTERS", detail=f"{field}: {how}",
                                 args=(("field", _FIELDS[field]),)))
                 break
-        shown = _other_address(name, domain)
+        # A list server rewrites From ("Marie (marie@x.fr) via liste") and sets Reply-To to
+        # the list or the poster: those signs say nothing of list mail.
+        listed = msg.header("List-Id") is not None
+        shown = "" if listed else _other_address(name, domain)
         if shown:
             hits.append(Hit(symbol="FROM_NAME_OTHER_ADDRESS", detail=f"shows {shown}",
                             args=(("shown", shown), ("domain", domain))))
-        reply_to = msg.reply_to()
-        elsewhere = [a for a in reply_to if a != address]
+        reply_to = [] if listed else msg.reply_to()
+        elsewhere = [a for a in reply_to if not self._same_person(address, a)]
         freemail = org_domain(domain) in self._freemail if domain else False
         if freemail and name:
             folded = fold(name)
@@ -102,6 +106,17 @@ class DisguiseCheck:
         return CheckResult(check=self.name, hits=tuple(hits))
 
 
+    def _same_person(self, address: str, reply: str) -> bool:
+        """A Reply-To that is the sender's own: the same address (or with a +tag), the same
+        name at another provider, a secure health address (MSSanté), or the practice's own
+        domains (a secretary's address)."""
+        local, _, domain = reply.partition("@")
+        if domain in self._own or domain == "mssante.fr" or domain.endswith(".mssante.fr"):
+            return True
+        mine = address.partition("@")[0].split("+")[0]
+        return bool(mine) and local.split("+")[0] == mine
+
+
 _FIELDS = {"From": "le nom de l'expéditeur", "Subject": "l'objet"}
 
 
@@ -121,26 +136,33 @@ def _disguised(text: str) -> str:
         code = ord(ch)
         if 0x1D400 <= code <= 0x1D7FF:
             return "mathematical letters"
-        if 0xFF21 <= code <= 0xFF5A:
+        if 0xFF21 <= code <= 0xFF3A or 0xFF41 <= code <= 0xFF5A:
             return "full-width letters"
-    # Invisible characters between two letters (Co\U000e0139inbase): never typed so. A
-    # variation selector after an emoji is how emoji are written, and is not between letters.
-    letters = [c for c in text if not _invisible(c)]
-    if len(letters) != len(text):
+    # Invisible characters between two Latin letters (Co\U000e0139inbase): never typed so. A
+    # variation selector after an emoji, a zero-width non-joiner in a Persian name, are how
+    # those are written.
+    if any(_invisible(c) for c in text):
         for i in range(1, len(text) - 1):
-            if _invisible(text[i]) and text[i - 1].isalpha():
+            if _invisible(text[i]) and _latin(text[i - 1]):
                 after = next((c for c in text[i + 1:] if not _invisible(c)), "")
-                if after.isalpha():
+                if _latin(after):
                     return "invisible characters inside a word"
     for word in re.findall(r"\w+", text):
         if word.isascii():
             continue
-        scripts = {_script(c) for c in word if c.isalpha()}
-        # Latin with letters of another script in one word (MetɑMɑsk, Ꮇicrosoft, ΚYC): never
-        # written so.
-        if "latin" in scripts and len(scripts) > 1:
+        # Latin with the letters other scripts share its shapes with, in one word
+        # (MetɑMɑsk, Ꮇicrosoft, Micrοsοft, ΚYC). Not CJK or Arabic beside Latin, not µ or
+        # º, not lab results' lower-case Greek (β-HCG, γGT).
+        if any(_latin(c) for c in word) and any(
+                _imitates_latin(word, i) for i in range(len(word))):
             return f"mixed letters in {word[:40]!r}"
     return ""
+
+
+def _latin(ch: str) -> bool:
+    if ch.isascii():
+        return ch.isalpha()
+    return ch.isalpha() and unicodedata.name(ch, "").startswith("LATIN")
 
 
 def _invisible(ch: str) -> bool:
@@ -149,19 +171,23 @@ def _invisible(ch: str) -> bool:
             or 0xE0100 <= code <= 0xE01EF)
 
 
-def _script(ch: str) -> str:
+def _imitates_latin(word: str, i: int) -> bool:
+    """The letter at `i` is of a script whose letters pass for Latin ones: Cyrillic, IPA,
+    Cherokee, Armenian; a Greek capital that reads as a Latin one; a lower-case Greek letter
+    between lower-case Latin letters (an omicron in "Micrοsοft")."""
+    ch = word[i]
     code = ord(ch)
-    if 0x0250 <= code <= 0x02AF:
-        return "ipa"
-    if ch in _GREEK_LATIN:
-        return "greek"
-    try:
-        first = unicodedata.name(ch).split(" ", 1)[0]
-    except ValueError:
-        return "other"
-    if first == "GREEK":
-        return "latin"  # lower-case Greek beside Latin: β-HCG (see _GREEK_LATIN)
-    return "latin" if first == "LATIN" else first.lower()
+    if ch.isascii() or not ch.isalpha():
+        return False
+    if 0x0250 <= code <= 0x02AF or 0x0400 <= code <= 0x052F or 0x13A0 <= code <= 0x13FF \
+            or 0x0531 <= code <= 0x058F:
+        return True
+    if 0x0370 <= code <= 0x03FF:  # Greek
+        if ch in _GREEK_LATIN:
+            return True
+        around = word[max(i - 1, 0):i] + word[i + 1:i + 2]
+        return ch.islower() and any(c.islower() and _latin(c) for c in around)
+    return False
 
 
 def _other_address(name: str, domain: str) -> str:
@@ -189,7 +215,16 @@ def _recipient_in(subject: str, msg: ParsedMessage, rcpts: tuple[str, ...]) -> s
         with contextlib.suppress(Exception):
             addresses.update(a.lower() for _, a in email.utils.getaddresses([to[:MAX_FIELD]])
                              if "@" in a)
-    return next((a for a in addresses if a in lowered), "")
+    for a in addresses:
+        at = lowered.find(a)
+        # The whole address (not "ta@x" for "a@x"), and not the "(address)" a calendar
+        # invitation ends its subject with.
+        if at < 0 or (at and (lowered[at - 1].isalnum() or lowered[at - 1] in "._+-")):
+            continue
+        if lowered[at - 1:at] == "(" and lowered[at + len(a):].strip() == ")":
+            continue
+        return a
+    return ""
 
 
 def _random(token: str) -> bool:

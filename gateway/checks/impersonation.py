@@ -47,7 +47,7 @@ class ImpersonationCheck:
         "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
         "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE",
         "PHISH_SPF_FAIL_LURE_LINK", "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM",
-        "BRAND_LINK_LOOKALIKE", "BRAND_PHISH", "LINK_QR_CODE",
+        "BRAND_LINK_LOOKALIKE", "BRAND_PHISH", "LINK_QR_CODE", "FRAUD_PAYMENT_DETAILS",
     })
 
     def __init__(self, services: Services) -> None:
@@ -58,7 +58,8 @@ class ImpersonationCheck:
             id="practice", name="le cabinet", domains=tuple(sorted(cfg.domains)),
             names=tuple(cfg.practice.names) + tuple(cfg.practice.colleagues))
         self._registry = Registry([*load_registry(cfg.rules_dir / "senders"), practice])
-        self._brands = Registry(load_registry(cfg.rules_dir / "brands"))
+        self._brands = Registry(load_registry(cfg.rules_dir / "brands"), loose_names=True,
+                                min_label=5, tld_swap=False)
         lists = read_toml(cfg.rules_dir / "domain-lists.toml")
         lures = read_toml(cfg.rules_dir / "lures.toml")
         try:
@@ -66,6 +67,8 @@ class ImpersonationCheck:
             self._shorteners = frozenset(lists["shorteners"])
             self._free_hosting = frozenset(str(d).lower() for d in lists["free_hosting"])
             self._lures = [re.compile(p) for p in lures["lures"]]
+            self._payment_change = re.compile("|".join(f"(?:{p})" for p in
+                                                       lures["payment_change"]))
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{cfg.rules_dir}: domain-lists.toml or lures.toml: {exc}") from None
         self._trusted_sealers = frozenset(d.lower().rstrip(".")
@@ -132,7 +135,7 @@ class ImpersonationCheck:
         hits += link_hits
         brand: _Invoked | None = None
         if claimed is None and owner is None:
-            brand = self._brand_invoked(msg, from_domain, content, hits)
+            brand = self._brand_invoked(msg, ctx, from_domain, content, authenticated, hits)
         # Lure phrases are weak signals: they count only beside an impersonation signal, a
         # brand invoked from elsewhere, or a hard SPF failure (read only then: the phrases
         # cost a pass over the text).
@@ -146,47 +149,85 @@ class ImpersonationCheck:
             hits.append(Hit(symbol="LURE", factor=float(min(found, 3)),
                             detail=f"{found} lure phrases"))
         if brand is not None:
-            hits += _brand_phish(brand, found, content, self._brands)
+            hits += self._brand_phish(brand, found, content)
+        if self._payment_change and any(h.symbol in _REPLIES_ELSEWHERE for r in ctx.earlier
+                                        for h in r.hits):
+            change = self._payment_change.search(fold(f"{msg.subject}\n{content.text[:50_000]}"))
+            if change:
+                hits.append(Hit(symbol="FRAUD_PAYMENT_DETAILS", detail=change.group(0)[:80]))
         if found >= 2 and spf_fail and not authenticated and isinstance(spf, SpfFacts):
             hits += self._spf_fail_lure_link(ctx, spf.domain, from_domain, content)
         return CheckResult(check=self.name, hits=tuple(hits))
 
-    def _brand_invoked(self, msg: ParsedMessage, from_domain: str, content: Content,
+    def _brand_invoked(self, msg: ParsedMessage, ctx: CheckContext, from_domain: str,
+                       content: Content, authenticated: bool,
                        hits: list[Hit]) -> _Invoked | None:
-        """A brand of rules/brands/ that the message invokes while written from outside its
-        domains: in the display name, through a look-alike sender or link domain, in the
-        subject, or in a link's text. Adds the signs found to `hits`."""
-        if from_domain and self._brands.owner(from_domain) is not None:
+        """A brand of rules/brands/ that the message invokes while written from outside that
+        brand's domains: in the display name, through a look-alike sender, Reply-To,
+        Return-Path or link domain, in the subject, or in a link whose text shows the
+        brand's site. Adds the signs found to `hits`. A sender whose own domain signed the
+        mail (aligned DKIM: a supplier naming its carrier, a newsletter about Microsoft 365)
+        invokes a brand only through a look-alike."""
+        freemail = bool(from_domain) and org_domain(from_domain) in self._freemail
+        home = self._brands.owner(from_domain) if from_domain else None
+        named = self._brands.named_in(msg.from_display) if msg.from_display else None
+        if named is not None and named is home:
             return None  # the brand's own domain: DMARC judges whether it is genuine
         invoked: _Invoked | None = None
-        named = self._brands.named_in(msg.from_display) if msg.from_display else None
-        if named is not None:
+        if named is not None and not authenticated:
             hits.append(_hit("BRAND_DISPLAY_NAME", named, from_domain))
             invoked = _Invoked(named, "display")
-        look = self._brands.lookalike(from_domain) if from_domain else None
+        look = (self._brands.lookalike(from_domain)
+                if from_domain and not freemail and home is None else None)
         if look is not None:
             hits.append(_hit("BRAND_LOOKALIKE_FROM", look.org, from_domain, look.kind))
             invoked = invoked or _Invoked(look.org, "lookalike")
-        for link in content.links[:_BRAND_LINKS]:
-            if not link.host or self._registry.owner(link.host) is not None:
+        for symbol, domain in [*(("LOOKALIKE_REPLY_TO", d) for d in _reply_to_domains(msg)),
+                               ("LOOKALIKE_RETURN_PATH", _domain(ctx.inbound.mail_from))]:
+            look = self._brands.lookalike(domain) if domain and domain != from_domain else None
+            if look is not None and not any(h.symbol == symbol for h in hits):
+                hits.append(_hit(symbol, look.org, domain, look.kind))
+                invoked = invoked or _Invoked(look.org, "lookalike")
+        seen: set[str] = set()
+        for link in content.links:
+            if len(seen) >= _BRAND_LINK_DOMAINS:
+                break
+            site = org_domain(link.host) if link.host else ""
+            if not site or site in seen or self._registry.owner(link.host) is not None:
                 continue
-            look = self._brands.lookalike(link.host)
+            seen.add(site)
+            look = self._brands.lookalike(site)
             if look is not None:
                 hits.append(_hit("BRAND_LINK_LOOKALIKE", look.org, link.host, look.kind))
                 invoked = invoked or _Invoked(look.org, "lookalike")
                 break
-        if invoked is None and msg.subject:
+        if invoked is None and msg.subject and not authenticated:
             subject = self._brands.named_in(msg.subject)
-            invoked = _Invoked(subject, "subject") if subject is not None else None
-        if invoked is None:
+            if subject is not None and subject is not home:
+                invoked = _Invoked(subject, "subject")
+        if invoked is None and not authenticated:
             for link in content.links[:_BRAND_LINKS]:
-                text = link.text[:200]
                 shown = self._brands.owner(link.shown_host) if link.shown_host else None
-                org = shown or (self._brands.named_in(text) if text else None)
-                if org is not None and self._brands.owner(link.host) is not org:
-                    invoked = _Invoked(org, "link")
+                if shown is not None and shown is not home and \
+                        self._brands.owner(link.host) is not shown:
+                    invoked = _Invoked(shown, "link")
                     break
         return invoked
+
+    def _brand_phish(self, brand: _Invoked, lures: int, content: Content) -> list[Hit]:
+        """A brand invoked from outside its domains, and a call to act: a link away from the
+        brand's domains (or to a page anyone can publish on them, sites.google.com), with
+        lure phrases (two when the brand is only in the subject or a link's text)."""
+        if lures < (2 if brand.how in ("subject", "link") else 1):
+            return []
+        away = next((link.host for link in content.links if link.host and (
+            _under(link.host, self._free_hosting) or (
+                self._brands.owner(link.host) is not brand.org
+                and self._registry.owner(link.host) is None))), None)
+        if away is None:
+            return []
+        return [Hit(symbol="BRAND_PHISH", detail=f"{brand.org.id} ({brand.how}) -> {away}",
+                    args=(("org", brand.org.name), ("domain", away)))]
 
     def _spf_fail_lure_link(self, ctx: CheckContext, spf_domain: str, from_domain: str,
                             content: Content) -> list[Hit]:
@@ -289,21 +330,10 @@ class _Invoked:
     how: str  # display, lookalike, subject, link
 
 
-_BRAND_LINKS = 100  # links looked at for a brand's name or look-alike (each costs a lookup)
-
-
-def _brand_phish(brand: _Invoked, lures: int, content: Content, brands: Registry) -> list[Hit]:
-    """A brand invoked from outside its domains, and a call to act: a link away from the
-    brand's domains, with lure phrases (two when the brand is only in the subject or a link's
-    text, where newsletters and reviews name brands too)."""
-    if lures < (2 if brand.how in ("subject", "link") else 1):
-        return []
-    away = next((link.host for link in content.links
-                 if link.host and brands.owner(link.host) is not brand.org), None)
-    if away is None:
-        return []
-    return [Hit(symbol="BRAND_PHISH", detail=f"{brand.org.id} ({brand.how}) -> {away}",
-                args=(("org", brand.org.name), ("domain", away)))]
+# Signs of the disguise check (phase 1) that replies go to another mailbox than the sender's.
+_REPLIES_ELSEWHERE = frozenset({"FREEMAIL_HEALTH_REPLY_ELSEWHERE", "REPLYTO_FREEMAIL"})
+_BRAND_LINKS = 100  # links whose text is looked at for a brand's site
+_BRAND_LINK_DOMAINS = 20  # distinct sites of links looked at for a brand look-alike
 
 
 def _reply_to_domains(msg: ParsedMessage) -> list[str]:
