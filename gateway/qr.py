@@ -5,9 +5,10 @@ CPU work for the worker process that reads attachments. Libraries: Pillow (image
 header read first so an image's size is known before its pixels are), zxing-cpp (ZXing's C++
 port: QR codes in a grey-scale image), pypdf (images inside PDFs).
 
-Bounded: images of more than MAX_PIXELS are not decoded (a 4,000 x 4,000 image is decoded in
-about 70 ms here), at most MAX_IMAGES images per message, in PDFs the first MAX_PDF_PAGES pages
-and MAX_PDF_IMAGES images. QR codes drawn as vector paths in a PDF are not read.
+Bounded: images of more than MAX_PIXELS are not decoded, sides longer than DECODE_SIDE are
+scaled down first (a 4,000 x 4,000 photo is read in about 60-110 ms here: bench/RESULTS.md),
+at most MAX_IMAGES images per message, in PDFs the first MAX_PDF_PAGES pages and
+MAX_PDF_IMAGES images. QR codes drawn as vector paths in a PDF are not read.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ MAX_IMAGES = 20
 MAX_PDF_PAGES = 3
 MAX_PDF_IMAGES = 10
 MAX_CODES = 5  # QR codes kept per image
+DECODE_SIDE = 2000  # pixels a side images are read at
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp",
                          "image/x-ms-bmp", "image/tiff"})
 _URL = re.compile(r"^\s*(?:https?://|www\.)\S+", re.IGNORECASE)
@@ -40,7 +42,13 @@ def image_links(data: bytes) -> list[str]:
             width, height = img.size
             if width * height > MAX_PIXELS or min(width, height) < 21:
                 return []
-            return _links_in(img.convert("L"))
+            # Large photos and scans are read at about 2,000 pixels a side: a JPEG decoder
+            # scales while it decodes (draft), others are reduced after. A QR code meant to
+            # be scanned by a phone survives it.
+            factor = max(1, max(width, height) // DECODE_SIDE)
+            if factor > 1 and img.format == "JPEG":
+                img.draft("L", (width // factor, height // factor))
+            return _links_in(img)
     except Exception:  # noqa: BLE001 - hostile images raise whatever the decoder raises
         return []
 
@@ -60,7 +68,7 @@ def pdf_links(data: bytes) -> tuple[list[str], int]:
                     return links, decoded
                 decoded += 1
                 if image.image is not None:
-                    links += _links_in(image.image.convert("L"))
+                    links += _links_in(image.image)
     except Exception:  # noqa: BLE001 - hostile PDFs raise whatever pypdf raises
         pass
     return links, decoded
@@ -81,5 +89,9 @@ def _images_fit(page: Any) -> bool:
 
 
 def _links_in(img: Image.Image) -> list[str]:
-    codes = zxingcpp.read_barcodes(img, formats=_QR)
+    gray = img.convert("L")
+    factor = max(gray.size) // DECODE_SIDE
+    if factor > 1:
+        gray = gray.reduce(factor)
+    codes = zxingcpp.read_barcodes(gray, formats=_QR)
     return [c.text.strip()[:2048] for c in codes[:MAX_CODES] if _URL.match(c.text)]
