@@ -134,6 +134,18 @@ class TimeoutsSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReputationSection:
+    """DNS block lists (rules/reputation.toml says what their answers mean)."""
+
+    __pydantic_config__ = _STRICT
+    # On unless the resolver is a public one (the lists refuse those: README).
+    enabled: bool = True
+    ip_lists: tuple[str, ...] = ("zen.spamhaus.org",)  # the sending server's address
+    domain_lists: tuple[str, ...] = ("dbl.spamhaus.org", "multi.surbl.org")  # links, senders
+    max_queries: int = 24  # per message, all lists together
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QuarantineSection:
     __pydantic_config__ = _STRICT
     key_file: str = ""  # default: <data_dir>/quarantine.key, created at first start (0600)
@@ -245,6 +257,7 @@ class Config:
     scoring: ScoringSection = field(default_factory=ScoringSection)
     timeouts: TimeoutsSection = field(default_factory=TimeoutsSection)
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
+    reputation: ReputationSection = field(default_factory=ReputationSection)
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
     outbound: OutboundSection = field(default_factory=OutboundSection)
     submission: SubmissionSection = field(default_factory=SubmissionSection)
@@ -371,6 +384,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
           f"thresholds must be ordered 0 < tag < quarantine < reject, got "
           f"tag={s.tag} quarantine={s.quarantine} reject={s.reject}")
     check(s.message_budget_s > 0, "scoring.message_budget_s", "must be > 0")
+    check(cfg.reputation.max_queries >= 0, "reputation.max_queries", "must be >= 0")
     check(s.message_budget_s < cfg.smtp.idle_timeout_s, "scoring.message_budget_s",
           "must stay under smtp.idle_timeout_s, or clients give up before the verdict")
     for key in ("parse_s", "dkim_s", "arc_s", "attachments_s", "impersonation_s", "outbound_s",

@@ -11,7 +11,6 @@ only together with those, French lure vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ from gateway.auth.arc import ArcFacts
 from gateway.auth.dkim import DkimFacts
 from gateway.auth.dmarc import DmarcFacts, aligned, org_domain, undecided
 from gateway.auth.spf import SpfFacts
-from gateway.checks.attachments import AttachmentFacts
-from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
+from gateway.checks.content import message_content
 from gateway.config import read_toml
 from gateway.errors import ConfigError
-from gateway.links import Content, Link, extract, host_of
+from gateway.links import Content
 from gateway.message import Direction, ParsedMessage
 from gateway.senders import Organisation, Registry, fold, load_registry
 
@@ -52,8 +51,6 @@ class ImpersonationCheck:
 
     def __init__(self, services: Services) -> None:
         cfg = services.cfg
-        self._workers = services.workers
-        self._limit_s = cfg.timeouts.impersonation_s
         practice = Organisation(
             id="practice", name="le cabinet", domains=tuple(sorted(cfg.domains)),
             names=tuple(cfg.practice.names) + tuple(cfg.practice.colleagues))
@@ -120,14 +117,11 @@ class ImpersonationCheck:
             if look is not None:
                 hits.append(_hit("LOOKALIKE_RETURN_PATH", look.org, return_path, look.kind))
 
-        content = await self._workers.run(extract, ctx.inbound.raw, msg, limit_s=self._limit_s)
-        files = ctx.facts(AttachmentFacts)
-        if isinstance(files, AttachmentFacts) and (files.qr_links or files.links):
-            # QR codes in images and PDFs are links too, read by a phone instead of a click,
-            # and so are a PDF's links.
-            content = dataclasses.replace(content, links=content.links + tuple(
-                Link.from_qr(url) for url in files.qr_links) + tuple(
-                Link(href=url, host=host_of(url), text="") for url in files.links))
+        content = message_content(ctx)
+        if isinstance(content, Unavailable):
+            # The text and links could not be read: the content check's own failure decides
+            # (CONTENT_TIMEOUT: 451, CONTENT_ERROR: held), never this check's "no link".
+            content = Content(text="", links=())
         # Mail its From domain signed (aligned DKIM): a survey on a form service or a page on
         # a hosting provider is that sender's own choice, not a sign of a fake.
         authenticated = _dkim_aligned(ctx, from_domain)

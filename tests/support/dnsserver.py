@@ -186,6 +186,11 @@ class ThreadedDnsServer:
     def port(self) -> int:
         return self.server.port
 
+    @property
+    def queries(self) -> list[tuple[str, str]]:
+        """The (name, type) queries received since the last load, oldest first."""
+        return list(self.server.queries)
+
     def load(self, zone: Zone) -> None:
         """Swap the zone in the server's own thread, and return once it is swapped: the
         next query gets the new zone whole (one assignment), never the old one."""
