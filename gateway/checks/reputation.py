@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +28,8 @@ from gateway.errors import ConfigError, DnsPermanentError, DnsTemporaryError
 from gateway.message import Direction, ParsedMessage
 
 log = logging.getLogger(__name__)
+CACHE_S = 300.0  # answers kept per serving process
+CACHE_ENTRIES = 20_000
 
 # Resolvers the lists refuse to answer (Spamhaus: 127.255.255.254; URIBL: 127.0.0.1).
 PUBLIC_RESOLVERS = frozenset({
@@ -89,6 +92,7 @@ class ReputationCheck:
             log.warning("DNS block lists off: the resolver %s is a public one, which the lists "
                         "refuse; set [dns] nameservers to a resolver of your own", public)
         self._refused_logged: set[str] = set()
+        self._cache: dict[str, tuple[float, list[str]]] = {}
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         if not self._on:
@@ -134,11 +138,22 @@ class ReputationCheck:
         return list(seen)
 
     async def _ask(self, name: str) -> list[str]:
+        """The list's answer for `name`, from this process's cache when asked in the last
+        CACHE_S seconds: lists answer "not listed" without a TTL the resolver can keep
+        (NXDOMAIN without SOA from some mirrors), and each query counts against their quota."""
+        now = time.monotonic()
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         try:
-            return await self._resolver.a(name)
+            answers = await self._resolver.a(name)
         except (DnsTemporaryError, DnsPermanentError) as exc:
             log.debug("DNS block list query %s: %s", name, exc)
-            return []
+            return []  # not cached: asked again next time
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[name] = (now + CACHE_S, answers)
+        return answers
 
 
 def _load(path: Path) -> dict[str, BlockList]:
