@@ -38,6 +38,11 @@ _VOCABULARY = [
     "lettre de sortie", "certificat medical", "arret de travail", "dossier medical", "patient",
 ]
 PROXIMITY = 400  # characters around an identifier where health words count
+# A lab value with its unit (Hémoglobine 12,1 g/dL, TSH 2,15 mUI/L, créatinine 80 µmol/L):
+# two of them near a birth date are clinical results, whatever the analytes are called.
+_LAB_VALUE = re.compile(
+    r"\d+(?:[.,]\d+)?\s?(?:[gG]/[dD]?[lL]|mg/[dD]?[lL]|[mµu]?mol/[lL]|m?U[Ii]/[mM]?[lL]|"
+    r"[nµup]g/[mM]?[lL]|[GgTt](?:iga|era)?/[lL]|/mm3|mm/h|fL|mmHg|mEq/[lL])(?![A-Za-z])")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,8 +155,10 @@ def analyse_text(text: str) -> tuple[list[str], bool]:
         folded = _fold(text)
         for pos in anchors:
             window = folded[max(0, pos - PROXIMITY):pos + PROXIMITY]
+            near = text[max(0, pos - PROXIMITY):pos + 4 * PROXIMITY]  # results follow the header
             if any(word in window for word in _VOCABULARY) or _CIM10.search(
-                    text[max(0, pos - PROXIMITY):pos + PROXIMITY]):
+                    text[max(0, pos - PROXIMITY):pos + PROXIMITY]) or \
+                    len(_LAB_VALUE.findall(near)) >= 2:
                 context = True
                 break
     return [m.group(0) for m in valid], context

@@ -108,6 +108,33 @@ async def test_same_result_to_mssante_is_delivered(runtime):
     assert v.action is Action.ACCEPT
 
 
+RESULTS_WITHOUT_NIR = ("Bonjour,\nRésultats de Mme Dupont Marie, née le 12/03/1965 :\n"
+                       "Hémoglobine 12,1 g/dL\nLeucocytes 6,2 G/L\nTSH 2,15 mUI/L\n"
+                       "Ferritine 45 ng/mL\nBien cordialement.")
+
+
+@pytest.mark.promise("outbound-health-held")
+async def test_clinical_results_without_a_nir_to_gmail_are_held(runtime):
+    """Lab values with their units beside a patient's birth date are health data, even with
+    no social security number (found by issue 16's calibration)."""
+    v = await outbound(runtime, mail("marie.dupont@gmail.com", RESULTS_WITHOUT_NIR),
+                       "marie.dupont@gmail.com")
+    names = {s.name for s in v.symbols}
+    assert "OUTBOUND_NIR" not in names
+    assert {"OUTBOUND_HEALTH_CONTEXT", "OUTBOUND_HEALTH_CLEARTEXT_HOLD"} <= names
+    assert v.action is Action.QUARANTINE
+    to = "marie.dupont@patient.mssante.fr"
+    v = await outbound(runtime, mail(to, RESULTS_WITHOUT_NIR), to)
+    assert v.action is Action.ACCEPT
+
+
+async def test_values_with_units_and_no_patient_are_no_health_data(runtime):
+    body = ("Lettre du cabinet : un taux de glycémie à jeun au-dessus de 1,26 g/L et une "
+            "HbA1c au-dessus de 6,5 % font le diagnostic. Le cabinet sera fermé le 24/12/2026.")
+    v = await outbound(runtime, mail("patients@liste.example", body), "patients@liste.example")
+    assert v.action is Action.ACCEPT
+
+
 async def test_newsletter_mentioning_ordonnance_is_delivered(runtime):
     body = ("Lettre du cabinet : pensez à renouveler votre ordonnance avant les vacances. "
             "Le cabinet sera fermé du 1er au 15 août.")
