@@ -46,7 +46,7 @@ class ImpersonationCheck:
         "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
         "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE",
         "PHISH_SPF_FAIL_LURE_LINK", "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM",
-        "BRAND_LINK_LOOKALIKE", "BRAND_PHISH", "LINK_QR_CODE", "FRAUD_PAYMENT_DETAILS",
+        "BRAND_LINK_LOOKALIKE", "BRAND_PHISH", "LINK_QR_CODE", "FRAUD_PAYMENT_DETAILS", "FRAUD_GIFT_CARD",
     })
 
     def __init__(self, services: Services) -> None:
@@ -66,6 +66,7 @@ class ImpersonationCheck:
             self._lures = [re.compile(p) for p in lures["lures"]]
             self._payment_change = re.compile("|".join(f"(?:{p})" for p in
                                                        lures["payment_change"]))
+            self._urgent_request = [re.compile(p) for p in lures["urgent_request"]]
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{cfg.rules_dir}: domain-lists.toml or lures.toml: {exc}") from None
         self._trusted_sealers = frozenset(d.lower().rstrip(".")
@@ -144,6 +145,13 @@ class ImpersonationCheck:
                             detail=f"{found} lure phrases"))
         if brand is not None:
             hits += self._brand_phish(brand, found, content)
+        if any(h.symbol == "IMPERSONATION_PRACTICE_NAME" for h in hits):
+            # "Dr Dupont" from outside asks the secretary for gift cards or a discreet
+            # transfer: the CEO fraud of small practices.
+            folded = fold(f"{msg.subject}\n{content.text[:50_000]}")
+            asks = sum(1 for p in self._urgent_request if p.search(folded))
+            if asks >= 2:
+                hits.append(Hit(symbol="FRAUD_GIFT_CARD", detail=f"{asks} request phrases"))
         if self._payment_change and any(h.symbol in _REPLIES_ELSEWHERE for r in ctx.earlier
                                         for h in r.hits):
             change = self._payment_change.search(fold(f"{msg.subject}\n{content.text[:50_000]}"))

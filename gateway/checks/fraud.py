@@ -1,0 +1,77 @@
+"""Fraud that needs no link: extortion ("I filmed you, pay in bitcoin") and callback phishing
+(an invoice or a renewal the reader never ordered, and a phone number to call to cancel it,
+where a person on the phone does the rest). Read on the text of phase 1's content check.
+
+Both are patterns of the text itself, in French and English; the words are data
+(rules/lures.toml: extortion_words, callback_words).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
+from gateway.checks.content import message_content
+from gateway.config import read_toml
+from gateway.errors import ConfigError
+from gateway.message import Direction, ParsedMessage
+from gateway.senders import fold
+
+# Bitcoin addresses: legacy (1..., 3...) and bech32 (bc1...).
+_BITCOIN = re.compile(r"\b(?:bc1[02-9ac-hj-np-z]{25,87}|[13][1-9A-HJ-NP-Za-km-z]{25,34})\b")
+# A phone number as written in these mails: French (01 23 45 67 89, +33 1 23...), North
+# American (+1 (800) 555-0199, 1-888-555-0199).
+_PHONE = re.compile(
+    r"(?:\+33\s?|\b0)[1-9](?:[\s.-]?\d{2}){4}\b|"
+    r"(?:\+?1[\s.-]?)?\(?\b[2-9]\d{2}\)?[\s.-]\d{3}[\s.-]\d{4}\b")
+_AMOUNT = re.compile(r"(?:[$€£]\s?\d[\d,.\s]*\d|\d[\d,.\s]*\d\s?(?:€|eur|usd|\$))",
+                     re.IGNORECASE)
+MAX_TEXT = 50_000
+
+
+class FraudCheck:
+    name: ClassVar[str] = "fraud"
+    phase: ClassVar[int] = 2
+    produces: ClassVar[type[Facts] | None] = None
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
+    symbols: ClassVar[frozenset[str]] = frozenset({"FRAUD_EXTORTION", "FRAUD_CALLBACK"})
+
+    def __init__(self, services: Services) -> None:
+        rules = services.cfg.rules_dir
+        words = read_toml(rules / "lures.toml")
+        try:
+            self._extortion = [re.compile(p) for p in words["extortion_words"]]
+            self._callback = [re.compile(p) for p in words["callback_words"]]
+        except (KeyError, TypeError, re.error) as exc:
+            raise ConfigError(f"{rules}/lures.toml: {exc}") from None
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        content = message_content(ctx)
+        if isinstance(content, Unavailable):
+            return CheckResult(check=self.name)  # the content check's failure decides
+        text = f"{msg.subject}\n{content.text}"[:MAX_TEXT]
+        hits: list[Hit] = []
+        wallet = _BITCOIN.search(text)
+        if wallet:
+            found = _count(self._extortion, fold(text))
+            if found >= 2:
+                hits.append(Hit(symbol="FRAUD_EXTORTION",
+                                detail=f"bitcoin address, {found} extortion phrases"))
+        if not content.links:
+            phone = _PHONE.search(text)
+            if phone and _AMOUNT.search(text):
+                found = _count(self._callback, fold(text))
+                if found >= 2:
+                    number = phone.group(0).strip()
+                    hits.append(Hit(symbol="FRAUD_CALLBACK",
+                                    detail=f"{number}, {found} callback phrases",
+                                    args=(("phone", number),)))
+        return CheckResult(check=self.name, hits=tuple(hits))
+
+
+def _count(patterns: list[re.Pattern[str]], folded: str) -> int:
+    return sum(1 for p in patterns if p.search(folded))
+
+
+CHECKS = (FraudCheck,)
