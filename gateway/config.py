@@ -325,6 +325,11 @@ class Config:
         return self.data_dir / "submission-users.json"
 
     @property
+    def correspondents_file(self) -> Path:
+        """Who the practice exchanged mail with, as keyed digests (gateway/correspondents.py)."""
+        return self.data_dir / "correspondents.sqlite3"
+
+    @property
     def auth_state_file(self) -> Path:
         """Login counters, web sessions, TOTP steps used (gateway/authstate.py)."""
         return self.data_dir / "auth-state.sqlite3"

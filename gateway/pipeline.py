@@ -18,6 +18,8 @@ from email.utils import formatdate
 from typing import Any
 
 from gateway import banner, chains, headers, replies
+from gateway.auth import AuthStatus
+from gateway.auth.dmarc import DmarcFacts
 from gateway.chains import Step
 from gateway.checks.base import (
     Check,
@@ -30,6 +32,7 @@ from gateway.checks.base import (
 )
 from gateway.checks.outbound_health import OutboundFacts
 from gateway.config import Config
+from gateway.correspondents import Correspondents
 from gateway.errors import DownstreamRejected, DownstreamUnavailable, ScanTimeout, TemporaryError
 from gateway.message import Direction, Inbound, ParsedMessage, parse_message
 from gateway.notice import Notifier
@@ -80,8 +83,12 @@ class Outcome:
 class Pipeline:
     def __init__(self, *, cfg: Config, checks: Sequence[Check], table: SymbolTable,
                  workers: Workers, store: Store | None, templates: banner.Templates,
-                 mark: str, notifier: Notifier | None = None) -> None:
+                 mark: str, notifier: Notifier | None = None,
+                 correspondents: Correspondents | None = None) -> None:
         self._cfg = cfg
+        self._correspondents = correspondents
+        self._remembering: set[asyncio.Task[None]] = set()
+        self._own = frozenset(d.lower() for d in cfg.domains)
         self._notifier = notifier
         self._templates = templates
         self._mark = mark
@@ -195,6 +202,7 @@ class Pipeline:
         outcome = await self._act(inbound, analysis, txn, decision)
         log_message(inbound, outcome, time.perf_counter() - started)
         self._count(inbound, outcome)
+        self._remember(inbound, analysis, outcome)
         if Step.NOTICE in decision.chain and self._notifier is not None:
             send, findings = chains.notice_symbols(analysis.verdict, self._table)
             facts = _outbound_facts(analysis)
@@ -269,6 +277,49 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - the sender retries either way; say what is left
             log.exception("held copy %s not withdrawn: the retry will hold a second one",
                           held.quarantine_id)
+
+    # ---- correspondents ---------------------------------------------------------------
+
+    def _remember(self, inbound: Inbound, analysis: Analysis, outcome: Outcome) -> None:
+        """Note whom the practice wrote to, and whose authenticated mail it accepted
+        (gateway/correspondents.py), beside the reply, never delaying it."""
+        if self._correspondents is None:
+            return
+        if inbound.direction is Direction.OUTBOUND:
+            if outcome.kind is OutcomeKind.DELIVERED:
+                delivered = inbound.rcpts
+            elif outcome.kind is OutcomeKind.QUARANTINED:
+                delivered = outcome.delivered_to
+            else:
+                return
+            addresses = [a for a in delivered
+                         if a.rpartition("@")[2].lower().rstrip(".") not in self._own]
+            sent = True
+        else:
+            if outcome.kind is not OutcomeKind.DELIVERED or \
+                    analysis.verdict.action is not Action.ACCEPT or \
+                    analysis.parsed is None or not _sender_authenticated(analysis):
+                return
+            addresses = list(analysis.parsed.from_addresses[:1])
+            sent = False
+        if not addresses:
+            return
+        task = asyncio.create_task(self._correspondents.record(addresses, sent=sent))
+        self._remembering.add(task)
+        task.add_done_callback(self._remembered)
+
+    def _remembered(self, task: asyncio.Task[None]) -> None:
+        self._remembering.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("correspondents not noted: %r", task.exception())
+
+    async def close(self) -> None:
+        """Statistics saved, correspondents noted; then the history closed."""
+        await self.flush_stats()
+        if self._remembering:
+            await asyncio.wait(list(self._remembering), timeout=5)
+        if self._correspondents is not None:
+            await asyncio.to_thread(self._correspondents.close)
 
     # ---- statistics -------------------------------------------------------------------
 
@@ -415,6 +466,12 @@ def authentication_results(authserv_id: str, results: Sequence[CheckResult],
         elif isinstance(r.facts, Unavailable) and r.facts.kind.method:
             parts.append(f"{r.facts.kind.method}=temperror (check unavailable)")
     return "; ".join([authserv_id, *parts]) if parts else f"{authserv_id}; none"
+
+
+def _sender_authenticated(analysis: Analysis) -> bool:
+    """The From domain passed DMARC: the sender is who the From line says."""
+    return any(isinstance(r.facts, DmarcFacts) and r.facts.result is AuthStatus.PASS
+               for r in analysis.results)
 
 
 def _outbound_facts(analysis: Analysis) -> OutboundFacts | None:

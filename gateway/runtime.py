@@ -33,7 +33,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.notifier.close()
-        await self.pipeline.flush_stats()
+        await self.pipeline.close()
         if self.store is not None:
             await self.store.close()
         await asyncio.to_thread(self.auth.close)

@@ -32,6 +32,7 @@ from gateway.banner import load_templates, marker
 from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
 from gateway.config import Config, HostPort, nameservers
+from gateway.correspondents import Correspondents
 from gateway.errors import ConfigError
 from gateway.message import Direction
 from gateway.notice import Notifier, release_token
@@ -126,7 +127,8 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
                         f"{release_token(secret, item_id, sender)}") if public else None)
     pipeline = Pipeline(cfg=cfg, checks=checks, table=table, workers=workers, store=store,
                         templates=load_templates(cfg.banner_templates), mark=marker(secret),
-                        notifier=notifier)
+                        notifier=notifier, correspondents=Correspondents(
+                            cfg.correspondents_file, create=True) if with_store else None)
     smarthost = create_smarthost(cfg)
     quarantine = None if store is None else QuarantineService(
         store=store, table=table, next_hop=next_hop, smarthost=smarthost,

@@ -23,6 +23,7 @@ from gateway.auth.dmarc import DmarcFacts, aligned, org_domain, undecided
 from gateway.auth.spf import SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.checks.content import message_content
+from gateway.checks.history import HistoryFacts
 from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.links import Content
@@ -152,8 +153,10 @@ class ImpersonationCheck:
             asks = sum(1 for p in self._urgent_request if p.search(folded))
             if asks >= 2:
                 hits.append(Hit(symbol="FRAUD_GIFT_CARD", detail=f"{asks} request phrases"))
-        if self._payment_change and any(h.symbol in _REPLIES_ELSEWHERE for r in ctx.earlier
-                                        for h in r.hits):
+        history = ctx.facts(HistoryFacts)
+        first_contact = isinstance(history, HistoryFacts) and history.first_contact
+        if self._payment_change and (first_contact or any(
+                h.symbol in _REPLIES_ELSEWHERE for r in ctx.earlier for h in r.hits)):
             change = self._payment_change.search(fold(f"{msg.subject}\n{content.text[:50_000]}"))
             if change:
                 hits.append(Hit(symbol="FRAUD_PAYMENT_DETAILS", detail=change.group(0)[:80]))
