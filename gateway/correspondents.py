@@ -31,6 +31,11 @@ from gateway.auth.dmarc import org_domain
 LEARNING = 50  # correspondents to know before "never seen" means anything
 RETENTION_DAYS = 400
 _COUNT_EVERY_S = 60.0
+# Within one process, an answer is reused this long, and an address noted once this often:
+# most mail comes from and goes to the same correspondents.
+_SEEN_FOR_S = 60.0
+_NOTE_EVERY_S = 3600.0
+_MEMO_ENTRIES = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -63,6 +68,8 @@ class Correspondents:
         self._db: sqlite3.Connection | None = None
         self._key: bytes | None = None
         self._count = (0, -1e18)  # (addresses known, when counted)
+        self._answers: dict[str, tuple[float, Seen]] = {}  # address -> (until, answer)
+        self._noted: dict[tuple[str, bool], float] = {}  # (address, sent) -> when noted
 
     def _connect(self) -> sqlite3.Connection | None:
         if self._db is not None:
@@ -94,34 +101,46 @@ class Correspondents:
     def seen_sync(self, address: str) -> Seen:
         address = address.strip().lower()
         with self._lock:
-            db = self._connect()
-            key = self._hmac_key(db, create=False) if db is not None else None
-            if db is None or key is None or "@" not in address:
-                return Seen(address=False, domain=False, learning=True)
             now = self._clock()
-            count, when = self._count
-            if now - when > _COUNT_EVERY_S:
-                count = int(db.execute("SELECT COUNT(*) FROM seen WHERE kind = 'a'")
-                            .fetchone()[0])
-                self._count = (count, now)
-            domain = org_domain(address.rpartition("@")[2].rstrip("."))
-            rows = {bytes(r[0]) for r in db.execute(
-                "SELECT key FROM seen WHERE key IN (?, ?)",
-                (_digest(key, "a", address), _digest(key, "d", domain)))}
-            return Seen(address=_digest(key, "a", address) in rows,
-                        domain=_digest(key, "d", domain) in rows, learning=count < LEARNING)
+            memo = self._answers.get(address)
+            if memo is not None and memo[0] > now:
+                return memo[1]
+            seen = self._seen_locked(address)
+            if len(self._answers) >= _MEMO_ENTRIES:
+                self._answers.clear()
+            self._answers[address] = (now + _SEEN_FOR_S, seen)
+            return seen
+
+    def _seen_locked(self, address: str) -> Seen:
+        db = self._connect()
+        key = self._hmac_key(db, create=False) if db is not None else None
+        if db is None or key is None or "@" not in address:
+            return Seen(address=False, domain=False, learning=True)
+        now = self._clock()
+        count, when = self._count
+        if now - when > _COUNT_EVERY_S:
+            count = int(db.execute("SELECT COUNT(*) FROM seen WHERE kind = 'a'")
+                        .fetchone()[0])
+            self._count = (count, now)
+        domain = org_domain(address.rpartition("@")[2].rstrip("."))
+        rows = {bytes(r[0]) for r in db.execute(
+            "SELECT key FROM seen WHERE key IN (?, ?)",
+            (_digest(key, "a", address), _digest(key, "d", domain)))}
+        return Seen(address=_digest(key, "a", address) in rows,
+                    domain=_digest(key, "d", domain) in rows, learning=count < LEARNING)
 
     def record_sync(self, addresses: Iterable[str], *, sent: bool) -> None:
         """Note these addresses (and their organisational domains) as written to (`sent`) or
         heard from."""
-        wanted = {a.strip().lower() for a in addresses if "@" in a}
-        if not wanted:
-            return
         with self._lock:
+            now = self._clock()
+            wanted = {a.strip().lower() for a in addresses if "@" in a}
+            wanted = {a for a in wanted if now - self._noted.get((a, sent), -1e18) > _NOTE_EVERY_S}
+            if not wanted:
+                return
             db = self._connect()
             if db is None:
                 return
-            now = self._clock()
             db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
             try:
                 key = self._hmac_key(db, create=True)
@@ -141,6 +160,11 @@ class Correspondents:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            if len(self._noted) >= _MEMO_ENTRIES:
+                self._noted.clear()
+            for address in wanted:
+                self._noted[(address, sent)] = now
+                self._answers.pop(address, None)
 
     async def seen(self, address: str) -> Seen:
         return await asyncio.to_thread(self.seen_sync, address)

@@ -25,6 +25,15 @@ SUPPLIER = "compta@dubois-medical.example"
 LAB_KEY, LAB_DNS = dkim_keypair()
 
 
+def _known(path: Path, address: str) -> bool:
+    """Asked of a new reader each time (a reader keeps its answers a minute)."""
+    book = Correspondents(path, create=False)
+    try:
+        return book.seen_sync(address).address
+    finally:
+        book.close()
+
+
 async def _until(condition, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -54,10 +63,9 @@ async def test_mail_the_practice_sends_makes_its_recipient_known(setup):  # noqa
     reply = await send(setup, SUPPLIER, mail(f"Secrétariat <{USER}>", "Livraison",
                                              "Bonjour, merci pour la livraison."))
     assert reply.startswith("2.0.0")
-    book = Correspondents(setup.gw.runtime.cfg.correspondents_file, create=False)
-    await _until(lambda: book.seen_sync(SUPPLIER).address)
-    assert not book.seen_sync("inconnu@ailleurs.example").address
-    book.close()
+    path = setup.gw.runtime.cfg.correspondents_file
+    await _until(lambda: _known(path, SUPPLIER))
+    assert not _known(path, "inconnu@ailleurs.example")
 
 
 async def test_authenticated_mail_accepted_makes_its_sender_known(tmp_path: Path, sink: Sink,
@@ -78,10 +86,9 @@ async def test_authenticated_mail_accepted_makes_its_sender_known(tmp_path: Path
                                   hostname="127.0.0.1", port=gw.port, start_tls=False)
         await sink.get()
         await sink.get()
-        book = Correspondents(cfg.correspondents_file, create=False)
-        await _until(lambda: book.seen_sync("resultats@labo-bioplus.example").address)
-        assert not book.seen_sync("x@spoof.example").address  # not authenticated: not noted
-        book.close()
+        path = cfg.correspondents_file
+        await _until(lambda: _known(path, "resultats@labo-bioplus.example"))
+        assert not _known(path, "x@spoof.example")  # not authenticated: not noted
 
 
 @pytest.fixture
