@@ -39,7 +39,7 @@ RTLO = "\u202e"
 # judges where they go: gateway/checks/attachments.py passes them on as facts).
 QR_LINK = "ATTACH_QR_LINK"
 PDF_LINK = "ATTACH_PDF_LINK"
-MAX_FILE_LINKS = 5  # addresses kept per file
+MAX_FILE_LINKS = 20  # addresses kept per file (after duplicates are dropped)
 _PDF_URI = re.compile(rb"/URI\s*\(((?:https?://|www\.)[^)\s]{1,2000})\)", re.IGNORECASE)
 YARA = "yara"  # the name the compiled rules are provided under in the worker processes
 _local = threading.local()
@@ -94,7 +94,7 @@ class _Scan:
     seen: set[tuple[str, str]] = field(default_factory=set)
     budget_bytes: int = 0
     deadline: float = math.inf  # time.monotonic() past which YARA scans no more
-    images: int = 0  # images decoded for QR codes (qr.MAX_IMAGES per message)
+    qr: qr.Reader = field(default_factory=qr.Reader)  # the message's QR reading and budget
 
     def add(self, symbol: str, name: str, detail: str = "", rule: str = "") -> None:
         if (symbol, name) not in self.seen:
@@ -135,6 +135,10 @@ def analyse(raw: bytes, parsed: ParsedMessage, policy: Policy, yara: YaraRules |
             continue
         _file(scan, name or f"part {part.path}", data, part.content_type, depth=0,
               in_archive=False)
+    if scan.qr.unread:  # said, never silent: an image could hide a QR code (one sign)
+        first = scan.qr.unread[0].split(": ", 1)[0]
+        scan.add("ATTACH_IMAGE_UNREAD", first,
+                 f"{len(scan.qr.unread)} not read: " + "; ".join(scan.qr.unread[:3]))
     return scan.findings
 
 
@@ -175,14 +179,13 @@ def _file(scan: _Scan, name: str, data: bytes, declared: str, *, depth: int,
         _pdf(scan, name, data)
     elif kind in ("text/html", "image/svg+xml") or ext in ("html", "htm", "svg", "shtml", "xhtml"):
         _html(scan, name, data)
-    elif kind in qr.IMAGE_TYPES and scan.images < qr.MAX_IMAGES:
-        scan.images += 1
-        _qr_links(scan, name, qr.image_links(data))
+    elif kind in qr.IMAGE_TYPES:
+        _links(scan, QR_LINK, name, scan.qr.image(name, data))
 
 
-def _qr_links(scan: _Scan, name: str, links: list[str]) -> None:
-    for url in dict.fromkeys(links[:MAX_FILE_LINKS]):
-        scan.add_link(QR_LINK, name, url)
+def _links(scan: _Scan, symbol: str, name: str, links: list[str]) -> None:
+    for url in list(dict.fromkeys(links))[:MAX_FILE_LINKS]:
+        scan.add_link(symbol, name, url)
 
 
 def _yara(scan: _Scan, data: bytes, name: str) -> None:
@@ -313,7 +316,7 @@ _PDF_NAME = re.compile(rb"/([A-Za-z0-9#]+)")
 
 
 _PDF_KEYS = (b"JavaScript", b"JS", b"Launch", b"EmbeddedFile", b"OpenAction", b"AA", b"URI",
-             b"SubmitForm")
+             b"SubmitForm", b"Image")
 _PDF_ESCAPED = re.compile(rb"/[A-Za-z0-9]*#[0-9A-Fa-f]{2}")
 _PDF_OBJSTM = re.compile(rb"/Type\s*/ObjStm")
 MAX_PDF_INFLATED = 20_000_000  # bytes of object streams inflated per PDF
@@ -371,11 +374,14 @@ def _pdf(scan: _Scan, name: str, data: bytes) -> None:
     data = data[:50_000_000]
     inflated = _pdf_object_streams(data)
     keys = _pdf_keys(data) | _pdf_keys(inflated)
-    if b"URI" in keys:
-        uris = [m.group(1).decode("latin-1") for text in (data, inflated)
-                for m in _PDF_URI.finditer(text)]
-        for url in dict.fromkeys(uris[:MAX_FILE_LINKS]):
-            scan.add_link(PDF_LINK, name, url)
+    if keys & {b"URI", b"Image"}:
+        # Links and images through pypdf (hex strings, escapes, forms), and the plain links
+        # of every page by a byte search.
+        codes, uris = scan.qr.pdf(name, data)
+        uris += [m.group(1).decode("latin-1") for text in (data, inflated)
+                 for m in _PDF_URI.finditer(text)]
+        _links(scan, PDF_LINK, name, uris)
+        _links(scan, QR_LINK, name, codes)
     if keys & {b"JavaScript", b"JS"}:
         scan.add("ATTACH_PDF_JAVASCRIPT", name)
     if b"Launch" in keys:
@@ -385,10 +391,6 @@ def _pdf(scan: _Scan, name: str, data: bytes) -> None:
     if (b"OpenAction" in keys or b"AA" in keys) and keys & {b"JavaScript", b"JS", b"Launch",
                                                             b"URI", b"SubmitForm"}:
         scan.add("ATTACH_PDF_AUTO_ACTION", name)
-    if scan.images < qr.MAX_IMAGES and b"/Image" in data:
-        links, decoded = qr.pdf_links(data)
-        scan.images += decoded
-        _qr_links(scan, name, links)
 
 
 # ---- HTML and SVG attachments --------------------------------------------------------------

@@ -142,7 +142,7 @@ class ReputationSection:
     enabled: bool = True
     ip_lists: tuple[str, ...] = ("zen.spamhaus.org",)  # the sending server's address
     domain_lists: tuple[str, ...] = ("dbl.spamhaus.org", "multi.surbl.org")  # links, senders
-    max_queries: int = 24  # per message, all lists together
+    max_queries: int = 30  # per message, all lists together
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,7 +18,7 @@ from gateway.message import ParsedMessage
 
 MAX_TEXT = 200_000  # characters of readable text looked at per message
 MAX_LINKS = 500
-_PAGE_NAMES = (".html", ".htm", ".shtml", ".xhtml", ".svg")
+PAGE_NAMES = (".html", ".htm", ".shtml", ".xhtml", ".svg")
 
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()]+", re.IGNORECASE)
 _DOMAINISH = re.compile(r"^(?:https?://)?(?:www\.)?([a-z0-9.-]+\.[a-z]{2,})(?:[/:?#].*)?$",
@@ -160,6 +160,8 @@ class _Html(html.parser.HTMLParser):
             self._add(target.strip(" '\""))
             return
         attr = self._TARGETS.get(tag)
+        if attr is not None and attr not in values and "xlink:href" in values:
+            attr = "xlink:href"  # SVG 1.1's <a xlink:href>
         if attr is None or attr not in values or len(self.links) >= MAX_LINKS:
             return
         added = self._add(values[attr])
@@ -205,7 +207,7 @@ def extract(raw: bytes, parsed: ParsedMessage) -> Content:
         # the body's (whatever type they are sent as: .html attachments often come as
         # application/octet-stream). Plain text attachments are documents, not read here.
         page = part.content_type in ("text/html", "image/svg+xml") or \
-            (part.filename or "").lower().endswith(_PAGE_NAMES)
+            (part.filename or "").lower().endswith(PAGE_NAMES)
         if not page and (part.content_type != "text/plain" or part.disposition == "attachment"):
             continue
         text = part.text(raw)

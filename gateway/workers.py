@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 # Modules whose functions run as killable jobs: imported once by the fork server.
 JOB_MODULES = ["gateway.workers", "gateway.message", "gateway.attachments",
-               "gateway.checks.outbound_health"]
+               "gateway.checks.outbound_health", "gateway.links"]
 
 _provided: dict[str, object] = {}  # in a worker process: what `provide` installed
 OUT_OF_BAND_BYTES = 16 * 1024  # bytes arguments from this size are sent beside the pickle

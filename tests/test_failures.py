@@ -249,3 +249,36 @@ def test_yara_on_the_bodies_of_one_message_shares_one_budget(tmp_path: Path):
     timeouts = [f for f in findings if f.symbol == "YARA_TIMEOUT"]
     assert any(f.name == "(message)" for f in timeouts)  # the budget stopped the scans
     assert len(timeouts) <= 4  # not one per part
+
+
+async def test_quadratic_html_is_read_in_a_killed_worker_and_other_mail_goes_on(tmp_path: Path):
+    """Markup the standard library's HTML parser reads in quadratic time (200 KB of "<a"):
+    read in a worker process killed at the limit (451, the sender retries), never in a
+    thread of the pool, so that a plain message beside it is judged (found by review)."""
+    import asyncio
+
+    from gateway.message import Inbound
+    from gateway.service import build_runtime
+    from gateway.symbols import Action
+    from tests.test_impersonation import mail as plain_mail
+
+    cfg = make_config(tmp_path, timeouts={"impersonation_s": 2})
+    rt = await build_runtime(cfg, with_store=False)
+    try:
+        hostile = plain_mail("A <a@b.example>", "Page", "Voir", html="<a" * 100_000)
+        plain = plain_mail("Labo <resultats@labo.example>", "Résultats", "Bonjour")
+
+        async def judge(raw: bytes):
+            return (await rt.pipeline.analyse(Inbound(
+                queue_id="q", peer_ip="192.0.2.9", helo="h.example", mail_from="a@b.example",
+                rcpts=(f"docteur@{DOMAIN}",), raw=raw))).verdict
+
+        stalled = asyncio.ensure_future(asyncio.gather(judge(hostile), judge(hostile)))
+        await asyncio.sleep(0.2)
+        v = await judge(plain)
+        assert v.action is Action.ACCEPT, v
+        for verdict in await stalled:
+            assert "CONTENT_TIMEOUT" in {s.name for s in verdict.symbols}
+            assert verdict.action is Action.TEMPFAIL
+    finally:
+        await rt.close()

@@ -16,7 +16,7 @@ import segno
 from PIL import Image
 
 from gateway.cli import to_crlf
-from gateway.qr import image_links
+from gateway.qr import Reader
 from gateway.symbols import Action
 from tests.conftest import DOMAIN
 from tests.test_impersonation import names, verdict
@@ -124,19 +124,41 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 def test_images_past_the_size_bound_and_garbage_are_skipped_not_decoded():
+    reader = Reader()
     big = Image.new("L", (5000, 5000), 255)
     big.paste(Image.open(io.BytesIO(qr_png(PHISH_URL))).convert("L"), (100, 100))
     buf = io.BytesIO()
     big.save(buf, "PNG")
-    assert image_links(buf.getvalue()) == []  # 25 Mpx: past MAX_PIXELS, never decoded
-    assert image_links(_png_header_only(100_000, 100_000)) == []
-    assert image_links(b"\x89PNG\r\n\x1a\n" + b"\xff" * 500) == []
+    assert reader.image("big.png", buf.getvalue()) == []  # 25 Mpx: never decoded...
+    assert reader.unread == ["big.png: 5000x5000 pixels"]  # ...and said
+    assert reader.image("bomb.png", _png_header_only(100_000, 100_000)) == []
+    assert reader.image("junk.png", b"\x89PNG\r\n\x1a\n" + b"\xff" * 500) == []
     # Within the bound, the same QR code is read (4,000 x 4,000: the issue's bound).
     fits = Image.new("L", (4000, 4000), 255)
     fits.paste(Image.open(io.BytesIO(qr_png(PHISH_URL))).convert("L"), (1500, 1500))
     buf = io.BytesIO()
     fits.save(buf, "PNG")
-    assert image_links(buf.getvalue()) == [PHISH_URL]
+    assert reader.image("fits.png", buf.getvalue()) == [PHISH_URL]
+
+
+def test_tracking_pixels_do_not_use_up_the_images_read():
+    pixel = io.BytesIO()
+    Image.new("L", (1, 1), 255).save(pixel, "GIF")
+    reader = Reader()
+    for i in range(30):
+        assert reader.image(f"pixel{i}.gif", pixel.getvalue()) == []
+    assert reader.image("code.png", qr_png(PHISH_URL)) == [PHISH_URL]
+    assert reader.unread == []
+
+
+async def test_an_image_too_large_to_read_is_a_sign(runtime):
+    canvas = Image.new("L", (4001, 4001), 255)  # just over 16 Mpx
+    canvas.paste(Image.open(io.BytesIO(qr_png(PHISH_URL))).convert("L"), (100, 100))
+    buf = io.BytesIO()
+    canvas.save(buf, "PNG")
+    v = await verdict(runtime, with_file("Service <it@support-messagerie.example>", "Code",
+                                         QUISH_TEXT, "code.png", buf.getvalue(), "image", "png"))
+    assert "ATTACH_IMAGE_UNREAD" in names(v)
 
 
 async def test_a_bomb_image_in_a_message_is_no_crash(runtime):
@@ -147,14 +169,16 @@ async def test_a_bomb_image_in_a_message_is_no_crash(runtime):
     assert not {n for n in names(v) if n.endswith(("_ERROR", "_TIMEOUT"))}
 
 
-def pdf_with_link(url: str) -> bytes:
-    """A one-page PDF whose only content is a link annotation to `url`."""
+def pdf_with_link(url: str, *, hex_string: bool = False) -> bytes:
+    """A one-page PDF whose only content is a link annotation to `url` (written as a hex
+    string, which a byte search for "(http" does not see, when asked)."""
+    target = b"<" + url.encode().hex().encode() + b">" if hex_string else b"(" + url.encode() + b")"
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Annots [4 0 R] >>",
-        b"<< /Type /Annot /Subtype /Link /Rect [100 700 300 720] /A << /S /URI /URI ("
-        + url.encode() + b") >> >>",
+        b"<< /Type /Annot /Subtype /Link /Rect [100 700 300 720] /A << /S /URI /URI "
+        + target + b" >> >>",
     ]
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
@@ -177,6 +201,11 @@ async def test_links_in_pdf_and_html_files_are_judged_as_links(runtime):
     v = await verdict(runtime, raw)
     assert {"ATTACH_PDF_LINK", "LINK_FREE_HOSTING", "BRAND_PHISH"} <= names(v)
     assert v.action is Action.QUARANTINE
+    raw = with_file("DocuSign <dse@sign-notice.example>", "Document à signer",
+                    "Vous avez reçu un document sécurisé à consulter et signer.",
+                    "Contrat.pdf", pdf_with_link("https://docs-sign-review.web.app/view",
+                                                 hex_string=True), "application", "pdf")
+    assert "LINK_FREE_HOSTING" in names(await verdict(runtime, raw))  # read by pypdf
 
     page = (b"<html><body><p>Votre messagerie est pleine.</p>"
             b"<a href='https://ameli-remboursement.example/connexion'>Se connecter</a>"

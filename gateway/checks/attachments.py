@@ -36,7 +36,7 @@ class AttachmentsCheck:
         "ATTACH_REMOTE_TEMPLATE", "ATTACH_PDF_JAVASCRIPT", "ATTACH_PDF_LAUNCH",
         "ATTACH_PDF_EMBEDDED_FILE", "ATTACH_PDF_AUTO_ACTION", "ATTACH_HTML_SCRIPT",
         "ATTACH_HTML_SMUGGLING", "ATTACH_HTML_CREDENTIAL_FORM", "ATTACH_ANALYSIS_TIMEOUT",
-        "ATTACH_QR_LINK", "ATTACH_PDF_LINK", "YARA_MATCH", "YARA_TIMEOUT",
+        "ATTACH_QR_LINK", "ATTACH_PDF_LINK", "ATTACH_IMAGE_UNREAD", "YARA_MATCH", "YARA_TIMEOUT",
     })  # and the symbols the compiled YARA rules name (their metadata), see __init__
 
     def __init__(self, services: Services) -> None:

@@ -1,6 +1,6 @@
 """The readable text and the links of an inbound message, read once for the checks of phase 2
-that judge them (impersonation and brands, link reputation): gateway/links.py does the work,
-in a thread of the worker pool."""
+that judge them (impersonation and brands, link reputation, fraud): gateway/links.py does the
+work, in a thread of the worker pool, or a worker process for large HTML."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import ClassVar
 
 from gateway.checks.attachments import AttachmentFacts
 from gateway.checks.base import CheckContext, CheckResult, Facts, Services, Unavailable
-from gateway.links import Content, Link, extract, host_of
+from gateway.links import PAGE_NAMES, Content, Link, extract, host_of
 from gateway.message import Direction, ParsedMessage
+
+KILLABLE_HTML_BYTES = 32_768
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,7 +32,14 @@ class ContentCheck:
         self._limit_s = services.cfg.timeouts.impersonation_s
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
-        content = await self._workers.run(extract, ctx.inbound.raw, msg, limit_s=self._limit_s)
+        # The standard library's HTML parser is quadratic on some malformed markup (CPython
+        # issue 135661): large HTML is read in a worker process, killed past the limit, so
+        # that it never holds a thread of the pool; small HTML costs little even so.
+        html = sum(p.size for p in msg.parts if not p.is_multipart and (
+            p.content_type in ("text/html", "image/svg+xml")
+            or (p.filename or "").lower().endswith(PAGE_NAMES)))
+        run = self._workers.run_killable if html > KILLABLE_HTML_BYTES else self._workers.run
+        content = await run(extract, ctx.inbound.raw, msg, limit_s=self._limit_s)
         return CheckResult(check=self.name, facts=ContentFacts(content=content))
 
 

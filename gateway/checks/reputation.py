@@ -26,18 +26,24 @@ from gateway.checks.content import message_content
 from gateway.config import read_toml
 from gateway.errors import ConfigError, DnsPermanentError, DnsTemporaryError
 from gateway.message import Direction, ParsedMessage
+from gateway.netaddr import parse_ip
+from gateway.senders import Registry, load_registry
 
 log = logging.getLogger(__name__)
 CACHE_S = 300.0  # answers kept per serving process
+FAILURE_CACHE_S = 30.0  # a list that did not answer is not asked again this long
 CACHE_ENTRIES = 20_000
+WAIT_S = 1.0  # the longest a message waits for the lists
 
-# Resolvers the lists refuse to answer (Spamhaus: 127.255.255.254; URIBL: 127.0.0.1).
-PUBLIC_RESOLVERS = frozenset({
-    "8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "9.9.9.9", "149.112.112.112",
-    "208.67.222.222", "208.67.220.220", "94.140.14.14", "94.140.15.15", "76.76.2.0",
-    "2001:4860:4860::8888", "2001:4860:4860::8844", "2606:4700:4700::1111",
-    "2606:4700:4700::1001", "2620:fe::fe", "2620:fe::9",
-})
+# Public resolvers, which the lists refuse to answer (Spamhaus: 127.255.255.254; URIBL:
+# 127.0.0.1): Google, Cloudflare, Quad9, OpenDNS, AdGuard, Control D, the /24 or /48 of each.
+# A local forwarder to them (systemd-resolved's 127.0.0.53) cannot be told from here: the
+# lists' refusal answers turn them off then (`_refusing`).
+_PUBLIC = [ipaddress.ip_network(n) for n in (
+    "8.8.8.0/24", "8.8.4.0/24", "1.1.1.0/24", "1.0.0.0/24", "9.9.9.0/24", "149.112.112.0/24",
+    "208.67.222.0/24", "208.67.220.0/24", "94.140.14.0/24", "94.140.15.0/24", "76.76.2.0/24",
+    "76.76.10.0/24", "2001:4860:4860::/48", "2606:4700:4700::/48", "2620:fe::/48",
+    "2620:119:35::/48", "2620:119:53::/48", "2a10:50c0::/32")]
 _NOT_ROUTED = [ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
     "169.254.0.0/16", "fc00::/7", "fe80::/10", "::1/128")]
@@ -50,21 +56,23 @@ class BlockList:
     bits: dict[int, str]
     refused: frozenset[str]
 
-    def symbols(self, answers: list[str]) -> list[str] | None:
-        """The symbols the answers mean; None when the list refused the query."""
+    def symbols(self, answers: list[str], *, domain: bool) -> list[str] | None:
+        """The symbols the answers mean; None when the list refused the query. A list the
+        table does not describe is read by the common convention: 127.0.0.2-127.0.1.255
+        listed, 127.255.255.x refused, anything else ignored."""
         found: list[str] = []
         for answer in answers:
-            if answer in self.refused:
+            if answer in self.refused or answer.startswith("127.255.255."):
                 return None
-            if not answer.startswith("127."):
+            if not answer.startswith(("127.0.0.", "127.0.1.")):
                 continue  # not a list answer (a wildcard, a hijacked NXDOMAIN)
             if answer in self.codes:
                 found.append(self.codes[answer])
             elif self.bits:
                 last = int(answer.rsplit(".", 1)[1])
                 found += [s for bit, s in self.bits.items() if last & bit]
-            elif not self.codes:
-                found.append("DNSBL_LISTED")  # a list the table does not describe
+            elif not self.codes and answer not in ("127.0.0.0", "127.0.0.1"):
+                found.append("URIBL_LISTED" if domain else "DNSBL_LISTED")
         return found
 
 
@@ -81,6 +89,10 @@ class ReputationCheck:
         cfg = services.cfg
         self._resolver: Resolver = services.resolver
         self._own = frozenset(d.lower() for d in cfg.domains)
+        # Sites of rules/senders/ and rules/brands/: asked of no list, so that links to them
+        # (a newsletter's, a phisher's filler) do not spend the budget.
+        self._known = Registry([*load_registry(cfg.rules_dir / "senders"),
+                                *load_registry(cfg.rules_dir / "brands")])
         r = cfg.reputation
         self._max = r.max_queries
         table = _load(cfg.rules_dir / "reputation.toml")
@@ -91,28 +103,46 @@ class ReputationCheck:
         if r.enabled and public:
             log.warning("DNS block lists off: the resolver %s is a public one, which the lists "
                         "refuse; set [dns] nameservers to a resolver of your own", public)
-        self._refused_logged: set[str] = set()
+        self._refusing: set[str] = set()  # lists that refused this process's queries
         self._cache: dict[str, tuple[float, list[str]]] = {}
+        self._asking: dict[str, asyncio.Future[list[str]]] = {}  # queries in flight
+        self._late: set[asyncio.Future[list[str]]] = set()  # answers no message waits for
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         if not self._on:
             return CheckResult(check=self.name)
-        queries: list[tuple[BlockList, str, str]] = []  # (list, name to ask, what it is about)
+        # (list, name to ask, what it is about, a domain?)
+        queries: list[tuple[BlockList, str, str, bool]] = []
         ip = _reversed(ctx.inbound.peer_ip)
         if ip:
-            queries += [(bl, f"{ip}.{bl.zone}", ctx.inbound.peer_ip) for bl in self._ip_lists]
+            queries += [(bl, f"{ip}.{bl.zone}", ctx.inbound.peer_ip, False)
+                        for bl in self._ip_lists if bl.zone not in self._refusing]
         for domain in self._domains(msg, ctx):
-            queries += [(bl, f"{domain}.{bl.zone}", domain) for bl in self._domain_lists]
+            queries += [(bl, f"{domain}.{bl.zone}", domain, True)
+                        for bl in self._domain_lists if bl.zone not in self._refusing]
         queries = queries[:self._max]
-        answers = await asyncio.gather(*(self._ask(name) for _, name, _ in queries))
+        # A list that does not answer is waited for WAIT_S at most: evidence, not a verdict,
+        # and no reason to make every message wait the resolver's whole timeout.
+        tasks = [asyncio.ensure_future(self._ask(name)) for _, name, _, _ in queries]
+        if tasks:
+            await asyncio.wait(tasks, timeout=WAIT_S)
         hits: dict[str, Hit] = {}
-        for (bl, _, about), got in zip(queries, answers, strict=True):
-            symbols = bl.symbols(got)
+        for (bl, _, about, is_domain), task in zip(queries, tasks, strict=True):
+            if not task.done():
+                # Left to finish in the background: its answer (or its failure) is kept
+                # for the next messages, which then do not wait for it.
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
+                continue
+            got = task.result()
+            symbols = bl.symbols(got, domain=is_domain)
             if symbols is None:
-                if bl.zone not in self._refused_logged:
-                    self._refused_logged.add(bl.zone)
-                    log.warning("DNS block list %s refused the query (%s): not scored; is the "
-                                "resolver a public or a shared one?", bl.zone, ",".join(got))
+                # Refused (a public or shared resolver, over quota): asked no more by this
+                # process until it restarts, and said once.
+                self._refusing.add(bl.zone)
+                log.warning("DNS block list %s refused the query (%s): not scored, and not "
+                            "asked again until restart; is the resolver a public or a shared "
+                            "one?", bl.zone, ",".join(got))
                 continue
             for symbol in symbols:
                 if symbol not in hits:
@@ -121,20 +151,25 @@ class ReputationCheck:
         return CheckResult(check=self.name, hits=tuple(hits.values()))
 
     def _domains(self, msg: ParsedMessage, ctx: CheckContext) -> list[str]:
-        """The sites the message sends its reader to or comes from: the registrable
-        domains of the From, the Reply-To and the links, the practice's own left out."""
+        """The sites the message sends its reader to or comes from, in the order they are
+        asked within the budget: the From, the Reply-To, the links of its files (QR codes,
+        PDFs: appended last to the links, where filler links would push them out), then
+        the body's links; registrable domains in their A-label (xn--) form, the practice's
+        own left out."""
         hosts = [a.rpartition("@")[2] for a in (*msg.from_addresses[:1], *msg.reply_to())]
         content = message_content(ctx)
         if not isinstance(content, Unavailable):
-            hosts += [link.host for link in content.links if link.host]
+            files = [link.host for link in content.links if link.host and not link.text]
+            hosts += files[::-1] + [link.host for link in content.links if link.host]
         seen: dict[str, None] = {}
         for host in hosts:
-            host = host.lower().rstrip(".>")
+            host = _a_label(host.lower().strip().rstrip(".>"))
             if not host or "." not in host or _is_ip(host.strip("[]")):
                 continue
             site = org_domain(host)
-            if site not in self._own and site not in seen:
-                seen[site] = None
+            if site in self._own or site in seen or self._known.owner(site) is not None:
+                continue  # the practice's own, and the brands' and health senders': no list
+            seen[site] = None
         return list(seen)
 
     async def _ask(self, name: str) -> list[str]:
@@ -145,15 +180,26 @@ class ReputationCheck:
         cached = self._cache.get(name)
         if cached is not None and cached[0] > now:
             return cached[1]
+        pending = self._asking.get(name)
+        if pending is not None:  # the same question in flight for another message
+            return await asyncio.shield(pending)
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._asking[name] = future
         try:
-            answers = await self._resolver.a(name)
-        except (DnsTemporaryError, DnsPermanentError) as exc:
-            log.debug("DNS block list query %s: %s", name, exc)
-            return []  # not cached: asked again next time
-        if len(self._cache) >= CACHE_ENTRIES:
-            self._cache.clear()
-        self._cache[name] = (now + CACHE_S, answers)
-        return answers
+            try:
+                answers, keep = await self._resolver.a(name), CACHE_S
+            except (DnsTemporaryError, DnsPermanentError) as exc:
+                log.debug("DNS block list query %s: %s", name, exc)
+                answers, keep = [], FAILURE_CACHE_S  # no answer: not asked again for a while
+            if len(self._cache) >= CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[name] = (now + keep, answers)
+            future.set_result(answers)
+            return answers
+        finally:
+            del self._asking[name]
+            if not future.done():  # cancelled: whoever waits on it asks again
+                future.cancel()
 
 
 def _load(path: Path) -> dict[str, BlockList]:
@@ -189,9 +235,25 @@ def _public_resolver(nameservers: tuple[str, ...]) -> str:
             lines = Path("/etc/resolv.conf").read_text().splitlines()
         except OSError:
             lines = []
-        hosts = [line.split()[1] for line in lines
-                 if line.startswith("nameserver") and len(line.split()) > 1]
-    return next((h for h in hosts if h in PUBLIC_RESOLVERS), "")
+        hosts = [words[1] for words in (line.split() for line in lines)
+                 if len(words) > 1 and words[0] == "nameserver"]
+    for host in hosts:
+        ip = parse_ip(host.strip())
+        if ip is not None and any(ip in net for net in _PUBLIC):
+            return str(ip)
+    return ""
+
+
+def _a_label(host: str) -> str:
+    """The host as DNS knows it (IDNA A-labels); "" when it cannot be one."""
+    if host.isascii():
+        return host
+    if any("\udc80" <= c <= "\udcff" for c in host):  # raw UTF-8 the parser left escaped
+        host = host.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return ""
 
 
 def _is_ip(text: str) -> bool:
@@ -205,9 +267,8 @@ def _is_ip(text: str) -> bool:
 def _reversed(peer: str) -> str:
     """The address as block lists want it (1.2.3.4 -> 4.3.2.1; IPv6 in nibbles), "" for
     addresses no list knows (private, loopback)."""
-    try:
-        ip = ipaddress.ip_address(peer)
-    except ValueError:
+    ip = parse_ip(peer)  # IPv4-mapped IPv6 unmapped: lists know the IPv4 address
+    if ip is None:
         return ""
     if any(ip in net for net in _NOT_ROUTED if net.version == ip.version):
         return ""
