@@ -6,9 +6,12 @@ Privacy: no address is stored. Each address, and each sender's organisational do
 as an HMAC-SHA256 under a random key of the database itself (created with it), with its first
 and last dates and counts each way; a row not seen for RETENTION_DAYS is removed.
 
-An SQLite database, `<data_dir>/correspondents.sqlite3` (mode 0600, WAL, one connection per
-object; every call runs in a thread), shared by the serving processes. A reader that finds no
-database (`gateway scan`, a new installation) knows nobody and creates nothing.
+An SQLite database, `<data_dir>/correspondents.sqlite3` (mode 0600, WAL), shared by the
+serving processes. Each process keeps the digests in memory (a set, refreshed from the
+database every REFRESH_S seconds, in a thread) so that a message's question costs no I/O, and
+writes what it learns in batches (every FLUSH_S seconds or FLUSH_BATCH addresses, and at
+close): a crash loses a few seconds of history, never mail. A reader that finds no database
+(`gateway scan`, a new installation) knows nobody and creates nothing.
 """
 
 from __future__ import annotations
@@ -30,12 +33,9 @@ from gateway.auth.dmarc import org_domain
 
 LEARNING = 50  # correspondents to know before "never seen" means anything
 RETENTION_DAYS = 400
-_COUNT_EVERY_S = 60.0
-# Within one process, an answer is reused this long, and an address noted once this often:
-# most mail comes from and goes to the same correspondents.
-_SEEN_FOR_S = 60.0
-_NOTE_EVERY_S = 3600.0
-_MEMO_ENTRIES = 10_000
+REFRESH_S = 30.0
+FLUSH_S = 10.0
+FLUSH_BATCH = 100
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -64,12 +64,128 @@ class Correspondents:
         self._path = path
         self._create = create
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection and the key, across threads
         self._db: sqlite3.Connection | None = None
         self._key: bytes | None = None
-        self._count = (0, -1e18)  # (addresses known, when counted)
-        self._answers: dict[str, tuple[float, Seen]] = {}  # address -> (until, answer)
-        self._noted: dict[tuple[str, bool], float] = {}  # (address, sent) -> when noted
+        self._known: set[bytes] = set()  # digests of addresses and domains
+        self._addresses = 0  # addresses among them (for LEARNING)
+        self._refreshed = -1e18  # when the set was last read from the database
+        self._since = 0.0  # rows changed from this time on are read at the next refresh
+        self._pending: list[tuple[str, bool, float]] = []  # (address, sent, when) to write
+        self._flushed = clock()
+        self._writing: asyncio.Task[None] | None = None
+
+    # ---- questions ------------------------------------------------------------------
+
+    async def seen(self, address: str) -> Seen:
+        if self._clock() - self._refreshed > REFRESH_S:
+            await asyncio.to_thread(self.refresh_sync)
+        return self._answer(address)
+
+    def seen_sync(self, address: str) -> Seen:
+        if self._clock() - self._refreshed > REFRESH_S:
+            self.refresh_sync()
+        return self._answer(address)
+
+    def _answer(self, address: str) -> Seen:
+        address = address.strip().lower()
+        key = self._key
+        if key is None or "@" not in address:
+            return Seen(address=False, domain=False, learning=True)
+        domain = org_domain(address.rpartition("@")[2].rstrip("."))
+        return Seen(address=_digest(key, "a", address) in self._known,
+                    domain=_digest(key, "d", domain) in self._known,
+                    learning=self._addresses < LEARNING)
+
+    def refresh_sync(self) -> None:
+        """Read what the database learnt since the last refresh (every process writes)."""
+        with self._lock:
+            now = self._clock()
+            db = self._connect()
+            if db is None or self._hmac_key(db, create=False) is None:
+                self._refreshed = now
+                return
+            rows = db.execute("SELECT key, kind FROM seen WHERE last >= ?",
+                              (self._since - 2 * REFRESH_S,)).fetchall()
+            for key, kind in rows:
+                digest = bytes(key)
+                if digest not in self._known:
+                    self._known.add(digest)
+                    self._addresses += kind == "a"
+            self._since = now
+            self._refreshed = now
+
+    # ---- learning -------------------------------------------------------------------
+
+    def note(self, addresses: Iterable[str], *, sent: bool) -> None:
+        """Note these addresses (written to when `sent`, else heard from): known to this
+        process at once, written to the database with the next batch."""
+        now = self._clock()
+        for address in addresses:
+            address = address.strip().lower()
+            if "@" in address:
+                self._pending.append((address, sent, now))
+                if self._key is not None:
+                    self._learn(self._key, address)
+
+    def _learn(self, key: bytes, address: str) -> None:
+        digest = _digest(key, "a", address)
+        if digest not in self._known:
+            self._known.add(digest)
+            self._addresses += 1
+        domain = org_domain(address.rpartition("@")[2].rstrip("."))
+        self._known.add(_digest(key, "d", domain))
+
+    def due(self) -> bool:
+        """A batch to write: enough addresses waiting, or waiting long enough."""
+        return bool(self._pending) and (len(self._pending) >= FLUSH_BATCH
+                                        or self._clock() - self._flushed > FLUSH_S)
+
+    async def flush(self) -> None:
+        """Write the waiting addresses, in a thread (one batch at a time)."""
+        if self._writing is not None and not self._writing.done():
+            await asyncio.shield(self._writing)
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._flushed = self._clock()
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self.write_sync, batch))
+        await asyncio.shield(self._writing)
+
+    def record_sync(self, addresses: Iterable[str], *, sent: bool) -> None:
+        """note() and write at once (tests, the CLI)."""
+        now = self._clock()
+        self.write_sync([(a.strip().lower(), sent, now) for a in addresses if "@" in a])
+
+    def write_sync(self, batch: list[tuple[str, bool, float]]) -> None:
+        if not batch:
+            return
+        with self._lock:
+            db = self._connect()
+            if db is None:
+                return
+            db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+            try:
+                key = self._hmac_key(db, create=True)
+                assert key is not None
+                for address, sent, when in batch:
+                    column = "sent" if sent else "received"
+                    domain = org_domain(address.rpartition("@")[2].rstrip("."))
+                    for kind, value in (("a", address), ("d", domain)):
+                        db.execute(
+                            f"INSERT INTO seen (key, kind, first, last, {column}) "  # noqa: S608
+                            f"VALUES (?, ?, ?, ?, 1) ON CONFLICT(key) DO UPDATE SET "
+                            f"last = max(last, excluded.last), {column} = {column} + 1",
+                            (_digest(key, kind, value), kind, when, when))
+                    self._learn(key, address)
+                db.execute("DELETE FROM seen WHERE last < ?",
+                           (self._clock() - RETENTION_DAYS * 86400,))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # ---- the database ---------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection | None:
         if self._db is not None:
@@ -98,81 +214,8 @@ class Correspondents:
             self._key = bytes(row[0]) if row is not None else None
         return self._key
 
-    def seen_sync(self, address: str) -> Seen:
-        address = address.strip().lower()
-        with self._lock:
-            now = self._clock()
-            memo = self._answers.get(address)
-            if memo is not None and memo[0] > now:
-                return memo[1]
-            seen = self._seen_locked(address)
-            if len(self._answers) >= _MEMO_ENTRIES:
-                self._answers.clear()
-            self._answers[address] = (now + _SEEN_FOR_S, seen)
-            return seen
-
-    def _seen_locked(self, address: str) -> Seen:
-        db = self._connect()
-        key = self._hmac_key(db, create=False) if db is not None else None
-        if db is None or key is None or "@" not in address:
-            return Seen(address=False, domain=False, learning=True)
-        now = self._clock()
-        count, when = self._count
-        if now - when > _COUNT_EVERY_S:
-            count = int(db.execute("SELECT COUNT(*) FROM seen WHERE kind = 'a'")
-                        .fetchone()[0])
-            self._count = (count, now)
-        domain = org_domain(address.rpartition("@")[2].rstrip("."))
-        rows = {bytes(r[0]) for r in db.execute(
-            "SELECT key FROM seen WHERE key IN (?, ?)",
-            (_digest(key, "a", address), _digest(key, "d", domain)))}
-        return Seen(address=_digest(key, "a", address) in rows,
-                    domain=_digest(key, "d", domain) in rows, learning=count < LEARNING)
-
-    def record_sync(self, addresses: Iterable[str], *, sent: bool) -> None:
-        """Note these addresses (and their organisational domains) as written to (`sent`) or
-        heard from."""
-        with self._lock:
-            now = self._clock()
-            wanted = {a.strip().lower() for a in addresses if "@" in a}
-            wanted = {a for a in wanted if now - self._noted.get((a, sent), -1e18) > _NOTE_EVERY_S}
-            if not wanted:
-                return
-            db = self._connect()
-            if db is None:
-                return
-            db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
-            try:
-                key = self._hmac_key(db, create=True)
-                assert key is not None
-                column = "sent" if sent else "received"
-                for address in wanted:
-                    domain = org_domain(address.rpartition("@")[2].rstrip("."))
-                    for kind, value in (("a", address), ("d", domain)):
-                        db.execute(
-                            f"INSERT INTO seen (key, kind, first, last, {column}) "  # noqa: S608
-                            f"VALUES (?, ?, ?, ?, 1) ON CONFLICT(key) DO UPDATE SET "
-                            f"last = excluded.last, {column} = {column} + 1",
-                            (_digest(key, kind, value), kind, now, now))
-                db.execute("DELETE FROM seen WHERE last < ?",
-                           (now - RETENTION_DAYS * 86400,))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            if len(self._noted) >= _MEMO_ENTRIES:
-                self._noted.clear()
-            for address in wanted:
-                self._noted[(address, sent)] = now
-                self._answers.pop(address, None)
-
-    async def seen(self, address: str) -> Seen:
-        return await asyncio.to_thread(self.seen_sync, address)
-
-    async def record(self, addresses: Iterable[str], *, sent: bool) -> None:
-        await asyncio.to_thread(self.record_sync, list(addresses), sent=sent)
-
     def close(self) -> None:
+        """Blocking (in a thread, or at the end): what is not flushed is not written."""
         with self._lock:
             if self._db is not None:
                 self._db.close()

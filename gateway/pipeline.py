@@ -87,7 +87,7 @@ class Pipeline:
                  correspondents: Correspondents | None = None) -> None:
         self._cfg = cfg
         self._correspondents = correspondents
-        self._remembering: set[asyncio.Task[None]] = set()
+        self._writing: asyncio.Task[None] | None = None  # a batch of correspondents
         self._own = frozenset(d.lower() for d in cfg.domains)
         self._notifier = notifier
         self._templates = templates
@@ -304,21 +304,26 @@ class Pipeline:
             sent = False
         if not addresses:
             return
-        task = asyncio.create_task(self._correspondents.record(addresses, sent=sent))
-        self._remembering.add(task)
-        task.add_done_callback(self._remembered)
+        self._correspondents.note(addresses, sent=sent)
+        if self._correspondents.due() and (self._writing is None or self._writing.done()):
+            self._writing = asyncio.create_task(self.flush_correspondents())
 
-    def _remembered(self, task: asyncio.Task[None]) -> None:
-        self._remembering.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("correspondents not noted: %r", task.exception())
+    async def flush_correspondents(self) -> None:
+        """Write what the correspondents' book learnt (its batch; never disturbs mail)."""
+        if self._correspondents is None:
+            return
+        try:
+            await self._correspondents.flush()
+        except Exception:  # noqa: BLE001 - history is a weight, never a reason to fail mail
+            log.exception("correspondents not noted")
 
     async def close(self) -> None:
-        """Statistics saved, correspondents noted; then the history closed."""
+        """Statistics saved, correspondents written; then the history closed."""
         await self.flush_stats()
-        if self._remembering:
-            await asyncio.wait(list(self._remembering), timeout=5)
         if self._correspondents is not None:
+            if self._writing is not None:
+                await asyncio.wait([self._writing], timeout=5)
+            await self.flush_correspondents()
             await asyncio.to_thread(self._correspondents.close)
 
     # ---- statistics -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import logs
+from gateway import correspondents, logs
 from gateway.accounts import AccountFile
 from gateway.auth.dns import Resolver
 from gateway.authstate import AuthState
@@ -233,6 +233,8 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
                 "implicit_tls": srv is submission_tls, "smarthost": runtime.smarthost.name}})
     runner = None
     tasks = [asyncio.create_task(_every(STATS_FLUSH_S, runtime.pipeline.flush_stats)),
+             asyncio.create_task(_every(correspondents.FLUSH_S,
+                                        runtime.pipeline.flush_correspondents)),
              asyncio.create_task(runtime.workers.warm())]
     if primary:
         if cfg.web_listen is not None:

@@ -63,6 +63,7 @@ async def test_mail_the_practice_sends_makes_its_recipient_known(setup):  # noqa
     reply = await send(setup, SUPPLIER, mail(f"Secrétariat <{USER}>", "Livraison",
                                              "Bonjour, merci pour la livraison."))
     assert reply.startswith("2.0.0")
+    await setup.gw.runtime.pipeline.flush_correspondents()  # what the timer does every 10 s
     path = setup.gw.runtime.cfg.correspondents_file
     await _until(lambda: _known(path, SUPPLIER))
     assert not _known(path, "inconnu@ailleurs.example")
@@ -86,6 +87,7 @@ async def test_authenticated_mail_accepted_makes_its_sender_known(tmp_path: Path
                                   hostname="127.0.0.1", port=gw.port, start_tls=False)
         await sink.get()
         await sink.get()
+        await gw.runtime.pipeline.flush_correspondents()  # what the timer does every 10 s
         path = cfg.correspondents_file
         await _until(lambda: _known(path, "resultats@labo-bioplus.example"))
         assert not _known(path, "x@spoof.example")  # not authenticated: not noted
