@@ -92,6 +92,10 @@ class Registry:
                                key=lambda x: -len(x[0])) if loose_names else []
         self._min_label = min_label
         self._tld_swap = tld_swap
+        self._owners: dict[str, Organisation] = {}
+        for org in orgs:
+            for own in org.domains:
+                self._owners.setdefault(own, org)
         # (organisation, its domain, the name to compare with, its suffix), computed once.
         self._targets: list[tuple[Organisation, str, str, str]] = []
         for org in orgs:
@@ -104,12 +108,14 @@ class Registry:
         self._seen: dict[str, Lookalike | None] = {}
 
     def owner(self, domain: str) -> Organisation | None:
-        """The organisation the domain belongs to (itself or, where allowed, a subdomain)."""
-        d = domain.lower().rstrip(".")
-        for org in self.orgs:
-            for own in org.domains:
-                if d == own or (org.subdomains and d.endswith("." + own)):
-                    return org
+        """The organisation the domain belongs to (itself or, where allowed, a subdomain):
+        its suffixes looked up, longest first (the first organisation listing a domain
+        keeps it)."""
+        labels = domain.lower().rstrip(".").split(".")
+        for i in range(len(labels)):
+            org = self._owners.get(".".join(labels[i:]))
+            if org is not None and (i == 0 or org.subdomains):
+                return org
         return None
 
     def named_in(self, text: str) -> Organisation | None:

@@ -52,7 +52,8 @@ class FraudCheck:
             return CheckResult(check=self.name)  # the content check's failure decides
         text = f"{msg.subject}\n{content.text}"[:MAX_TEXT]
         hits: list[Hit] = []
-        wallet = _BITCOIN.search(text)
+        lower = text.lower()
+        wallet = ("bitcoin" in lower or "btc" in lower) and _BITCOIN.search(text)
         if wallet:
             found = _count(self._extortion, fold(text))
             if found >= 2:

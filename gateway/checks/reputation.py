@@ -162,9 +162,10 @@ class ReputationCheck:
             files = [link.host for link in content.links if link.host and not link.text]
             hosts += files[::-1] + [link.host for link in content.links if link.host]
         seen: dict[str, None] = {}
-        for host in hosts:
+        for host in dict.fromkeys(hosts):
             host = _a_label(host.lower().strip().rstrip(".>"))
-            if not host or "." not in host or _is_ip(host.strip("[]")):
+            if not host or "." not in host or (
+                    (host[0].isdigit() or host[0] == "[") and _is_ip(host.strip("[]"))):
                 continue
             site = org_domain(host)
             if site in self._own or site in seen or self._known.owner(site) is not None:
