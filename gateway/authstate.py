@@ -8,7 +8,7 @@ guesser gains nothing from landing on another process, nor from a restart.
 Throttling slows a guesser without locking the real user out:
 
 * per account and client address (the pair): `free_tries` failures within the window, then
-  each further try waits twice as long as the one before (1 s, 2 s, 4 s... up to a minute);
+  each further try waits twice as long as the one before (4 s, 8 s, 16 s... up to a minute);
   a successful login resets only its own pair;
 * per client address: `address_limit` failures within the window (any accounts) lock that
   address for `lock_s`. Nothing locks an account as such: an attacker elsewhere cannot lock
@@ -37,6 +37,7 @@ from typing import TypeVar
 from gateway.netaddr import client_key
 
 T = TypeVar("T")
+FIRST_DELAY_S = 4.0  # the first wait past the free tries: longer than a slow machine's stall
 MAX_DELAY_S = 60.0
 SEEN_EVERY_S = 30.0  # a session's last use is written at most this often
 
@@ -239,7 +240,8 @@ class Throttle:
             n, last = db.execute("SELECT count(*), max(at) FROM login_failures WHERE key = ?",
                                  (pair,)).fetchone()
             if n >= self.free_tries and last is not None:
-                delay = last + min(MAX_DELAY_S, 2.0 ** (n - self.free_tries)) - now
+                delay = last + min(MAX_DELAY_S,
+                                   FIRST_DELAY_S * 2.0 ** (n - self.free_tries)) - now
                 if delay > 0:
                     return Attempt(wait=delay)
             rows = tuple(int(db.execute("INSERT INTO login_failures VALUES (?, ?)",

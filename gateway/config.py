@@ -190,7 +190,7 @@ class SubmissionSection:
     smarthost_password_file: str = ""  # 0600 file holding only the password
     max_auth_failures: int = 3  # per connection; then 421 and close
     # Failed logins per account and client address within lockout_minutes before each try
-    # waits longer (1 s, 2 s, 4 s... 1 min); four times that from one address (any
+    # waits longer (4 s, 8 s, 16 s... 1 min); four times that from one address (any
     # accounts) refuse AUTH (454) from it for lockout_minutes.
     lockout_failures: int = 10
     lockout_minutes: int = 15

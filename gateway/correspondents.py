@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import sqlite3
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from gateway.auth.dmarc import org_domain
 
+log = logging.getLogger(__name__)
 LEARNING = 50  # correspondents to know before "never seen" means anything
 RETENTION_DAYS = 400
 REFRESH_S = 30.0
@@ -70,7 +72,8 @@ class Correspondents:
         self._known: set[bytes] = set()  # digests of addresses and domains
         self._addresses = 0  # addresses among them (for LEARNING)
         self._refreshed = -1e18  # when the set was last read from the database
-        self._since = 0.0  # rows changed from this time on are read at the next refresh
+        self._rowid = 0  # rows after this one are read at the next refresh (new keys only)
+        self._broken = False  # the database could not be read: said once
         self._pending: list[tuple[str, bool, float]] = []  # (address, sent, when) to write
         self._flushed = clock()
         self._writing: asyncio.Task[None] | None = None
@@ -98,28 +101,35 @@ class Correspondents:
                     learning=self._addresses < LEARNING)
 
     def refresh_sync(self) -> None:
-        """Read what the database learnt since the last refresh (every process writes)."""
+        """Read the keys the database learnt since the last refresh (every process writes):
+        new rows only, by their row number, so no clock is compared across processes."""
         with self._lock:
-            now = self._clock()
-            db = self._connect()
-            if db is None or self._hmac_key(db, create=False) is None:
-                self._refreshed = now
+            self._refreshed = self._clock()  # a broken database is retried every REFRESH_S
+            try:
+                db = self._connect()
+                if db is None or self._hmac_key(db, create=False) is None:
+                    return
+                rows = db.execute("SELECT rowid, key, kind FROM seen WHERE rowid > ? "
+                                  "ORDER BY rowid", (self._rowid,)).fetchall()
+            except sqlite3.Error as exc:
+                if not self._broken:
+                    self._broken = True
+                    log.error("correspondents database %s unreadable: %s (first contacts "
+                              "are not told until it is fixed)", self._path, exc)
                 return
-            rows = db.execute("SELECT key, kind FROM seen WHERE last >= ?",
-                              (self._since - 2 * REFRESH_S,)).fetchall()
-            for key, kind in rows:
+            self._broken = False
+            for rowid, key, kind in rows:
+                self._rowid = max(self._rowid, rowid)
                 digest = bytes(key)
                 if digest not in self._known:
                     self._known.add(digest)
                     self._addresses += kind == "a"
-            self._since = now
-            self._refreshed = now
 
     # ---- learning -------------------------------------------------------------------
 
     def note(self, addresses: Iterable[str], *, sent: bool) -> None:
         """Note these addresses (written to when `sent`, else heard from): known to this
-        process at once, written to the database with the next batch."""
+        process at once (once the database has its key), written with the next batch."""
         now = self._clock()
         for address in addresses:
             address = address.strip().lower()
@@ -168,6 +178,7 @@ class Correspondents:
             try:
                 key = self._hmac_key(db, create=True)
                 assert key is not None
+                learnt: list[str] = []
                 for address, sent, when in batch:
                     column = "sent" if sent else "received"
                     domain = org_domain(address.rpartition("@")[2].rstrip("."))
@@ -177,25 +188,32 @@ class Correspondents:
                             f"VALUES (?, ?, ?, ?, 1) ON CONFLICT(key) DO UPDATE SET "
                             f"last = max(last, excluded.last), {column} = {column} + 1",
                             (_digest(key, kind, value), kind, when, when))
-                    self._learn(key, address)
+                    learnt.append(address)
                 db.execute("DELETE FROM seen WHERE last < ?",
                            (self._clock() - RETENTION_DAYS * 86400,))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            self._key = key
+            for address in learnt:
+                self._learn(key, address)
 
     # ---- the database ---------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection | None:
         if self._db is not None:
             return self._db
-        if not self._create and not self._path.exists():
-            return None
-        if self._create:
-            self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with contextlib.suppress(FileExistsError):  # 0600 before SQLite writes anything
-                os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        if not self._create:  # a reader: never creates nor changes anything
+            if not self._path.exists():
+                return None
+            self._db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True,
+                                       check_same_thread=False, timeout=30,
+                                       isolation_level=None)
+            return self._db
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileExistsError):  # 0600 before SQLite writes anything
+            os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         db = sqlite3.connect(self._path, check_same_thread=False, timeout=30,
                              isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
@@ -205,13 +223,19 @@ class Correspondents:
         return db
 
     def _hmac_key(self, db: sqlite3.Connection, *, create: bool) -> bytes | None:
-        if self._key is None:
+        """The database's key; created (inside the caller's transaction) when asked. Kept
+        by this object only once it is committed (`_keep_key`): a rolled-back key is
+        nobody's."""
+        if self._key is not None:
+            return self._key
+        row = db.execute("SELECT value FROM meta WHERE name = 'key'").fetchone()
+        if row is None and create:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('key', ?)",
+                       (secrets.token_bytes(32),))
             row = db.execute("SELECT value FROM meta WHERE name = 'key'").fetchone()
-            if row is None and create:
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('key', ?)",
-                           (secrets.token_bytes(32),))
-                row = db.execute("SELECT value FROM meta WHERE name = 'key'").fetchone()
-            self._key = bytes(row[0]) if row is not None else None
+            return bytes(row[0])
+        if row is not None:
+            self._key = bytes(row[0])
         return self._key
 
     def close(self) -> None:
@@ -223,4 +247,6 @@ class Correspondents:
 
 
 def _digest(key: bytes, kind: str, value: str) -> bytes:
-    return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).digest()[:16]
+    # Addresses may carry the raw bytes of a header the parser could not decode (escaped).
+    data = f"{kind}:{value}".encode("utf-8", "surrogateescape")
+    return hmac.new(key, data, hashlib.sha256).digest()[:16]

@@ -202,7 +202,10 @@ class Pipeline:
         outcome = await self._act(inbound, analysis, txn, decision)
         log_message(inbound, outcome, time.perf_counter() - started)
         self._count(inbound, outcome)
-        self._remember(inbound, analysis, outcome)
+        try:
+            self._remember(inbound, analysis, outcome)
+        except Exception:  # noqa: BLE001 - the message is delivered or held: its reply stands
+            log.exception("correspondents not noted")
         if Step.NOTICE in decision.chain and self._notifier is not None:
             send, findings = chains.notice_symbols(analysis.verdict, self._table)
             facts = _outbound_facts(analysis)
@@ -286,6 +289,8 @@ class Pipeline:
         if self._correspondents is None:
             return
         if inbound.direction is Direction.OUTBOUND:
+            if analysis.parsed is not None and _automatic(analysis.parsed):
+                return  # an out-of-office reply is no correspondence the practice chose
             if outcome.kind is OutcomeKind.DELIVERED:
                 delivered = inbound.rcpts
             elif outcome.kind is OutcomeKind.QUARANTINED:
@@ -471,6 +476,13 @@ def authentication_results(authserv_id: str, results: Sequence[CheckResult],
         elif isinstance(r.facts, Unavailable) and r.facts.kind.method:
             parts.append(f"{r.facts.kind.method}=temperror (check unavailable)")
     return "; ".join([authserv_id, *parts]) if parts else f"{authserv_id}; none"
+
+
+def _automatic(parsed: ParsedMessage) -> bool:
+    """A message a program sent for the practice (RFC 3834 Auto-Submitted, Precedence)."""
+    auto = (parsed.header("Auto-Submitted") or "no").strip().lower()
+    precedence = (parsed.header("Precedence") or "").strip().lower()
+    return not auto.startswith("no") or precedence in ("auto_reply", "bulk", "list", "junk")
 
 
 def _sender_authenticated(analysis: Analysis) -> bool:

@@ -10,6 +10,7 @@ skeleton through confusable-homoglyphs' Unicode confusables data, UTS #39).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -119,18 +120,35 @@ class Registry:
         return None
 
     def named_in(self, text: str) -> Organisation | None:
-        """The organisation whose name appears in the text, as whole words (or, with
-        `loose_names`, anywhere once look-alike letters, spaces and punctuation are gone)."""
+        """The organisation whose name appears in the text, as whole words. With
+        `loose_names` (brands): not after "de", "du", "des" ("Pharmacie de la Poste",
+        "Centre hospitalier d'Orange" name a street or a town), and also found once
+        look-alike letters, spaces and punctuation are gone (M.i.c.r.o.s.o.f.t, Microsoft365),
+        from a word's start to a word's end (not "Dr Amazonas")."""
         folded = f" {fold(text)} "
         for name, org in self._names:
-            if name in folded:
-                return org
+            at = folded.find(name)
+            while at >= 0:
+                if not self._compact or not folded[:at + 1].endswith(_PLACE_WORDS):
+                    return org
+                at = folded.find(name, at + 1)
         if self._compact:
             # Addresses dropped first: jean.dupont@laposte.net names no brand.
-            compact = fold(_skeleton(_ADDRESSES.sub(" ", text[:500]))).replace(" ", "")
+            words = fold(_skeleton(_ADDRESSES.sub(" ", text[:500]))).split()
+            compact = "".join(words)
+            # Where each word starts in `compact`, and which word that is.
+            starts = {at: i for i, at in enumerate(
+                itertools.accumulate([0] + [len(w) for w in words[:-1]]))}
             for name, org in self._compact:
-                if name in compact:
-                    return org
+                at = compact.find(name)
+                while at >= 0:
+                    end = at + len(name)
+                    word = starts.get(at)
+                    if word is not None and (end in starts or end == len(compact)
+                                             or compact[end].isdigit()) and \
+                            (word == 0 or f" {words[word - 1]} " not in _PLACE_WORDS):
+                        return org
+                    at = compact.find(name, at + 1)
         return None
 
     def lookalike(self, domain: str) -> Lookalike | None:
@@ -175,6 +193,7 @@ class Registry:
 
 
 _ADDRESSES = re.compile(r"\S+@\S+")
+_PLACE_WORDS = (" de ", " du ", " des ", " d ")
 _VISUAL = (("rn", "m"), ("vv", "w"), ("cl", "d"), ("0", "o"), ("1", "l"), ("i", "l"))
 
 

@@ -79,10 +79,12 @@ def create_resolver(cfg: Config) -> Resolver:
     return Resolver(nameservers(cfg), timeout_s=cfg.dns.timeout_s)
 
 
-def load_rules(cfg: Config, workers: Workers) -> tuple[SymbolTable, list[Check]]:
+def load_rules(cfg: Config, workers: Workers, *, book: Correspondents | None = None
+               ) -> tuple[SymbolTable, list[Check]]:
     """The symbol table and the checks, refusing any symbol missing on either side."""
     table = load_table(symbol_table_path(cfg))
-    checks = create_checks(Services(cfg=cfg, workers=workers, resolver=create_resolver(cfg)))
+    checks = create_checks(Services(cfg=cfg, workers=workers, resolver=create_resolver(cfg),
+                                    correspondents=book))
     for check in checks:  # symbols a rule file declares itself (third-party YARA sets)
         declared = getattr(check, "rule_symbols", None)
         if declared is not None:
@@ -108,7 +110,10 @@ def prepare(cfg: Config) -> None:
 
 async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
     workers = Workers(processes=cfg.job_process_count, memory_mb=cfg.gateway.job_memory_mb)
-    table, checks = load_rules(cfg, workers)
+    # The serving process's book of correspondents: the history check asks it, the
+    # pipeline teaches it (`scan` has none: the check then reads the database, if any).
+    book = Correspondents(cfg.correspondents_file, create=True) if with_store else None
+    table, checks = load_rules(cfg, workers, book=book)
     store = None
     if with_store:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -127,8 +132,7 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
                         f"{release_token(secret, item_id, sender)}") if public else None)
     pipeline = Pipeline(cfg=cfg, checks=checks, table=table, workers=workers, store=store,
                         templates=load_templates(cfg.banner_templates), mark=marker(secret),
-                        notifier=notifier, correspondents=Correspondents(
-                            cfg.correspondents_file, create=True) if with_store else None)
+                        notifier=notifier, correspondents=book)
     smarthost = create_smarthost(cfg)
     quarantine = None if store is None else QuarantineService(
         store=store, table=table, next_hop=next_hop, smarthost=smarthost,

@@ -215,6 +215,8 @@ async def test_signed_business_mail_naming_a_brand_is_not_held(
     "Mairie de Metz <contact@metz.fr>",           # four letters from "meta"
     "Office de tourisme <info@office-tourisme.example>",  # "office" is Microsoft's and a word
     "Notifications <noreply@notification-mailer.example>",
+    "Pharmacie de la Poste <contact@pharmacie-centre.example>",  # a street, not the brand
+    "Dr Amazonas <cabinet.amazonas@medecins.example>",
 ])
 async def test_ordinary_domains_are_no_brand_lookalikes(runtime, from_):
     v = await verdict(runtime, mail(from_, "Bonjour", "Bonjour, à bientôt."))

@@ -81,16 +81,31 @@ async def test_authenticated_mail_accepted_makes_its_sender_known(tmp_path: Path
                           "Vos résultats sont disponibles."), b"s1", b"labo-bioplus.example",
                      LAB_KEY)
     spoofed = mail("Inconnu <x@spoof.example>", "Bonjour", "Bonjour")
+    # A From whose address is raw UTF-8 (the parser keeps its bytes escaped): delivered once,
+    # answered 250, and noted (found by review: it made the reply 451 after delivery, and
+    # every retry delivered it again).
+    accented = signed(mail("Laboratoire Bio+ <resultats@labo-bioplus.example>", "Résultats",
+                           "Vos résultats.").replace(b"resultats@labo-bioplus",
+                                                     "jérôme@labo-bioplus".encode()),
+                      b"s1", b"labo-bioplus.example", LAB_KEY)
     async with running(cfg) as gw:
-        for raw, sender in ((genuine, "bounce@labo-bioplus.example"), (spoofed, "x@spoof.example")):
-            await aiosmtplib.send(raw, sender=sender, recipients=[f"docteur@{DOMAIN}"],
-                                  hostname="127.0.0.1", port=gw.port, start_tls=False)
-        await sink.get()
-        await sink.get()
+        for raw, sender in ((genuine, "bounce@labo-bioplus.example"),
+                            (spoofed, "x@spoof.example"),
+                            (accented, "bounce@labo-bioplus.example")):
+            _, reply = await aiosmtplib.send(raw, sender=sender,
+                                             recipients=[f"docteur@{DOMAIN}"],
+                                             hostname="127.0.0.1", port=gw.port,
+                                             start_tls=False)
+            assert reply.startswith("2.0.0"), reply
+            await gw.runtime.pipeline.flush_correspondents()  # the book has its key after
+        for _ in range(3):
+            await sink.get()
+        assert sink.empty()
         await gw.runtime.pipeline.flush_correspondents()  # what the timer does every 10 s
         path = cfg.correspondents_file
         await _until(lambda: _known(path, "resultats@labo-bioplus.example"))
         assert not _known(path, "x@spoof.example")  # not authenticated: not noted
+        assert _known(path, "jérôme@labo-bioplus.example")
 
 
 @pytest.fixture
@@ -131,3 +146,14 @@ async def test_a_new_installation_calls_nobody_a_first_contact(runtime):
     v = await verdict(runtime, mail("Comptabilité Dubois <compta@dubois-medicale.example>",
                                     "Nouvelles coordonnées bancaires", CHANGE))
     assert "FIRST_CONTACT" not in names(v)
+
+
+async def test_a_new_suppliers_first_invoice_with_its_rib_is_not_held(known_runtime):
+    """Sending one's RIB is not changing it (found by review)."""
+    v = await verdict(known_runtime, mail("Cabinet de kinésithérapie <compta@kine-ville.example>",
+                                          "Facture de rétrocession",
+                                          "Bonjour, veuillez trouver ma facture et mon RIB en "
+                                          "pièce jointe. Bien cordialement."))
+    assert "FIRST_CONTACT" in names(v)
+    assert "FRAUD_PAYMENT_DETAILS" not in names(v)
+    assert v.action is Action.ACCEPT

@@ -61,6 +61,21 @@ class CheckResult:
         return CheckResult(check=check, hits=hits, facts=facts)
 
 
+class KnownSender(Protocol):
+    @property
+    def address(self) -> bool: ...
+    @property
+    def domain(self) -> bool: ...
+    @property
+    def learning(self) -> bool: ...
+
+
+class SenderHistory(Protocol):
+    """Whom the practice exchanged mail with (gateway/correspondents.py)."""
+
+    async def seen(self, address: str) -> KnownSender: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Services:
     """What checks are built with: passed explicitly, no module-level singletons."""
@@ -68,6 +83,7 @@ class Services:
     cfg: Config
     workers: Workers
     resolver: Resolver
+    correspondents: SenderHistory | None = None  # the serving process's (None: `scan`)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,9 @@ from gateway.checks.base import CheckContext, CheckResult, Facts, Services, Unav
 from gateway.links import PAGE_NAMES, Content, Link, extract, host_of
 from gateway.message import Direction, ParsedMessage
 
-KILLABLE_HTML_BYTES = 32_768
+KILLABLE_HTML_BYTES = 32_768  # HTML past this size is read in a worker process
+UNBALANCED_FROM_BYTES = 2_048  # smaller HTML is read in a thread whatever it holds
+UNBALANCED_TAGS = 32  # "<" more than ">": markup the parser may read in quadratic time
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,14 +35,30 @@ class ContentCheck:
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         # The standard library's HTML parser is quadratic on some malformed markup (CPython
-        # issue 135661): large HTML is read in a worker process, killed past the limit, so
-        # that it never holds a thread of the pool; small HTML costs little even so.
-        html = sum(p.size for p in msg.parts if not p.is_multipart and (
-            p.content_type in ("text/html", "image/svg+xml")
-            or (p.filename or "").lower().endswith(PAGE_NAMES)))
-        run = self._workers.run_killable if html > KILLABLE_HTML_BYTES else self._workers.run
+        # issue 135661): large HTML, or HTML whose "<" outnumber its ">", is read in a worker
+        # process killed past the limit, never in a thread of the pool (which cannot be
+        # stopped, and holds the interpreter's lock the SMTP sessions need).
+        risky = _risky_html(msg, ctx.inbound.raw)
+        run = self._workers.run_killable if risky else self._workers.run
         content = await run(extract, ctx.inbound.raw, msg, limit_s=self._limit_s)
         return CheckResult(check=self.name, facts=ContentFacts(content=content))
+
+
+def _risky_html(msg: ParsedMessage, raw: bytes) -> bool:
+    html = [p for p in msg.parts if not p.is_multipart and (
+        p.content_type in ("text/html", "image/svg+xml")
+        or (p.filename or "").lower().endswith(PAGE_NAMES))]
+    if sum(p.size for p in html) > KILLABLE_HTML_BYTES:
+        return True
+    for part in html:
+        if part.size < UNBALANCED_FROM_BYTES:
+            continue  # quadratic in its size: small is cheap whatever it holds
+        if (part.transfer_encoding or "").lower() == "base64":
+            return True  # its markup cannot be counted without decoding it
+        payload = part.payload(raw)
+        if payload.count(b"<") - payload.count(b">") > UNBALANCED_TAGS:
+            return True
+    return False
 
 
 def message_content(ctx: CheckContext) -> Content | Unavailable:

@@ -30,7 +30,8 @@ class HistoryCheck:
 
     def __init__(self, services: Services) -> None:
         cfg = services.cfg
-        self._book = Correspondents(cfg.correspondents_file, create=False)
+        self._book = services.correspondents or Correspondents(cfg.correspondents_file,
+                                                               create=False)
         try:
             self._freemail = frozenset(read_toml(cfg.rules_dir / "domain-lists.toml")["freemail"])
         except (KeyError, TypeError) as exc:

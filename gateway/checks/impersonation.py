@@ -66,7 +66,8 @@ class ImpersonationCheck:
             self._free_hosting = frozenset(str(d).lower() for d in lists["free_hosting"])
             self._lures = [re.compile(p) for p in lures["lures"]]
             self._payment_change = re.compile("|".join(f"(?:{p})" for p in
-                                                       lures["payment_change"]))
+                                                       lures["payment_change"])
+                                              ) if lures["payment_change"] else None
             self._urgent_request = [re.compile(p) for p in lures["urgent_request"]]
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{cfg.rules_dir}: domain-lists.toml or lures.toml: {exc}") from None
