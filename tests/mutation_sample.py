@@ -5,8 +5,8 @@ by a one-line change without its tests noticing, and the run fails, naming it.
 
 The full run (`make mutation`, hours) mutates whole modules against the whole suite; this
 sample keeps CI within 10 minutes (TotpGuard.verify, whose 41 mutants each run the web
-page's login tests for seconds, is left to the full run). It works in a copy of the checkout, so the full run's results
-in `mutants/` are left alone.
+page's login tests for seconds, is left to the full run). It works in a copy of the
+checkout, so the full run's results in `mutants/` are left alone.
 """
 
 from __future__ import annotations
