@@ -133,6 +133,14 @@ MAX_DECODED_CHARS = 16384
 MAX_REPLY_TO = 2000  # characters of Reply-To read for addresses (the parser is slow on junk)
 
 
+def readable(text: str) -> str:
+    """Header text as the reader's program shows it: raw UTF-8 (RFC 6532) that the parser
+    left as escaped bytes is read as UTF-8."""
+    if text.isascii() or not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def decode_words(value: str) -> str:
     """Decode RFC 2047 encoded words (of the first MAX_DECODED_CHARS characters); raises
     ValueError/LookupError on broken ones."""

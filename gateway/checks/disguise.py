@@ -26,7 +26,7 @@ from gateway.auth.dmarc import org_domain
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.config import read_toml
 from gateway.errors import ConfigError
-from gateway.message import Direction, ParsedMessage
+from gateway.message import Direction, ParsedMessage, readable
 from gateway.senders import fold
 
 # Greek capitals that read as Latin ones (ΚYC); lower-case Greek is how lab results are
@@ -62,8 +62,8 @@ class DisguiseCheck:
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         hits: list[Hit] = []
-        name = _readable(msg.from_display[:MAX_FIELD])
-        subject = _readable(msg.subject[:MAX_FIELD])
+        name = readable(msg.from_display[:MAX_FIELD])
+        subject = readable(msg.subject[:MAX_FIELD])
         address = msg.from_addresses[0].lower() if msg.from_addresses else ""
         domain = address.rpartition("@")[2].rstrip(".>")
         for field, text in (("From", name), ("Subject", subject)):
@@ -118,14 +118,6 @@ class DisguiseCheck:
 
 
 _FIELDS = {"From": "le nom de l'expéditeur", "Subject": "l'objet"}
-
-
-def _readable(text: str) -> str:
-    """A header decoded as the reader's program shows it: raw UTF-8 (RFC 6532) the parser
-    left as escaped bytes is read as UTF-8."""
-    if text.isascii() or not any("\udc80" <= c <= "\udcff" for c in text):
-        return text
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _disguised(text: str) -> str:

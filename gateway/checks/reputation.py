@@ -25,7 +25,7 @@ from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services,
 from gateway.checks.content import message_content
 from gateway.config import read_toml
 from gateway.errors import ConfigError, DnsPermanentError, DnsTemporaryError
-from gateway.message import Direction, ParsedMessage
+from gateway.message import Direction, ParsedMessage, readable
 from gateway.netaddr import parse_ip
 from gateway.senders import Registry, load_registry
 
@@ -165,7 +165,7 @@ class ReputationCheck:
         for host in dict.fromkeys(hosts):
             host = _a_label(host.lower().strip().rstrip(".>"))
             if not host or "." not in host or (
-                    (host[0].isdigit() or host[0] == "[") and _is_ip(host.strip("[]"))):
+                    (host[0].isdigit() or host[0] == "[") and parse_ip(host.strip("[]"))):
                 continue
             site = org_domain(host)
             if site in self._own or site in seen or self._known.owner(site) is not None:
@@ -249,20 +249,11 @@ def _a_label(host: str) -> str:
     """The host as DNS knows it (IDNA A-labels); "" when it cannot be one."""
     if host.isascii():
         return host
-    if any("\udc80" <= c <= "\udcff" for c in host):  # raw UTF-8 the parser left escaped
-        host = host.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    host = readable(host)  # raw UTF-8 the parser left escaped
     try:
         return host.encode("idna").decode("ascii")
     except UnicodeError:
         return ""
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _reversed(peer: str) -> str:
