@@ -73,6 +73,11 @@ def main() -> None:
     for group, r in result.items():
         assert isinstance(r, dict)
         print(f"| {group} | {r['messages']} | {r['flagged']} | {r['share']:.1%} | {r['actions']} |")
+    for corpus in ("phishing", "ham"):
+        rows = [r for g, r in result.items() if g.startswith(corpus + "/") and isinstance(r, dict)]
+        n = sum(int(r["messages"]) for r in rows)
+        f = sum(int(r["flagged"]) for r in rows)
+        print(f"| **{corpus} (all)** | {n} | {f} | {f / max(n, 1):.1%} | |")
     print()
     for group, r in result.items():
         assert isinstance(r, dict)

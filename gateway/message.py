@@ -14,6 +14,7 @@ import email.errors
 import email.header
 import email.utils
 import enum
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -141,11 +142,18 @@ def readable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+
+
 def decode_words(value: str) -> str:
     """Decode RFC 2047 encoded words (of the first MAX_DECODED_CHARS characters); raises
     ValueError/LookupError on broken ones."""
     if len(value) > MAX_DECODED_CHARS:
         value = value[:MAX_DECODED_CHARS].rsplit(" ", 1)[0]
+    if not value.isascii():
+        # Raw UTF-8 (RFC 6532), maybe beside encoded words: the stdlib decoder would escape
+        # the raw bytes, so only the encoded words go through it.
+        return _ENCODED_WORD.sub(lambda m: decode_words(m.group(0)), readable(value))
     try:
         return str(email.header.make_header(email.header.decode_header(value)))
     except email.errors.HeaderParseError as exc:  # bad base64 in a word: also a ValueError
@@ -231,8 +239,9 @@ def parse_message(raw: bytes) -> ParsedMessage:
                 addrs.append(addr)
                 if not display and name:
                     display = _safe_decode(name, "From", problems)
-    subject_raw = msg.get("Subject")
-    subject = _safe_decode(str(subject_raw), "Subject", problems) if subject_raw else ""
+    # The raw value: the stdlib's own accessor turns raw UTF-8 (RFC 6532) into U+FFFD.
+    subject_raw = next((v for k, v in headers if k.lower() == "subject"), "")
+    subject = _safe_decode(subject_raw, "Subject", problems) if subject_raw else ""
     for field_name in ("To", "Cc", "Reply-To"):
         field_value = msg.get(field_name)
         if field_value is not None:
@@ -264,7 +273,7 @@ def _safe_decode(value: str, name: str, problems: list[str]) -> str:
         return decode_words(value)
     except Exception:  # noqa: BLE001 - unknown charsets, broken base64 in encoded words
         problems.append(name)
-        return value
+        return readable(value)
 
 
 def _collect(node: Node, path: str, out: list[Part], defects: list[str]) -> None:

@@ -49,6 +49,12 @@ def fold(text: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", plain).split())
 
 
+def any_word(words: list[str]) -> re.Pattern[str]:
+    """A pattern finding any of these words (or word sequences, or patterns) as whole words
+    of a folded text."""
+    return re.compile(r"\b(?:" + "|".join(words) + r")\b")
+
+
 _KEYS = {"id", "name", "domains", "subdomains", "names", "authenticate", "generic_label"}
 
 

@@ -124,6 +124,15 @@ def org_domain(domain: str) -> str:
     return _PSL.privatesuffix(domain) or domain
 
 
+def dkim_aligned(ctx: CheckContext, from_domain: str) -> bool:
+    """A DKIM signature of the From domain (or its organisation) verified: the sender is who
+    its From says, whatever its DMARC policy."""
+    dkim = ctx.facts(DkimFacts)
+    return bool(from_domain) and isinstance(dkim, DkimFacts) and any(
+        s.result is AuthStatus.PASS and aligned(from_domain, s.domain, "r")
+        for s in dkim.signatures)
+
+
 def aligned(from_domain: str, auth_domain: str, mode: str) -> bool:
     a, b = from_domain.lower().rstrip("."), auth_domain.lower().rstrip(".")
     if mode == "s":

@@ -8,8 +8,13 @@ share and genuine mail almost never shows (rspamd's header rules do the same wor
   practice, a lab), above all one whose replies go elsewhere (fraud with no link);
 - replies sent to a free-mail address by an organisation's address;
 - the recipient's own address pasted into the subject;
-- random letter-and-digit strings in the sender's name or subject (per-recipient tokens that
-  defeat filters matching identical subjects).
+- random letter-and-digit strings in the sender's name, subject, address or file names
+  (per-recipient tokens that defeat filters matching identical mail, throw-away senders);
+- a subject that says "Re:" on a message that answers nothing (no In-Reply-To, References
+  or Thread-Index: rspamd's FAKE_REPLY), to pass as a conversation already going on;
+- a From address whose domain cannot exist on the Internet (one label, characters no host
+  name has): written by a bulk-sending script, never by a mail system (rspamd's
+  HFILTER_FROMHOST_NOT_FQDN).
 
 Facts from the headers only (no lookup, no body pass): cheap, on the event loop.
 """
@@ -27,13 +32,16 @@ from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.message import Direction, ParsedMessage, readable
-from gateway.senders import fold
+from gateway.senders import any_word, fold
 
 # Greek capitals that read as Latin ones (ΚYC); lower-case Greek is how lab results are
 # written (β-HCG, γGT) and is left alone.
 _GREEK_LATIN = frozenset("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ")
 _ADDRESS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
-_TOKEN = re.compile(r"[A-Za-z0-9]{12,}")
+_TOKEN = re.compile(r"[A-Za-z0-9]{10,}")
+# "Re:" as mail programs write it in French, English, German, Spanish/Portuguese, Dutch.
+_REPLY = re.compile(r"\s*(?:re|ref|réf|aw|res|rif|antw)\s?(?:\[\d+\])?\s?:", re.IGNORECASE)
+_THREAD = ("In-Reply-To", "References", "Thread-Index", "Thread-Topic")
 MAX_FIELD = 1000  # characters of a name or subject looked at
 
 
@@ -45,7 +53,7 @@ class DisguiseCheck:
     symbols: ClassVar[frozenset[str]] = frozenset({
         "DISGUISED_LETTERS", "FROM_NAME_OTHER_ADDRESS", "FREEMAIL_ORGANISATION_NAME",
         "FREEMAIL_HEALTH_REPLY_ELSEWHERE", "REPLYTO_FREEMAIL", "SUBJECT_HAS_RECIPIENT",
-        "RANDOM_TOKEN",
+        "RANDOM_TOKEN", "FROM_DOMAIN_INVALID", "FAKE_REPLY",
     })
 
     def __init__(self, services: Services) -> None:
@@ -55,8 +63,8 @@ class DisguiseCheck:
         words = read_toml(rules / "lures.toml")
         try:
             self._freemail = frozenset(str(d).lower() for d in lists["freemail"])
-            self._org_words = re.compile(r"\b(?:" + "|".join(words["organisation_words"]) + r")\b")
-            self._health_words = re.compile(r"\b(?:" + "|".join(words["health_words"]) + r")\b")
+            self._org_words = any_word(words["organisation_words"])
+            self._health_words = any_word(words["health_words"])
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{rules}: domain-lists.toml or lures.toml: {exc}") from None
 
@@ -64,8 +72,12 @@ class DisguiseCheck:
         hits: list[Hit] = []
         name = readable(msg.from_display[:MAX_FIELD])
         subject = readable(msg.subject[:MAX_FIELD])
-        address = msg.from_addresses[0].lower() if msg.from_addresses else ""
+        address = readable(msg.from_addresses[0]).lower() if msg.from_addresses else ""
         domain = address.rpartition("@")[2].rstrip(".>")
+        if address and not _internet_domain(domain):
+            shown = readable(domain[:100]) or "(vide)"
+            hits.append(Hit(symbol="FROM_DOMAIN_INVALID", detail=shown,
+                            args=(("domain", shown),)))
         for field, text in (("From", name), ("Subject", subject)):
             how = _disguised(text)
             if how:
@@ -99,10 +111,17 @@ class DisguiseCheck:
         recipient = _recipient_in(subject, msg, ctx.inbound.rcpts)
         if recipient:
             hits.append(Hit(symbol="SUBJECT_HAS_RECIPIENT", detail=recipient))
-        token = next((t for text in (name, subject) for t in _TOKEN.findall(text)
+        files = [p.filename.rsplit(".", 1)[0] for p in msg.parts[:50] if p.filename]
+        token = next((t for text in (name, subject, *files) for t in _TOKEN.findall(text)
                       if _random(t)), None)
+        local = address.partition("@")[0]
+        if token is None and msg.from_addresses and _random_local(
+                msg.from_addresses[0].partition("@")[0]):
+            token = local
         if token:
             hits.append(Hit(symbol="RANDOM_TOKEN", detail=token[:40]))
+        if _REPLY.match(subject) and not any(msg.header(h) for h in _THREAD):
+            hits.append(Hit(symbol="FAKE_REPLY", detail=subject[:60]))
         return CheckResult(check=self.name, hits=tuple(hits))
 
 
@@ -196,6 +215,27 @@ def _other_address(name: str, domain: str) -> str:
     return ""
 
 
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _internet_domain(domain: str) -> bool:
+    """A name that can be a domain of the Internet: two labels at least, each of letters,
+    digits and inner hyphens (a U-label's letters too, for internationalised addresses), and
+    a top-level label of letters (or an A-label). Not an address literal ([192.0.2.1])."""
+    labels = domain.split(".")
+    if len(labels) < 2 or len(domain) > 253:
+        return False
+    for label in labels:
+        if not label.isascii():
+            if not all(c.isalnum() or c == "-" for c in label):
+                return False
+            label = re.sub(r"[^\x00-\x7f]", "a", label)  # a U-label's letters
+        if not _LABEL.fullmatch(label):
+            return False
+    top = labels[-1]
+    return top.startswith("xn--") or not any(c.isdigit() or c == "-" for c in top)
+
+
 def _recipient_in(subject: str, msg: ParsedMessage, rcpts: tuple[str, ...]) -> str:
     """A recipient's address (envelope or To) written in the subject."""
     if "@" not in subject:
@@ -225,11 +265,24 @@ def _random(token: str) -> bool:
     upper = sum(c.isupper() for c in token)
     lower = sum(c.islower() for c in token)
     digits = sum(c.isdigit() for c in token)
-    if min(upper, lower) < 3 or digits < 2:
+    if min(upper, lower) < 3:
         return False
     changes = sum(1 for a, b in zip(token, token[1:], strict=False)
                   if _kind(a) != _kind(b))
-    return changes >= len(token) // 2
+    # Without digits, only tokens whose case changes nearly at every letter (WCXwTfAXnG).
+    return changes >= (len(token) // 2 if digits else (2 * len(token)) // 3)
+
+
+def _random_local(local: str) -> bool:
+    """A sender's mailbox name of letters in random case (rBEqxqW, dIvuAyIc): upper case
+    after lower case twice or more, and not words run together (MarieClaire, McKay)."""
+    if not (5 <= len(local) <= 40) or not local.isalpha() or not local.isascii():
+        return False
+    rises = sum(1 for a, b in zip(local, local[1:], strict=False) if a.islower() and b.isupper())
+    return rises >= 2 and not _WORDS.fullmatch(local)
+
+
+_WORDS = re.compile(r"[a-z]*(?:[A-Z][a-z]{2,}|Mc|Mac|De|Di|Le|La|Van)+(?:[A-Z]+[a-z]*)?")
 
 
 def _kind(c: str) -> int:

@@ -1,9 +1,12 @@
-"""Fraud that needs no link: extortion ("I filmed you, pay in bitcoin") and callback phishing
+"""Fraud that needs no link: extortion ("I filmed you, pay in bitcoin"), callback phishing
 (an invoice or a renewal the reader never ordered, and a phone number to call to cancel it,
-where a person on the phone does the rest). Read on the text of phase 1's content check.
+where a person on the phone does the rest), advance-fee fraud (an inheritance, a donation or
+a fund transfer that needs the reader's reply and, later, fees) and crypto-asset lures (an
+"airdrop" to claim, a withdrawal to confirm, a wallet to connect: the page empties the
+wallet or collects its recovery phrase). Read on the text of phase 1's content check.
 
-Both are patterns of the text itself, in French and English; the words are data
-(rules/lures.toml: extortion_words, callback_words).
+All are patterns of the text itself, in French and English; the words are data
+(rules/lures.toml: extortion_words, callback_words, advance_fee_words, crypto_words).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
+from gateway.auth.dmarc import dkim_aligned
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.checks.content import message_content
 from gateway.config import read_toml
@@ -27,6 +31,8 @@ _PHONE = re.compile(
     r"(?:\+?1[\s.-]?)?\(?\b[2-9]\d{2}\)?[\s.-]\d{3}[\s.-]\d{4}\b")
 _AMOUNT = re.compile(r"(?:[$€£]\s?\d[\d,.\s]*\d|\d[\d,.\s]*\d\s?(?:€|eur|usd|\$))",
                      re.IGNORECASE)
+# A crypto-asset ticker as these mails write it: $BTC, $MEME.
+_TICKER = re.compile(r"(?<![\w$])\$[A-Z]{3,6}\b")
 MAX_TEXT = 50_000
 
 
@@ -35,7 +41,8 @@ class FraudCheck:
     phase: ClassVar[int] = 2
     produces: ClassVar[type[Facts] | None] = None
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
-    symbols: ClassVar[frozenset[str]] = frozenset({"FRAUD_EXTORTION", "FRAUD_CALLBACK"})
+    symbols: ClassVar[frozenset[str]] = frozenset({
+        "FRAUD_EXTORTION", "FRAUD_CALLBACK", "FRAUD_ADVANCE_FEE", "FRAUD_CRYPTO"})
 
     def __init__(self, services: Services) -> None:
         rules = services.cfg.rules_dir
@@ -43,6 +50,8 @@ class FraudCheck:
         try:
             self._extortion = [re.compile(p) for p in words["extortion_words"]]
             self._callback = [re.compile(p) for p in words["callback_words"]]
+            self._advance_fee = [re.compile(p) for p in words["advance_fee_words"]]
+            self._crypto = [re.compile(p) for p in words["crypto_words"]]
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{rules}/lures.toml: {exc}") from None
 
@@ -68,7 +77,25 @@ class FraudCheck:
                     hits.append(Hit(symbol="FRAUD_CALLBACK",
                                     detail=f"{number}, {found} callback phrases",
                                     args=(("phone", number),)))
+        signed = dkim_aligned(ctx, _domain(msg))
+        if not signed and (_AMOUNT.search(text) or "million" in lower):
+            found = _count(self._advance_fee, fold(text))
+            if found >= 3:
+                # Three phrases are the score; the classic letter, with twice as many, twice.
+                hits.append(Hit(symbol="FRAUD_ADVANCE_FEE", factor=min(found / 3, 2.0),
+                                detail=f"{found} advance-fee phrases"))
+        # A notary's or a crypto-asset platform's own mail is signed by its domain (aligned
+        # DKIM).
+        if content.links and not signed:
+            found = _count(self._crypto, fold(text)) + (1 if _TICKER.search(text) else 0)
+            if found >= 3:
+                hits.append(Hit(symbol="FRAUD_CRYPTO", detail=f"{found} crypto-asset phrases"))
         return CheckResult(check=self.name, hits=tuple(hits))
+
+
+def _domain(msg: ParsedMessage) -> str:
+    return msg.from_addresses[0].rpartition("@")[2].lower().rstrip(".>") if msg.from_addresses \
+        else ""
 
 
 def _count(patterns: list[re.Pattern[str]], folded: str) -> int:

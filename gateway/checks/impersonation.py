@@ -19,7 +19,7 @@ from typing import ClassVar
 from gateway.auth import AuthStatus
 from gateway.auth.arc import ArcFacts
 from gateway.auth.dkim import DkimFacts
-from gateway.auth.dmarc import DmarcFacts, aligned, org_domain, undecided
+from gateway.auth.dmarc import DmarcFacts, aligned, dkim_aligned, org_domain, undecided
 from gateway.auth.spf import SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.checks.content import message_content
@@ -28,7 +28,7 @@ from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.links import Content
 from gateway.message import Direction, ParsedMessage
-from gateway.senders import Organisation, Registry, fold, load_registry
+from gateway.senders import Organisation, Registry, any_word, fold, load_registry
 
 
 def _domain(address: str) -> str:
@@ -46,6 +46,7 @@ class ImpersonationCheck:
         "LOOKALIKE_REPLY_TO", "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
         "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
         "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE",
+        "FROM_FREE_HOSTING",
         "PHISH_SPF_FAIL_LURE_LINK", "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM",
         "BRAND_LINK_LOOKALIKE", "BRAND_PHISH", "LINK_QR_CODE", "FRAUD_PAYMENT_DETAILS", "FRAUD_GIFT_CARD",
     })
@@ -69,6 +70,7 @@ class ImpersonationCheck:
                                                        lures["payment_change"])
                                               ) if lures["payment_change"] else None
             self._urgent_request = [re.compile(p) for p in lures["urgent_request"]]
+            self._org_words = any_word(lures["organisation_words"])
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{cfg.rules_dir}: domain-lists.toml or lures.toml: {exc}") from None
         self._trusted_sealers = frozenset(d.lower().rstrip(".")
@@ -127,9 +129,14 @@ class ImpersonationCheck:
             content = Content(text="", links=())
         # Mail its From domain signed (aligned DKIM): a survey on a form service or a page on
         # a hosting provider is that sender's own choice, not a sign of a fake.
-        authenticated = _dkim_aligned(ctx, from_domain)
+        authenticated = dkim_aligned(ctx, from_domain)
         link_hits = self._links(content, trusted, authenticated, from_domain)
         hits += link_hits
+        if from_domain and not authenticated and _under(from_domain, self._free_hosting):
+            # Written from a name on free hosting or dynamic DNS (an app's unsigned mail, a
+            # host of the hour): no organisation's mail domain.
+            hits.append(Hit(symbol="FROM_FREE_HOSTING", detail=from_domain,
+                            args=(("domain", from_domain),)))
         brand: _Invoked | None = None
         if claimed is None and owner is None:
             brand = self._brand_invoked(msg, ctx, from_domain, content, authenticated, hits)
@@ -137,12 +144,22 @@ class ImpersonationCheck:
         # brand invoked from elsewhere, or a hard SPF failure (read only then: the phrases
         # cost a pass over the text).
         strong = any(h.symbol in _STRONG for h in hits)
+        # Whoever it is, a sender whose domain did not sign the mail: its lure phrases count
+        # when it names itself an organisation ("Service clients", "Alerte sécurité") or
+        # writes from a domain that cannot exist, or when two of them press to follow a link
+        # to another site (a phishing page's call).
+        unsigned = not authenticated and claimed is None and owner is None and brand is None
+        posing = unsigned and (
+            bool(self._org_words.search(fold(msg.from_display[:200])))
+            or any(h.symbol == "FROM_DOMAIN_INVALID" for r in ctx.earlier for h in r.hits))
         spf = ctx.facts(SpfFacts)
         spf_fail = (isinstance(spf, SpfFacts) and spf.result is AuthStatus.FAIL
                     and spf.identity == "mailfrom")
         found = (self._lure_count(f"{msg.subject}\n{content.text}")
-                 if strong or spf_fail or brand is not None else 0)
-        if found and strong:
+                 if strong or spf_fail or unsigned or brand is not None else 0)
+        home = org_domain(from_domain) if from_domain else ""
+        if found and (strong or posing or (unsigned and found >= 2 and any(
+                link.host and org_domain(link.host) != home for link in content.links))):
             hits.append(Hit(symbol="LURE", factor=float(min(found, 3)),
                             detail=f"{found} lure phrases"))
         if brand is not None:
@@ -266,7 +283,7 @@ class ImpersonationCheck:
         # SPF pass still authenticates.
         dkim = ctx.facts(DkimFacts)
         spf = ctx.facts(SpfFacts)
-        if _dkim_aligned(ctx, from_domain):
+        if dkim_aligned(ctx, from_domain):
             return True
         if (isinstance(spf, SpfFacts) and spf.result is AuthStatus.PASS
                 and aligned(from_domain, spf.domain, "r")):
@@ -344,14 +361,6 @@ _BRAND_LINK_DOMAINS = 20  # distinct sites of links looked at for a brand look-a
 
 def _reply_to_domains(msg: ParsedMessage) -> list[str]:
     return list(dict.fromkeys(d for a in msg.reply_to() if (d := _domain(a))))
-
-
-def _dkim_aligned(ctx: CheckContext, from_domain: str) -> bool:
-    """A DKIM signature of the From domain (or its organisation) verified."""
-    dkim = ctx.facts(DkimFacts)
-    return bool(from_domain) and isinstance(dkim, DkimFacts) and any(
-        s.result is AuthStatus.PASS and aligned(from_domain, s.domain, "r")
-        for s in dkim.signatures)
 
 
 def _under(host: str, domains: frozenset[str]) -> bool:

@@ -1,0 +1,56 @@
+"""Mass mailing sent outside the rules of mass mailing: signs of spam whatever it sells.
+
+- a message with only an HTML body and no text version (rspamd's MIME_HTML_ONLY): mail
+  programs and mailing services write both, bulk-sending scripts often only the HTML;
+- a message that offers to unsubscribe in its text but carries no List-Unsubscribe field:
+  since 2024 the large mailbox providers require that field (RFC 2369, one-click RFC 8058)
+  of every bulk sender, so mass mail without it is sent by those who do not follow them.
+
+Weak signs, each: they add to the others. Facts from the MIME tree and phase 1's text.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
+from gateway.checks.content import message_content
+from gateway.config import read_toml
+from gateway.errors import ConfigError
+from gateway.message import Direction, ParsedMessage
+from gateway.senders import any_word, fold
+
+MAX_TEXT = 50_000
+
+
+class BulkCheck:
+    name: ClassVar[str] = "bulk"
+    phase: ClassVar[int] = 2
+    produces: ClassVar[type[Facts] | None] = None
+    directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
+    symbols: ClassVar[frozenset[str]] = frozenset({"MIME_HTML_ONLY", "BULK_NO_UNSUBSCRIBE_HEADER"})
+
+    def __init__(self, services: Services) -> None:
+        rules = services.cfg.rules_dir
+        words = read_toml(rules / "lures.toml")
+        try:
+            self._unsubscribe = any_word(words["unsubscribe_words"])
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{rules}/lures.toml: {exc}") from None
+
+    async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
+        hits: list[Hit] = []
+        bodies = {p.content_type for p in msg.parts
+                  if not p.is_multipart and p.disposition != "attachment" and not p.filename}
+        if "text/html" in bodies and "text/plain" not in bodies:
+            hits.append(Hit(symbol="MIME_HTML_ONLY"))
+        if msg.header("List-Unsubscribe") is None:
+            content = message_content(ctx)
+            if not isinstance(content, Unavailable):
+                found = self._unsubscribe.search(fold(content.text[-MAX_TEXT:]))
+                if found:
+                    hits.append(Hit(symbol="BULK_NO_UNSUBSCRIBE_HEADER", detail=found.group(0)))
+        return CheckResult(check=self.name, hits=tuple(hits))
+
+
+CHECKS = (BulkCheck,)

@@ -1,0 +1,235 @@
+"""Generic signs of mass phishing, spam and fraud, whoever the sender claims to be: each on a
+real-shaped message built here, with the genuine mail it must spare. A message that carries
+several of them is tagged; one alone never is."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import to_crlf
+from gateway.runtime import Runtime
+from gateway.service import build_runtime
+from gateway.symbols import Action
+from tests.conftest import DOMAIN, make_config
+from tests.support.dnsserver import ThreadedDnsServer
+from tests.support.keys import dkim_keypair
+from tests.test_impersonation import mail, names, signed, verdict
+
+NOTARY_KEY, NOTARY_DNS = dkim_keypair()
+EXCHANGE_KEY, EXCHANGE_DNS = dkim_keypair()
+ZONE = {
+    "notaires-exemple.fr": [("TXT", "v=spf1 -all")],
+    "mail._domainkey.notaires-exemple.fr": [("TXT", NOTARY_DNS)],
+    "echange-crypto.example": [("TXT", "v=spf1 -all")],
+    "mail._domainkey.echange-crypto.example": [("TXT", EXCHANGE_DNS)],
+}
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path, dns_zone: ThreadedDnsServer) -> AsyncIterator[Runtime]:
+    dns_zone.load(ZONE)
+    rt = await build_runtime(make_config(tmp_path), with_store=False)
+    yield rt
+    await rt.close()
+
+
+def html_only(from_: str, subject: str, html: str, **headers: str) -> bytes:
+    m = EmailMessage()
+    m["From"] = from_
+    m["To"] = f"docteur@{DOMAIN}"
+    m["Subject"] = subject
+    m["Date"] = "Mon, 30 Nov 2026 09:00:00 +0100"
+    m["Message-ID"] = f"<{abs(hash((from_, subject)))}@test.example>"
+    for k, v in headers.items():
+        m[k.replace("_", "-")] = v
+    m.set_content(html, subtype="html")
+    return to_crlf(bytes(m))
+
+
+@pytest.mark.parametrize("address", [
+    "no-reply@avis-colis4471", "contact@%livraison-express.com", "infos@relance,com",
+    "alerte@[192.0.2.7]", "support@securite_compte.fr",
+])
+async def test_a_from_domain_that_cannot_exist(runtime, address):
+    v = await verdict(runtime, mail(f"Service <{address}>", "Votre dossier", "Bonjour"))
+    assert "FROM_DOMAIN_INVALID" in names(v), address
+
+
+def raw_mail(from_: str, subject: str, body: str) -> bytes:
+    """A message in raw UTF-8 headers (RFC 6532), as an internationalised address is sent."""
+    return (f"From: {from_}\r\nTo: docteur@{DOMAIN}\r\nSubject: {subject}\r\n"
+            "Date: Mon, 30 Nov 2026 09:00:00 +0100\r\nMessage-ID: <u8@test.example>\r\n"
+            f"\r\n{body}\r\n").encode()
+
+
+@pytest.mark.parametrize("address", [
+    "secretariat@cabinet-dupont.fr", "contact@xn--mdecin-bva.fr", "contact@médecin.fr",
+    "no-reply@notifications.doctolib.fr", "labo@bio-2000.example",
+])
+async def test_real_domains_are_not_invalid(runtime, address):
+    v = await verdict(runtime, raw_mail(f"Expéditeur <{address}>", "Votre dossier", "Bonjour"))
+    assert "FROM_DOMAIN_INVALID" not in names(v), address
+
+
+async def test_re_on_a_message_that_answers_nothing(runtime):
+    v = await verdict(runtime, mail("Comptabilité <compta@fournisseur.example>",
+                                    "RE: Facture impayée", "Voir la pièce jointe."))
+    assert "FAKE_REPLY" in names(v)
+    # A real answer names the message it answers; Outlook's answers at least their thread.
+    for extra in ({"In-Reply-To": "<a1@cabinet.example>", "References": "<a1@cabinet.example>"},
+                  {"Thread-Index": "AdnC0Lw1z9m0bq2PTUiwJ3cV5lNvZQ=="}):
+        v = await verdict(runtime, mail("Comptabilité <compta@fournisseur.example>",
+                                        "RE: Facture impayée", "Voir la pièce jointe.",
+                                        extra=extra))
+        assert "FAKE_REPLY" not in names(v), extra
+    # "Réunion" starts with "Ré" but is no answer.
+    v = await verdict(runtime, mail("CPTS <cpts@cpts.example>", "Réunion : ordre du jour",
+                                    "Bonjour"))
+    assert "FAKE_REPLY" not in names(v)
+
+
+async def test_random_case_sender_names_and_subject_tokens(runtime):
+    v = await verdict(runtime, mail("Offre Santé <rBEqxqWt@promo-sante.example>",
+                                    "Votre bilan", "Bonjour"))
+    assert "RANDOM_TOKEN" in names(v)
+    v = await verdict(runtime, mail("Avis <avis@notif.example>",
+                                    "Votre dossier - HkTpWqZrXv", "Bonjour"))
+    assert "RANDOM_TOKEN" in names(v)
+    # Names run together, initials, product names: not random.
+    for from_, subject in [("Marie <MarieClaire@orange.fr>", "Rendez-vous"),
+                           ("J. Dupont <JDupont@cabinet.example>", "Planning"),
+                           ("Mc <McKay@clinic.example>", "Referral"),
+                           ("Informatique <it@prestataire.example>",
+                            "Mise à jour PowerPoint et MacBookPro")]:
+        v = await verdict(runtime, mail(from_, subject, "Bonjour"))
+        assert "RANDOM_TOKEN" not in names(v), from_
+
+
+async def test_raw_utf8_subject_is_read_as_the_reader_sees_it(runtime):
+    """A subject in raw UTF-8 (RFC 6532) is read as its letters, not as replacement
+    characters: mathematical bold in it is seen."""
+    bold = "\U0001d40f\U0001d42b\U0001d428\U0001d42d\U0001d41e\U0001d41c\U0001d42d"
+    v = await verdict(runtime, raw_mail("Assurance <offre@assur.example>",
+                                        f"{bold} votre famille", "Bonjour"))
+    assert "DISGUISED_LETTERS" in names(v)
+    assert "HEADER_ENCODING_BROKEN" not in names(v)
+
+
+async def test_html_only_and_mass_mail_without_unsubscribe_field(runtime):
+    page = ("<p>Découvrez nos offres de mutuelle.</p>"
+            "<p><a href='https://offres-mutuelle.example/'>Voir</a></p>"
+            "<p>Pour vous désinscrire, <a href='https://offres-mutuelle.example/u'>"
+            "cliquez ici</a>.</p>")
+    v = await verdict(runtime, html_only("Offres <news@offres-mutuelle.example>",
+                                         "Nos offres", page))
+    assert {"MIME_HTML_ONLY", "BULK_NO_UNSUBSCRIBE_HEADER"} <= names(v)
+    assert v.action is Action.ACCEPT  # signs, not a verdict
+    # A mailing that follows the rules (List-Unsubscribe) with a text version: no sign.
+    v = await verdict(runtime, mail(
+        "Lettre de l'URPS <lettre@urps-exemple.fr>", "La lettre de décembre",
+        "Les nouvelles du mois. Pour vous désinscrire : https://urps-exemple.fr/u",
+        html=page, extra={"List-Unsubscribe": "<https://urps-exemple.fr/u>"}))
+    assert not names(v) & {"MIME_HTML_ONLY", "BULK_NO_UNSUBSCRIBE_HEADER"}
+
+
+async def test_unsigned_mail_pressing_to_follow_a_link_elsewhere(runtime):
+    """Two lure phrases and a link to another site, from a sender whose domain did not sign
+    the message, count as lures; several disguise signs together tag it."""
+    page = ("<p>Activité inhabituelle détectée : votre compte est suspendu. Confirmez votre "
+            "identité sous 24h.</p><p><a href='https://verif-acces.example/login'>"
+            "Cliquez ici</a></p>")
+    v = await verdict(runtime, html_only("Centre de sécurité <no-reply@avis-acces7741>",
+                                         "Re: Action requise", page))
+    assert {"LURE", "FROM_DOMAIN_INVALID", "FAKE_REPLY", "MIME_HTML_ONLY"} <= names(v)
+    assert v.action is not Action.ACCEPT
+    # The same words from a site about its own pages (a password reset link to itself) are
+    # no lure: the call goes nowhere else.
+    page = ("<p>Vous avez demandé un nouveau mot de passe. Cliquez ici pour le choisir : "
+            "<a href='https://www.medilogiciel.example/reset/abc'>choisir</a>.</p>")
+    v = await verdict(runtime, mail("MédiLogiciel <support@medilogiciel.example>",
+                                    "Nouveau mot de passe", "Voir la version HTML.",
+                                    html=page))
+    assert "LURE" not in names(v)
+    assert v.action is Action.ACCEPT
+
+
+ADVANCE_FEE = ("Je suis Maître Kofi, avocat. Mon défunt client, décédé sans héritier, a laissé "
+               "la somme de 8,5 millions d'euros sur un compte dormant. Je vous propose d'en "
+               "être le bénéficiaire ; cette affaire est strictement confidentielle. Envoyez-"
+               "moi votre réponse avec vos coordonnées.")
+
+
+async def test_advance_fee_fraud(runtime):
+    v = await verdict(runtime, mail("Me Kofi <cabinet.kofi.avocat@gmail.com>",
+                                    "Proposition confidentielle", ADVANCE_FEE))
+    assert "FRAUD_ADVANCE_FEE" in names(v)
+    assert v.action is not Action.ACCEPT
+
+
+async def test_a_notarys_signed_letter_about_a_succession_is_not_fraud(runtime):
+    text = ("Maître Durand, notaire. Dans le cadre de la succession de Mme Martin, vous êtes "
+            "désigné bénéficiaire d'un contrat d'assurance vie de 12 000 €. Merci de nous "
+            "adresser votre réponse et une pièce d'identité.")
+    raw = signed(mail("Office notarial Durand <office@notaires-exemple.fr>",
+                      "Succession Martin", text), b"mail", b"notaires-exemple.fr", NOTARY_KEY)
+    v = await verdict(runtime, raw)
+    assert "FRAUD_ADVANCE_FEE" not in names(v)
+    assert v.action is Action.ACCEPT
+
+
+CRYPTO = ("Votre airdrop de 2 500 tokens $NOVA est disponible. Connectez votre wallet "
+          "MetaMask pour réclamer votre allocation avant la fin de la période.")
+
+
+async def test_crypto_asset_lures(runtime):
+    v = await verdict(runtime, mail(
+        "Nova Finance <rewards@nova-claim.example>", "Airdrop disponible", CRYPTO,
+        html=f"<p>{CRYPTO}</p><a href='https://nova-claim.example/connect'>Réclamer</a>"))
+    assert "FRAUD_CRYPTO" in names(v)
+
+
+async def test_an_exchanges_signed_mail_is_not_a_crypto_lure(runtime):
+    text = ("Votre retrait de 0,05 BTC vers votre wallet a été effectué. Consultez vos "
+            "tokens et votre historique dans votre espace.")
+    raw = signed(mail("Échange Crypto <info@echange-crypto.example>", "Retrait effectué", text,
+                      html=f"<p>{text}</p><a href='https://echange-crypto.example/'>Espace</a>"),
+                 b"mail", b"echange-crypto.example", EXCHANGE_KEY)
+    v = await verdict(runtime, raw)
+    assert "FRAUD_CRYPTO" not in names(v)
+    assert v.action is Action.ACCEPT
+
+
+def with_file(from_: str, filename: str) -> bytes:
+    m = EmailMessage()
+    m["From"] = from_
+    m["To"] = f"docteur@{DOMAIN}"
+    m["Subject"] = "Document"
+    m["Date"] = "Mon, 30 Nov 2026 09:00:00 +0100"
+    m["Message-ID"] = f"<{abs(hash(filename))}@test.example>"
+    m.set_content("Veuillez trouver le document ci-joint.")
+    m.add_attachment(b"%PDF-1.4\n%%EOF\n", maintype="application", subtype="pdf",
+                     filename=filename)
+    return to_crlf(bytes(m))
+
+
+async def test_random_file_names(runtime):
+    v = await verdict(runtime, with_file("Compta <compta@fournisseur.example>",
+                                         "Facture_kQ7ZpR2mXw9T.pdf"))
+    assert "RANDOM_TOKEN" in names(v)
+    for filename in ("Compte-rendu_Dupont_2026.pdf", "SCAN_20261130_093012.pdf",
+                     "IMG_2034.pdf", "3f9a8c7e5b1d2a4c.pdf", "OrdonnanceMarieClaire.pdf"):
+        v = await verdict(runtime, with_file("Compta <compta@fournisseur.example>", filename))
+        assert "RANDOM_TOKEN" not in names(v), filename
+
+
+async def test_a_sender_on_free_hosting_or_dynamic_dns(runtime):
+    for address in ("avis@infractions24.ddns.net", "noreply@mon-app-4471.firebaseapp.com"):
+        v = await verdict(runtime, mail(f"Avis <{address}>", "Votre dossier", "Bonjour"))
+        assert "FROM_FREE_HOSTING" in names(v), address
+    # A host name that only ends like one (no dot boundary) is not on it.
+    v = await verdict(runtime, mail("Labo <labo@myddns.net.example>", "Résultats", "Bonjour"))
+    assert "FROM_FREE_HOSTING" not in names(v)
