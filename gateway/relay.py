@@ -275,8 +275,9 @@ class MaildirNextHop:
         body = head.replace(b"\r\n", b"\n") + raw.replace(b"\r\n", b"\n")
         for rcpt in rcpts:
             box = self.root / _mailbox_name(rcpt)
-            for sub in ("tmp", "new", "cur"):
-                (box / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Each level private (mkdir's mode applies to the last one only): patients' mail.
+            for d in (self.root, box, box / "tmp", box / "new", box / "cur"):
+                d.mkdir(exist_ok=True, mode=0o700)
             name = f"{time.time():.6f}.P{os.getpid()}Q{next(self._seq)}.{self._host}"
             tmp = box / "tmp" / name
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

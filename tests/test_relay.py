@@ -331,3 +331,50 @@ async def test_a_quoted_sender_cannot_add_results_to_our_authentication_results(
     parsed = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {ours}")
     assert [(r.method, r.result) for r in parsed.results] == [("spf", "none"), ("dmarc", "none")]
     assert "bank.fr" not in str(parsed.results[1])
+
+
+@pytest.mark.promise("durable-before-250")
+async def test_embedded_maildir_delivery_one_box_per_recipient(tmp_path: Path):
+    """The embedded default (no next hop configured): each recipient's copy is written in
+    its own Maildir, synced, private, before the 250; a recipient's name cannot climb out of
+    the Maildir root; a disk that refuses the write gives 451 and nothing is lost."""
+    import os
+    import stat
+
+    cfg = make_config(tmp_path / "data")
+    assert cfg.next_hop_address is None
+    root = tmp_path / "data" / "maildir"
+    async with running(cfg) as gw:
+        rcpts = [f"docteur@{DOMAIN}", f"Secretariat@{DOMAIN}"]
+        _, reply = await send(gw.port, MSG, rcpts)
+        assert reply.startswith("2.0.0")
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+        for rcpt in rcpts:
+            box = root / rcpt.lower()
+            assert stat.S_IMODE(os.stat(box).st_mode) == 0o700
+            assert not list((box / "tmp").iterdir())  # renamed into new/ once synced
+            [delivered] = list((box / "new").iterdir())
+            assert stat.S_IMODE(os.stat(delivered).st_mode) == 0o600
+            data = delivered.read_bytes()
+            assert data.startswith(f"Delivered-To: {rcpt}\nReceived: ".encode())
+            assert data.endswith(MSG.replace(b"\r\n", b"\n"))
+        # Two messages to one box get two files (names never collide).
+        await send(gw.port, MSG, [f"docteur@{DOMAIN}"])
+        assert len(list((root / f"docteur@{DOMAIN}" / "new").iterdir())) == 2
+        # A disk that refuses the write (the box's place taken by a file): 451, the sender
+        # keeps the message and retries.
+        (root / f"compta@{DOMAIN}").write_bytes(b"")
+        with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+            await send(gw.port, MSG, [f"compta@{DOMAIN}"])
+        assert exc.value.code == 451
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [f"docteur@{DOMAIN}", f"secretariat@{DOMAIN}", f"compta@{DOMAIN}"])
+
+
+def test_maildir_names_stay_inside_the_root():
+    from gateway.relay import _mailbox_name
+
+    assert _mailbox_name(" Docteur@Cabinet.Test ") == "docteur@cabinet.test"
+    assert _mailbox_name("../../etc/passwd@x") == "_.._etc_passwd@x"
+    assert _mailbox_name("..") == "_"
+    assert _mailbox_name("a\0b@x") == "a_b@x"

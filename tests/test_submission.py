@@ -178,6 +178,29 @@ async def test_wrong_password_is_refused_then_the_connection_closed(setup: Setup
         smtp.close()
 
 
+async def test_auth_login_the_two_step_exchange_outlook_uses(setup: Setup):
+    """AUTH LOGIN (user name, then password, each base64 on its own line), as Outlook and
+    many copiers log in: the same account check and counting as AUTH PLAIN."""
+    smtp = await client(setup, login=None)
+    try:
+        resp = await smtp.auth_login(USER, "mauvais mot de passe")
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        assert exc.code == 535 and "incorrect" in exc.message
+    else:
+        raise AssertionError(f"a wrong password logged in: {resp}")
+    finally:
+        smtp.close()
+    smtp = await client(setup, login=None)
+    try:
+        resp = await smtp.auth_login(USER, PASSWORD)
+        assert resp.code == 235
+        _, reply = await smtp.sendmail(USER, ["confrere@medecin.mssante.fr"],
+                                       b"From: " + USER.encode() + b"\r\nSubject: x\r\n\r\nx\r\n")
+        assert reply.startswith("2.0.0")
+    finally:
+        smtp.close()
+
+
 @pytest.mark.promise("no-open-relay")
 async def test_sender_outside_the_practice_domains_is_refused(setup: Setup):
     smtp = await client(setup)

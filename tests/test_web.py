@@ -368,6 +368,76 @@ async def test_block_from_the_page_refuses_the_next_mail(site: Web):
     assert "contact@labo-analyses.example" in text and "bloqué" in text
 
 
+async def test_the_admin_edits_the_sender_lists_on_the_page(site: Web):
+    from gateway.sender_lists import SenderLists
+
+    lists = SenderLists(site.gw.runtime.cfg.data_dir / "sender-lists.json")
+    c = site.client
+    await c.login(ADMIN)
+    await c.get("/listes")
+    status, _, resp = await c.post("/listes", {"csrf": c.csrf, "type": "block",
+                                               "valeur": " @Pub-Exemple.example ",
+                                               "note": "publicité"})
+    assert status == 303 and resp.headers["Location"] == "/listes"
+    status, _, _ = await c.post("/listes", {"csrf": c.csrf, "type": "allow",
+                                            "valeur": "resultats@labo-bio.example"})
+    assert status == 303
+    assert {(e.kind, e.value, e.added_by) for e in lists.entries()} == {
+        ("block", "@pub-exemple.example", "claire"),
+        ("allow", "resultats@labo-bio.example", "claire")}
+    _, text, _ = await c.get("/listes")
+    assert "@pub-exemple.example" in text and "publicité" in text
+    # What is not an address or a domain is refused, in French, and nothing is added.
+    status, text, _ = await c.post("/listes", {"csrf": c.csrf, "type": "allow",
+                                               "valeur": "pas une adresse"})
+    assert status == 400 and "adresse ou domaine invalide" in text
+    assert len(lists.entries()) == 2
+    status, _, _ = await c.post("/listes", {"csrf": c.csrf, "valeur": "@pub-exemple.example",
+                                            "retirer": "1"})
+    assert status == 303
+    assert [e.value for e in lists.entries()] == ["resultats@labo-bio.example"]
+    store = site.gw.runtime.store
+    assert store is not None
+    entries, _ = await store.audit_log()
+    assert [(e.action, e.detail, e.user) for e in entries[:3]] == [
+        ("list_remove", "@pub-exemple.example", "claire"),
+        ("allow", "resultats@labo-bio.example", "claire"),
+        ("block", "@pub-exemple.example", "claire")]
+    # A reader sees the lists but cannot change them.
+    reader = Client(c.base)
+    try:
+        await reader.login(READER)
+        await reader.get("/listes")
+        status, text, _ = await reader.post("/listes", {"csrf": reader.csrf, "type": "block",
+                                                        "valeur": "@autre.example"})
+        assert status == 403 and "réservée aux administrateurs" in text
+    finally:
+        await reader.close()
+    assert len(lists.entries()) == 1
+
+
+@pytest.mark.promise("web-login-2fa")
+async def test_logging_out_ends_the_session_on_the_server(site: Web):
+    c = site.client
+    await c.login(ADMIN)
+    cookie = next(m.value for m in c.http.cookie_jar if m.key == "session")
+    status, _, resp = await c.post("/deconnexion", {"csrf": c.csrf})
+    assert status == 303 and resp.headers["Location"] == "/connexion"
+    assert any(h.startswith("session=;") or 'session=""' in h
+               for h in resp.headers.getall("Set-Cookie"))
+    # The old cookie, replayed (a copy kept by malware or a shared computer), opens nothing.
+    replay = Client(c.base)
+    try:
+        status, _, resp = await replay.get("/", headers={"Cookie": f"session={cookie}"})
+        assert status == 303 and resp.headers["Location"] == "/connexion"
+    finally:
+        await replay.close()
+    store = site.gw.runtime.store
+    assert store is not None
+    entries, _ = await store.audit_log()
+    assert (entries[0].action, entries[0].user) == ("logout", "claire")
+
+
 async def test_dashboard_counts_and_chart(site: Web):
     await quarantine(site.gw, suspicious())
     c = site.client
