@@ -86,7 +86,10 @@ async def test_re_on_a_message_that_answers_nothing(runtime):
                                         "RE: Facture impayée", "Voir la pièce jointe.",
                                         extra=extra))
         assert "FAKE_REPLY" not in names(v), extra
-    # "Réunion" starts with "Ré" but is no answer.
+    # A reference ("Réf :") and "Réunion" are no answer.
+    v = await verdict(runtime, mail("Notaire <office@notaire.example>", "Réf : 2025/1187",
+                                    "Bonjour"))
+    assert "FAKE_REPLY" not in names(v)
     v = await verdict(runtime, mail("CPTS <cpts@cpts.example>", "Réunion : ordre du jour",
                                     "Bonjour"))
     assert "FAKE_REPLY" not in names(v)
@@ -101,6 +104,9 @@ async def test_random_case_sender_names_and_subject_tokens(runtime):
     assert "RANDOM_TOKEN" in names(v)
     # Names run together, initials, product names: not random.
     for from_, subject in [("Marie <MarieClaire@orange.fr>", "Rendez-vous"),
+                           ("Jean <JeanDuBois@orange.fr>", "Question"),
+                           ("Jean <jeanDuBois@free.fr>", "Question"),
+                           ("Cabinet <CabinetDrMartin@gmail.com>", "Remplacement"),
                            ("J. Dupont <JDupont@cabinet.example>", "Planning"),
                            ("Mc <McKay@clinic.example>", "Referral"),
                            ("Informatique <it@prestataire.example>",
@@ -203,6 +209,7 @@ async def test_an_exchanges_signed_mail_is_not_a_crypto_lure(runtime):
     assert v.action is Action.ACCEPT
 
 
+
 def with_file(from_: str, filename: str) -> bytes:
     m = EmailMessage()
     m["From"] = from_
@@ -216,20 +223,106 @@ def with_file(from_: str, filename: str) -> bytes:
     return to_crlf(bytes(m))
 
 
-async def test_random_file_names(runtime):
-    v = await verdict(runtime, with_file("Compta <compta@fournisseur.example>",
-                                         "Facture_kQ7ZpR2mXw9T.pdf"))
-    assert "RANDOM_TOKEN" in names(v)
-    for filename in ("Compte-rendu_Dupont_2026.pdf", "SCAN_20261130_093012.pdf",
-                     "IMG_2034.pdf", "3f9a8c7e5b1d2a4c.pdf", "OrdonnanceMarieClaire.pdf"):
+async def test_file_names_are_not_random_tokens(runtime):
+    """Portals name files with their own ids: a file's name says nothing of its sender."""
+    for filename in ("CR_aB3kLm9QzX.pdf", "Invoice-xK3f9aLmQ2.pdf", "SCAN_20261130_093012.pdf",
+                     "3f9a8c7e5b1d2a4c.pdf", "OrdonnanceMarieClaire.pdf"):
         v = await verdict(runtime, with_file("Compta <compta@fournisseur.example>", filename))
         assert "RANDOM_TOKEN" not in names(v), filename
 
 
-async def test_a_sender_on_free_hosting_or_dynamic_dns(runtime):
-    for address in ("avis@infractions24.ddns.net", "noreply@mon-app-4471.firebaseapp.com"):
-        v = await verdict(runtime, mail(f"Avis <{address}>", "Votre dossier", "Bonjour"))
-        assert "FROM_FREE_HOSTING" in names(v), address
-    # A host name that only ends like one (no dot boundary) is not on it.
-    v = await verdict(runtime, mail("Labo <labo@myddns.net.example>", "Résultats", "Bonjour"))
-    assert "FROM_FREE_HOSTING" not in names(v)
+async def test_a_sender_on_dynamic_dns(runtime):
+    v = await verdict(runtime, mail("Avis <avis@infractions24.ddns.net>", "Votre dossier",
+                                    "Bonjour"))
+    assert "FROM_DYNAMIC_DNS" in names(v)
+    # An app's password reset from its hosting name, a form service's notification, a host
+    # name that only ends like a dynamic DNS one: not signs.
+    for address in ("noreply@mon-app-4471.firebaseapp.com", "noreply@jotform.com",
+                    "labo@myddns.net.example"):
+        v = await verdict(runtime, mail(f"Expéditeur <{address}>", "Votre compte", "Bonjour"))
+        assert "FROM_DYNAMIC_DNS" not in names(v), address
+
+
+async def test_a_copier_on_the_practices_network_may_use_its_device_name(runtime):
+    raw = raw_mail("Scanner <scanner@RICOH-MPC3004>", "Numérisation", "Document numérisé.")
+    v = await verdict(runtime, raw, ip="192.168.1.20")
+    assert "FROM_DOMAIN_INVALID" not in names(v)
+    v = await verdict(runtime, raw)  # the same from the Internet
+    assert "FROM_DOMAIN_INVALID" in names(v)
+
+
+def page(from_: str, subject: str, html: str, **headers: str) -> bytes:
+    return html_only(from_, subject, html, **headers)
+
+
+# Genuine mail a practice receives, from senders whose domain neither sent nor signed it here
+# (small senders, mailing services without the sender's own signature): found by an
+# adversarial review of the signs above. None may be tagged, and the signs of disguise and
+# fraud must not appear.
+GENUINE = [
+    ("notary's letter", mail(
+        "Office notarial Durand <office@notaires-durand.example>",
+        "Réf : 2025/1187 - Succession de M. Bernard",
+        "Maître, Dans le cadre de la succession de M. Bernard, décédé le 3 octobre, votre "
+        "patient, nous vous remercions de nous adresser sa dernière note d'honoraires (50 €). "
+        "Les héritiers, bénéficiaires de l'actif, en assureront le règlement. Dans l'attente "
+        "de votre réponse. Ce message est strictement confidentiel.")),
+    ("insurer's claim", mail(
+        "Service Sinistres <sinistres@assurvie-exemple.fr>", "Réf : SIN-2026-4471",
+        "Docteur, pour le versement du capital de 30 000 € aux bénéficiaires de votre patient "
+        "décédé, merci de remplir le questionnaire médical confidentiel joint. Votre réponse "
+        "nous est nécessaire.")),
+    ("foundation newsletter", page(
+        "Fondation de l'hôpital <dons@fondation-hopital.example>", "Merci pour 2026",
+        "<p>Grâce à vous, 1,2 million d'euros ont été réunis. Un don de 50 € aide nos "
+        "patients bénéficiaires. <a href='https://dons.example/'>Donner</a></p>"
+        "<p>Pour vous désinscrire, <a href='https://dons.example/u'>cliquez ici</a>.</p>")),
+    ("lab results notice", page(
+        "Laboratoire Bio Sud <resultats@bio-sud.example>", "Vos résultats sont disponibles",
+        "<p>Vos résultats sont disponibles. Connectez-vous à votre espace personnel avec votre "
+        "mot de passe. <a href='https://portail-resultats.example/login'>Cliquez ici</a>.</p>")),
+    ("password reset via a mailing service", page(
+        "MédiLogiciel <noreply@medilogiciel.example>", "Réinitialisation du mot de passe",
+        "<p>Vous avez demandé un nouveau mot de passe. Cliquez sur le bouton sous 24h : "
+        "<a href='https://u123.ct.sendgrid.net/ls/click?upn=abc'>Choisir</a></p>")),
+    ("supplier invoice with its IBAN", page(
+        "Comptabilité Dubois <compta@dubois-medical.example>", "Facture F-2026-118",
+        "<p>Veuillez trouver votre facture. Règlement par virement, IBAN FR76 3000 6000 0112 "
+        "3456 7890 189, RIB joint. <a href='https://factures.example/f118'>Voir la facture"
+        "</a></p>")),
+    ("supplier promotion", page(
+        "Dubois Médical <promo@dubois-medical.example>", "Offre à durée limitée",
+        "<p>Offre à durée limitée : devis gratuit sur nos tables d'examen. "
+        "<a href='https://boutique.example/'>Cliquez ici</a></p>"
+        "<p>Pour vous désinscrire, <a href='https://boutique.example/u'>cliquez ici</a>.</p>")),
+    ("congress acceptance", page(
+        "Congress Office <abstracts@congress-2027.example>", "Abstract accepted",
+        "<p>Congratulations, your abstract is accepted. Log in to your account to confirm "
+        "your participation within 48 hours. <a href='https://cfp.example/login'>Log in</a>"
+        "</p>")),
+    ("colleague in Santander", mail(
+        "Dr Ana García - Hospital Valdecilla Santander <ana.garcia@scsalud.example>",
+        "Congrès à Santander",
+        "Hola, para el congreso debes actualizar los datos de inscripción: "
+        "https://congreso-semergen.example/inscripcion")),
+    ("lab newsletter on Cryptosporidium", mail(
+        "Laboratoire Bio Sud <info@bio-sud.example>", "Cryptosporidium : rappel",
+        "Dépôt des prélèvements au coin accueil. Recherche de Cryptosporidium : le mining des "
+        "données épidémiologiques montre une hausse. https://bio-sud.example/crypto")),
+    ("patient leaving the waiting list", mail(
+        "Paul Martin <paul.martin@orange.fr>", "Liste d'attente",
+        "Bonjour, je souhaite me désinscrire de la liste d'attente. Merci.")),
+]
+
+
+@pytest.mark.parametrize(("case", "raw"), GENUINE, ids=[c for c, _ in GENUINE])
+async def test_genuine_mail_from_unsigned_senders_stays_untouched(runtime, case, raw):
+    v = await verdict(runtime, raw)
+    assert v.action is Action.ACCEPT, (case, v.score, names(v))
+    assert not names(v) & {"FRAUD_ADVANCE_FEE", "FRAUD_CRYPTO", "FAKE_REPLY", "LURE",
+                           "BRAND_DISPLAY_NAME", "BRAND_PHISH", "RANDOM_TOKEN",
+                           "FROM_DOMAIN_INVALID"}, case
+    # Mass mail without the unsubscribe field is said (a mild sign); a person's own mail
+    # that speaks of unsubscribing is not mass mail.
+    if "patient" in case:
+        assert "BULK_NO_UNSUBSCRIBE_HEADER" not in names(v)

@@ -133,6 +133,17 @@ def dkim_aligned(ctx: CheckContext, from_domain: str) -> bool:
         for s in dkim.signatures)
 
 
+def sender_verified(ctx: CheckContext, from_domain: str) -> bool:
+    """The From domain's own servers sent the mail, or its key signed it: DKIM aligned with
+    it, or SPF passed for a domain aligned with it (relaxed), whether or not the domain
+    publishes a DMARC policy."""
+    if dkim_aligned(ctx, from_domain):
+        return True
+    spf = ctx.facts(SpfFacts)
+    return bool(from_domain) and isinstance(spf, SpfFacts) and spf.result is AuthStatus.PASS \
+        and aligned(from_domain, spf.domain, "r")
+
+
 def aligned(from_domain: str, auth_domain: str, mode: str) -> bool:
     a, b = from_domain.lower().rstrip("."), auth_domain.lower().rstrip(".")
     if mode == "s":

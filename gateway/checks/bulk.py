@@ -2,9 +2,10 @@
 
 - a message with only an HTML body and no text version (rspamd's MIME_HTML_ONLY): mail
   programs and mailing services write both, bulk-sending scripts often only the HTML;
-- a message that offers to unsubscribe in its text but carries no List-Unsubscribe field:
-  since 2024 the large mailbox providers require that field (RFC 2369, one-click RFC 8058)
-  of every bulk sender, so mass mail without it is sent by those who do not follow them.
+- an HTML message that offers to unsubscribe in its footer but carries no List-Unsubscribe
+  field, from a sender whose domain neither sent nor signed it: since 2024 the large mailbox
+  providers require that field (RFC 2369, one-click RFC 8058) and that authentication of
+  every bulk sender, so mass mail without them is sent by those who do not follow them.
 
 Weak signs, each: they add to the others. Facts from the MIME tree and phase 1's text.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from gateway.auth.dmarc import sender_verified
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.checks.content import message_content
 from gateway.config import read_toml
@@ -20,7 +22,7 @@ from gateway.errors import ConfigError
 from gateway.message import Direction, ParsedMessage
 from gateway.senders import any_word, fold
 
-MAX_TEXT = 50_000
+FOOTER = 2000  # characters at the end of the text where mass mail offers to unsubscribe
 
 
 class BulkCheck:
@@ -44,10 +46,15 @@ class BulkCheck:
                   if not p.is_multipart and p.disposition != "attachment" and not p.filename}
         if "text/html" in bodies and "text/plain" not in bodies:
             hits.append(Hit(symbol="MIME_HTML_ONLY"))
-        if msg.header("List-Unsubscribe") is None:
+        # Only mass mail's shape (HTML) and its footer; not a sender whose domain sent or
+        # signed it (a practice's software reminding of appointments is transactional, and
+        # answerable for what it sends).
+        domain = msg.from_addresses[0].rpartition("@")[2].lower() if msg.from_addresses else ""
+        if "text/html" in bodies and msg.header("List-Unsubscribe") is None \
+                and not sender_verified(ctx, domain):
             content = message_content(ctx)
             if not isinstance(content, Unavailable):
-                found = self._unsubscribe.search(fold(content.text[-MAX_TEXT:]))
+                found = self._unsubscribe.search(fold(content.text[-FOOTER:]))
                 if found:
                     hits.append(Hit(symbol="BULK_NO_UNSUBSCRIBE_HEADER", detail=found.group(0)))
         return CheckResult(check=self.name, hits=tuple(hits))

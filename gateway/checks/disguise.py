@@ -8,8 +8,8 @@ share and genuine mail almost never shows (rspamd's header rules do the same wor
   practice, a lab), above all one whose replies go elsewhere (fraud with no link);
 - replies sent to a free-mail address by an organisation's address;
 - the recipient's own address pasted into the subject;
-- random letter-and-digit strings in the sender's name, subject, address or file names
-  (per-recipient tokens that defeat filters matching identical mail, throw-away senders);
+- random letter-and-digit strings in the sender's name, subject or address (per-recipient
+  tokens that defeat filters matching identical mail, throw-away senders);
 - a subject that says "Re:" on a message that answers nothing (no In-Reply-To, References
   or Thread-Index: rspamd's FAKE_REPLY), to pass as a conversation already going on;
 - a From address whose domain cannot exist on the Internet (one label, characters no host
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import ipaddress
 import re
 import unicodedata
 from typing import ClassVar
@@ -40,7 +41,7 @@ _GREEK_LATIN = frozenset("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ")
 _ADDRESS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
 _TOKEN = re.compile(r"[A-Za-z0-9]{10,}")
 # "Re:" as mail programs write it in French, English, German, Spanish/Portuguese, Dutch.
-_REPLY = re.compile(r"\s*(?:re|ref|réf|aw|res|rif|antw)\s?(?:\[\d+\])?\s?:", re.IGNORECASE)
+_REPLY = re.compile(r"\s*(?:re|aw|res|rif|antw)\s?(?:\[\d+\])?\s?:", re.IGNORECASE)
 _THREAD = ("In-Reply-To", "References", "Thread-Index", "Thread-Topic")
 MAX_FIELD = 1000  # characters of a name or subject looked at
 
@@ -74,7 +75,9 @@ class DisguiseCheck:
         subject = readable(msg.subject[:MAX_FIELD])
         address = readable(msg.from_addresses[0]).lower() if msg.from_addresses else ""
         domain = address.rpartition("@")[2].rstrip(".>")
-        if address and not _internet_domain(domain):
+        # A copier or a NAS on the practice's own network writes from its device name
+        # (scanner@RICOH-MPC3004): not a sign from there.
+        if address and not _internet_domain(domain) and not _local_peer(ctx.inbound.peer_ip):
             shown = readable(domain[:100]) or "(vide)"
             hits.append(Hit(symbol="FROM_DOMAIN_INVALID", detail=shown,
                             args=(("domain", shown),)))
@@ -111,8 +114,7 @@ class DisguiseCheck:
         recipient = _recipient_in(subject, msg, ctx.inbound.rcpts)
         if recipient:
             hits.append(Hit(symbol="SUBJECT_HAS_RECIPIENT", detail=recipient))
-        files = [p.filename.rsplit(".", 1)[0] for p in msg.parts[:50] if p.filename]
-        token = next((t for text in (name, subject, *files) for t in _TOKEN.findall(text)
+        token = next((t for text in (name, subject) for t in _TOKEN.findall(text)
                       if _random(t)), None)
         local = address.partition("@")[0]
         if token is None and msg.from_addresses and _random_local(
@@ -215,6 +217,21 @@ def _other_address(name: str, domain: str) -> str:
     return ""
 
 
+# The networks of a practice's own devices: private (RFC 1918, RFC 4193), loopback,
+# link-local, and the carrier-grade NAT range some office routers use.
+_LOCAL = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
+    "169.254.0.0/16", "::1/128", "fc00::/7", "fe80::/10"))
+
+
+def _local_peer(ip: str) -> bool:
+    try:
+        peer = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(peer in net for net in _LOCAL)
+
+
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
@@ -282,7 +299,8 @@ def _random_local(local: str) -> bool:
     return rises >= 2 and not _WORDS.fullmatch(local)
 
 
-_WORDS = re.compile(r"[a-z]*(?:[A-Z][a-z]{2,}|Mc|Mac|De|Di|Le|La|Van)+(?:[A-Z]+[a-z]*)?")
+_WORDS = re.compile(
+    r"[a-z]*(?:[A-Z][a-z]{2,}|Mc|Mac|De|Di|Du|Da|Dr|Le|La|Van|Von|St)+(?:[A-Z]+[a-z]*)?")
 
 
 def _kind(c: str) -> int:

@@ -6,7 +6,8 @@ a fund transfer that needs the reader's reply and, later, fees) and crypto-asset
 wallet or collects its recovery phrase). Read on the text of phase 1's content check.
 
 All are patterns of the text itself, in French and English; the words are data
-(rules/lures.toml: extortion_words, callback_words, advance_fee_words, crypto_words).
+(rules/lures.toml: extortion_words, callback_words, advance_fee_core and _words, crypto_core
+and _words).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-from gateway.auth.dmarc import dkim_aligned
+from gateway.auth.dmarc import sender_verified
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.checks.content import message_content
 from gateway.config import read_toml
@@ -50,7 +51,9 @@ class FraudCheck:
         try:
             self._extortion = [re.compile(p) for p in words["extortion_words"]]
             self._callback = [re.compile(p) for p in words["callback_words"]]
+            self._advance_fee_core = [re.compile(p) for p in words["advance_fee_core"]]
             self._advance_fee = [re.compile(p) for p in words["advance_fee_words"]]
+            self._crypto_core = [re.compile(p) for p in words["crypto_core"]]
             self._crypto = [re.compile(p) for p in words["crypto_words"]]
         except (KeyError, TypeError, re.error) as exc:
             raise ConfigError(f"{rules}/lures.toml: {exc}") from None
@@ -77,18 +80,20 @@ class FraudCheck:
                     hits.append(Hit(symbol="FRAUD_CALLBACK",
                                     detail=f"{number}, {found} callback phrases",
                                     args=(("phone", number),)))
-        signed = dkim_aligned(ctx, _domain(msg))
-        if not signed and (_AMOUNT.search(text) or "million" in lower):
-            found = _count(self._advance_fee, fold(text))
-            if found >= 3:
-                # Three phrases are the score; the classic letter, with twice as many, twice.
-                hits.append(Hit(symbol="FRAUD_ADVANCE_FEE", factor=min(found / 3, 2.0),
-                                detail=f"{found} advance-fee phrases"))
-        # A notary's or a crypto-asset platform's own mail is signed by its domain (aligned
-        # DKIM).
+        # A notary's, an insurer's or an exchange's own mail comes from its domain's servers
+        # or carries its signature.
+        signed = sender_verified(ctx, _domain(msg))
+        if not signed and "million" in lower:
+            folded = fold(text)
+            core = _count(self._advance_fee_core, folded)
+            found = core + _count(self._advance_fee, folded)
+            if core and found >= 3:
+                hits.append(Hit(symbol="FRAUD_ADVANCE_FEE", detail=f"{found} advance-fee phrases"))
         if content.links and not signed:
-            found = _count(self._crypto, fold(text)) + (1 if _TICKER.search(text) else 0)
-            if found >= 3:
+            folded = fold(text)
+            core = _count(self._crypto_core, folded)
+            found = core + _count(self._crypto, folded) + (1 if _TICKER.search(text) else 0)
+            if core and found >= 3:
                 hits.append(Hit(symbol="FRAUD_CRYPTO", detail=f"{found} crypto-asset phrases"))
         return CheckResult(check=self.name, hits=tuple(hits))
 

@@ -19,7 +19,14 @@ from typing import ClassVar
 from gateway.auth import AuthStatus
 from gateway.auth.arc import ArcFacts
 from gateway.auth.dkim import DkimFacts
-from gateway.auth.dmarc import DmarcFacts, aligned, dkim_aligned, org_domain, undecided
+from gateway.auth.dmarc import (
+    DmarcFacts,
+    aligned,
+    dkim_aligned,
+    org_domain,
+    sender_verified,
+    undecided,
+)
 from gateway.auth.spf import SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.checks.content import message_content
@@ -46,7 +53,7 @@ class ImpersonationCheck:
         "LOOKALIKE_REPLY_TO", "LOOKALIKE_RETURN_PATH", "REPLYTO_ELSEWHERE", "LINK_LOOKALIKE",
         "LINK_TEXT_MISMATCH", "LINK_TEXT_MISMATCH_PROTECTED", "LINK_IP_LITERAL",
         "LINK_SHORTENER", "LINK_FREE_HOSTING", "LINK_SCRIPT_URL", "LINK_USERINFO", "LURE",
-        "FROM_FREE_HOSTING",
+        "FROM_DYNAMIC_DNS",
         "PHISH_SPF_FAIL_LURE_LINK", "BRAND_DISPLAY_NAME", "BRAND_LOOKALIKE_FROM",
         "BRAND_LINK_LOOKALIKE", "BRAND_PHISH", "LINK_QR_CODE", "FRAUD_PAYMENT_DETAILS", "FRAUD_GIFT_CARD",
     })
@@ -64,7 +71,9 @@ class ImpersonationCheck:
         try:
             self._freemail = frozenset(lists["freemail"])
             self._shorteners = frozenset(lists["shorteners"])
-            self._free_hosting = frozenset(str(d).lower() for d in lists["free_hosting"])
+            self._dynamic_dns = frozenset(str(d).lower() for d in lists["dynamic_dns"])
+            self._free_hosting = self._dynamic_dns | frozenset(
+                str(d).lower() for d in lists["free_hosting"])
             self._lures = [re.compile(p) for p in lures["lures"]]
             self._payment_change = re.compile("|".join(f"(?:{p})" for p in
                                                        lures["payment_change"])
@@ -132,10 +141,10 @@ class ImpersonationCheck:
         authenticated = dkim_aligned(ctx, from_domain)
         link_hits = self._links(content, trusted, authenticated, from_domain)
         hits += link_hits
-        if from_domain and not authenticated and _under(from_domain, self._free_hosting):
-            # Written from a name on free hosting or dynamic DNS (an app's unsigned mail, a
-            # host of the hour): no organisation's mail domain.
-            hits.append(Hit(symbol="FROM_FREE_HOSTING", detail=from_domain,
+        if from_domain and not authenticated and _under(from_domain, self._dynamic_dns):
+            # Written from a dynamic DNS name (a home server, a hijacked one, a tunnel): no
+            # organisation's mail domain.
+            hits.append(Hit(symbol="FROM_DYNAMIC_DNS", detail=from_domain,
                             args=(("domain", from_domain),)))
         brand: _Invoked | None = None
         if claimed is None and owner is None:
@@ -144,21 +153,26 @@ class ImpersonationCheck:
         # brand invoked from elsewhere, or a hard SPF failure (read only then: the phrases
         # cost a pass over the text).
         strong = any(h.symbol in _STRONG for h in hits)
-        # Whoever it is, a sender whose domain did not sign the mail: its lure phrases count
-        # when it names itself an organisation ("Service clients", "Alerte sécurité") or
-        # writes from a domain that cannot exist, or when two of them press to follow a link
-        # to another site (a phishing page's call).
-        unsigned = not authenticated and claimed is None and owner is None and brand is None
-        posing = unsigned and (
-            bool(self._org_words.search(fold(msg.from_display[:200])))
-            or any(h.symbol == "FROM_DOMAIN_INVALID" for r in ctx.earlier for h in r.hits))
+        # Whoever it is, a sender whose domain neither sent nor signed the mail, and that
+        # hides (a domain that cannot exist, a disguise sign, a link that hides where it
+        # goes): its lure phrases count when it names itself an organisation ("Service
+        # clients", "Alerte sécurité"), or when two of them press to follow a link to another
+        # site (a phishing page's call). Without such a sign, an organisation's own wording
+        # ("mot de passe", "cliquez ici") counts for nothing.
+        unsigned = claimed is None and owner is None and brand is None and \
+            not sender_verified(ctx, from_domain)
+        disguised = any(h.symbol in _HIDING for r in ctx.earlier for h in r.hits) or any(
+            h.symbol in _HIDING for h in hits)
+        invalid = any(h.symbol == "FROM_DOMAIN_INVALID" for r in ctx.earlier for h in r.hits)
+        posing = unsigned and (invalid or (disguised and bool(
+            self._org_words.search(fold(msg.from_display[:200])))))
         spf = ctx.facts(SpfFacts)
         spf_fail = (isinstance(spf, SpfFacts) and spf.result is AuthStatus.FAIL
                     and spf.identity == "mailfrom")
         found = (self._lure_count(f"{msg.subject}\n{content.text}")
-                 if strong or spf_fail or unsigned or brand is not None else 0)
+                 if strong or spf_fail or (unsigned and disguised) or brand is not None else 0)
         home = org_domain(from_domain) if from_domain else ""
-        if found and (strong or posing or (unsigned and found >= 2 and any(
+        if found and (strong or posing or (unsigned and disguised and found >= 2 and any(
                 link.host and org_domain(link.host) != home for link in content.links))):
             hits.append(Hit(symbol="LURE", factor=float(min(found, 3)),
                             detail=f"{found} lure phrases"))
@@ -354,6 +368,13 @@ class _Invoked:
 
 
 # Signs of the disguise check (phase 1) that replies go to another mailbox than the sender's.
+# Signs of a sender that hides (gateway/checks/disguise.py, and the links above).
+_HIDING = frozenset({
+    "FROM_DOMAIN_INVALID", "DISGUISED_LETTERS", "FROM_NAME_OTHER_ADDRESS",
+    "FREEMAIL_ORGANISATION_NAME", "REPLYTO_FREEMAIL", "SUBJECT_HAS_RECIPIENT", "RANDOM_TOKEN",
+    "FAKE_REPLY", "FROM_DYNAMIC_DNS", "LINK_FREE_HOSTING", "LINK_SHORTENER", "LINK_IP_LITERAL",
+    "LINK_TEXT_MISMATCH", "LINK_USERINFO", "LINK_SCRIPT_URL", "LINK_QR_CODE",
+})
 _REPLIES_ELSEWHERE = frozenset({"FREEMAIL_HEALTH_REPLY_ELSEWHERE", "REPLYTO_FREEMAIL"})
 _BRAND_LINKS = 100  # links whose text is looked at for a brand's site
 _BRAND_LINK_DOMAINS = 20  # distinct sites of links looked at for a brand look-alike
