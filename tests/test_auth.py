@@ -170,6 +170,20 @@ async def test_dmarc_cases(tmp_path: Path, dns_zone: ThreadedDnsServer, zone, ca
         assert result.from_domain == expect["header_from"]
 
 
+async def test_dmarc_of_an_internationalised_from_domain_is_looked_up_in_a_labels(
+        runtime: Runtime, dns_zone: ThreadedDnsServer):
+    """A From in raw UTF-8 (RFC 6532) with a U-label domain: its DMARC record is the A-label
+    name's (RFC 8616 section 4), so a forged sender of that domain meets its policy."""
+    dns_zone.load({"_dmarc.xn--mdecin-bva.fr": [("TXT", "v=DMARC1; p=reject")]})
+    raw = ("From: Cabinet <contact@médecin.fr>\r\nTo: docteur@cabinet.test\r\n"
+           "Subject: Dossier\r\nDate: Mon, 30 Nov 2026 09:00:00 +0100\r\n"
+           "Message-ID: <idn@x.example>\r\n\r\nBonjour\r\n").encode()
+    analysis = await runtime.pipeline.analyse(inbound(raw))
+    result = facts(analysis, DmarcFacts)
+    assert result.from_domain == "xn--mdecin-bva.fr"
+    assert (result.result, result.policy) == (AuthStatus.FAIL, "reject")
+
+
 PYDMARC = CORPUS / "dmarc-pydmarc" / "dmarc-policy-cases.yaml"
 
 

@@ -27,7 +27,7 @@ from publicsuffixlist import PublicSuffixList
 from gateway.auth import AuthStatus, ar_value
 from gateway.auth.arc import ArcFacts
 from gateway.auth.dkim import DkimFacts
-from gateway.auth.dns import Resolver
+from gateway.auth.dns import Resolver, a_label
 from gateway.auth.spf import SpfFacts
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.errors import DnsPermanentError, DnsTemporaryError
@@ -320,5 +320,8 @@ MAX_FROM_DOMAINS = 5
 
 
 def _from_domains(msg: ParsedMessage) -> list[str]:
-    return list(dict.fromkeys(a.rpartition("@")[2].lower().rstrip(".")
-                              for a in msg.from_addresses))
+    """The From domains as DNS knows them: an internationalised address's domain in A-labels
+    (RFC 8616 section 4), the raw UTF-8 of the header read as the reader sees it."""
+    return list(dict.fromkeys((a_label(d) or d).lower()
+                              for a in msg.from_addresses
+                              for d in [a.rpartition("@")[2].lower().rstrip(".")]))

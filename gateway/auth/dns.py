@@ -24,6 +24,7 @@ import dns.resolver
 import dns.reversename
 
 from gateway.errors import DnsPermanentError, DnsTemporaryError
+from gateway.message import readable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,3 +100,15 @@ class Resolver:
         """The DKIM key record at `name` (dkimpy wants one string or None)."""
         records = await self.txt(name)
         return records[0] if records else None
+
+
+def a_label(host: str) -> str:
+    """The host as DNS knows it (IDNA A-labels, RFC 8616 for the names of internationalised
+    addresses); "" when it cannot be one."""
+    if host.isascii():
+        return host
+    host = readable(host)  # raw UTF-8 the parser left escaped
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return ""

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import ClassVar
 
 from gateway.auth.dmarc import org_domain
-from gateway.auth.dns import Resolver
+from gateway.auth.dns import Resolver, a_label
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.checks.content import message_content
 from gateway.config import read_toml
 from gateway.errors import ConfigError, DnsPermanentError, DnsTemporaryError
-from gateway.message import Direction, ParsedMessage, readable
+from gateway.message import Direction, ParsedMessage
 from gateway.netaddr import parse_ip
 from gateway.senders import Registry, load_registry
 
@@ -163,7 +163,7 @@ class ReputationCheck:
             hosts += files[::-1] + [link.host for link in content.links if link.host]
         seen: dict[str, None] = {}
         for host in dict.fromkeys(hosts):
-            host = _a_label(host.lower().strip().rstrip(".>"))
+            host = a_label(host.lower().strip().rstrip(".>"))
             if not host or "." not in host or (
                     (host[0].isdigit() or host[0] == "[") and parse_ip(host.strip("[]"))):
                 continue
@@ -245,15 +245,6 @@ def _public_resolver(nameservers: tuple[str, ...]) -> str:
     return ""
 
 
-def _a_label(host: str) -> str:
-    """The host as DNS knows it (IDNA A-labels); "" when it cannot be one."""
-    if host.isascii():
-        return host
-    host = readable(host)  # raw UTF-8 the parser left escaped
-    try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return ""
 
 
 def _reversed(peer: str) -> str:
