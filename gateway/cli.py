@@ -25,7 +25,7 @@ from gateway.quarantine_service import QuarantineService
 from gateway.service import build_runtime, load_rules, serve
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
-from quarantine.store import STATES, STATES_FR, Item, NotFound, NotQuarantined
+from quarantine.store import STATES, STATES_FR, Item, NotFound, NotQuarantined, TrackRecord
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="valider un fichier de configuration")
     p.add_argument("file", metavar="FICHIER")
+
+    p = sub.add_parser("track", help="suivi des messages : retrouver ce que la passerelle a "
+                       "fait d'un message (accepté, retenu, refusé)")
+    _common(p)
+    p.add_argument("query", nargs="?", default="", metavar="RECHERCHE",
+                   help="identifiant donné dans la réponse SMTP (id=...), identifiant de "
+                   "quarantaine, ou mots de l'expéditeur, d'un destinataire ou de l'objet")
+    p.add_argument("--depuis", metavar="AAAA-MM-JJ", help="reçus ce jour ou après")
+    p.add_argument("--jusqua", metavar="AAAA-MM-JJ", help="reçus ce jour ou avant")
+    p.add_argument("--action", choices=list(_ACTION_FR), metavar="ACTION",
+                   help="décision : " + ", ".join(f"{k} ({v})" for k, v in _ACTION_FR.items()))
+    p.add_argument("--sens", choices=["inbound", "outbound"], dest="direction",
+                   help="inbound (reçus) ou outbound (envoyés)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="un objet JSON par message")
 
     p = sub.add_parser("quarantine", help="consulter et traiter la quarantaine")
     _common(p)
@@ -173,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                           addresses=tuple(getattr(args, "addresses", ())))
         if args.command == "admin":
             return _admin(cfg, args)
+        if args.command == "track":
+            return asyncio.run(_track(cfg, args))
         return asyncio.run(_quarantine(cfg, args))
     except ConfigError as exc:
         print(f"Configuration invalide :\n{exc}", file=sys.stderr)
@@ -330,6 +347,75 @@ async def _scan(cfg: Config, args: argparse.Namespace) -> int:
 
 _ACTION_FR = {"accept": "accepté", "tag": "marqué comme suspect", "quarantine": "mis en quarantaine",
               "reject": "refusé", "tempfail": "refusé temporairement"}
+# ---- message tracking --------------------------------------------------------------------
+
+_OUTCOME_FR = {"delivered": "remis", "quarantined": "mis en quarantaine", "rejected": "refusé",
+               "downstream_rejected": "refusé par le serveur de messagerie",
+               "tempfail_scan": "refusé temporairement (analyse)",
+               "tempfail_downstream": "refusé temporairement (serveur de messagerie)",
+               "tempfail_quarantine": "refusé temporairement (quarantaine)"}
+
+
+def _day(text: str, flag: str, *, end: bool = False) -> float:
+    try:
+        day = time.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        raise Refused(f"{flag} : date attendue sous la forme AAAA-MM-JJ, reçu {text!r}") from None
+    return time.mktime(day) + (86400 if end else 0)
+
+
+async def _track(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        since = _day(args.depuis, "--depuis") if args.depuis else None
+        until = _day(args.jusqua, "--jusqua", end=True) if args.jusqua else None
+    except Refused as exc:
+        print(f"Recherche impossible : {exc}", file=sys.stderr)
+        return 2
+    runtime = await build_runtime(cfg)
+    try:
+        assert runtime.store is not None
+        records, total = await runtime.store.tracking(
+            args.query, since=since, until=until, action=args.action,
+            direction=args.direction, limit=args.limit)
+    finally:
+        await runtime.close()
+    if args.json:
+        for r in records:
+            print(json.dumps(_track_json(r), ensure_ascii=False))
+        return 0 if records else 1
+    if not records:
+        print("Aucun message trouvé.")
+        return 1
+    for r in records:
+        what = _OUTCOME_FR.get(r.outcome, r.outcome)
+        print(f"{r.queue_id}  {_when(r.received_at)}  "
+              f"{'reçu' if r.direction == 'inbound' else 'envoyé'}  {what}"
+              + (f" (quarantaine {r.quarantine_id})" if r.quarantine_id else "")
+              + (f"  score {r.score:g}" if r.score is not None else ""))
+        print(f"    de {r.mail_from or '<>'} à {', '.join(r.rcpts)} ; objet : {r.subject[:70]}")
+        print(f"    réponse : {r.reply}")
+        reasons = [s for s in r.symbols if s.score > 0][:3]
+        if reasons:
+            print("    raisons : " + " ; ".join(f"{s.name} ({s.score:g})" for s in reasons))
+    if total > len(records):
+        print(f"({total} messages trouvés, {len(records)} affichés : précisez la recherche "
+              "ou --limit)")
+    return 0
+
+
+def _track_json(r: TrackRecord) -> dict[str, Any]:
+    return {
+        "queue_id": r.queue_id, "received_at": r.received_at, "direction": r.direction,
+        "outcome": r.outcome, "action": r.action, "score": r.score,
+        "quarantine_id": r.quarantine_id, "reply": r.reply, "downstream": r.downstream,
+        "mail_from": r.mail_from, "rcpts": list(r.rcpts), "delivered_to": list(r.delivered_to),
+        "subject": r.subject, "from": r.from_header, "client_ip": r.client_ip, "helo": r.helo,
+        "auth_user": r.auth_user, "size": r.size,
+        "symbols": [{"name": s.name, "score": s.score, "detail": s.detail,
+                     "description": s.description} for s in r.symbols],
+    }
+
+
 # ---- quarantine --------------------------------------------------------------------------
 
 

@@ -42,13 +42,16 @@ from gateway.senders import fold
 from gateway.symbols import Action, SymbolTable
 from gateway.verdict import Verdict, decide
 from gateway.workers import Workers
-from quarantine.store import NewItem, Store, SymbolRecord
+from quarantine.store import NewItem, Store, SymbolRecord, TrackRecord
 
 log = logging.getLogger(__name__)
 
 PIPELINE_SYMBOLS = frozenset({"MESSAGE_UNPARSABLE"})
 PARSE_ISOLATED_ABOVE = 1024 * 1024  # bytes: larger messages are parsed in a worker process
 _BOTH = frozenset(Direction)
+
+
+TRACK_BATCH = 200  # tracking records written at once, at the latest (else every few seconds)
 
 
 class OutcomeKind(enum.Enum):
@@ -103,6 +106,9 @@ class Pipeline:
         # Messages per (day, direction, action, main reason), flushed to the store's
         # statistics by `flush_stats` (the dashboard of the web page).
         self._stats: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        # Message tracking records, written in batches by `flush_tracking` (Store.track).
+        self._tracking: list[TrackRecord] = []
+        self._tracking_task: asyncio.Task[None] | None = None
 
     # ---- analysis ---------------------------------------------------------------------
 
@@ -196,12 +202,14 @@ class Pipeline:
             log.warning("scan not possible now: %s", exc)
             outcome = Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, reply=replies.TEMPFAIL_SCAN)
             log_message(inbound, outcome, time.perf_counter() - started)
+            self._track(inbound, outcome)
             return outcome
         decision = chains.plan(inbound.direction, analysis.verdict, self._table,
                                self._cfg.scoring.quarantine)
         outcome = await self._act(inbound, analysis, txn, decision)
         log_message(inbound, outcome, time.perf_counter() - started)
         self._count(inbound, outcome)
+        self._track(inbound, outcome)
         try:
             self._remember(inbound, analysis, outcome)
         except Exception:  # noqa: BLE001 - the message is delivered or held: its reply stands
@@ -323,13 +331,57 @@ class Pipeline:
             log.exception("correspondents not noted")
 
     async def close(self) -> None:
-        """Statistics saved, correspondents written; then the history closed."""
+        """Statistics and tracking saved, correspondents written; then the history closed."""
         await self.flush_stats()
+        if self._tracking_task is not None:
+            await asyncio.wait([self._tracking_task], timeout=5)
+        await self.flush_tracking()
         if self._correspondents is not None:
             if self._writing is not None:
                 await asyncio.wait([self._writing], timeout=5)
             await self.flush_correspondents()
             await asyncio.to_thread(self._correspondents.close)
+
+    # ---- message tracking -------------------------------------------------------------
+
+    def _track(self, inbound: Inbound, outcome: Outcome) -> None:
+        """One tracking record per answered message, kept for `flush_tracking` (a batch every
+        TRACK_FLUSH_S, or at TRACK_BATCH records): never delaying the reply."""
+        if self._store is None:
+            return
+        analysis = outcome.analysis
+        verdict = analysis.verdict if analysis is not None else None
+        parsed = analysis.parsed if analysis is not None else None
+        self._tracking.append(TrackRecord(
+            queue_id=inbound.queue_id, received_at=inbound.received_at,
+            direction=inbound.direction.value, outcome=outcome.kind.value,
+            action=verdict.action.value if verdict else "",
+            score=verdict.score if verdict else None,
+            symbols=tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail,
+                                       args=s.args, description=s.description)
+                          for s in (verdict.symbols if verdict else ())),
+            quarantine_id=outcome.quarantine_id, size=len(inbound.raw),
+            reply=reply_text(outcome, inbound.queue_id),
+            downstream=(f"{outcome.downstream_code} {outcome.downstream_text}".strip()
+                        if outcome.downstream_code else ""),
+            mail_from=inbound.mail_from, rcpts=inbound.rcpts,
+            delivered_to=outcome.delivered_to, subject=parsed.subject if parsed else "",
+            from_header=(parsed.header("From") or "") if parsed else "",
+            client_ip=inbound.peer_ip, helo=inbound.helo, auth_user=inbound.auth_user or ""))
+        if len(self._tracking) >= TRACK_BATCH and (
+                self._tracking_task is None or self._tracking_task.done()):
+            self._tracking_task = asyncio.create_task(self.flush_tracking())
+
+    async def flush_tracking(self) -> None:
+        """Write the tracking records kept so far (tracking must never disturb mail: a
+        failure is logged, and those records are lost)."""
+        if self._store is None or not self._tracking:
+            return
+        batch, self._tracking = self._tracking, []
+        try:
+            await self._store.track(batch)
+        except Exception:  # noqa: BLE001
+            log.exception("%d tracking records not saved", len(batch))
 
     # ---- statistics -------------------------------------------------------------------
 
@@ -565,3 +617,13 @@ def log_message(inbound: Inbound, outcome: Outcome, duration_s: float) -> None:
     if outcome.downstream_code:
         fields["downstream_code"] = outcome.downstream_code
     _summary.info("message %s", outcome.kind.value, extra={"fields": fields})
+
+
+def reply_text(outcome: Outcome, queue_id: str) -> str:
+    """The reply the outcome's chain chose (a next hop's refusal: its own), with our queue id,
+    by which the message's tracking record is found when its sender asks."""
+    if outcome.kind is OutcomeKind.DOWNSTREAM_REJECTED:
+        reply = replies.downstream_reply(outcome.downstream_code or 550, outcome.downstream_text)
+    else:
+        reply = str(outcome.reply or replies.TEMPFAIL_SCAN)
+    return f"{reply} id={queue_id}"

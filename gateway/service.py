@@ -237,6 +237,7 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
                 "implicit_tls": srv is submission_tls, "smarthost": runtime.smarthost.name}})
     runner = None
     tasks = [asyncio.create_task(_every(STATS_FLUSH_S, runtime.pipeline.flush_stats)),
+             asyncio.create_task(_every(TRACK_FLUSH_S, runtime.pipeline.flush_tracking)),
              asyncio.create_task(_every(correspondents.FLUSH_S,
                                         runtime.pipeline.flush_correspondents)),
              asyncio.create_task(runtime.workers.warm())]
@@ -254,6 +255,7 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
 
 
 STATS_FLUSH_S = 30.0
+TRACK_FLUSH_S = 2.0  # a tracking record is searchable within seconds of the reply
 PURGE_EVERY_S = 3600.0
 
 

@@ -32,7 +32,7 @@ from gateway.errors import DownstreamRejected, DownstreamUnavailable
 from gateway.logs import queue_id_var
 from gateway.message import Direction, Inbound
 from gateway.netaddr import client_key, networks, parse_ip, within
-from gateway.pipeline import Outcome, OutcomeKind, Pipeline
+from gateway.pipeline import Pipeline, reply_text
 from gateway.relay import NextHop, RcptAnswer, Transaction
 
 log = logging.getLogger(__name__)
@@ -480,7 +480,7 @@ class Handler:
                 tls=session.ssl is not None, direction=self._direction,
                 auth_user=session.auth_user, next_hop_tls=txn.tls)
             outcome = await self._pipeline.process(inbound, txn)
-            return reply_for(outcome, queue_id)
+            return reply_text(outcome, queue_id)
         finally:
             txn.abort()
             queue_id_var.reset(token)
@@ -575,15 +575,6 @@ def _as_checked(session: GatewaySession, address: str) -> bool:
 def _peer(session: Session) -> str:
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
-
-
-def reply_for(outcome: Outcome, queue_id: str) -> str:
-    """The reply the outcome's chain chose (a next hop's refusal: its own), with our queue id
-    on a 250 so that a sender's report can be traced."""
-    if outcome.kind is OutcomeKind.DOWNSTREAM_REJECTED:
-        return replies.downstream_reply(outcome.downstream_code or 550, outcome.downstream_text)
-    reply = outcome.reply or replies.TEMPFAIL_SCAN
-    return f"{reply} id={queue_id}" if reply.code == 250 else str(reply)
 
 
 class SubmissionSMTP(GatewaySMTP):

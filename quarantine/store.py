@@ -152,6 +152,25 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+-- Message tracking: one row per message the gateway answered (any outcome). The queue id,
+-- quarantine id, dates, direction, outcome, action, score and symbol names are clear (the
+-- search keys); envelope, From, subject, client, replies and findings are sealed.
+CREATE TABLE IF NOT EXISTS tracking (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    direction TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    action TEXT NOT NULL,
+    score REAL,
+    symbols TEXT NOT NULL,
+    quarantine_id TEXT,
+    size INTEGER NOT NULL,
+    meta BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tracking_queue_id ON tracking(queue_id);
+CREATE INDEX IF NOT EXISTS tracking_quarantine_id ON tracking(quarantine_id);
+CREATE INDEX IF NOT EXISTS tracking_received ON tracking(received_at);
 -- Messages per day, direction, action and main reason (all mail, not only quarantined).
 CREATE TABLE IF NOT EXISTS stats (
     day TEXT NOT NULL,
@@ -175,6 +194,39 @@ class AuditEntry:
     target: str
     client: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrackRecord:
+    """What happened to one message the gateway answered (`Store.track`, `Store.tracking`)."""
+
+    queue_id: str  # given in the SMTP reply
+    received_at: float
+    direction: str
+    outcome: str  # the pipeline's OutcomeKind value: delivered, quarantined, rejected...
+    action: str  # the verdict's action ("" when the message could not be analysed)
+    score: float | None
+    symbols: tuple[SymbolRecord, ...]
+    quarantine_id: str | None
+    size: int
+    # personal, sealed:
+    reply: str  # what the client was told
+    downstream: str  # the next hop's reply, when it gave one
+    mail_from: str
+    rcpts: tuple[str, ...]
+    delivered_to: tuple[str, ...]  # when held for some recipients only
+    subject: str
+    from_header: str
+    client_ip: str
+    helo: str
+    auth_user: str = ""
+    seq: int = 0  # set when stored
+
+
+_TRACK = b"track"
+_TRACK_PERSONAL = ("reply", "downstream", "mail_from", "rcpts", "delivered_to", "subject",
+                   "from_header", "client_ip", "helo", "auth_user")
+QUEUE_ID_RE = re.compile(r"^[0-9BCDFGHJKLMNPQRSTVWXYZ]{12}$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -540,6 +592,97 @@ class Store:
                     "ORDER BY day", (since_day,))]
         return await asyncio.to_thread(_read)
 
+    # ---- message tracking -------------------------------------------------------------
+
+    async def track(self, records: Sequence[TrackRecord]) -> None:
+        """Append tracking records (a batch: one transaction)."""
+        rows = []
+        for r in records:
+            personal: dict[str, Any] = {k: getattr(r, k) for k in _TRACK_PERSONAL}
+            personal["details"] = [[s.detail, s.description, s.args] for s in r.symbols]
+            sealed = self._sealer.seal(json.dumps(personal, ensure_ascii=False).encode(),
+                                       record_id=r.queue_id, purpose=_TRACK)
+            rows.append((r.queue_id, r.received_at, r.direction, r.outcome, r.action, r.score,
+                         json.dumps([{"name": s.name, "score": s.score} for s in r.symbols]),
+                         r.quarantine_id, r.size, sealed))
+
+        def _add() -> None:
+            with self._lock:
+                db = self._conn()
+                db.execute("BEGIN")
+                try:
+                    db.executemany(
+                        "INSERT INTO tracking (queue_id, received_at, direction, outcome, "
+                        "action, score, symbols, quarantine_id, size, meta) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+        await asyncio.to_thread(_add)
+
+    async def tracking(self, query: str = "", *, since: float | None = None,
+                       until: float | None = None, action: str | None = None,
+                       direction: str | None = None, limit: int = 50,
+                       offset: int = 0) -> tuple[list[TrackRecord], int]:
+        """Tracking records, newest first, and how many match. `query`: a queue id or a
+        quarantine id (found by index), else words all found in the sender, a recipient,
+        the From field or the subject (sealed fields: the rows the other filters leave are
+        unsealed and read)."""
+        q = query.strip()
+        where: list[str] = []
+        args: list[Any] = []
+        if QUEUE_ID_RE.match(q.upper()):
+            where.append("queue_id = ?")
+            args.append(q.upper())
+            q = ""
+        elif _ID_RE.match(held := q[:8] + q[8:9].upper() + q[9:].lower()):
+            where.append("quarantine_id = ?")
+            args.append(held)
+            q = ""
+        for cond, value in (("received_at >= ?", since), ("received_at < ?", until),
+                            ("action = ?", action), ("direction = ?", direction)):
+            if value is not None and value != "":
+                where.append(cond)
+                args.append(value)
+        where_sql = " WHERE " + " AND ".join(where) if where else ""
+        sql = f"SELECT * FROM tracking{where_sql} ORDER BY received_at DESC, seq DESC"
+        words = q.lower().split()
+
+        def _read() -> tuple[list[TrackRecord], int]:
+            if not words:
+                with self._lock:
+                    total = self._conn().execute(f"SELECT count(*) FROM tracking{where_sql}",
+                                                 args).fetchone()[0]
+                    rows = self._conn().execute(f"{sql} LIMIT ? OFFSET ?",
+                                                [*args, limit, offset]).fetchall()
+                return [self._row_track(r) for r in rows], int(total)
+            with self._lock:
+                rows = self._conn().execute(sql, args).fetchall()
+            found = []
+            for row in rows:
+                rec = self._row_track(row)
+                text = " ".join((rec.mail_from, rec.from_header, rec.subject,
+                                 *rec.rcpts)).lower()
+                if all(w in text for w in words):
+                    found.append(rec)
+            return found[offset:offset + limit], len(found)
+        return await asyncio.to_thread(_read)
+
+    def _row_track(self, row: Sequence[Any]) -> TrackRecord:
+        (seq, queue_id, received_at, direction, outcome, action, score, symbols,
+         quarantine_id, size, sealed) = row
+        personal = json.loads(self._sealer.open(sealed, record_id=queue_id, purpose=_TRACK))
+        for k in ("rcpts", "delivered_to"):
+            personal[k] = tuple(personal[k])
+        details = personal.pop("details")
+        symbols_ = tuple(SymbolRecord(name=s["name"], score=s["score"], detail=d[0],
+                                      description=d[1], args=_pairs(d[2:]))
+                         for s, d in zip(json.loads(symbols), details, strict=True))
+        return TrackRecord(seq=seq, queue_id=queue_id, received_at=received_at,
+                           direction=direction, outcome=outcome, action=action, score=score,
+                           symbols=symbols_, quarantine_id=quarantine_id, size=size, **personal)
+
     # ---- state changes ----------------------------------------------------------------
 
     async def release(self, item_id: str, *, by: str,
@@ -618,7 +761,8 @@ class Store:
             raise NotQuarantined(item_id, self._item_sync(item_id).state)
 
     async def purge(self, *, older_than_days: float) -> int:
-        """Remove items (files and rows) received before the retention period."""
+        """Remove items (files and rows), and tracking records, received before the
+        retention period."""
         cutoff = self._clock() - older_than_days * 86400
 
         def _purge() -> int:
@@ -632,6 +776,8 @@ class Store:
                 with self._lock:
                     self._conn().execute(
                         "DELETE FROM items WHERE id = ? AND state != 'releasing'", (item_id,))
+            with self._lock:  # the tracking records of the same period go with them
+                self._conn().execute("DELETE FROM tracking WHERE received_at < ?", (cutoff,))
             return len(ids)
         return await asyncio.to_thread(_purge)
 
