@@ -25,7 +25,15 @@ from gateway.quarantine_service import QuarantineService
 from gateway.service import build_runtime, load_rules, serve
 from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
-from quarantine.store import STATES, STATES_FR, Item, NotFound, NotQuarantined, TrackRecord
+from quarantine.store import (
+    OUTCOMES_FR,
+    STATES,
+    STATES_FR,
+    Item,
+    NotFound,
+    NotQuarantined,
+    TrackRecord,
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -349,13 +357,6 @@ _ACTION_FR = {"accept": "accepté", "tag": "marqué comme suspect", "quarantine"
               "reject": "refusé", "tempfail": "refusé temporairement"}
 # ---- message tracking --------------------------------------------------------------------
 
-_OUTCOME_FR = {"delivered": "remis", "quarantined": "mis en quarantaine", "rejected": "refusé",
-               "downstream_rejected": "refusé par le serveur de messagerie",
-               "tempfail_scan": "refusé temporairement (analyse)",
-               "tempfail_downstream": "refusé temporairement (serveur de messagerie)",
-               "tempfail_quarantine": "refusé temporairement (quarantaine)"}
-
-
 def _day(text: str, flag: str, *, end: bool = False) -> float:
     try:
         day = time.strptime(text, "%Y-%m-%d")
@@ -387,7 +388,7 @@ async def _track(cfg: Config, args: argparse.Namespace) -> int:
         print("Aucun message trouvé.")
         return 1
     for r in records:
-        what = _OUTCOME_FR.get(r.outcome, r.outcome)
+        what = OUTCOMES_FR.get(r.outcome, r.outcome)
         print(f"{r.queue_id}  {_when(r.received_at)}  "
               f"{'reçu' if r.direction == 'inbound' else 'envoyé'}  {what}"
               + (f" (quarantaine {r.quarantine_id})" if r.quarantine_id else "")

@@ -47,6 +47,12 @@ STATES = ("quarantined", "releasing", "released", "deleted")
 # As the web page and the CLI show them.
 STATES_FR = {"quarantined": "en quarantaine", "releasing": "libération en cours",
              "released": "libéré", "deleted": "supprimé"}
+# What became of a tracked message (the pipeline's outcomes), as the page and the CLI say it.
+OUTCOMES_FR = {"delivered": "remis", "quarantined": "mis en quarantaine", "rejected": "refusé",
+               "downstream_rejected": "refusé par le serveur de messagerie",
+               "tempfail_scan": "refusé pour l'instant (analyse impossible)",
+               "tempfail_downstream": "refusé pour l'instant (serveur de messagerie injoignable)",
+               "tempfail_quarantine": "refusé pour l'instant (quarantaine indisponible)"}
 # A `releasing` item or a temporary file older than this was left by a process that died: no
 # live release takes that long, `release` cancels a delivery past RELEASE_LIMIT_S.
 STALE_AFTER_S = 15 * 60

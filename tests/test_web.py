@@ -438,6 +438,49 @@ async def test_logging_out_ends_the_session_on_the_server(site: Web):
     assert (entries[0].action, entries[0].user) == ("logout", "claire")
 
 
+async def test_tracking_page_finds_a_message_by_any_of_its_ids(site: Web):
+    held = await quarantine(site.gw, suspicious("Facture en attente"))
+    _, delivered_reply = await aiosmtplib.send(
+        suspicious("Compte rendu", n=7).replace(b"facture.js", b"facture.txt"),
+        sender="contact@labo-analyses.example", recipients=[f"docteur@{DOMAIN}"],
+        hostname="127.0.0.1", port=site.gw.port, start_tls=False)
+    delivered = re.search(r"id=([0-9A-Z]{12})", delivered_reply).group(1)  # type: ignore[union-attr]
+    await site.gw.runtime.pipeline.flush_tracking()
+    store = site.gw.runtime.store
+    assert store is not None
+    item = await store.item(held)
+    c = site.client
+    await c.login(READER)  # reading is enough
+    # The reply's id: its record, with what was done and the reply given.
+    status, text, _ = await c.get(f"/suivi?q={delivered.lower()}")
+    assert status == 200 and f'id="{delivered}"' in text and "Compte rendu" in text
+    assert "remis" in text and f"id={delivered}" in text and "Facture en attente" not in text
+    # The held message's record links to it, found by either id.
+    for ident in (item.queue_id, held):
+        status, text, _ = await c.get(f"/suivi?q={ident}")
+        assert status == 200 and f'href="/quarantaine/{held}"' in text, ident
+        assert "mis en quarantaine" in text
+    # An id typed in the quarantine list's search opens the message, or its record.
+    status, _, resp = await c.get(f"/quarantaine?id={item.queue_id}")
+    assert status == 303 and resp.headers["Location"] == f"/quarantaine/{held}"
+    status, _, resp = await c.get(f"/quarantaine?id={held.upper()}")
+    assert status == 303 and resp.headers["Location"] == f"/quarantaine/{held}"
+    status, _, resp = await c.get(f"/quarantaine?id={delivered}")
+    assert status == 303 and resp.headers["Location"] == f"/suivi?q={delivered}"
+    # The message page names both ids and links to the record.
+    _, text, _ = await c.get(f"/quarantaine/{held}")
+    assert f"id={item.queue_id}" in text and f'href="/suivi?q={held}"' in text
+    # Words: sender's domain, newest first; nothing found says so.
+    _, text, _ = await c.get("/suivi?q=labo-analyses")
+    assert "2 message(s)" in text
+    assert text.index("Compte rendu") < text.index("Facture en attente")
+    _, text, _ = await c.get("/suivi?q=introuvable")
+    assert "Aucun message ne correspond." in text
+    # Searches are in the audit log (the words sealed there, as every detail).
+    entries, _ = await store.audit_log(action="track_search")
+    assert [e.detail for e in entries][-1] == delivered.lower()
+
+
 async def test_dashboard_counts_and_chart(site: Web):
     await quarantine(site.gw, suspicious())
     c = site.client

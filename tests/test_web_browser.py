@@ -206,3 +206,35 @@ async def test_reader_cannot_release_and_csrf_is_required(tmp_path: Path, sink: 
         assert (await gw.runtime.store.item(item)).state == "quarantined"  # type: ignore[union-attr]
         assert sink.empty()
         await context.close()
+
+
+async def test_tracking_search_by_each_kind_of_id(tmp_path: Path, sink: Sink, browser):
+    """The admin types the id a sender read in a reply, then the quarantine id, in the
+    "Suivi des messages" page, and goes from the record to the held message."""
+    async with running(web_config(tmp_path / "data", sink)) as gw:
+        base = f"http://127.0.0.1:{gw.web_port}"
+        held = await quarantine(gw, suspicious("Facture en attente"))
+        await gw.runtime.pipeline.flush_tracking()
+        store = gw.runtime.store
+        assert store is not None
+        queue_id = (await store.item(held)).queue_id
+        context = await browser.new_context(viewport={"width": 1280, "height": 900},
+                                            locale="fr-FR")
+        page = await context.new_page()
+        await login(page, base, ADMIN)
+        await page.get_by_role("link", name="Suivi des messages").click()
+        for ident in (queue_id.lower(), held):
+            await page.get_by_label("Rechercher").fill(ident)
+            await page.get_by_role("button", name="Rechercher").click()
+            await page.wait_for_url(f"**/suivi?q={ident}*")
+            row = page.locator(f'tr[id="{queue_id}"]')
+            await row.wait_for()
+            assert "mis en quarantaine" in await row.inner_text()
+            assert "1 message(s)." in await page.locator("main").inner_text()
+        await row.get_by_role("link", name="voir le message retenu").click()
+        await page.wait_for_url(f"{base}/quarantaine/{held}")
+        await page.get_by_role("heading", name="Facture en attente").wait_for()
+        if os.environ.get("GATEWAY_UPDATE_DOCS"):
+            await page.goto(f"{base}/suivi?q={queue_id}")
+            await page.screenshot(path=str(DOCS / "web-tracking.png"), full_page=True)
+        await context.close()

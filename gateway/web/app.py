@@ -8,6 +8,7 @@ sessions, CSRF and headers, preview.py for the safe preview.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hmac
 import logging
@@ -46,7 +47,15 @@ from gateway.web.security import (
     same_token,
 )
 from gateway.workers import Workers
-from quarantine.store import STATES_FR, Filters, Item, NotFound, NotQuarantined
+from quarantine.store import (
+    OUTCOMES_FR,
+    STATES_FR,
+    Filters,
+    Item,
+    NotFound,
+    NotQuarantined,
+    TrackRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,7 @@ AUDIT_FR = {
     "release": "libération", "release_failed": "libération échouée", "delete": "suppression",
     "download": "téléchargement", "allow": "expéditeur autorisé", "block": "expéditeur bloqué",
     "list_remove": "retrait de liste", "purge": "purge (rétention)",
+    "track_search": "recherche dans le suivi",
     "sender_release": "libération par l'expéditeur", "user_add": "compte créé",
     "user_remove": "compte supprimé", "totp_reset": "second facteur renouvelé",
 }
@@ -97,7 +107,7 @@ class WebApp:
         self.env.filters["when"] = lambda ts: time.strftime("%d/%m/%Y %H:%M", time.localtime(ts))
         self.env.filters["size"] = _size
         self.env.filters["actor"] = actor_fr
-        self.env.globals.update(states_fr=STATES_FR, audit_fr=AUDIT_FR)
+        self.env.globals.update(states_fr=STATES_FR, audit_fr=AUDIT_FR, outcomes_fr=OUTCOMES_FR)
 
     # ---- plumbing ---------------------------------------------------------------------
 
@@ -115,6 +125,7 @@ class WebApp:
         r.add_get("/quarantaine/{id}/apercu", self.preview_frame)
         r.add_get("/quarantaine/{id}/telecharger", self.download)
         r.add_post("/quarantaine/{id}/{action}", self.item_action)
+        r.add_get("/suivi", self.tracking_page)
         r.add_get("/listes", self.lists_page)
         r.add_post("/listes", self.lists_change)
         r.add_get("/journal", self.audit_page)
@@ -312,6 +323,15 @@ class WebApp:
     async def list_page(self, request: web.Request) -> web.Response:
         assert self.store is not None
         q = request.query
+        if ident := q.get("id", "").strip()[:100]:
+            # Any id: a quarantine id opens its message, a reply's id its tracking record.
+            records, _ = await self.store.tracking(ident, limit=1)
+            if records and records[0].quarantine_id:
+                raise web.HTTPSeeOther(f"/quarantaine/{records[0].quarantine_id}")
+            held = ident[:8] + ident[8:9].upper() + ident[9:].lower()
+            with contextlib.suppress(NotFound):  # held before its tracking record existed
+                raise web.HTTPSeeOther(f"/quarantaine/{(await self.store.item(held)).id}")
+            raise web.HTTPSeeOther("/suivi?" + urlencode({"q": ident}))
         filters = Filters(
             state=q.get("etat", "quarantined") or None, direction=q.get("sens") or None,
             since=_day(q.get("du")), until=_day(q.get("au"), end=True),
@@ -331,8 +351,28 @@ class WebApp:
                 for name in await self.store.symbol_names()],
             page_url=lambda n: "/quarantaine?" + urlencode({**args, "page": n}))
 
-    def _reasons(self, item: Item) -> list[str]:
-        """The main French reasons of an item, heaviest first (forced actions first)."""
+    async def tracking_page(self, request: web.Request) -> web.Response:
+        """Message tracking ("Suivi des messages"): any id a reply or the quarantine gave, or
+        words of the sender, a recipient or the subject; each search is audited."""
+        assert self.store is not None
+        q = request.query
+        query = q.get("q", "").strip()[:200]
+        page = _page(q.get("page"))
+        records, total = await self.store.tracking(
+            query, since=_day(q.get("du")), until=_day(q.get("au"), end=True),
+            action=q.get("action") or None, direction=q.get("sens") or None,
+            limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+        if query:
+            await self.audit(request, "track_search", "", query)
+        args = {k: v for k, v in q.items() if k != "page"}
+        return self.render(
+            request, "tracking.html", records=[(r, self._reasons(r)) for r in records],
+            total=total, page=page, pages=max(1, math.ceil(total / PAGE_SIZE)), q=q,
+            page_url=lambda n: "/suivi?" + urlencode({**args, "page": n}))
+
+    def _reasons(self, item: Item | TrackRecord) -> list[str]:
+        """The main French reasons of an item or a tracked message, heaviest first (forced
+        actions first)."""
         table = self.table
         ranked = sorted(item.symbols, key=lambda s: (
             not (s.name in table and table[s.name].action is not None), -s.score))
