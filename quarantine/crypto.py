@@ -8,6 +8,7 @@ nor index metadata as a message.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -33,6 +34,12 @@ class Sealer:
             raise KeyFileError("quarantine key must be 32 bytes")
         self._aead = AESGCM(key)
         self.key_id = hashlib.sha256(b"gateway-quarantine-key-id" + key).digest()[:8]
+        self._index_key = hmac.new(key, b"gateway-search-index", hashlib.sha256).digest()
+
+    def token(self, word: str) -> str:
+        """A keyed token of a word (a blind index): the index can find the records with a
+        word without holding the word; only the key's holder can compute a word's token."""
+        return hmac.new(self._index_key, word.encode(), hashlib.sha256).hexdigest()[:12]
 
     def seal(self, plaintext: bytes, *, record_id: str, purpose: bytes) -> bytes:
         nonce = secrets.token_bytes(12)

@@ -33,6 +33,7 @@ import sqlite3
 import struct
 import threading
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -160,7 +161,8 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 -- Message tracking: one row per message the gateway answered (any outcome). The queue id,
 -- quarantine id, dates, direction, outcome, action, score and symbol names are clear (the
--- search keys); envelope, From, subject, client, replies and findings are sealed.
+-- search keys); envelope, From, subject, client, replies and findings are sealed, and the
+-- words of the sender, recipients, From and subject are only keyed tokens (a blind index).
 CREATE TABLE IF NOT EXISTS tracking (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     queue_id TEXT NOT NULL,
@@ -172,6 +174,7 @@ CREATE TABLE IF NOT EXISTS tracking (
     symbols TEXT NOT NULL,
     quarantine_id TEXT,
     size INTEGER NOT NULL,
+    words TEXT NOT NULL,
     meta BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tracking_queue_id ON tracking(queue_id);
@@ -233,6 +236,8 @@ _TRACK = b"track"
 _TRACK_PERSONAL = ("reply", "downstream", "mail_from", "rcpts", "delivered_to", "subject",
                    "from_header", "client_ip", "helo", "auth_user")
 QUEUE_ID_RE = re.compile(r"^[0-9BCDFGHJKLMNPQRSTVWXYZ]{12}$")
+_TRACK_COLUMNS = ("seq, queue_id, received_at, direction, outcome, action, score, symbols, "
+                  "quarantine_id, size, meta")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -608,9 +613,11 @@ class Store:
             personal["details"] = [[s.detail, s.description, s.args] for s in r.symbols]
             sealed = self._sealer.seal(json.dumps(personal, ensure_ascii=False).encode(),
                                        record_id=r.queue_id, purpose=_TRACK)
+            words = {self._sealer.token(w) for w in _words(
+                " ".join((r.mail_from, r.from_header, r.subject, *r.rcpts)))}
             rows.append((r.queue_id, r.received_at, r.direction, r.outcome, r.action, r.score,
                          json.dumps([{"name": s.name, "score": s.score} for s in r.symbols]),
-                         r.quarantine_id, r.size, sealed))
+                         r.quarantine_id, r.size, f" {' '.join(sorted(words))} ", sealed))
 
         def _add() -> None:
             with self._lock:
@@ -619,8 +626,8 @@ class Store:
                 try:
                     db.executemany(
                         "INSERT INTO tracking (queue_id, received_at, direction, outcome, "
-                        "action, score, symbols, quarantine_id, size, meta) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+                        "action, score, symbols, quarantine_id, size, words, meta) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
@@ -651,12 +658,21 @@ class Store:
             if value is not None and value != "":
                 where.append(cond)
                 args.append(value)
+        # Words: the rows holding each word's token (the index), then read to check.
+        for token in sorted({self._sealer.token(w) for w in _words(q)}):
+            where.append("words LIKE ?")
+            args.append(f"% {token} %")
         where_sql = " WHERE " + " AND ".join(where) if where else ""
-        sql = f"SELECT * FROM tracking{where_sql} ORDER BY received_at DESC, seq DESC"
-        words = q.lower().split()
+        sql = (f"SELECT {_TRACK_COLUMNS} FROM tracking{where_sql} "
+               "ORDER BY received_at DESC, seq DESC")
+        words = _fold(q).split()
+        # Words of letters and digits only: the index alone answers (48-bit tokens), and
+        # SQL pages. Others ("labo-analyses", "x@y.fr") are read again to check the letters
+        # between the words.
+        checked = [w for w in words if not re.fullmatch(r"[^\W_]+", w)]
 
         def _read() -> tuple[list[TrackRecord], int]:
-            if not words:
+            if not checked:
                 with self._lock:
                     total = self._conn().execute(f"SELECT count(*) FROM tracking{where_sql}",
                                                  args).fetchone()[0]
@@ -668,9 +684,9 @@ class Store:
             found = []
             for row in rows:
                 rec = self._row_track(row)
-                text = " ".join((rec.mail_from, rec.from_header, rec.subject,
-                                 *rec.rcpts)).lower()
-                if all(w in text for w in words):
+                text = _fold(" ".join((rec.mail_from, rec.from_header, rec.subject,
+                                       *rec.rcpts)))
+                if all(w in text for w in checked):
                     found.append(rec)
             return found[offset:offset + limit], len(found)
         return await asyncio.to_thread(_read)
@@ -806,3 +822,15 @@ def _to_json(item: Item) -> dict[str, Any]:
 def _pairs(stored: Sequence[Any]) -> tuple[tuple[str, str], ...]:
     """A finding's values as read back from JSON ([[k, v], ...]; absent in older records)."""
     return tuple((str(k), str(v)) for k, v in stored[0]) if stored else ()
+
+
+def _fold(text: str) -> str:
+    """Lower case, no accents: how words are compared ("Résultats" is "resultats")."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def _words(text: str) -> set[str]:
+    """The words a search can name: runs of letters and digits, folded (an address gives
+    its local part and each label of its domain)."""
+    return {w for w in re.split(r"[\W_]+", _fold(text)) if w}

@@ -86,6 +86,8 @@ async def test_every_kind_of_reply_finds_its_record(tmp_path: Path, sink: Sink):
     found = track(data, "durand")
     assert [r["outcome"] for r in found] == ["tempfail_downstream", "delivered"]
     assert len(track(data, "labo.example")) == 4
+    assert len(track(data, "Résultats DURAND")) == 2  # any case, accents or not
+    assert track(data, "dur") == []  # whole words: the index holds words, not their parts
     assert track(data, "--action", "reject")[0]["outcome"] == "rejected"
     assert track(data, "introuvable") == []
     # Personal fields are sealed in the index: the subject is not in the database in clear.
