@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("id")
         if name == "show":
             q.add_argument("--raw", action="store_true", help="écrire le message brut (.eml)")
+        if name == "release":
+            q.add_argument("--confirmer", action="store_true",
+                           help="nécessaire pour un message refusé (son expéditeur a reçu un "
+                           "refus) dont la copie a été conservée")
     q = qsub.add_parser("purge", help="supprimer les messages plus anciens que la rétention")
     q.add_argument("--days", type=float, help="par défaut : quarantine.retention_days")
     return ap
@@ -464,6 +468,10 @@ async def _quarantine_cmd(args: argparse.Namespace, quarantine: QuarantineServic
         print(raw[: end if end > 0 else len(raw)].decode("utf-8", "replace").rstrip())
         return 0
     if cmd == "release":
+        if (await store.item(args.id)).state == "refused" and not args.confirmer:
+            print("Ce message a été refusé (son expéditeur a reçu un refus) ; pour le libérer "
+                  "malgré tout, relancez avec --confirmer.", file=sys.stderr)
+            return 1
         try:
             item = await quarantine.release(args.id, by=by)
         except NotQuarantined as exc:

@@ -150,6 +150,9 @@ class QuarantineSection:
     __pydantic_config__ = _STRICT
     key_file: str = ""  # default: <data_dir>/quarantine.key, created at first start (0600)
     retention_days: int = 30
+    # A copy of each refused message kept sealed for the retention period, so that the admin
+    # can see why and release a false positive (the sender was told no: with a confirmation).
+    keep_rejected: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -233,9 +233,16 @@ class Pipeline:
         chain = decision.chain
         if Step.STORE not in chain and Step.DELIVER not in chain:
             txn.abort()
-            kind = (OutcomeKind.REJECTED if decision.plan is chains.Plan.REJECT
-                    else OutcomeKind.TEMPFAIL_SCAN)
-            return Outcome(kind=kind, analysis=analysis, reply=decision.reply)
+            if decision.plan is not chains.Plan.REJECT:
+                return Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, analysis=analysis,
+                               reply=decision.reply)
+            kept = None
+            if self._cfg.quarantine.keep_rejected:
+                # A copy for the admin's review; the refusal stands whatever becomes of it.
+                copy = await self._quarantine(inbound, analysis, True, state="refused")
+                kept = copy.quarantine_id
+            return Outcome(kind=OutcomeKind.REJECTED, analysis=analysis, reply=decision.reply,
+                           quarantine_id=kept)
         verdict_headers = Step.VERDICT_HEADERS in chain
         held: Outcome | None = None
         recipients = inbound.rcpts
@@ -412,7 +419,8 @@ class Pipeline:
             log.exception("statistics not saved")
 
     async def _quarantine(self, inbound: Inbound, analysis: Analysis, verdict_headers: bool,
-                          *, sender_may_release: bool = False) -> Outcome:
+                          *, sender_may_release: bool = False,
+                          state: str = "quarantined") -> Outcome:
         if self._store is None:
             return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)
         verdict = analysis.verdict
@@ -429,7 +437,7 @@ class Pipeline:
         try:
             raw = (self.result_headers(inbound, analysis, verdict=verdict_headers)
                    + headers.strip_own_headers(inbound.raw, self._cfg.authserv_id))
-            item_id = await self._store.put(new, raw)
+            item_id = await self._store.put(new, raw, state=state)
         except Exception:  # noqa: BLE001 - disk full, permissions: the sender must retry
             log.exception("quarantine write failed")
             return Outcome(kind=OutcomeKind.TEMPFAIL_QUARANTINE, analysis=analysis)

@@ -10,9 +10,11 @@ before `put` raises QuarantineWriteError: the sender got 451 and retries, and no
 appear at the next open. Old temporary files (an interrupted write) are removed at open.
 
 States: `quarantined -> releasing -> released` (or back to `quarantined` when delivery fails),
-and `quarantined` or `released -> deleted`. Every change is a compare-and-set in SQL, so that
-several Store objects, in one process or several (serving processes, the web page, the CLI),
-never release one item twice nor delete an item being released (see `release`).
+and `quarantined` or `released -> deleted`. A refused message whose copy is kept for review
+(`[quarantine] keep_rejected`) starts `refused` and follows the same paths. Every change is
+a compare-and-set in SQL, so that several Store objects, in one process or several (serving
+processes, the web page, the CLI), never release one item twice nor delete an item being
+released (see `release`).
 
 What is personal data (sender, recipients, subject, client address) is sealed in the index too;
 the clear columns are the id, dates, direction, action, score, symbol names, state and size.
@@ -44,10 +46,12 @@ from quarantine.files import fsync_dir, write_private
 
 log = logging.getLogger(__name__)
 
-STATES = ("quarantined", "releasing", "released", "deleted")
+STATES = ("quarantined", "refused", "releasing", "released", "deleted")
 # As the web page and the CLI show them.
-STATES_FR = {"quarantined": "en quarantaine", "releasing": "libération en cours",
-             "released": "libéré", "deleted": "supprimé"}
+STATES_FR = {"quarantined": "en quarantaine", "refused": "refusé (copie conservée)",
+             "releasing": "libération en cours", "released": "libéré", "deleted": "supprimé"}
+# States an item can be released from: held, or refused with its copy kept for review.
+RELEASABLE = ("quarantined", "refused")
 # What became of a tracked message (the pipeline's outcomes), as the page and the CLI say it.
 OUTCOMES_FR = {"delivered": "remis", "quarantined": "mis en quarantaine", "rejected": "refusé",
                "downstream_rejected": "refusé par le serveur de messagerie",
@@ -367,13 +371,14 @@ class Store:
 
     # ---- writing ----------------------------------------------------------------------
 
-    async def put(self, new: NewItem, raw: bytes) -> str:
-        """Seal and store durably; returns the item id once it is on disk."""
-        return await asyncio.to_thread(self._put_sync, new, raw)
+    async def put(self, new: NewItem, raw: bytes, *, state: str = "quarantined") -> str:
+        """Seal and store durably; returns the item id once it is on disk. `state`:
+        "refused" for the kept copy of a refused message."""
+        return await asyncio.to_thread(self._put_sync, new, raw, state)
 
-    def _put_sync(self, new: NewItem, raw: bytes) -> str:
+    def _put_sync(self, new: NewItem, raw: bytes, state: str = "quarantined") -> str:
         item_id = _new_id(new.received_at)
-        item = Item(id=item_id, state="quarantined", size=len(raw), **_fields(new))
+        item = Item(id=item_id, state=state, size=len(raw), **_fields(new))
         meta = json.dumps(_to_json(item), ensure_ascii=False).encode()
         plain = struct.pack(">I", len(meta)) + meta + raw
         blob = self._sealer.seal(plain, record_id=item_id, purpose=_MSG)
@@ -721,14 +726,16 @@ class Store:
         and the error is raised. A process killed mid-delivery leaves it `releasing` until
         `_recover_releasing` puts it back."""
         _check_id(item_id)
-        await asyncio.to_thread(self._move, item_id, ("quarantined",), "releasing", by)
+        prior = (await self.item(item_id)).state
+        await asyncio.to_thread(self._move, item_id,
+                                (prior,) if prior in RELEASABLE else RELEASABLE, "releasing", by)
         try:
             item, raw = await self.get(item_id)
             async with asyncio.timeout(RELEASE_LIMIT_S):
                 await deliver(item, raw)
         except BaseException as exc:
             try:
-                await asyncio.to_thread(self._move, item_id, ("releasing",), "quarantined", None)
+                await asyncio.to_thread(self._move, item_id, ("releasing",), prior, None)
             except Exception:  # noqa: BLE001 - the delivery error is the one to report
                 log.exception("quarantine item %s left releasing after a failed delivery", item_id)
             if isinstance(exc, Exception):
@@ -758,7 +765,7 @@ class Store:
         def _delete() -> bool:
             moved = True
             try:
-                self._move(item_id, ("quarantined", "released"), "deleted", by)
+                self._move(item_id, ("quarantined", "refused", "released"), "deleted", by)
             except NotQuarantined as exc:
                 if exc.state != "deleted":
                     raise

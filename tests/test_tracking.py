@@ -62,7 +62,8 @@ async def test_every_kind_of_reply_finds_its_record(tmp_path: Path, sink: Sink):
         await gw.runtime.pipeline.flush_tracking()
         store = gw.runtime.store
         assert store is not None
-        held = (await store.list_items())[0].id
+        held = (await store.list_items(state="quarantined"))[0].id
+        kept = (await store.list_items(state="refused"))[0].id
 
     codes = {kind: code for kind, (code, _) in replies.items()}
     assert codes == {"delivered": 250, "quarantined": 250, "rejected": 550,
@@ -76,7 +77,7 @@ async def test_every_kind_of_reply_finds_its_record(tmp_path: Path, sink: Sink):
         assert record["reply"].startswith(str(code)) and record["reply"].endswith(m.group(0))
         assert record["mail_from"] == "resultats@labo.example"
         assert record["rcpts"] == [f"docteur@{DOMAIN}"]
-        assert (record["quarantine_id"] == held) is (kind == "quarantined")
+        assert record["quarantine_id"] == {"quarantined": held, "rejected": kept}.get(kind)
     rejected = track(data, ID.search(replies["rejected"][1]).group(1))[0]  # type: ignore[union-attr]
     assert rejected["action"] == "reject"
     assert "YARA_EICAR" in {s["name"] for s in rejected["symbols"]}
@@ -140,3 +141,61 @@ def test_nothing_found_says_so(tmp_path: Path, query: str):
                           "--data-dir", str(tmp_path), "--domain", DOMAIN, "--dns", DNS.address],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "Aucun message trouvé." in res.stdout, res.stderr
+
+
+async def test_a_refused_message_kept_for_review_is_released_only_after_confirmation(
+        tmp_path: Path, sink: Sink):
+    from gateway.accounts import AccountFile
+    from tests.support.webclient import ADMIN, Client, add_users
+
+    data = tmp_path / "data"
+    cfg = make_config(data, next_hop={"address": sink.address, "starttls": "off"},
+                      web={"listen": "127.0.0.1:0"})
+    add_users(AccountFile(cfg.web_users_file))
+    async with running(cfg) as gw:
+        code, text = await send(gw.port, message_with("test.txt", EICAR))
+        assert code == 550
+        store = gw.runtime.store
+        assert store is not None
+        [item] = await store.list_items(state="refused")
+        assert item.queue_id == ID.search(text).group(1)  # type: ignore[union-attr]
+        c = Client(f"http://127.0.0.1:{gw.web_port}")
+        try:
+            await c.login(ADMIN)
+            _, page, _ = await c.get(f"/quarantaine/{item.id}")
+            assert "son expéditeur a reçu un refus" in page
+            # Releasing asks first, naming why the message was refused; nothing is sent.
+            status, page, _ = await c.post(f"/quarantaine/{item.id}/liberer", {"csrf": c.csrf})
+            assert status == 200 and "Libérer un message refusé ?" in page
+            assert "le fichier de test des antivirus (EICAR)" in page
+            assert (await store.item(item.id)).state == "refused" and sink.empty()
+            status, _, _ = await c.post(f"/quarantaine/{item.id}/liberer",
+                                        {"csrf": c.csrf, "confirme": "1"})
+            assert status == 303
+        finally:
+            await c.close()
+        got = await sink.get()
+        assert b"X-Gateway-Released: by web:claire" in got.data
+        assert (await store.item(item.id)).state == "released"
+        # The CLI asks for the same confirmation.
+        code, _ = await send(gw.port, message_with("test.txt", EICAR))
+        assert code == 550
+        second = (await store.list_items(state="refused"))[0].id
+    res = subprocess.run([sys.executable, "-m", "gateway", "quarantine", "--data-dir", str(data),
+                          "--domain", DOMAIN, "--dns", DNS.address, "release", second],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "--confirmer" in res.stderr
+
+
+async def test_no_copy_of_refused_mail_when_the_admin_turns_it_off(tmp_path: Path, sink: Sink):
+    cfg = make_config(tmp_path / "data", next_hop={"address": sink.address, "starttls": "off"},
+                      quarantine={"keep_rejected": False})
+    async with running(cfg) as gw:
+        code, _ = await send(gw.port, message_with("test.txt", EICAR))
+        assert code == 550
+        await gw.runtime.pipeline.flush_tracking()
+        store = gw.runtime.store
+        assert store is not None
+        assert await store.list_items(state=None) == []
+        [record], _ = await store.tracking()
+        assert record.outcome == "rejected" and record.quarantine_id is None

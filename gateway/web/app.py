@@ -49,6 +49,7 @@ from gateway.web.security import (
 from gateway.workers import Workers
 from quarantine.store import (
     OUTCOMES_FR,
+    RELEASABLE,
     STATES_FR,
     Filters,
     Item,
@@ -386,7 +387,7 @@ class WebApp:
         show = request.query.get("identifiants") == "1" and request[SESSION].is_admin
         try:
             item = await self.store.item(item_id)
-            raw = (await self.store.get(item_id))[1] if item.state == "quarantined" else None
+            raw = (await self.store.get(item_id))[1] if item.state in RELEASABLE else None
         except NotFound:
             return self.refuse(request, 404, "Message introuvable (supprimé ou purgé).")
         view = None
@@ -442,6 +443,17 @@ class WebApp:
         action = request.match_info["action"]
         if action not in ("liberer", "liberer-autoriser", "bloquer", "supprimer"):
             raise web.HTTPNotFound()
+        if action.startswith("liberer"):
+            form = await request.post()
+            assert self.store is not None
+            try:
+                item = await self.store.item(item_id)
+            except NotFound:
+                return self.refuse(request, 404, "Message introuvable (supprimé ou purgé).")
+            if item.state == "refused" and form.get("confirme") != "1":
+                # The sender was told no: releasing says yes after all. Ask, naming why.
+                return self.render(request, "confirm_release.html", item=item, action=action,
+                                   reasons=self._reasons(item))
         message = await self._act(request, item_id, action)
         raise web.HTTPSeeOther(f"/quarantaine/{item_id}?" + urlencode({"info": message}))
 
