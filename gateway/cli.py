@@ -27,6 +27,7 @@ from gateway.workers import Workers
 from quarantine.crypto import KeyFileError
 from quarantine.store import (
     OUTCOMES_FR,
+    RELEASABLE,
     STATES,
     STATES_FR,
     Item,
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "release":
             q.add_argument("--confirmer", action="store_true",
                            help="nécessaire pour un message refusé (son expéditeur a reçu un "
-                           "refus) dont la copie a été conservée")
+                           "refus) ou retenu pour un fichier dangereux")
     q = qsub.add_parser("purge", help="supprimer les messages plus anciens que la rétention")
     q.add_argument("--days", type=float, help="par défaut : quarantine.retention_days")
     return ap
@@ -468,9 +469,13 @@ async def _quarantine_cmd(args: argparse.Namespace, quarantine: QuarantineServic
         print(raw[: end if end > 0 else len(raw)].decode("utf-8", "replace").rstrip())
         return 0
     if cmd == "release":
-        if (await store.item(args.id)).state == "refused" and not args.confirmer:
-            print("Ce message a été refusé (son expéditeur a reçu un refus) ; pour le libérer "
-                  "malgré tout, relancez avec --confirmer.", file=sys.stderr)
+        item = await store.item(args.id)
+        if item.state in RELEASABLE and quarantine.needs_confirmation(item) \
+                and not args.confirmer:
+            why = ("a été refusé (son expéditeur a reçu un refus)" if item.state == "refused"
+                   else "contient un fichier dangereux")
+            print(f"Ce message {why} ; pour le libérer malgré tout, relancez avec "
+                  "--confirmer.", file=sys.stderr)
             return 1
         try:
             item = await quarantine.release(args.id, by=by)

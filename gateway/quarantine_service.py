@@ -65,6 +65,14 @@ class QuarantineService:
             raise DownstreamUnavailable(f"release of {item_id}: the next hop took too long"
                                         ) from exc
 
+    def needs_confirmation(self, item: Item) -> bool:
+        """A refused message (its sender was told no), or one held for a file the symbol
+        table holds or refuses by itself (malware, a program, a macro that runs at opening):
+        released only after a confirmation that names the reason, one at a time."""
+        return item.state == "refused" or any(
+            s.name in self.table and self.table[s.name].group == "attachments"
+            and self.table[s.name].action is not None for s in item.symbols)
+
     async def delete(self, item_id: str, *, by: str, client: str = "") -> None:
         """Raises NotFound, or NotQuarantined while someone releases it."""
         await self.store.delete(item_id, by=by, client=client)

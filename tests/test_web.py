@@ -15,7 +15,7 @@ import pytest
 
 from gateway.accounts import AccountFile
 from gateway.service import Running, purge_expired, running
-from quarantine.store import NewItem
+from quarantine.store import NewItem, SymbolRecord
 from tests.conftest import DOMAIN, make_config
 from tests.support.certs import self_signed
 from tests.support.sink import Sink
@@ -287,7 +287,12 @@ async def test_release_delete_download_and_the_audit_log(site: Web):
     assert status == 200 and "peut être dangereux" in text
     status, _, resp = await c.get(f"/quarantaine/{one}/telecharger?confirme=1")
     assert status == 200 and resp.headers["Content-Disposition"].startswith("attachment")
-    status, _, resp = await c.post(f"/quarantaine/{one}/liberer", {"csrf": c.csrf})
+    # Held for a program attached: releasing asks first, naming the file; nothing is sent.
+    status, text, _ = await c.post(f"/quarantaine/{one}/liberer", {"csrf": c.csrf})
+    assert status == 200 and "Libérer un message dangereux ?" in text and "facture.js" in text
+    assert site.sink.empty() and (await store.item(one)).state == "quarantined"
+    status, _, resp = await c.post(f"/quarantaine/{one}/liberer", {"csrf": c.csrf,
+                                                                   "confirme": "1"})
     assert status == 303
     got = await site.sink.get()
     assert got.rcpts == [f"docteur@{DOMAIN}"] and b"Subject: [SUSPECT] Premier" in got.data
@@ -315,16 +320,30 @@ async def test_release_delete_download_and_the_audit_log(site: Web):
 
 
 async def test_bulk_release(site: Web):
-    ids = [await quarantine(site.gw, suspicious(f"Lot {i}", n=10 + i)) for i in range(3)]
+    """A batch releases what needs no confirmation; a message held for a dangerous file is
+    released one by one, after its confirmation, never in a batch."""
+    store = site.gw.runtime.store
+    assert store is not None
+    raw = suspicious("x").replace(b"facture.js", b"facture.txt")
+    lure = (SymbolRecord(name="PHISH_SPF_FAIL_LURE_LINK", score=4.0, detail="x"),)
+    ids = [await store.put(NewItem(
+        queue_id=f"L{i}", received_at=time.time(), direction="inbound", action="quarantine",
+        score=9.0, symbols=lure, mail_from="contact@labo-analyses.example",
+        rcpts=(f"docteur@{DOMAIN}",), subject=f"Lot {i}", from_header="", client_ip="",
+        helo=""), raw.replace(b"Subject: x", f"Subject: Lot {i}".encode()))
+        for i in range(3)]
+    dangerous = await quarantine(site.gw, suspicious("Programme joint", n=30))
     c = site.client
     await c.login(ADMIN)
     await c.get("/quarantaine")
-    status, _, resp = await c.post("/quarantaine/actions", [("csrf", c.csrf), ("action", "liberer"),
-                                                             *[("ids", i) for i in ids[:2]]])
+    status, _, resp = await c.post("/quarantaine/actions", [
+        ("csrf", c.csrf), ("action", "liberer"), *[("ids", i) for i in [*ids[:2], dangerous]]])
     assert status == 303 and "2+message" in resp.headers["Location"].replace("%28s%29", "")
+    assert "sur+3" in resp.headers["Location"]
     subjects = {(await site.sink.get()).data.split(b"Subject: ")[1].split(b"\r\n")[0]
                 for _ in range(2)}
     assert subjects == {b"[SUSPECT] Lot 0", b"[SUSPECT] Lot 1"}
+    assert site.sink.empty() and (await store.item(dangerous)).state == "quarantined"
 
 
 async def test_filters_and_pagination(site: Web):

@@ -138,7 +138,14 @@ async def test_admin_reviews_previews_safely_and_releases(tmp_path: Path, sink: 
             await page.set_viewport_size({"width": 1280, "height": 900})
 
         # Release: the original message reaches the next hop.
-        await page.get_by_role("button", name="Libérer", exact=True).click()
+        # Held for a program attached: deleting is the first button, releasing asks first.
+        buttons = page.locator(".actions button")
+        assert await buttons.first.inner_text() == "Supprimer"
+        await page.get_by_role("button", name="Libérer malgré le danger…").click()
+        await page.get_by_role("heading", name="Libérer un message dangereux ?").wait_for()
+        assert "facture.js" in await page.locator("main").inner_text()
+        assert sink.empty()
+        await page.get_by_role("button", name="Je confirme : libérer ce message").click()
         await page.get_by_text("Message libéré et remis au destinataire").wait_for()
         got = await sink.get()
         _, stored = await gw.runtime.store.get(item)  # type: ignore[union-attr]

@@ -400,6 +400,7 @@ class WebApp:
                    for s in item.symbols]
         yara = {a.name: _yara_rules(item, a.name) for a in view.attachments} if view else {}
         return self.render(request, "message.html", item=item, view=view, symbols=symbols,
+                           dangerous=self.quarantine.needs_confirmation(item),
                            show=show, reasons=self._reasons(item), yara=yara,
                            info=request.query.get("info", "")[:300])
 
@@ -450,8 +451,10 @@ class WebApp:
                 item = await self.store.item(item_id)
             except NotFound:
                 return self.refuse(request, 404, "Message introuvable (supprimé ou purgé).")
-            if item.state == "refused" and form.get("confirme") != "1":
-                # The sender was told no: releasing says yes after all. Ask, naming why.
+            if item.state in RELEASABLE and self.quarantine.needs_confirmation(item) \
+                    and form.get("confirme") != "1":
+                # Refused (the sender was told no), or held for a dangerous file: releasing
+                # says yes after all. Ask, naming why.
                 return self.render(request, "confirm_release.html", item=item, action=action,
                                    reasons=self._reasons(item))
         message = await self._act(request, item_id, action)
@@ -465,10 +468,18 @@ class WebApp:
         ids = [str(v) for v in form.getall("ids", [])][:PAGE_SIZE * 4]
         if action not in ("liberer", "supprimer") or not ids:
             raise web.HTTPSeeOther("/quarantaine?" + urlencode({"info": "Aucun message choisi."}))
-        results = [await self._act(request, i, action) for i in ids]
+        results = [await self._bulk_one(request, i, action) for i in ids]
         ok = sum(1 for r in results if not r.startswith("Impossible"))
         raise web.HTTPSeeOther("/quarantaine?" + urlencode(
             {"info": f"{ok} message(s) traité(s) sur {len(ids)}."}))
+
+    async def _bulk_one(self, request: web.Request, item_id: str, action: str) -> str:
+        assert self.store is not None
+        if action == "liberer":
+            with contextlib.suppress(NotFound):
+                if self.quarantine.needs_confirmation(await self.store.item(item_id)):
+                    return "Impossible : ce message se libère un par un, après confirmation."
+        return await self._act(request, item_id, action)
 
     async def _act(self, request: web.Request, item_id: str, action: str) -> str:
         """One action on one item; a French message for the page."""
