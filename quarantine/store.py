@@ -356,13 +356,17 @@ class Store:
             log.warning("%d stale temporary file(s) removed from %s", removed, self._msgs)
 
     def _recover_releasing(self) -> None:
-        """Put back in quarantine the items a process left `releasing` when it died mid-delivery
-        (at open, and at each purge). Only past STALE_AFTER_S: a younger one may be in the hands
-        of a live process. The next hop may have accepted the message before the process died:
-        releasing it again then delivers it twice (at least once after a crash, never lost)."""
+        """Put back in quarantine (or among the refused) the items a process left `releasing`
+        when it died mid-delivery (at open, and at each purge). Only past STALE_AFTER_S: a
+        younger one may be in the hands of a live process. The next hop may have accepted the
+        message before the process died: releasing it again then delivers it twice (at least
+        once after a crash, never lost)."""
         with self._lock:
             ids = [r[0] for r in self._conn().execute(
-                "UPDATE items SET state = 'quarantined', state_changed_at = NULL, state_by = NULL "
+                # Back where it came from: a refused message's kept copy (its verdict was a
+                # refusal) stays refused, and releasing it asks for a confirmation again.
+                "UPDATE items SET state = CASE WHEN action = 'reject' THEN 'refused' "
+                "ELSE 'quarantined' END, state_changed_at = NULL, state_by = NULL "
                 "WHERE state = 'releasing' AND state_changed_at < ? RETURNING id",
                 (self._clock() - STALE_AFTER_S,)).fetchall()]
         for item_id in ids:
