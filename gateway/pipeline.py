@@ -209,7 +209,10 @@ class Pipeline:
         outcome = await self._act(inbound, analysis, txn, decision)
         log_message(inbound, outcome, time.perf_counter() - started)
         self._count(inbound, outcome)
-        self._track(inbound, outcome)
+        try:
+            self._track(inbound, outcome)
+        except Exception:  # noqa: BLE001 - the message is answered: its reply stands
+            log.exception("tracking record not kept")
         try:
             self._remember(inbound, analysis, outcome)
         except Exception:  # noqa: BLE001 - the message is delivered or held: its reply stands
@@ -237,7 +240,11 @@ class Pipeline:
                 return Outcome(kind=OutcomeKind.TEMPFAIL_SCAN, analysis=analysis,
                                reply=decision.reply)
             kept = None
-            if self._cfg.quarantine.keep_rejected:
+            # Not the practice's own mail refused by its outbound policy (health data it
+            # chose never to send in clear), nor a sender the admin blocked.
+            if self._cfg.quarantine.keep_rejected \
+                    and inbound.direction is Direction.INBOUND and not any(
+                        s.name == "SENDER_LIST_BLOCKED" for s in analysis.verdict.symbols):
                 # A copy for the admin's review; the refusal stands whatever becomes of it.
                 copy = await self._quarantine(inbound, analysis, True, state="refused")
                 kept = copy.quarantine_id

@@ -39,7 +39,8 @@ class Sealer:
     def token(self, word: str) -> str:
         """A keyed token of a word (a blind index): the index can find the records with a
         word without holding the word; only the key's holder can compute a word's token."""
-        return hmac.new(self._index_key, word.encode(), hashlib.sha256).hexdigest()[:12]
+        return hmac.new(self._index_key, word.encode("utf-8", "surrogatepass"),
+                        hashlib.sha256).hexdigest()[:12]
 
     def seal(self, plaintext: bytes, *, record_id: str, purpose: bytes) -> bytes:
         nonce = secrets.token_bytes(12)

@@ -240,6 +240,10 @@ _TRACK = b"track"
 _TRACK_PERSONAL = ("reply", "downstream", "mail_from", "rcpts", "delivered_to", "subject",
                    "from_header", "client_ip", "helo", "auth_user")
 QUEUE_ID_RE = re.compile(r"^[0-9BCDFGHJKLMNPQRSTVWXYZ]{12}$")
+MAX_TRACK_FIELD = 1000  # characters kept of each personal field of a tracking record
+MAX_TRACK_RCPTS = 1000
+MAX_TRACK_WORDS = 300  # words indexed per record
+MAX_TRACK_SCAN = 5000  # rows read again at most to check a search with punctuation
 _TRACK_COLUMNS = ("seq, queue_id, received_at, direction, outcome, action, score, symbols, "
                   "quarantine_id, size, meta")
 
@@ -383,7 +387,7 @@ class Store:
     def _put_sync(self, new: NewItem, raw: bytes, state: str = "quarantined") -> str:
         item_id = _new_id(new.received_at)
         item = Item(id=item_id, state=state, size=len(raw), **_fields(new))
-        meta = json.dumps(_to_json(item), ensure_ascii=False).encode()
+        meta = _json_bytes(_to_json(item))
         plain = struct.pack(">I", len(meta)) + meta + raw
         blob = self._sealer.seal(plain, record_id=item_id, purpose=_MSG)
         try:
@@ -420,8 +424,7 @@ class Store:
         # Symbol details can name the sender's domain or a file name: sealed with the rest.
         personal = {k: getattr(item, k) for k in _PERSONAL}
         personal["details"] = [[s.detail, s.description, s.args] for s in item.symbols]
-        sealed = self._sealer.seal(json.dumps(personal, ensure_ascii=False).encode(),
-                                   record_id=item.id, purpose=_META)
+        sealed = self._sealer.seal(_json_bytes(personal), record_id=item.id, purpose=_META)
         symbols = json.dumps([{"name": s.name, "score": s.score} for s in item.symbols])
         with self._lock:
             self._conn().execute(
@@ -615,20 +618,17 @@ class Store:
     # ---- message tracking -------------------------------------------------------------
 
     async def track(self, records: Sequence[TrackRecord]) -> None:
-        """Append tracking records (a batch: one transaction)."""
-        rows = []
-        for r in records:
-            personal: dict[str, Any] = {k: getattr(r, k) for k in _TRACK_PERSONAL}
-            personal["details"] = [[s.detail, s.description, s.args] for s in r.symbols]
-            sealed = self._sealer.seal(json.dumps(personal, ensure_ascii=False).encode(),
-                                       record_id=r.queue_id, purpose=_TRACK)
-            words = {self._sealer.token(w) for w in _words(
-                " ".join((r.mail_from, r.from_header, r.subject, *r.rcpts)))}
-            rows.append((r.queue_id, r.received_at, r.direction, r.outcome, r.action, r.score,
-                         json.dumps([{"name": s.name, "score": s.score} for s in r.symbols]),
-                         r.quarantine_id, r.size, f" {' '.join(sorted(words))} ", sealed))
-
+        """Append tracking records (a batch: one transaction). Each record's fields are cut
+        to MAX_TRACK_FIELD characters and its words to MAX_TRACK_WORDS (a From header of a
+        million words is not kept whole); a record that cannot be written is logged and
+        skipped, never its batch."""
         def _add() -> None:
+            rows = []
+            for r in records:
+                try:
+                    rows.append(self._track_row(r))
+                except Exception:  # noqa: BLE001 - one record's loss, not its batch's
+                    log.exception("tracking record %s not written", r.queue_id)
             with self._lock:
                 db = self._conn()
                 db.execute("BEGIN")
@@ -643,18 +643,34 @@ class Store:
                 db.execute("COMMIT")
         await asyncio.to_thread(_add)
 
+    def _track_row(self, r: TrackRecord) -> tuple[Any, ...]:
+        personal: dict[str, Any] = {
+            k: (v[:MAX_TRACK_FIELD] if isinstance(v, str)
+                else [a[:MAX_TRACK_FIELD] for a in v[:MAX_TRACK_RCPTS]])
+            for k in _TRACK_PERSONAL for v in [getattr(r, k)]}
+        personal["details"] = [[s.detail[:MAX_TRACK_FIELD], s.description[:MAX_TRACK_FIELD],
+                                s.args] for s in r.symbols[:100]]
+        sealed = self._sealer.seal(_json_bytes(personal), record_id=r.queue_id, purpose=_TRACK)
+        text = " ".join((personal["mail_from"], personal["from_header"], personal["subject"],
+                         *personal["rcpts"]))
+        words = {self._sealer.token(w) for w in _words(text)[:MAX_TRACK_WORDS]}
+        return (r.queue_id, r.received_at, r.direction, r.outcome, r.action, r.score,
+                json.dumps([{"name": s.name, "score": s.score} for s in r.symbols[:100]]),
+                r.quarantine_id, r.size, f" {' '.join(sorted(words))} ", sealed)
+
     async def tracking(self, query: str = "", *, since: float | None = None,
                        until: float | None = None, action: str | None = None,
                        direction: str | None = None, limit: int = 50,
                        offset: int = 0) -> tuple[list[TrackRecord], int]:
         """Tracking records, newest first, and how many match. `query`: a queue id or a
-        quarantine id (found by index), else words all found in the sender, a recipient,
-        the From field or the subject (sealed fields: the rows the other filters leave are
-        unsealed and read)."""
+        quarantine id (found by index), else words (whole words, or whole addresses) all
+        found in the sender, a recipient, the From field or the subject, through the blind
+        index; words with punctuation between letters ("labo-analyses") are checked on the
+        unsealed rows, the MAX_TRACK_SCAN most recent the index leaves."""
         q = query.strip()
         where: list[str] = []
         args: list[Any] = []
-        if QUEUE_ID_RE.match(q.upper()):
+        if QUEUE_ID_RE.match(q.upper()) and not q.isdigit():
             where.append("queue_id = ?")
             args.append(q.upper())
             q = ""
@@ -688,8 +704,8 @@ class Store:
                     rows = self._conn().execute(f"{sql} LIMIT ? OFFSET ?",
                                                 [*args, limit, offset]).fetchall()
                 return [self._row_track(r) for r in rows], int(total)
-            with self._lock:
-                rows = self._conn().execute(sql, args).fetchall()
+            with self._lock:  # the most recent MAX_TRACK_SCAN the index left
+                rows = self._conn().execute(f"{sql} LIMIT ?", [*args, MAX_TRACK_SCAN]).fetchall()
             found = []
             for row in rows:
                 rec = self._row_track(row)
@@ -841,7 +857,20 @@ def _fold(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
-def _words(text: str) -> set[str]:
-    """The words a search can name: runs of letters and digits, folded (an address gives
-    its local part and each label of its domain)."""
-    return {w for w in re.split(r"[\W_]+", _fold(text)) if w}
+_ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+
+
+def _words(text: str) -> list[str]:
+    """The words a search can name, folded, in order, once each: each address whole, then
+    runs of letters and digits (an address also gives its local part and each label of its
+    domain)."""
+    folded = _fold(text)
+    return list(dict.fromkeys([*_ADDRESS.findall(folded),
+                               *(w for w in re.split(r"[\W_]+", folded) if w)]))
+
+
+def _json_bytes(value: Any) -> bytes:
+    """JSON as ASCII: text that is not valid Unicode (raw 8-bit header bytes the parser kept
+    as lone surrogates) is kept as JSON escapes and read back as it was, instead of failing
+    the write (a message held or tracked must never fail on its sender's bytes)."""
+    return json.dumps(value).encode("ascii")

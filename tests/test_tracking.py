@@ -199,3 +199,32 @@ async def test_no_copy_of_refused_mail_when_the_admin_turns_it_off(tmp_path: Pat
         assert await store.list_items(state=None) == []
         [record], _ = await store.tracking()
         assert record.outcome == "rejected" and record.quarantine_id is None
+
+
+async def test_hostile_headers_neither_lose_records_nor_stall_the_gateway(tmp_path: Path,
+                                                                         sink: Sink):
+    """Raw 8-bit bytes that are not UTF-8 in a From (an old mailer's Latin-1, or a sender
+    hiding its own record) and a From of a hundred thousand words: each message gets its
+    record, the others of the batch too, cut to a bounded size; one that must be held is
+    held (not refused for now)."""
+    data = tmp_path / "data"
+    cfg = make_config(data, next_hop={"address": sink.address, "starttls": "off"})
+    latin1 = CLEAN.replace(b"From: Laboratoire <", b"From: Laboratoire d'analyses M\xe9dicales <")
+    huge = CLEAN.replace(b"From: Laboratoire <", b"From: " + b"mot " * 100_000 + b"<")
+    held = suspicious("Facture").replace(b"From: Laboratoire <",
+                                         b"From: Laboratoire M\xe9dical <")
+    async with running(cfg) as gw:
+        replies = [await send(gw.port, CLEAN), await send(gw.port, latin1),
+                   await send(gw.port, huge), await send(gw.port, held)]
+        assert [code for code, _ in replies] == [250, 250, 250, 250]
+        assert "quarantaine" in replies[3][1]
+        await gw.runtime.pipeline.flush_tracking()
+        store = gw.runtime.store
+        assert store is not None
+        records, total = await store.tracking()
+        assert total == 4
+        assert {r.queue_id for r in records} == {ID.search(t).group(1) for _, t in replies}  # type: ignore[union-attr]
+        assert max(len(r.from_header) for r in records) <= 1000
+        # Every one, the Latin-1 sender's included, is found by the envelope address, whole.
+        found, _ = await store.tracking("resultats@labo.example")
+        assert len(found) == 4

@@ -469,7 +469,7 @@ async def test_tracking_page_finds_a_message_by_any_of_its_ids(site: Web):
     assert store is not None
     item = await store.item(held)
     c = site.client
-    await c.login(READER)  # reading is enough
+    await c.login(ADMIN)
     # The reply's id: its record, with what was done and the reply given.
     status, text, _ = await c.get(f"/suivi?q={delivered.lower()}")
     assert status == 200 and f'id="{delivered}"' in text and "Compte rendu" in text
@@ -498,6 +498,19 @@ async def test_tracking_page_finds_a_message_by_any_of_its_ids(site: Web):
     # Searches are in the audit log (the words sealed there, as every detail).
     entries, _ = await store.audit_log(action="track_search")
     assert [e.detail for e in entries][-1] == delivered.lower()
+    # A reader sees held mail only: not every message's sender and subject.
+    reader = Client(c.base)
+    try:
+        await reader.login(READER)
+        status, text, _ = await reader.get(f"/suivi?q={delivered}")
+        assert status == 403 and "réservée aux administrateurs" in text
+        status, _, resp = await reader.get(f"/quarantaine?id={item.queue_id}")
+        assert status == 303 and resp.headers["Location"] == f"/quarantaine/{held}"
+        status, _, resp = await reader.get(f"/quarantaine?id={delivered}")
+        assert status == 303 and resp.headers["Location"].startswith("/quarantaine?info=")
+        assert "Suivi des messages" not in (await reader.get("/quarantaine"))[1]
+    finally:
+        await reader.close()
 
 
 async def test_dashboard_counts_and_chart(site: Web):

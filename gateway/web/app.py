@@ -49,6 +49,7 @@ from gateway.web.security import (
 from gateway.workers import Workers
 from quarantine.store import (
     OUTCOMES_FR,
+    QUEUE_ID_RE,
     RELEASABLE,
     STATES_FR,
     Filters,
@@ -325,14 +326,19 @@ class WebApp:
         assert self.store is not None
         q = request.query
         if ident := q.get("id", "").strip()[:100]:
-            # Any id: a quarantine id opens its message, a reply's id its tracking record.
-            records, _ = await self.store.tracking(ident, limit=1)
-            if records and records[0].quarantine_id:
-                raise web.HTTPSeeOther(f"/quarantaine/{records[0].quarantine_id}")
+            # An id: a quarantine id, or a reply's id of a held message, opens the message;
+            # another reply's id its tracking record (for an admin). Not words.
             held = ident[:8] + ident[8:9].upper() + ident[9:].lower()
-            with contextlib.suppress(NotFound):  # held before its tracking record existed
+            with contextlib.suppress(NotFound):
                 raise web.HTTPSeeOther(f"/quarantaine/{(await self.store.item(held)).id}")
-            raise web.HTTPSeeOther("/suivi?" + urlencode({"q": ident}))
+            if QUEUE_ID_RE.match(ident.upper()):
+                records, _ = await self.store.tracking(ident, limit=1)
+                if records and records[0].quarantine_id:
+                    raise web.HTTPSeeOther(f"/quarantaine/{records[0].quarantine_id}")
+                if request[SESSION].is_admin:
+                    raise web.HTTPSeeOther("/suivi?" + urlencode({"q": ident}))
+            raise web.HTTPSeeOther("/quarantaine?" + urlencode(
+                {"info": f"Aucun message retenu n'a l'identifiant {ident}."}))
         filters = Filters(
             state=q.get("etat", "quarantined") or None, direction=q.get("sens") or None,
             since=_day(q.get("du")), until=_day(q.get("au"), end=True),
@@ -355,6 +361,8 @@ class WebApp:
     async def tracking_page(self, request: web.Request) -> web.Response:
         """Message tracking ("Suivi des messages"): any id a reply or the quarantine gave, or
         words of the sender, a recipient or the subject; each search is audited."""
+        if (refused := self.admin_only(request)) is not None:
+            return refused  # every message's sender and subject: not a reader's view
         assert self.store is not None
         q = request.query
         query = q.get("q", "").strip()[:200]
