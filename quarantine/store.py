@@ -52,12 +52,16 @@ STATES_FR = {"quarantined": "en quarantaine", "refused": "refusé (copie conserv
              "releasing": "libération en cours", "released": "libéré", "deleted": "supprimé"}
 # States an item can be released from: held, or refused with its copy kept for review.
 RELEASABLE = ("quarantined", "refused")
-# What became of a tracked message (the pipeline's outcomes), as the page and the CLI say it.
+# What became of a tracked message (the pipeline's outcomes), as the page and the CLI say it,
+# and the groups the page's filter offers.
 OUTCOMES_FR = {"delivered": "remis", "quarantined": "mis en quarantaine", "rejected": "refusé",
                "downstream_rejected": "refusé par le serveur de messagerie",
                "tempfail_scan": "refusé pour l'instant (analyse impossible)",
                "tempfail_downstream": "refusé pour l'instant (serveur de messagerie injoignable)",
                "tempfail_quarantine": "refusé pour l'instant (quarantaine indisponible)"}
+OUTCOME_GROUPS = {"remis": ("delivered",), "retenu": ("quarantined",),
+                  "refuse": ("rejected", "downstream_rejected"),
+                  "temporaire": ("tempfail_scan", "tempfail_downstream", "tempfail_quarantine")}
 # A `releasing` item or a temporary file older than this was left by a process that died: no
 # live release takes that long, `release` cancels a delivery past RELEASE_LIMIT_S.
 STALE_AFTER_S = 15 * 60
@@ -660,8 +664,8 @@ class Store:
 
     async def tracking(self, query: str = "", *, since: float | None = None,
                        until: float | None = None, action: str | None = None,
-                       direction: str | None = None, limit: int = 50,
-                       offset: int = 0) -> tuple[list[TrackRecord], int]:
+                       direction: str | None = None, outcomes: Sequence[str] = (),
+                       limit: int = 50, offset: int = 0) -> tuple[list[TrackRecord], int]:
         """Tracking records, newest first, and how many match. `query`: a queue id or a
         quarantine id (found by index), else words (whole words, or whole addresses) all
         found in the sender, a recipient, the From field or the subject, through the blind
@@ -683,6 +687,9 @@ class Store:
             if value is not None and value != "":
                 where.append(cond)
                 args.append(value)
+        if outcomes:
+            where.append(f"outcome IN ({','.join('?' * len(outcomes))})")
+            args.extend(outcomes)
         # Words: the rows holding each word's token (the index), then read to check.
         for token in sorted({self._sealer.token(w) for w in _words(q)}):
             where.append("words LIKE ?")

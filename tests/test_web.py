@@ -495,6 +495,13 @@ async def test_tracking_page_finds_a_message_by_any_of_its_ids(site: Web):
     assert text.index("Compte rendu") < text.index("Facture en attente")
     _, text, _ = await c.get("/suivi?q=introuvable")
     assert "Aucun message ne correspond." in text
+    # What was done: held, delivered (a next hop's refusal would be "refusé" with ours).
+    _, text, _ = await c.get("/suivi?issue=retenu")
+    assert "Facture en attente" in text and "Compte rendu" not in text
+    _, text, _ = await c.get("/suivi?issue=remis")
+    assert "Compte rendu" in text and "Facture en attente" not in text
+    _, text, _ = await c.get("/suivi?issue=refuse")
+    assert "0 message(s)" in text
     # Searches are in the audit log (the words sealed there, as every detail).
     entries, _ = await store.audit_log(action="track_search")
     assert [e.detail for e in entries][-1] == delivered.lower()

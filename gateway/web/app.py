@@ -48,6 +48,7 @@ from gateway.web.security import (
 )
 from gateway.workers import Workers
 from quarantine.store import (
+    OUTCOME_GROUPS,
     OUTCOMES_FR,
     QUEUE_ID_RE,
     RELEASABLE,
@@ -369,7 +370,7 @@ class WebApp:
         page = _page(q.get("page"))
         records, total = await self.store.tracking(
             query, since=_day(q.get("du")), until=_day(q.get("au"), end=True),
-            action=q.get("action") or None, direction=q.get("sens") or None,
+            direction=q.get("sens") or None, outcomes=OUTCOME_GROUPS.get(q.get("issue", ""), ()),
             limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
         if query:
             await self.audit(request, "track_search", "", query)
