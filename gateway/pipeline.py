@@ -229,6 +229,17 @@ class Pipeline:
                     sender_may_release=decision.sender_may_release)
         return outcome
 
+    def refused(self, inbound: Inbound, reply: Reply) -> Outcome:
+        """A message refused before any analysis (a login writing as another's address): its
+        log line and tracking record, as for every answered message."""
+        outcome = Outcome(kind=OutcomeKind.REJECTED, reply=reply)
+        log_message(inbound, outcome, 0.0)
+        try:
+            self._track(inbound, outcome)
+        except Exception:  # noqa: BLE001 - the refusal stands
+            log.exception("tracking record not kept")
+        return outcome
+
     async def _act(self, inbound: Inbound, analysis: Analysis, txn: Transaction,
                    decision: chains.Decision) -> Outcome:
         """Run the decision's chain: store (all recipients, or the exposed ones), then

@@ -468,17 +468,18 @@ class Handler:
         try:  # from here on, however this ends, the transaction is aborted (its slot freed)
             raw = envelope.original_content
             assert isinstance(raw, bytes)
-            if session.auth_user:
-                refused = await self._foreign_senders(session.auth_user, raw)
-                if refused:
-                    log.warning("submission sender refused", extra={"fields": {
-                        "user": session.auth_user, "from": refused[:5], "where": "header"}})
-                    return str(replies.SENDER_NOT_OWNED)
             inbound = Inbound(
                 queue_id=queue_id, peer_ip=_peer(session), helo=session.host_name or "",
                 mail_from=reverse_path(envelope), rcpts=tuple(envelope.rcpt_tos), raw=raw,
                 tls=session.ssl is not None, direction=self._direction,
                 auth_user=session.auth_user, next_hop_tls=txn.tls)
+            if session.auth_user:
+                refused = await self._foreign_senders(session.auth_user, raw)
+                if refused:
+                    log.warning("submission sender refused", extra={"fields": {
+                        "user": session.auth_user, "from": refused[:5], "where": "header"}})
+                    outcome = self._pipeline.refused(inbound, replies.SENDER_NOT_OWNED)
+                    return reply_text(outcome, queue_id)
             outcome = await self._pipeline.process(inbound, txn)
             return reply_text(outcome, queue_id)
         finally:

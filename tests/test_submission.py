@@ -9,6 +9,7 @@ import base64
 import email
 import email.policy
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -475,10 +476,18 @@ async def test_sender_must_be_the_logins_own_address(setup: Setup):
                 await smtp.sendmail(USER, [to], raw)
             assert data_exc.value.code == 553, header
             assert "non autorisee" in data_exc.value.message
+            assert re.search(r" id=[0-9A-Z]{12}$", data_exc.value.message), header
             await smtp.rset()
         # Its own address, in both places, goes out.
         _, reply = await smtp.sendmail(USER, [to], mail(to, "Bonjour, rendez-vous jeudi."))
         assert "transmis" in reply
+        # Each refusal has its tracking record, with the login that tried.
+        await setup.gw.runtime.pipeline.flush_tracking()
+        store = setup.gw.runtime.store
+        assert store is not None
+        records, _ = await store.tracking(outcomes=("rejected",))
+        assert records and all(r.auth_user == USER and r.reply.startswith("553 ")
+                               and r.direction == "outbound" for r in records)
     finally:
         smtp.close()
     assert (await setup.relay.get()).rcpts == [to]
