@@ -402,6 +402,32 @@ async def test_mixed_recipients_mssante_gets_it_the_ordinary_mailbox_copy_is_hel
     assert again.rcpts == [patient]
 
 
+async def test_mixed_recipients_with_the_embedded_outbox(tmp_path: Path, cert, sink: Sink):
+    """No smarthost configured (the embedded default): the MSSanté copy is written to the
+    local outbox, the ordinary mailbox's copy held, and only the former reaches the outbox."""
+    cfg = make_config(
+        tmp_path / "data", smtp={"tls_cert": str(cert[0]), "tls_key": str(cert[1])},
+        next_hop={"address": sink.address, "starttls": "off"},
+        submission={"listen": "127.0.0.1:0", "cleartext_auth_networks": []})
+    assert cfg.smarthost is None
+    AccountFile(cfg.submission_users_file).add(USER, PASSWORD)
+    doctor, patient = "dr.x@medecin.mssante.fr", "patient@gmail.com"
+    async with running(cfg) as gw:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.submission_port, start_tls=False,
+                               tls_context=ssl.create_default_context(cafile=str(cert[0])))
+        await smtp.connect()
+        try:
+            await smtp.starttls(server_hostname="mx.cabinet.test")
+            await smtp.login(USER, PASSWORD)
+            _, reply = await smtp.sendmail(USER, [doctor, patient], mail(patient, LAB))
+        finally:
+            smtp.close()
+    assert "transmis aux destinataires MSSante" in reply and "retenu" in reply
+    outbox = tmp_path / "data" / "outbox"
+    assert [p.name for p in outbox.iterdir()] == [doctor]
+    assert len(list((outbox / doctor / "new").iterdir())) == 1
+
+
 async def test_mixed_recipients_when_the_smarthost_fails_nothing_is_kept(setup: Setup):
     setup.relay.behaviour.data_reply = "451 4.3.0 try later"
     doctor, patient = "dr.x@medecin.mssante.fr", "patient@gmail.com"
