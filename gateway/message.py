@@ -103,6 +103,13 @@ class ParsedMessage:
         return sum(1 for n, _ in self.headers if n.lower() == lname)
 
     @property
+    def from_domain(self) -> str:
+        """The domain of the first From address, lower case ("" without one)."""
+        if not self.from_addresses or "@" not in self.from_addresses[0]:
+            return ""
+        return self.from_addresses[0].rpartition("@")[2].lower().rstrip(".>")
+
+    @property
     def has_files(self) -> bool:
         """Leaf parts other than the bodies: attachments, inline files, unknown types."""
         return any(not p.is_multipart and not p.is_body for p in self.parts)

@@ -40,7 +40,7 @@ from gateway.relay import Transaction
 from gateway.replies import Reply
 from gateway.senders import fold
 from gateway.symbols import Action, SymbolTable
-from gateway.verdict import Verdict, decide
+from gateway.verdict import ScoredSymbol, Verdict, decide
 from gateway.workers import Workers
 from quarantine.store import NewItem, Store, SymbolRecord, TrackRecord
 
@@ -382,9 +382,7 @@ class Pipeline:
             direction=inbound.direction.value, outcome=outcome.kind.value,
             action=verdict.action.value if verdict else "",
             score=verdict.score if verdict else None,
-            symbols=tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail,
-                                       args=s.args, description=s.description)
-                          for s in (verdict.symbols if verdict else ())),
+            symbols=_records(verdict.symbols if verdict else ()),
             quarantine_id=outcome.quarantine_id, size=len(inbound.raw),
             reply=reply_text(outcome, inbound.queue_id),
             downstream=(f"{outcome.downstream_code} {outcome.downstream_text}".strip()
@@ -446,8 +444,7 @@ class Pipeline:
         new = NewItem(
             queue_id=inbound.queue_id, received_at=inbound.received_at,
             direction=inbound.direction.value, action=verdict.action.value, score=verdict.score,
-            symbols=tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail, args=s.args,
-                                       description=s.description) for s in verdict.symbols),
+            symbols=_records(verdict.symbols),
             mail_from=inbound.mail_from, rcpts=inbound.rcpts,
             subject=parsed.subject if parsed else "",
             from_header=(parsed.header("From") or "") if parsed else "",
@@ -653,3 +650,9 @@ def reply_text(outcome: Outcome, queue_id: str) -> str:
     else:
         reply = str(outcome.reply or replies.TEMPFAIL_SCAN)
     return f"{reply} id={queue_id}"
+
+
+def _records(symbols: Iterable[ScoredSymbol]) -> tuple[SymbolRecord, ...]:
+    """The verdict's symbols as the store keeps them (quarantine items, tracking records)."""
+    return tuple(SymbolRecord(name=s.name, score=s.score, detail=s.detail, args=s.args,
+                              description=s.description) for s in symbols)

@@ -49,9 +49,8 @@ class BulkCheck:
         # Only mass mail's shape (HTML) and its footer; not a sender whose domain sent or
         # signed it (a practice's software reminding of appointments is transactional, and
         # answerable for what it sends).
-        domain = msg.from_addresses[0].rpartition("@")[2].lower() if msg.from_addresses else ""
         if "text/html" in bodies and msg.header("List-Unsubscribe") is None \
-                and not sender_verified(ctx, domain):
+                and not sender_verified(ctx, msg.from_domain):
             content = message_content(ctx)
             if not isinstance(content, Unavailable):
                 found = self._unsubscribe.search(fold(content.text[-FOOTER:]))

@@ -35,6 +35,9 @@ _AMOUNT = re.compile(r"(?:[$€£]\s?\d[\d,.\s]*\d|\d[\d,.\s]*\d\s?(?:€|eur|us
 # A crypto-asset ticker as these mails write it: $BTC, $MEME.
 _TICKER = re.compile(r"(?<![\w$])\$[A-Z]{3,6}\b")
 MAX_TEXT = 50_000
+# Substrings every crypto-asset core phrase (rules/lures.toml crypto_core) contains one of.
+_CRYPTO_HINTS = ("airdrop", "crypto", "bitcoin", "btc", "ethereum", "usdt", "tether", "solana",
+                 "wallet", "portefeuille", "metamask", "phrase")
 
 
 class FraudCheck:
@@ -65,16 +68,23 @@ class FraudCheck:
         text = f"{msg.subject}\n{content.text}"[:MAX_TEXT]
         hits: list[Hit] = []
         lower = text.lower()
+        folded = ""  # the text folded, once, when a pattern set needs it
+
+        def words() -> str:
+            nonlocal folded
+            folded = folded or fold(text)
+            return folded
+
         wallet = ("bitcoin" in lower or "btc" in lower) and _BITCOIN.search(text)
         if wallet:
-            found = _count(self._extortion, fold(text))
+            found = _count(self._extortion, words())
             if found >= 2:
                 hits.append(Hit(symbol="FRAUD_EXTORTION",
                                 detail=f"bitcoin address, {found} extortion phrases"))
         if not content.links:
             phone = _PHONE.search(text)
             if phone and _AMOUNT.search(text):
-                found = _count(self._callback, fold(text))
+                found = _count(self._callback, words())
                 if found >= 2:
                     number = phone.group(0).strip()
                     hits.append(Hit(symbol="FRAUD_CALLBACK",
@@ -82,25 +92,19 @@ class FraudCheck:
                                     args=(("phone", number),)))
         # A notary's, an insurer's or an exchange's own mail comes from its domain's servers
         # or carries its signature.
-        signed = sender_verified(ctx, _domain(msg))
+        signed = sender_verified(ctx, msg.from_domain)
         if not signed and "million" in lower:
-            folded = fold(text)
-            core = _count(self._advance_fee_core, folded)
-            found = core + _count(self._advance_fee, folded)
+            core = _count(self._advance_fee_core, words())
+            found = core + _count(self._advance_fee, words())
             if core and found >= 3:
                 hits.append(Hit(symbol="FRAUD_ADVANCE_FEE", detail=f"{found} advance-fee phrases"))
-        if content.links and not signed:
-            folded = fold(text)
-            core = _count(self._crypto_core, folded)
-            found = core + _count(self._crypto, folded) + (1 if _TICKER.search(text) else 0)
+        # Crypto-asset lures: read only when the text names one (most mail never does).
+        if content.links and not signed and any(w in lower for w in _CRYPTO_HINTS):
+            core = _count(self._crypto_core, words())
+            found = core + _count(self._crypto, words()) + (1 if _TICKER.search(text) else 0)
             if core and found >= 3:
                 hits.append(Hit(symbol="FRAUD_CRYPTO", detail=f"{found} crypto-asset phrases"))
         return CheckResult(check=self.name, hits=tuple(hits))
-
-
-def _domain(msg: ParsedMessage) -> str:
-    return msg.from_addresses[0].rpartition("@")[2].lower().rstrip(".>") if msg.from_addresses \
-        else ""
 
 
 def _count(patterns: list[re.Pattern[str]], folded: str) -> int:

@@ -87,7 +87,7 @@ class ImpersonationCheck:
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         hits: list[Hit] = []
-        from_domain = _domain(msg.from_addresses[0]) if msg.from_addresses else ""
+        from_domain = msg.from_domain
         claimed: Organisation | None = None
         trusted: Organisation | None = None  # authenticated sender: its own links are its own
         owner = self._registry.owner(from_domain) if from_domain else None
