@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__, config
+from gateway import __version__, config, digest
 from gateway.accounts import AccountFile
 from gateway.authstate import AuthState
 from gateway.banner import load_templates
@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true", help="un objet JSON par message")
 
+    p = sub.add_parser("digest", help="rapport de quarantaine : qui recevrait quoi, ou "
+                       "l'envoyer maintenant (sinon envoyé chaque jour à digest.hour)")
+    _common(p)
+    p.add_argument("--envoyer", action="store_true",
+                   help="envoyer maintenant les rapports de ce qui a été retenu depuis le "
+                   "dernier rapport (le rapport suivant repart de maintenant)")
+
     p = sub.add_parser("quarantine", help="consulter et traiter la quarantaine")
     _common(p)
     qsub = p.add_subparsers(dest="qcommand", required=True)
@@ -192,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.file} : configuration valide (règles comprises)")
             return 0
         cfg = load_config(args)
+        global _config_for_dates
+        _config_for_dates = cfg
         if args.command == "serve":
             return serve(cfg)
         if args.command == "scan":
@@ -203,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             return _admin(cfg, args)
         if args.command == "track":
             return asyncio.run(_track(cfg, args))
+        if args.command == "digest":
+            return asyncio.run(_digest(cfg, args))
         return asyncio.run(_quarantine(cfg, args))
     except ConfigError as exc:
         print(f"Configuration invalide :\n{exc}", file=sys.stderr)
@@ -422,10 +433,50 @@ def _track_json(r: TrackRecord) -> dict[str, Any]:
     }
 
 
+# ---- digests -----------------------------------------------------------------------------
+
+
+async def _digest(cfg: Config, args: argparse.Namespace) -> int:
+    runtime = await build_runtime(cfg)
+    try:
+        assert runtime.digests is not None and runtime.store is not None
+        digests = runtime.digests
+        if not args.envoyer:
+            now = time.time()
+            mark = await runtime.store.mark(digest.MARK)
+            since = now - 86400 if mark is None else mark
+            plan = await digests.plan(since, now)
+            print(f"Rapport de quarantaine {'activé' if cfg.digest.enabled else 'DÉSACTIVÉ'}"
+                  f" ; prochain envoi le {_when(digests.next_due(mark or now))}.")
+            print(f"Depuis le {_when(since)} : {len(plan)} destinataire(s).")
+            for rcpt, entries in sorted(plan.items()):
+                print(f"  {rcpt} : {len(entries)} message(s)")
+            if not cfg.web.public_url:
+                print("Sans web.public_url, le rapport ne contient pas de liens.")
+            return 0
+        report = await digests.send_now()
+    finally:
+        await runtime.close()
+    if report is None:
+        print("Un autre processus envoie les rapports en ce moment.", file=sys.stderr)
+        return 1
+    print(f"{len(report.sent)} rapport(s) envoyé(s), {len(report.failed)} en échec "
+          f"({report.items} message(s) retenu(s)).")
+    for rcpt in report.failed:
+        print(f"  non remis pour l'instant : {rcpt}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 # ---- quarantine --------------------------------------------------------------------------
 
 
+_config_for_dates: Config | None = None  # the configuration loaded by `main`
+
+
 def _when(ts: float) -> str:
+    """A date as the practice reads it: in its time zone (gateway.timezone)."""
+    if _config_for_dates is not None:
+        return _config_for_dates.when(ts)
     return time.strftime("%d/%m/%Y %H:%M", time.localtime(ts))
 
 

@@ -7,9 +7,11 @@ path, and everything is checked before any port opens.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import tomllib
+import zoneinfo
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +58,8 @@ class GatewaySection:
     # (MIME, archives, PDF text), killed past their limit; 0 = cores / serving processes.
     job_processes: int = 0
     job_memory_mb: int = 2048  # address-space limit of each of them; 0 = none
+    # The practice's time zone: dates on the web page, the CLI and the digests, the digest hour.
+    timezone: str = "Europe/Paris"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,6 +249,24 @@ class BannerSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DigestSection:
+    __pydantic_config__ = _STRICT
+    # "Rapport de quarantaine": each recipient with newly held mail gets a French list of it
+    # once a day, with links to ask for a release (web.public_url needed for the links).
+    enabled: bool = True
+    domains: tuple[str, ...] = ()  # the practice's domains that get digests; empty = all
+    hour: int = 8  # local time, in gateway.timezone
+    link_days: int = 7  # a digest's links expire after this many days
+    # Groups of reasons (rules/symbols.toml) for which a recipient may release a message
+    # herself from the digest instead of asking the admin: e.g. ["bulk", "disguise",
+    # "reputation"]. Never "attachments" or "runner" (a file, an analysis that failed).
+    direct_release_groups: tuple[str, ...] = ()
+
+
+NEVER_DIRECT_RELEASE = ("attachments", "runner")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingSection:
     __pydantic_config__ = _STRICT
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -268,9 +290,18 @@ class Config:
     practice: PracticeSection = field(default_factory=PracticeSection)
     auth: AuthSection = field(default_factory=AuthSection)
     banner: BannerSection = field(default_factory=BannerSection)
+    digest: DigestSection = field(default_factory=DigestSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     # Derived values, read by the rest of the code.
+    @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.gateway.timezone)
+
+    def when(self, ts: float) -> str:
+        """A date and time as the practice reads it (its time zone)."""
+        return dt.datetime.fromtimestamp(ts, self.zone).strftime("%d/%m/%Y %H:%M")
+
     @property
     def data_dir(self) -> Path:
         return Path(self.gateway.data_dir)
@@ -473,6 +504,18 @@ def validate(cfg: Config, *, source: str = "config") -> None:
               "set web.tls_cert and web.tls_key, or listen on 127.0.0.1")
     check(not web.public_url or web.public_url.startswith(("https://", "http://")),
           "web.public_url", "must start with https:// (or http:// on loopback)")
+    dg = cfg.digest
+    check(0 <= dg.hour <= 23, "digest.hour", f"must be 0 to 23, got {dg.hour}")
+    check(dg.link_days >= 1, "digest.link_days", "must be >= 1")
+    check(_zone_ok(cfg.gateway.timezone), "gateway.timezone",
+          f"unknown time zone {cfg.gateway.timezone!r} (e.g. Europe/Paris)")
+    for group in dg.direct_release_groups:
+        check(group not in NEVER_DIRECT_RELEASE, "digest.direct_release_groups",
+              f"{group!r}: a recipient may never release mail held for a file or a failed "
+              "analysis herself")
+    for domain in dg.domains:
+        check(domain.lower() in cfg.domains, "digest.domains",
+              f"{domain!r} is not one of gateway.domains")
     for key in ("session_idle_minutes", "session_max_hours", "max_login_failures",
                 "lockout_minutes", "header_timeout_s", "body_timeout_s"):
         check(getattr(web, key) >= 1, f"web.{key}", "must be >= 1")
@@ -490,6 +533,14 @@ def validate(cfg: Config, *, source: str = "config") -> None:
               f"key file {key_file} has mode {mode:04o}; expected 0600 (chmod 600 {key_file})")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _zone_ok(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _nameserver(value: str) -> tuple[str, int]:

@@ -19,12 +19,19 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
+from typing import Protocol
 
 from gateway import headers
+from gateway.config import NEVER_DIRECT_RELEASE
 from gateway.errors import DownstreamUnavailable
 from gateway.relay import NextHop, deliver
 from gateway.symbols import SymbolTable
-from quarantine.store import Item, Store
+from quarantine.store import Item, Store, SymbolRecord
+
+
+class HasSymbols(Protocol):
+    @property
+    def symbols(self) -> tuple[SymbolRecord, ...]: ...
 
 # The pipeline's rendering of a released inbound message: (symbol name, French reason)
 # pairs and the held bytes in, the bytes to deliver out.
@@ -72,6 +79,30 @@ class QuarantineService:
         return item.state == "refused" or any(
             s.name in self.table and self.table[s.name].group == "attachments"
             and self.table[s.name].action is not None for s in item.symbols)
+
+    def reasons(self, item: HasSymbols, n: int = 3) -> list[str]:
+        """The main French reasons of an item or a tracked message, heaviest first (forced
+        actions first), as the page and the digests show them."""
+        table = self.table
+        ranked = sorted(item.symbols, key=lambda s: (
+            not (s.name in table and table[s.name].action is not None), -s.score))
+        out = [s.description or (table[s.name].description if s.name in table else s.name)
+               for s in ranked if s.score > 0 or (s.name in table and table[s.name].action)]
+        return list(dict.fromkeys(out))[:n]
+
+    def recipient_may_release(self, item: Item, groups: Iterable[str]) -> bool:
+        """May a recipient release this item herself, from her digest? Only a held item
+        (not a refused copy) for her alone, none of whose reasons is outside `groups` (the
+        admin's choice, `digest.direct_release_groups`) or is a file or a failed analysis,
+        whatever the configuration says."""
+        allowed = set(groups) - set(NEVER_DIRECT_RELEASE)
+        if item.state != "quarantined" or len(item.rcpts) != 1 or not allowed \
+                or self.needs_confirmation(item):
+            return False
+        table = self.table
+        return all(s.name in table and table[s.name].group in allowed
+                   for s in item.symbols
+                   if s.score > 0 or (s.name in table and table[s.name].action is not None))
 
     async def delete(self, item_id: str, *, by: str, client: str = "") -> None:
         """Raises NotFound, or NotQuarantined while someone releases it."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from gateway.authstate import AuthState
 from gateway.config import Config
+from gateway.digest import Digests
 from gateway.notice import Notifier
 from gateway.pipeline import Pipeline
 from gateway.quarantine_service import QuarantineService
@@ -30,6 +31,7 @@ class Runtime:
     quarantine: QuarantineService | None  # what the web page and the CLI use (None: `scan`)
     auth: AuthState  # login counters, web sessions (shared by the serving processes)
     secret: bytes  # the installation's secret (banner marker, sender release links)
+    digests: Digests | None = None  # quarantine digests (None: `scan`)
 
     async def close(self) -> None:
         await self.notifier.close()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import correspondents, logs
+from gateway import correspondents, digest, logs
 from gateway.accounts import AccountFile
 from gateway.auth.dns import Resolver
 from gateway.authstate import AuthState
@@ -33,6 +33,7 @@ from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
 from gateway.config import Config, HostPort, nameservers
 from gateway.correspondents import Correspondents
+from gateway.digest import Digests
 from gateway.errors import ConfigError
 from gateway.message import Direction
 from gateway.notice import Notifier, release_token
@@ -138,9 +139,11 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
         store=store, table=table, next_hop=next_hop, smarthost=smarthost,
         authserv_id=cfg.authserv_id, render_released=pipeline.released,
         flush_stats=pipeline.flush_stats, retention_days=cfg.quarantine.retention_days)
+    digests = None if quarantine is None else Digests(cfg, quarantine, next_hop, secret)
     return Runtime(cfg=cfg, table=table, workers=workers, pipeline=pipeline,
                    next_hop=next_hop, smarthost=smarthost, notifier=notifier,
-                   store=store, quarantine=quarantine, auth=auth, secret=secret)
+                   store=store, quarantine=quarantine, auth=auth, secret=secret,
+                   digests=digests)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -208,7 +211,7 @@ async def _listen(factory: Any, address: HostPort | None, sock: socket.socket | 
 async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = True) -> Running:
     """Serve SMTP (and submission when configured) in the running loop (in-process; the
     tests use this with port 0). The primary serving process also serves the web page and
-    runs the retention purge."""
+    runs the retention purge and the quarantine digests."""
     runtime = await build_runtime(cfg)
     counter = ConnectionCounter(cfg.smtp.max_connections)
     handler = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.next_hop,
@@ -250,6 +253,8 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
             runner = await start_web(cfg, runtime.quarantine, runtime.auth, runtime.workers,
                                      runtime.secret, sock=sockets.web)
         tasks.append(asyncio.create_task(_every(PURGE_EVERY_S, lambda: purge_expired(runtime))))
+        if runtime.digests is not None:
+            tasks.append(asyncio.create_task(_every(digest.TICK_S, runtime.digests.tick)))
     return Running(runtime=runtime, server=server, submission=submission,
                    submission_tls=submission_tls, web=runner, counter=counter, tasks=tasks)
 

@@ -197,9 +197,22 @@ CREATE TABLE IF NOT EXISTS stats (
     count INTEGER NOT NULL,
     PRIMARY KEY (day, direction, action, reason)
 );
+-- Quarantine digests. A recipient's request to release an item (made with a digest's link;
+-- who asked is sealed), the digest links already used (each works once), the addresses that
+-- asked for no digest (blind tokens), and named time marks (the last digest's end).
+CREATE TABLE IF NOT EXISTS release_requests (
+    item_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    meta BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS release_requests_item ON release_requests(item_id);
+CREATE TABLE IF NOT EXISTS used_links (mac TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS digest_optouts (token TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 
 _AUDIT = b"audit"
+_REQUEST = b"release-request"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,6 +278,7 @@ class Filters:
     sender: str = ""  # substring of the envelope sender or From
     rcpt: str = ""
     subject: str = ""
+    requested: bool = False  # only items a recipient asked to release (digest link)
 
 
 _PERSONAL = ("queue_id", "mail_from", "rcpts", "subject", "from_header", "client_ip", "helo",
@@ -528,6 +542,8 @@ class Store:
             if value is not None and value != "":
                 where.append(cond)
                 args.append(value)
+        if f.requested:
+            where.append("id IN (SELECT item_id FROM release_requests)")
         if f.reason:
             where.append("symbols LIKE ?")
             args.append('%"name": "' + f.reason.replace("%", "").replace("_", "\\_") + '"%')
@@ -833,9 +849,120 @@ class Store:
                     self._conn().execute(
                         "DELETE FROM items WHERE id = ? AND state != 'releasing'", (item_id,))
             with self._lock:  # the tracking records of the same period go with them
-                self._conn().execute("DELETE FROM tracking WHERE received_at < ?", (cutoff,))
+                db = self._conn()
+                db.execute("DELETE FROM tracking WHERE received_at < ?", (cutoff,))
+                db.execute("DELETE FROM release_requests WHERE item_id NOT IN "
+                           "(SELECT id FROM items)")
+                db.execute("DELETE FROM used_links WHERE at < ?", (cutoff,))
             return len(ids)
         return await asyncio.to_thread(_purge)
+
+    # ---- digests ------------------------------------------------------------------------
+
+    async def held_between(self, since: float, until: float) -> list[Item]:
+        """Inbound items still held (not refused copies) received in [since, until), oldest
+        first: what a digest lists."""
+        def _read() -> list[Item]:
+            with self._lock:
+                rows = self._conn().execute(
+                    "SELECT * FROM items WHERE state = 'quarantined' AND direction = 'inbound' "
+                    "AND received_at >= ? AND received_at < ? ORDER BY received_at, id",
+                    (since, until)).fetchall()
+            return [self._row_item(r) for r in rows]
+        return await asyncio.to_thread(_read)
+
+    async def use_link(self, mac: str) -> bool:
+        """Mark a digest link used: True the first time only (whichever process asks)."""
+        def _use() -> bool:
+            with self._lock:
+                return self._conn().execute(
+                    "INSERT OR IGNORE INTO used_links VALUES (?, ?)",
+                    (mac, self._clock())).rowcount == 1
+        return await asyncio.to_thread(_use)
+
+    async def link_used(self, mac: str) -> bool:
+        def _used() -> bool:
+            with self._lock:
+                return self._conn().execute(
+                    "SELECT 1 FROM used_links WHERE mac = ?", (mac,)).fetchone() is not None
+        return await asyncio.to_thread(_used)
+
+    async def request_release(self, item_id: str, *, by: str, client: str = "") -> None:
+        """A recipient asks the admin to release an item (audited)."""
+        _check_id(item_id)
+        at = self._clock()
+
+        def _add() -> None:
+            self._item_sync(item_id)  # NotFound
+            sealed = self._sealer.seal(_json_bytes({"by": by}), record_id=item_id,
+                                       purpose=_REQUEST)
+            with self._lock:
+                self._conn().execute("INSERT INTO release_requests VALUES (?, ?, ?)",
+                                     (item_id, at, sealed))
+        await asyncio.to_thread(_add)
+        await self._audit_quietly(by, "release_request", item_id, client)
+
+    async def release_requests(self, item_id: str) -> list[tuple[str, float]]:
+        """Who asked to release the item, and when, oldest first."""
+        def _read() -> list[tuple[str, float]]:
+            with self._lock:
+                rows = self._conn().execute(
+                    "SELECT at, meta FROM release_requests WHERE item_id = ? ORDER BY at",
+                    (item_id,)).fetchall()
+            return [(str(json.loads(self._sealer.open(m, record_id=item_id,
+                                                      purpose=_REQUEST))["by"]), at)
+                    for at, m in rows]
+        return await asyncio.to_thread(_read)
+
+    async def pending_requests(self) -> int:
+        """Held items a recipient asked to release."""
+        def _count() -> int:
+            with self._lock:
+                return int(self._conn().execute(
+                    "SELECT count(DISTINCT item_id) FROM release_requests JOIN items "
+                    "ON items.id = item_id WHERE items.state = 'quarantined'").fetchone()[0])
+        return await asyncio.to_thread(_count)
+
+    def blind(self, address: str) -> str:
+        """The blind-index token of an address (case and accents folded)."""
+        return self._sealer.token(_fold(address.strip()))
+
+    async def set_digest_optout(self, token: str, out: bool) -> None:
+        def _set() -> None:
+            with self._lock:
+                if out:
+                    self._conn().execute("INSERT OR REPLACE INTO digest_optouts VALUES (?, ?)",
+                                         (token, self._clock()))
+                else:
+                    self._conn().execute("DELETE FROM digest_optouts WHERE token = ?", (token,))
+        await asyncio.to_thread(_set)
+
+    async def digest_optouts(self) -> set[str]:
+        def _read() -> set[str]:
+            with self._lock:
+                return {r[0] for r in self._conn().execute("SELECT token FROM digest_optouts")}
+        return await asyncio.to_thread(_read)
+
+    async def mark(self, name: str) -> float | None:
+        def _read() -> float | None:
+            with self._lock:
+                row = self._conn().execute("SELECT value FROM marks WHERE name = ?",
+                                           (name,)).fetchone()
+            return None if row is None else float(row[0])
+        return await asyncio.to_thread(_read)
+
+    async def move_mark(self, name: str, old: float | None, new: float) -> bool:
+        """Compare-and-set of a time mark: True if it was `old` (None: absent) and is now
+        `new`; False if another process moved it first."""
+        def _move() -> bool:
+            with self._lock:
+                db = self._conn()
+                if old is None:
+                    return db.execute("INSERT OR IGNORE INTO marks VALUES (?, ?)",
+                                      (name, new)).rowcount == 1
+                return db.execute("UPDATE marks SET value = ? WHERE name = ? AND value = ?",
+                                  (new, name, old)).rowcount == 1
+        return await asyncio.to_thread(_move)
 
 
 def _check_id(item_id: str) -> None:

@@ -245,3 +245,58 @@ async def test_tracking_search_by_each_kind_of_id(tmp_path: Path, sink: Sink, br
             await page.goto(f"{base}/suivi?q={queue_id}")
             await page.screenshot(path=str(DOCS / "web-tracking.png"), full_page=True)
         await context.close()
+
+
+async def test_digest_mail_and_its_link_pages_in_chromium(tmp_path: Path, sink: Sink, browser):
+    """A recipient reads her digest in a browser (the HTML part, as a webmail shows it),
+    follows the links: one asks the admin, the other releases a low-risk message."""
+    from tests.support.sink import _free_port
+    from tests.test_digest import DOCTOR, bulk, digests, hold, take
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = make_config(tmp_path / "data", next_hop={"address": sink.address, "starttls": "off"},
+                      web={"listen": f"127.0.0.1:{port}", "public_url": base},
+                      scoring={"tag": 1.0, "quarantine": 1.5, "reject": 50.0},
+                      digest={"direct_release_groups": ["bulk", "auth"]})
+    add_users(AccountFile(cfg.web_users_file))
+    async with running(cfg) as gw:
+        danger = await hold(gw, suspicious("Résultats d'analyses : facture impayée"), [DOCTOR],
+                            sender="contact@labo-analyses.example")
+        await hold(gw, bulk("Promotion : tensiomètres -30 %"), [DOCTOR])
+        assert gw.runtime.digests is not None
+        await gw.runtime.digests.send_now()
+        mail = digests(take(sink))[DOCTOR][1]
+        html = mail.get_body(("html",)).get_content()  # type: ignore[union-attr]
+        context = await browser.new_context(viewport={"width": 900, "height": 700},
+                                            locale="fr-FR", java_script_enabled=False)
+        page = await context.new_page()
+        await page.set_content(html)
+        text = await page.locator("body").inner_text()
+        assert "Rapport de quarantaine du" in text and "facture impayée" in text
+        assert "Promotion : tensiomètres -30 %" in text
+        if os.environ.get("GATEWAY_UPDATE_DOCS"):
+            await page.screenshot(path=str(DOCS / "digest-mail.png"), full_page=True)
+        # The dangerous file: a request only.
+        row = page.locator("tr", has_text="facture impayée")
+        assert await row.get_by_role("link", name="Libérer", exact=True).count() == 0
+        await row.get_by_role("link", name="Demander la libération").click()
+        await page.get_by_role("heading", name=f"Message retenu pour {DOCTOR}").wait_for()
+        await page.get_by_role("button", name="Demander la libération à l'administrateur").click()
+        await page.get_by_role("status").wait_for()
+        assert "transmise" in await page.get_by_role("status").inner_text()
+        store = gw.runtime.store
+        assert store is not None and (await store.item(danger)).state == "quarantined"
+        # The offer: released at once, into the mailbox (the sink).
+        await page.set_content(html)
+        await page.locator("tr", has_text="tensiomètres").get_by_role(
+            "link", name="Libérer", exact=True).click()
+        await page.get_by_role("button", name="Libérer ce message").wait_for()
+        if os.environ.get("GATEWAY_UPDATE_DOCS"):
+            await page.screenshot(path=str(DOCS / "digest-link.png"), full_page=True)
+        await page.get_by_role("button", name="Libérer ce message").click()
+        await page.get_by_role("status").wait_for()
+        assert "libéré" in await page.get_by_role("status").inner_text()
+        released = await sink.get()
+        assert released.rcpts == [DOCTOR] and b"tensiom" in released.data
+        await context.close()

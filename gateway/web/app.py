@@ -8,6 +8,7 @@ sessions, CSRF and headers, preview.py for the safe preview.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import hmac
@@ -27,11 +28,13 @@ import jinja2
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway import digest
 from gateway.accounts import AccountFile
 from gateway.authstate import AuthState, Session, Throttle
 from gateway.chains import held_for_exposure_only
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, Refused, TemporaryError
+from gateway.netaddr import client_key
 from gateway.notice import release_token
 from gateway.quarantine_service import QuarantineService
 from gateway.sender_lists import SenderLists
@@ -57,7 +60,6 @@ from quarantine.store import (
     Item,
     NotFound,
     NotQuarantined,
-    TrackRecord,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,15 @@ AUDIT_FR = {
     "track_search": "recherche dans le suivi",
     "sender_release": "libération par l'expéditeur", "user_add": "compte créé",
     "user_remove": "compte supprimé", "totp_reset": "second facteur renouvelé",
+    "release_request": "demande de libération (rapport)", "digest_view": "lien du rapport ouvert",
+    "digest_release": "libération par le destinataire (rapport)",
+    "digest_optout": "rapport de quarantaine désactivé",
+    "digest_optin": "rapport de quarantaine réactivé",
 }
+# Pages opened from a link in a mail, without an account: rate-limited per client address.
+LINK_PATHS = ("/rapport/", "/liberation/")
+LINK_REQUESTS = 60  # per client address (IPv6: its /64) and LINK_WINDOW_S
+LINK_WINDOW_S = 300.0
 
 ERRORS_FR = {404: "Page introuvable.", 405: "Action non permise sur cette page.",
              413: "Demande trop volumineuse."}
@@ -102,12 +112,13 @@ class WebApp:
         self.throttle = Throttle.of(auth, "web", failures=cfg.web.max_login_failures,
                                     minutes=cfg.web.lockout_minutes)
         self.totp = TotpGuard(auth)
+        self.link_limit = RateLimit(LINK_REQUESTS, LINK_WINDOW_S)
         self.secure = bool(cfg.web.tls_cert) or cfg.web.public_url.startswith("https://")
         self.cookie = "__Host-session" if self.secure else "session"
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined)
-        self.env.filters["when"] = lambda ts: time.strftime("%d/%m/%Y %H:%M", time.localtime(ts))
+        self.env.filters["when"] = cfg.when
         self.env.filters["size"] = _size
         self.env.filters["actor"] = actor_fr
         self.env.globals.update(states_fr=STATES_FR, audit_fr=AUDIT_FR, outcomes_fr=OUTCOMES_FR)
@@ -134,6 +145,10 @@ class WebApp:
         r.add_get("/journal", self.audit_page)
         r.add_get("/comptes", self.accounts_page)
         r.add_post("/comptes", self.accounts_change)
+        r.add_get("/rapport/desabonnement/{token}", self.digest_optout_page)
+        r.add_post("/rapport/desabonnement/{token}", self.digest_optout)
+        r.add_get("/rapport/{token}", self.digest_link_page)
+        r.add_post("/rapport/{token}", self.digest_link)
         r.add_get("/liberation/{id}/{token}", self.sender_release_page)
         r.add_post("/liberation/{id}/{token}", self.sender_release)
         r.add_static("/static", HERE / "static", append_version=False)
@@ -180,7 +195,13 @@ class WebApp:
     @web.middleware
     async def auth_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        public = path in ("/connexion",) or path.startswith(("/static/", "/liberation/"))
+        public = path in ("/connexion",) or path.startswith(("/static/", "/liberation/",
+                                                             "/rapport/"))
+        if path.startswith(LINK_PATHS) and not self.link_limit.allow(client_key(self.client(
+                request)), time.monotonic()):
+            # Pages opened by a link, no account: a guesser gets a few tries per minute.
+            return self.refuse(request, 429, "Trop de demandes depuis votre adresse : "
+                                             "réessayez dans quelques minutes.")
         session = await self.sessions.get(request.cookies.get(self.cookie))
         account = self.accounts.load().get(session.user) if session is not None else None
         if session is not None and (account is None or session.stamp != account.stamp):
@@ -319,6 +340,7 @@ class WebApp:
         reasons = sorted(by_reason.items(), key=lambda kv: -kv[1])[:10]
         return self.render(
             request, "dashboard.html", by_action=by_action, held=held, size=size,
+            requests=await self.store.pending_requests(),
             reasons=[(name, _label(table[name].description, 200) if name in table else "", n)
                      for name, n in reasons], labels=charts.LABELS,
             chart=charts.daily_bars(rows, days=30), total=sum(by_action.values()))
@@ -345,14 +367,14 @@ class WebApp:
             since=_day(q.get("du")), until=_day(q.get("au"), end=True),
             min_score=_float(q.get("score_min")), reason=q.get("raison") or None,
             sender=q.get("expediteur", "")[:200], rcpt=q.get("destinataire", "")[:200],
-            subject=q.get("objet", "")[:200])
+            subject=q.get("objet", "")[:200], requested=q.get("demandes") == "1")
         page = _page(q.get("page"))
         items, total = await self.store.search(filters, limit=PAGE_SIZE,
                                                offset=(page - 1) * PAGE_SIZE)
         pages = max(1, math.ceil(total / PAGE_SIZE))
         args = {k: v for k, v in q.items() if k != "page"}
         return self.render(
-            request, "list.html", items=[(i, self._reasons(i)) for i in items], total=total,
+            request, "list.html", items=[(i, self.quarantine.reasons(i)) for i in items], total=total,
             page=page, pages=pages, q=q, reasons=[
                 (name, _label(self.table[name].description)
                  if name in self.table else name)
@@ -376,19 +398,9 @@ class WebApp:
             await self.audit(request, "track_search", "", query)
         args = {k: v for k, v in q.items() if k != "page"}
         return self.render(
-            request, "tracking.html", records=[(r, self._reasons(r)) for r in records],
+            request, "tracking.html", records=[(r, self.quarantine.reasons(r)) for r in records],
             total=total, page=page, pages=max(1, math.ceil(total / PAGE_SIZE)), q=q,
             page_url=lambda n: "/suivi?" + urlencode({**args, "page": n}))
-
-    def _reasons(self, item: Item | TrackRecord) -> list[str]:
-        """The main French reasons of an item or a tracked message, heaviest first (forced
-        actions first)."""
-        table = self.table
-        ranked = sorted(item.symbols, key=lambda s: (
-            not (s.name in table and table[s.name].action is not None), -s.score))
-        out = [s.description or (table[s.name].description if s.name in table else s.name)
-               for s in ranked if s.score > 0 or (s.name in table and table[s.name].action)]
-        return list(dict.fromkeys(out))[:3]
 
     async def message_page(self, request: web.Request) -> web.Response:
         assert self.store is not None
@@ -409,8 +421,9 @@ class WebApp:
                    for s in item.symbols]
         yara = {a.name: _yara_rules(item, a.name) for a in view.attachments} if view else {}
         return self.render(request, "message.html", item=item, view=view, symbols=symbols,
+                           requests=await self.store.release_requests(item.id),
                            dangerous=self.quarantine.needs_confirmation(item),
-                           show=show, reasons=self._reasons(item), yara=yara,
+                           show=show, reasons=self.quarantine.reasons(item), yara=yara,
                            info=request.query.get("info", "")[:300])
 
     async def preview_frame(self, request: web.Request) -> web.Response:
@@ -465,7 +478,7 @@ class WebApp:
                 # Refused (the sender was told no), or held for a dangerous file: releasing
                 # says yes after all. Ask, naming why.
                 return self.render(request, "confirm_release.html", item=item, action=action,
-                                   reasons=self._reasons(item))
+                                   reasons=self.quarantine.reasons(item))
         message = await self._act(request, item_id, action)
         raise web.HTTPSeeOther(f"/quarantaine/{item_id}?" + urlencode({"info": message}))
 
@@ -629,7 +642,7 @@ class WebApp:
         if item is None:
             return self.refuse(request, 404, "Lien invalide ou message introuvable.")
         return self._with_form_token(request, "sender_release.html", item=item, done="",
-                                     reasons=self._reasons(item))
+                                     reasons=self.quarantine.reasons(item))
 
     async def sender_release(self, request: web.Request) -> web.Response:
         item = await self._sender_item(request)
@@ -652,6 +665,138 @@ class WebApp:
             done = "Le message a été libéré et envoyé."
         return self.render(request, "sender_release.html", item=item, done=done, reasons=[])
 
+    # ---- the links of a quarantine digest ------------------------------------------------
+
+    async def _digest_target(self, request: web.Request
+                             ) -> tuple[digest.Link, Item, str] | web.Response:
+        """The link's item and recipient, or the page that says why it cannot be used."""
+        assert self.store is not None
+        link = digest.Link.parse(request.match_info["token"])
+        item = rcpt = None
+        if link is not None:
+            with contextlib.suppress(NotFound):
+                item = await self.store.item(link.item_id)
+            if item is not None:
+                rcpt = digest.link_recipient(self.secret, link, item)
+        if link is None or item is None or rcpt is None:
+            log.warning("digest link refused", extra={"fields": {
+                "client": self.client(request)}})
+            return self.refuse(request, 404, "Lien invalide ou message introuvable (les "
+                                             "messages sont supprimés après quelques jours).")
+        return link, item, rcpt
+
+    def _digest_state(self, link: digest.Link, item: Item, used: bool) -> str:
+        """Why the link can no longer act, or ""."""
+        if used:
+            return "Ce lien a déjà servi."
+        if item.state != "quarantined":
+            return f"Ce message a déjà été traité ({STATES_FR.get(item.state, item.state)})."
+        if time.time() > link.expires:
+            return ("Ce lien a expiré. Si ce message est légitime, demandez à la personne qui "
+                    "administre la passerelle de le libérer.")
+        return ""
+
+    async def digest_link_page(self, request: web.Request) -> web.Response:
+        target = await self._digest_target(request)
+        if isinstance(target, web.Response):
+            return target
+        link, item, rcpt = target
+        await self.audit(request, "digest_view", item.id, user=f"digest:{rcpt}")
+        state = self._digest_state(link, item, await self.store.link_used(link.mac))
+        return self._with_form_token(request, "digest_link.html", item=item, rcpt=rcpt,
+                                     link=link, done="", state=state,
+                                     sender=digest.sender_of(item),
+                                     reason=(self.quarantine.reasons(item, 1) or [""])[0])
+
+    async def digest_link(self, request: web.Request) -> web.Response:
+        target = await self._digest_target(request)
+        if isinstance(target, web.Response):
+            return target
+        link, item, rcpt = target
+        form = await request.post()
+        if not self._form_token_ok(request, form):
+            return self.refuse(request, 403, "Formulaire expiré ou envoyé d'ailleurs : rouvrez "
+                                             "le lien du rapport et recommencez.")
+        state = self._digest_state(link, item, await self.store.link_used(link.mac))
+        done = state
+        by = f"digest:{rcpt}"
+        if state:
+            pass
+        elif link.action == "d":
+            if await self.store.use_link(link.mac):
+                await self.store.request_release(item.id, by=by, client=self.client(request))
+                done = ("Votre demande a été transmise à la personne qui administre la "
+                        "passerelle : le message vous sera remis si elle le libère.")
+            else:
+                done = "Ce lien a déjà servi."
+        elif not self.quarantine.recipient_may_release(
+                item, self.cfg.digest.direct_release_groups):
+            # The rules or the settings changed since the digest: ask instead.
+            if await self.store.use_link(link.mac):
+                await self.store.request_release(item.id, by=by, client=self.client(request))
+            done = ("Ce message ne peut plus être libéré depuis le rapport : votre demande a été "
+                    "transmise à la personne qui administre la passerelle.")
+        else:
+            try:
+                await self.quarantine.release(item.id, by=by, client=self.client(request))
+            except (NotFound, NotQuarantined):
+                done = "Ce message a déjà été traité."
+            except (DownstreamRejected, TemporaryError):
+                done = ("La remise a échoué pour le moment ; le message reste retenu. Réessayez "
+                        "plus tard avec le même lien.")
+            else:
+                await self.store.use_link(link.mac)
+                done = "Le message a été libéré : il arrive dans votre boîte de réception."
+        return self.render(request, "digest_link.html", item=item, rcpt=rcpt, link=link,
+                           done=done, state="", sender=digest.sender_of(item), reason="")
+
+    async def digest_optout_page(self, request: web.Request) -> web.Response:
+        blind = digest.optout_blind(self.secret, request.match_info["token"])
+        if blind is None:
+            return self.refuse(request, 404, "Lien invalide.")
+        out = blind in await self.store.digest_optouts()
+        return self._with_form_token(request, "digest_optout.html", out=out, done="")
+
+    async def digest_optout(self, request: web.Request) -> web.Response:
+        """Opt out (or back in) with the link of a digest; a mail client's one-click
+        unsubscribe (RFC 8058: `List-Unsubscribe=One-Click`, no form) opts out."""
+        blind = digest.optout_blind(self.secret, request.match_info["token"])
+        if blind is None:
+            return self.refuse(request, 404, "Lien invalide.")
+        form = await request.post()
+        one_click = form.get("List-Unsubscribe") == "One-Click"
+        if not one_click and not self._form_token_ok(request, form):
+            return self.refuse(request, 403, "Formulaire expiré ou envoyé d'ailleurs : rouvrez "
+                                             "le lien du rapport et recommencez.")
+        out = one_click or form.get("choix") != "reprendre"
+        await self.store.set_digest_optout(blind, out)
+        await self.audit(request, "digest_optout" if out else "digest_optin", "",
+                         user=f"digest:{blind}")
+        done = ("Vous ne recevrez plus le rapport de quarantaine." if out else
+                "Vous recevrez de nouveau le rapport de quarantaine.")
+        return self._with_form_token(request, "digest_optout.html", out=out, done=done)
+
+
+class RateLimit:
+    """At most `n` requests per key in a sliding window of `window_s` (one process: the page
+    is served by the primary process only)."""
+
+    def __init__(self, n: int, window_s: float) -> None:
+        self._n = n
+        self._window_s = window_s
+        self._hits: dict[str, collections.deque[float]] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        if len(self._hits) > 10000:  # forget idle clients
+            self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self._window_s}
+        hits = self._hits.setdefault(key, collections.deque())
+        while hits and hits[0] <= now - self._window_s:
+            hits.popleft()
+        if len(hits) >= self._n:
+            return False
+        hits.append(now)
+        return True
+
 
 def actor_fr(user: str) -> str:
     """Who did it, for the journal: the store records state changes by a tagged name
@@ -660,7 +805,7 @@ def actor_fr(user: str) -> str:
     if not sep:
         return user
     return {"web": name, "sender": f"expéditeur {name}", "cli": f"{name} (ligne de commande)",
-            "system": "système"}.get(kind, user)
+            "digest": f"destinataire {name} (rapport)", "system": "système"}.get(kind, user)
 
 
 def _duration(seconds: float) -> str:
