@@ -82,8 +82,9 @@ class Policy:
 class Finding:
     symbol: str
     name: str  # the file it is about ("facture.pdf", "archive.zip/payload.exe")
-    detail: str = ""
+    detail: str = ""  # English, for the logs
     rule: str = ""  # the YARA rule that matched
+    args: tuple[tuple[str, str], ...] = ()  # values for the symbol's French detail
 
 
 @dataclass(slots=True)
@@ -96,11 +97,12 @@ class _Scan:
     deadline: float = math.inf  # time.monotonic() past which YARA scans no more
     qr: qr.Reader = field(default_factory=qr.Reader)  # the message's QR reading and budget
 
-    def add(self, symbol: str, name: str, detail: str = "", rule: str = "") -> None:
+    def add(self, symbol: str, name: str, detail: str = "", rule: str = "",
+            args: tuple[tuple[str, str], ...] = ()) -> None:
         if (symbol, name) not in self.seen:
             self.seen.add((symbol, name))
             self.findings.append(Finding(symbol=symbol, name=name, detail=detail[:200],
-                                         rule=rule))
+                                         rule=rule, args=args))
 
     def add_link(self, symbol: str, name: str, url: str) -> None:
         """A web address in a file (several per file, each once)."""
@@ -162,9 +164,10 @@ def _file(scan: _Scan, name: str, data: bytes, declared: str, *, depth: int,
     dangerous = kind in policy.dangerous_types or ext in policy.dangerous_extensions
     if dangerous:
         scan.add("ATTACH_EXEC_IN_ARCHIVE" if in_archive else "ATTACH_DANGEROUS_TYPE", name,
-                 f"{kind} .{ext}")
+                 f"{kind} .{ext}", args=(("kind", kind),))
     if kind in policy.dangerous_types and ext and ext not in policy.dangerous_extensions:
-        scan.add("ATTACH_TYPE_MISMATCH", name, f"named .{ext}, really {kind}")
+        scan.add("ATTACH_TYPE_MISMATCH", name, f"named .{ext}, really {kind}",
+                 args=(("ext", ext), ("kind", kind)))
     if scan.yara is not None:
         _yara(scan, data, name)
     if kind == "application/zip" or (data[:4] == b"PK\x03\x04" and kind != "application/zip"):
@@ -218,7 +221,8 @@ def _zip(scan: _Scan, name: str, data: bytes, *, depth: int) -> None:
         scan.add("ATTACH_ARCHIVE_BOMB", name, f"nested deeper than {policy.max_depth}")
         return
     if depth >= 1:
-        scan.add("ATTACH_NESTED_ARCHIVE", name, f"depth {depth + 1}")
+        scan.add("ATTACH_NESTED_ARCHIVE", name, f"depth {depth + 1}",
+                 args=(("depth", str(depth + 1)),))
     if len(infos) > policy.max_members:
         scan.add("ATTACH_ARCHIVE_BOMB", name, f"{len(infos)} members")
         return

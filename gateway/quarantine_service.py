@@ -16,6 +16,7 @@ audited by the store itself, in the same step, whoever asks:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
@@ -26,7 +27,10 @@ from gateway.config import NEVER_DIRECT_RELEASE
 from gateway.errors import DownstreamUnavailable
 from gateway.relay import NextHop, deliver
 from gateway.symbols import SymbolTable
+from gateway.verdict import fill
 from quarantine.store import Item, Store, SymbolRecord
+
+_PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 
 
 class HasSymbols(Protocol):
@@ -89,6 +93,16 @@ class QuarantineService:
         out = [s.description or (table[s.name].description if s.name in table else s.name)
                for s in ranked if s.score > 0 or (s.name in table and table[s.name].action)]
         return list(dict.fromkeys(out))[:n]
+
+    def detail(self, s: SymbolRecord) -> str:
+        """A finding's detail as a person reads it: the symbol's French template filled with
+        the finding's values; "" when the symbol has none, or a value is missing (an older
+        record), since the recorded `detail` is English, for the logs."""
+        sym = self.table.symbols.get(s.name)
+        if sym is None or not sym.detail:
+            return ""
+        text = fill(sym.detail, dict(s.args))
+        return "" if _PLACEHOLDER.search(text) else text
 
     def recipient_may_release(self, item: Item, groups: Iterable[str]) -> bool:
         """May a recipient release this item herself, from her digest? Only a held item

@@ -56,6 +56,9 @@ class Symbol:
     group: str
     score: float
     description: str  # French
+    # French template of the finding's detail, from the hit's args (the English `detail` is
+    # for the logs); empty: the detail is data alone (a domain, a file name) and shown as is.
+    detail: str = ""
     action: Action | None = None  # forced minimum action
     fail: str = ""  # runner symbols: "retry", "closed" or "open" (gives the action)
     reply: str = ""  # a name in gateway/replies.py: the reply when this symbol decides
@@ -76,8 +79,8 @@ class SymbolTable:
         return name in self.symbols
 
 
-_SYMBOL_KEYS = {"group", "score", "description", "action", "fail", "reply", "hold", "notice",
-                "direction"}
+_SYMBOL_KEYS = {"group", "score", "description", "detail", "action", "fail", "reply", "hold",
+                "notice", "direction"}
 _CHOICES = {"hold": ("exposed",), "notice": ("send", "list"),
             "direction": ("inbound", "outbound")}
 _REPLY_CLASS = {Action.REJECT: 5, Action.TEMPFAIL: 4}
@@ -147,7 +150,8 @@ def load_table(path: Path) -> SymbolTable:
             continue
         symbols[name] = Symbol(
             name=name, group=str(spec.get("group", "misc")), score=float(spec["score"]),
-            description=spec["description"].strip(), action=action, fail=fail,
+            description=spec["description"].strip(), detail=str(spec.get("detail", "")).strip(),
+            action=action, fail=fail,
             reply=str(refine["reply"]), hold=str(refine["hold"]), notice=str(refine["notice"]),
             direction=str(refine["direction"]))
     if set(data) - {"symbols"}:
@@ -175,7 +179,7 @@ def rule_symbol(name: str, meta: dict[str, object], *, where: str) -> Symbol:
         raise ConfigError(f"{where}: symbol {name}: meta action must be one of "
                           f"{', '.join(a.value for a in Action)}") from None
     return Symbol(name=name, group="attachments", score=value, description=text.strip(),
-                  action=forced)
+                  detail="Fichier : {file} ; règle : {rule}.", action=forced)
 
 
 def extended(table: SymbolTable, more: dict[str, Symbol], *, path: Path) -> SymbolTable:

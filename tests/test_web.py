@@ -790,3 +790,48 @@ async def test_an_ipv6_client_cannot_start_afresh_with_a_new_address(tmp_path: P
     assert (await throttle.begin("claire", "2001:db8:1:2::99")).wait > 800  # locked: its /64
     assert (await throttle.begin("claire", "2001:db8:1:3::1")).wait == 0  # another /64
     state.close()
+
+
+def test_dashboard_chart_labels_sit_on_their_gridlines_in_whole_messages():
+    """Each y-axis label of the dashboard's chart is a whole number of messages, written on
+    its own gridline, the top one at or above the busiest day (no "0, 0, 1" for a peak of 1,
+    no "2" half-way up for a peak of 3)."""
+    from gateway.web import charts
+    now = time.mktime((2026, 11, 30, 12, 0, 0, 0, 0, -1))
+    for peak in (1, 2, 3, 7, 11, 99, 1234):
+        svg = charts.daily_bars([("2026-11-30", "inbound", "accept", "", peak)], now=now)
+        lines = [float(y) for y in re.findall(r'<line x1="40" y1="([\d.]+)"', svg)]
+        labels = re.findall(r'<text x="34" y="([\d.]+)"[^>]*>(\d+)</text>', svg)
+        values = [int(v) for _, v in labels]
+        assert values == sorted(set(values)) and values[0] == 0 and values[-1] >= peak, values
+        assert 2 <= len(values) <= 6, (peak, values)
+        steps = {b - a for a, b in zip(values, values[1:], strict=False)}
+        assert len(steps) == 1, values  # evenly spaced
+        for (y, _), line in zip(labels, lines, strict=True):
+            assert abs(float(y) - 4 - line) < 0.2  # the label's baseline on its gridline
+        (bar,) = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="([\d.]+)"',
+                            svg.split("<title>")[0] + "<title>")
+        top_line = min(lines)
+        assert float(bar[0]) >= top_line - 0.2  # the bar stays under the top gridline
+
+
+async def test_message_page_gives_each_findings_detail_in_french(site: Web):
+    """The page shows a finding's values through the symbol's French template (the English
+    detail is for the logs): a program named .pdf, the SPF and DMARC domains."""
+    from tests.test_attachments import PE
+    raw = suspicious("Votre facture", also=(("facture.pdf", PE),))
+    with pytest.raises(aiosmtplib.SMTPDataError):  # refused; its copy kept for review
+        await aiosmtplib.send(raw, sender="contact@labo-analyses.example",
+                              recipients=[f"docteur@{DOMAIN}"], hostname="127.0.0.1",
+                              port=site.gw.port, start_tls=False)
+    (kept,) = await site.gw.runtime.store.list_items(state="refused")  # type: ignore[union-attr]
+    item = kept.id
+    await site.client.login(ADMIN)
+    _, page, _ = await site.client.get(f"/quarantaine/{item}")
+    # The reasons' table (the message's own headers, shown further down, are its data).
+    text = re.sub(r"<[^>]+>", " ", page.split("<h2>Raisons")[1].split("<h2>")[0])
+    assert "Fichier : facture.pdf ; nommé .pdf, type réel : application/" in text
+    assert "Domaine vérifié : labo-analyses.example (identité MAIL FROM)" in text
+    assert "Domaine affiché : labo-analyses.example : aucun enregistrement DMARC." in text
+    for english in ("named .pdf", "really", "no record", "mailfrom="):
+        assert english not in text, english

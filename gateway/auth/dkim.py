@@ -82,16 +82,20 @@ class DkimCheck(SignatureCheck):
         hits = []
         for sig, t in zip(sigs, tags, strict=True):
             detail = f"d={sig.domain} s={sig.selector} {sig.reason}".strip()[:200]
-            hits.append(Hit(symbol=f"DKIM_{sig.result.name}", detail=detail))
+            args = tuple((k, v[:100]) for k, v in (("domain", sig.domain),
+                                                  ("selector", sig.selector)) if v)
+            hits.append(Hit(symbol=f"DKIM_{sig.result.name}", detail=detail, args=args))
             if t is not None and sig.result is AuthStatus.PASS:
                 if b"l" in t:
-                    hits.append(Hit(symbol="DKIM_LENGTH_LIMIT", detail=f"d={sig.domain}"))
+                    hits.append(Hit(symbol="DKIM_LENGTH_LIMIT", detail=f"d={sig.domain}",
+                                    args=args))
                 if b"from" not in [h.strip().lower() for h in t.get(b"h", b"").split(b":")]:
-                    hits.append(Hit(symbol="DKIM_FROM_NOT_SIGNED", detail=f"d={sig.domain}"))
+                    hits.append(Hit(symbol="DKIM_FROM_NOT_SIGNED", detail=f"d={sig.domain}",
+                                    args=args))
             if sig.reason.startswith("key too small"):
-                hits.append(Hit(symbol="DKIM_KEY_TOO_SMALL", detail=detail))
+                hits.append(Hit(symbol="DKIM_KEY_TOO_SMALL", detail=detail, args=args))
             if sig.reason.startswith("expired"):
-                hits.append(Hit(symbol="DKIM_EXPIRED", detail=detail))
+                hits.append(Hit(symbol="DKIM_EXPIRED", detail=detail, args=args))
         return CheckResult(check=self.name, hits=tuple(hits),
                            facts=DkimFacts(signatures=tuple(sigs)))
 

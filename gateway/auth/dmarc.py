@@ -286,7 +286,9 @@ class DmarcCheck:
         arc = ctx.facts(ArcFacts)
         if isinstance(arc, ArcFacts) and (sealer := arc.vouched_by(self._trusted)):
             return CheckResult.of(self.name, Hit(symbol="DMARC_ARC_OVERRIDE",
-                                                 detail=f"sealed by {sealer}"),
+                                                 detail=f"sealed by {sealer}",
+                                                 args=(("domain", from_domain),
+                                                       ("sealer", sealer))),
                                   facts=DmarcFacts(result=AuthStatus.FAIL, from_domain=from_domain,
                                                    policy=policy, arc_override=True))
         if policy == "reject":
@@ -307,7 +309,9 @@ class DmarcCheck:
 
     def _result(self, result: AuthStatus, domain: str, policy: str, symbol: str,
                 detail: str) -> CheckResult:
-        return CheckResult.of(self.name, Hit(symbol=symbol, detail=f"{domain} {detail}"[:200]),
+        args = tuple((k, v[:100]) for k, v in (("domain", domain), ("policy", policy)) if v)
+        return CheckResult.of(self.name, Hit(symbol=symbol, detail=f"{domain} {detail}"[:200],
+                                             args=args),
                               facts=DmarcFacts(result=result, from_domain=domain, policy=policy))
 
 

@@ -490,7 +490,10 @@ class SpfCheck:
                                    inbound.helo, receiver=self._receiver, identity=identity)
         result = outcome.result
         detail = f"{identity}={domain} {outcome.mechanism or outcome.reason}".strip()
-        return CheckResult.of(self.name, Hit(symbol=_SYMBOL[result], detail=detail[:200]),
+        args = (("domain", domain), ("identity", "MAIL FROM" if identity == "mailfrom" else "HELO"),
+                *((("term", outcome.mechanism[:100]),) if outcome.mechanism else ()))
+        return CheckResult.of(self.name, Hit(symbol=_SYMBOL[result], detail=detail[:200],
+                                             args=args),
                               facts=SpfFacts(result=result, domain=domain, identity=identity))
 
 

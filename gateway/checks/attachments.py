@@ -86,7 +86,7 @@ class AttachmentsCheck:
         return CheckResult(check=self.name, hits=tuple(
             Hit(symbol=f.symbol, detail=f"{f.name}: {f.detail[:200]}".strip(": ")[:200],
                 args=(("name", f.name.rsplit("/", 1)[-1] or f.name), ("file", f.name),
-                      *((("rule", f.rule),) if f.rule else ())))
+                      *((("rule", f.rule),) if f.rule else ()), *f.args))
             for f in findings), facts=AttachmentFacts(
                 qr_links=tuple(f.detail for f in findings if f.symbol == QR_LINK),
                 links=tuple(f.detail for f in findings if f.symbol == PDF_LINK)))

@@ -55,7 +55,8 @@ class BulkCheck:
             if not isinstance(content, Unavailable):
                 found = self._unsubscribe.search(fold(content.text[-FOOTER:]))
                 if found:
-                    hits.append(Hit(symbol="BULK_NO_UNSUBSCRIBE_HEADER", detail=found.group(0)))
+                    hits.append(Hit(symbol="BULK_NO_UNSUBSCRIBE_HEADER", detail=found.group(0),
+                                    args=(("passage", found.group(0)[:80]),)))
         return CheckResult(check=self.name, hits=tuple(hits))
 
 

@@ -113,7 +113,8 @@ class DisguiseCheck:
                 hits.append(Hit(symbol="REPLYTO_FREEMAIL", detail=free, args=(("reply", free),)))
         recipient = _recipient_in(subject, msg, ctx.inbound.rcpts)
         if recipient:
-            hits.append(Hit(symbol="SUBJECT_HAS_RECIPIENT", detail=recipient))
+            hits.append(Hit(symbol="SUBJECT_HAS_RECIPIENT", detail=recipient,
+                            args=(("address", recipient),)))
         token = next((t for text in (name, subject) for t in _TOKEN.findall(text)
                       if _random(t)), None)
         local = address.partition("@")[0]
@@ -121,9 +122,9 @@ class DisguiseCheck:
                 msg.from_addresses[0].partition("@")[0]):
             token = local
         if token:
-            hits.append(Hit(symbol="RANDOM_TOKEN", detail=token[:40]))
+            hits.append(Hit(symbol="RANDOM_TOKEN", detail=token[:40], args=(("token", token[:40]),)))
         if _REPLY.match(subject) and not any(msg.header(h) for h in _THREAD):
-            hits.append(Hit(symbol="FAKE_REPLY", detail=subject[:60]))
+            hits.append(Hit(symbol="FAKE_REPLY", detail=subject[:60], args=(("subject", subject[:60]),)))
         return CheckResult(check=self.name, hits=tuple(hits))
 
 

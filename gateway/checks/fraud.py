@@ -80,7 +80,8 @@ class FraudCheck:
             found = _count(self._extortion, words())
             if found >= 2:
                 hits.append(Hit(symbol="FRAUD_EXTORTION",
-                                detail=f"bitcoin address, {found} extortion phrases"))
+                                detail=f"bitcoin address, {found} extortion phrases",
+                                args=(("count", str(found)),)))
         if not content.links:
             phone = _PHONE.search(text)
             if phone and _AMOUNT.search(text):
@@ -89,7 +90,7 @@ class FraudCheck:
                     number = phone.group(0).strip()
                     hits.append(Hit(symbol="FRAUD_CALLBACK",
                                     detail=f"{number}, {found} callback phrases",
-                                    args=(("phone", number),)))
+                                    args=(("phone", number), ("count", str(found)))))
         # A notary's, an insurer's or an exchange's own mail comes from its domain's servers
         # or carries its signature.
         signed = sender_verified(ctx, msg.from_domain)
@@ -97,13 +98,15 @@ class FraudCheck:
             core = _count(self._advance_fee_core, words())
             found = core + _count(self._advance_fee, words())
             if core and found >= 3:
-                hits.append(Hit(symbol="FRAUD_ADVANCE_FEE", detail=f"{found} advance-fee phrases"))
+                hits.append(Hit(symbol="FRAUD_ADVANCE_FEE", detail=f"{found} advance-fee phrases",
+                                args=(("count", str(found)),)))
         # Crypto-asset lures: read only when the text names one (most mail never does).
         if content.links and not signed and any(w in lower for w in _CRYPTO_HINTS):
             core = _count(self._crypto_core, words())
             found = core + _count(self._crypto, words()) + (1 if _TICKER.search(text) else 0)
             if core and found >= 3:
-                hits.append(Hit(symbol="FRAUD_CRYPTO", detail=f"{found} crypto-asset phrases"))
+                hits.append(Hit(symbol="FRAUD_CRYPTO", detail=f"{found} crypto-asset phrases",
+                                args=(("count", str(found)),)))
         return CheckResult(check=self.name, hits=tuple(hits))
 
 

@@ -175,7 +175,7 @@ class ImpersonationCheck:
         if found and (strong or posing or (unsigned and disguised and found >= 2 and any(
                 link.host and org_domain(link.host) != home for link in content.links))):
             hits.append(Hit(symbol="LURE", factor=float(min(found, 3)),
-                            detail=f"{found} lure phrases"))
+                            detail=f"{found} lure phrases", args=(("count", str(found)),)))
         if brand is not None:
             hits += self._brand_phish(brand, found, content)
         if any(h.symbol == "IMPERSONATION_PRACTICE_NAME" for h in hits):
@@ -184,14 +184,16 @@ class ImpersonationCheck:
             folded = fold(f"{msg.subject}\n{content.text[:50_000]}")
             asks = sum(1 for p in self._urgent_request if p.search(folded))
             if asks >= 2:
-                hits.append(Hit(symbol="FRAUD_GIFT_CARD", detail=f"{asks} request phrases"))
+                hits.append(Hit(symbol="FRAUD_GIFT_CARD", detail=f"{asks} request phrases",
+                                args=(("count", str(asks)),)))
         history = ctx.facts(HistoryFacts)
         first_contact = isinstance(history, HistoryFacts) and history.first_contact
         if self._payment_change and (first_contact or any(
                 h.symbol in _REPLIES_ELSEWHERE for r in ctx.earlier for h in r.hits)):
             change = self._payment_change.search(fold(f"{msg.subject}\n{content.text[:50_000]}"))
             if change:
-                hits.append(Hit(symbol="FRAUD_PAYMENT_DETAILS", detail=change.group(0)[:80]))
+                hits.append(Hit(symbol="FRAUD_PAYMENT_DETAILS", detail=change.group(0)[:80],
+                                args=(("passage", change.group(0)[:80]),)))
         if found >= 2 and spf_fail and not authenticated and isinstance(spf, SpfFacts):
             hits += self._spf_fail_lure_link(ctx, spf.domain, from_domain, content)
         return CheckResult(check=self.name, hits=tuple(hits))

@@ -152,7 +152,8 @@ class OutboundHealthCheck:
                             args=(("format", fmt),)))
         session_clear = not inbound.tls and not _loopback(inbound.peer_ip)
         if session_clear:
-            hits.append(Hit(symbol="OUTBOUND_CLEARTEXT_SESSION", detail=inbound.peer_ip))
+            hits.append(Hit(symbol="OUTBOUND_CLEARTEXT_SESSION", detail=inbound.peer_ip,
+                            args=(("client", inbound.peer_ip),)))
         if not inbound.next_hop_tls:
             hits.append(Hit(symbol="OUTBOUND_CLEARTEXT_RELAY"))
         clear = [r for r in inbound.rcpts if not secure_recipient(r)]

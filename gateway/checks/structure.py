@@ -42,7 +42,8 @@ class StructureCheck:
             hits.append(Hit(symbol="FROM_MISSING"))
         elif from_count > 1 or len(msg.from_addresses) > 1:
             hits.append(Hit(symbol="FROM_MULTIPLE", detail=(
-                f"{from_count} From fields, {len(msg.from_addresses)} addresses")))
+                f"{from_count} From fields, {len(msg.from_addresses)} addresses"),
+                args=(("fields", str(from_count)), ("addresses", str(len(msg.from_addresses))))))
         elif not msg.from_addresses:
             hits.append(Hit(symbol="FROM_UNPARSABLE"))
         if msg.header_count("Date") == 0:
@@ -51,7 +52,8 @@ class StructureCheck:
             hits.append(Hit(symbol="MESSAGE_ID_MISSING"))
         dups = [n for n in _SINGLE if n != "From" and msg.header_count(n) > 1]
         if dups:
-            hits.append(Hit(symbol="HEADER_DUPLICATE", detail=", ".join(dups)))
+            hits.append(Hit(symbol="HEADER_DUPLICATE", detail=", ".join(dups),
+                            args=(("fields", ", ".join(dups)),)))
         if msg.header_problems:
             hits.append(Hit(symbol="HEADER_ENCODING_BROKEN", detail=", ".join(msg.header_problems)))
         if msg.smuggling_dot:

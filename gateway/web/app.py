@@ -417,8 +417,8 @@ class WebApp:
                                                   limit_s=self.cfg.timeouts.preview_s)
         await self.audit(request, "view_identifiers" if show else "view", item_id)
         table = self.table
-        symbols = [(s, s.description or (table[s.name].description if s.name in table else ""))
-                   for s in item.symbols]
+        symbols = [(s, s.description or (table[s.name].description if s.name in table else ""),
+                    self.quarantine.detail(s)) for s in item.symbols]
         yara = {a.name: _yara_rules(item, a.name) for a in view.attachments} if view else {}
         return self.render(request, "message.html", item=item, view=view, symbols=symbols,
                            requests=await self.store.release_requests(item.id),

@@ -15,6 +15,17 @@ LABELS = {"accept": "acceptés", "tag": "marqués suspects", "quarantine": "en q
           "reject": "refusés", "tempfail": "refus temporaires"}
 
 
+def tick_step(peak: int, most: int = 5) -> int:
+    """A whole step of 1, 2 or 5 times a power of ten giving at most `most` intervals up to
+    `peak`: gridlines on whole numbers of messages."""
+    magnitude = 1
+    while True:
+        for m in (1, 2, 5):
+            if -(-peak // (m * magnitude)) <= most:
+                return m * magnitude
+        magnitude *= 10
+
+
 def daily_bars(rows: Iterable[tuple[str, str, str, str, int]], *, days: int = 30,
                now: float | None = None) -> str:
     now = time.time() if now is None else now
@@ -25,16 +36,18 @@ def daily_bars(rows: Iterable[tuple[str, str, str, str, int]], *, days: int = 30
         if day in per_day:
             per_day[day][action] = per_day[day].get(action, 0) + n
     peak = max((sum(v.values()) for v in per_day.values()), default=0) or 1
+    step = tick_step(peak)
+    top_value = -(-peak // step) * step  # the axis ends on a gridline at or above the peak
     width, height, left, bottom, top = 720, 220, 40, 30, 10
     bar = (width - left - 10) / days
     plot = height - bottom - top
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height + 30}" '
            f'role="img" aria-label="Messages par jour sur {days} jours" class="chart">']
-    for frac in (0, 0.5, 1):
-        y = top + plot * (1 - frac)
+    for value in range(0, top_value + 1, step):  # each label on its own gridline
+        y = top + plot * (1 - value / top_value)
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
                    f'stroke="#ddd"/><text x="{left - 6}" y="{y + 4:.1f}" font-size="11" '
-                   f'text-anchor="end" fill="#555">{round(peak * frac)}</text>')
+                   f'text-anchor="end" fill="#555">{value}</text>')
     for i, day in enumerate(day_keys):
         x = left + i * bar
         y = top + plot
@@ -43,7 +56,7 @@ def daily_bars(rows: Iterable[tuple[str, str, str, str, int]], *, days: int = 30
             n = counts.get(action, 0)
             if not n:
                 continue
-            h = plot * n / peak
+            h = plot * n / top_value
             y -= h
             out.append(f'<rect x="{x + 1:.1f}" y="{y:.1f}" width="{bar - 2:.1f}" height="{h:.1f}" '
                        f'fill="{COLOURS[action]}"><title>{escape(day)} : {n} '
