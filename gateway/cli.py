@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envoyer", action="store_true",
                    help="envoyer maintenant les rapports de ce qui a été retenu depuis le "
                    "dernier rapport (le rapport suivant repart de maintenant)")
+    p.add_argument("--reactiver", metavar="ADRESSE",
+                   help="envoyer de nouveau le rapport à une adresse qui l'avait désactivé")
 
     p = sub.add_parser("quarantine", help="consulter et traiter la quarantaine")
     _common(p)
@@ -441,14 +443,22 @@ async def _digest(cfg: Config, args: argparse.Namespace) -> int:
     try:
         assert runtime.digests is not None and runtime.store is not None
         digests = runtime.digests
+        store = runtime.store
+        if args.reactiver:
+            await store.set_digest_optout(store.blind(args.reactiver), False)
+            await store.audit(user=f"cli:{getpass.getuser()}", action="digest_optin",
+                              detail=args.reactiver)
+            print(f"{args.reactiver} recevra de nouveau le rapport de quarantaine.")
+            return 0
         if not args.envoyer:
             now = time.time()
-            mark = await runtime.store.mark(digest.MARK)
-            since = now - 86400 if mark is None else mark
-            plan = await digests.plan(since, now)
+            mark = await store.mark(digest.MARK)
+            after = await store.mark(digest.ROW_MARK)
+            plan = await digests.plan(int(after or 0), await store.last_row(), now)
             print(f"Rapport de quarantaine {'activé' if cfg.digest.enabled else 'DÉSACTIVÉ'}"
                   f" ; prochain envoi le {_when(digests.next_due(mark or now))}.")
-            print(f"Depuis le {_when(since)} : {len(plan)} destinataire(s).")
+            since = f"depuis le {_when(mark)}" if mark else "à ce jour"
+            print(f"Retenus {since} : {len(plan)} destinataire(s).")
             for rcpt, entries in sorted(plan.items()):
                 print(f"  {rcpt} : {len(entries)} message(s)")
             if not cfg.web.public_url:

@@ -33,18 +33,20 @@ import hmac
 import logging
 import re
 import time
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.policy import SMTP, SMTPUTF8
 from email.utils import formatdate, getaddresses, make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
+from gateway.message import decode_words, readable
 from gateway.quarantine_service import QuarantineService
 from gateway.relay import NextHop, deliver
 from quarantine.store import Item
@@ -54,7 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MARK = "digest"
+MARK = "digest"  # when the last digest was sent (the schedule)
+ROW_MARK = "digest-row"  # the position of the last item it listed (Store.last_row)
 TICK_S = 60.0
 RETRY_FOR_S = 3600.0
 MAX_ENTRIES = 100  # listed in one digest; the rest are counted
@@ -125,14 +128,29 @@ def optout_blind(secret: bytes, token: str) -> str | None:
     return m[1]
 
 
+def shown(text: str, limit: int = 200) -> str:
+    """Text of a held message as a digest and its link page show it: encoded words decoded,
+    raw UTF-8 read, every control or format character (line breaks, tabs, bidi overrides)
+    made a space, so that a subject cannot add lines to the digest nor reorder its text;
+    cut to `limit` characters."""
+    try:
+        text = decode_words(text)
+    except (ValueError, LookupError):
+        text = readable(text)
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") else c
+                   for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def sender_parts(item: Item) -> tuple[str, str]:
     """Who the message says it is from: From's display name and address (the envelope
-    sender's when From has none)."""
-    pairs = getaddresses([item.from_header])
+    sender's when From has none), as `shown`."""
+    pairs = getaddresses([readable(item.from_header)])
     name, addr = pairs[0] if pairs else ("", "")
     if addr and "@" in addr:
-        return name, addr
-    return "", item.mail_from or "(expéditeur vide)"
+        return shown(name, 80), shown(addr, 120)
+    return "", shown(item.mail_from, 120) or "(expéditeur vide)"
 
 
 def sender_of(item: Item) -> str:
@@ -144,7 +162,9 @@ def sender_of(item: Item) -> str:
 class Entry:
     item: Item
     rcpt_no: int
-    reason: str
+    sender: tuple[str, str]  # display name, address (`sender_parts`)
+    subject: str  # `shown`
+    reason: str  # the main French reason, `shown`
     url: str  # "" without web.public_url
     direct: bool  # the link releases (else it asks the admin)
 
@@ -166,7 +186,6 @@ class Digests:
         self._secret = secret
         self._clock = clock
         self._zone = cfg.zone
-        self._retry: dict[str, tuple[bytes, float]] = {}  # rcpt -> (digest, give up at)
         self._env: jinja2.Environment | None = None  # made at the first digest
 
     def _templates(self) -> jinja2.Environment:
@@ -199,30 +218,31 @@ class Digests:
         """Send the digests when due; retry those that could not be delivered."""
         if not self._cfg.digest.enabled:
             return None
-        await self._retry_failed()
+        await self.retry_pending()
         now = self._clock()
-        mark = await self._store.mark(MARK)
-        if mark is None:  # first start: the first digest comes at the next digest time
-            await self._store.move_mark(MARK, None, now)
+        last = await self._store.mark(MARK)
+        if last is None:  # first start: the first digest comes at the next digest time
+            await self._store.move_mark(ROW_MARK, None, await self._store.last_row())
+            await self._store.set_mark(MARK, now)
             return None
-        if now < self.next_due(mark):
+        if now < self.next_due(last):
             return None
-        return await self._claim_and_send(mark, now)
+        return await self._claim_and_send(now)
 
     async def send_now(self) -> Report | None:
-        """The digests of everything held since the last one (or the last day), now (the
-        CLI). None if another process sent them at that moment."""
-        now = self._clock()
-        mark = await self._store.mark(MARK)
-        return await self._claim_and_send(mark, now, since=now - 86400 if mark is None else mark)
+        """The digests of everything held since the last one, now (the CLI). None if another
+        process sent them at that moment."""
+        return await self._claim_and_send(self._clock())
 
-    async def _claim_and_send(self, mark: float | None, now: float, *,
-                              since: float | None = None) -> Report | None:
-        if not await self._store.move_mark(MARK, mark, now):
+    async def _claim_and_send(self, now: float) -> Report | None:
+        """Move the position mark to the newest item by a compare-and-set, then send what
+        was stored in between: of two processes, one sends each item once."""
+        after = await self._store.mark(ROW_MARK)
+        upto = await self._store.last_row()
+        if not await self._store.move_mark(ROW_MARK, after, upto):
             return None  # another process took this window
-        start = mark if since is None else since
-        assert start is not None
-        report = await self.send(start, now)
+        await self._store.set_mark(MARK, now)
+        report = await self.send(int(after or 0), upto, now)
         log.info("quarantine digests", extra={"fields": {
             "recipients": len(report.sent), "failed": len(report.failed),
             "items": report.items}})
@@ -230,51 +250,55 @@ class Digests:
 
     # ---- building and sending -----------------------------------------------------------
 
-    async def plan(self, since: float, until: float) -> dict[str, list[Entry]]:
-        """Who gets a digest for the window, with what."""
+    async def plan(self, after_row: int, upto_row: int, now: float) -> dict[str, list[Entry]]:
+        """Who gets a digest for the items stored between the two positions, with what."""
         domains = self.domains()
         optouts = await self._store.digest_optouts()
         public = self._cfg.web.public_url.rstrip("/")
-        expires = int(until + self._cfg.digest.link_days * 86400)
+        expires = int(now + self._cfg.digest.link_days * 86400)
         groups = self._cfg.digest.direct_release_groups
         out: dict[str, list[Entry]] = defaultdict(list)
-        for item in await self._store.held_between(since, until):
+        listed: set[tuple[str, str]] = set()
+        for item in await self._store.held_between(after_row, upto_row):
             reasons = self._q.reasons(item, 1)
             direct = self._q.recipient_may_release(item, groups)
+            sender, subject = sender_parts(item), shown(item.subject) or "(sans objet)"
+            reason = shown(reasons[0], 300) if reasons else "score élevé"
             for n, rcpt in enumerate(item.rcpts):
                 address = rcpt.lower()
-                if address in out and any(e.item.id == item.id for e in out[address]):
+                if (address, item.id) in listed:
                     continue  # the same address twice in one envelope
                 if address.rpartition("@")[2] not in domains \
                         or self._store.blind(address) in optouts:
                     continue
+                listed.add((address, item.id))
                 link = make_link(self._secret, item, n, "l" if direct else "d", expires)
                 out[address].append(Entry(
-                    item=item, rcpt_no=n, reason=reasons[0] if reasons else "score élevé",
+                    item=item, rcpt_no=n, sender=sender, subject=subject, reason=reason,
                     url=f"{public}/rapport/{link.token}" if public else "", direct=direct))
         return dict(out)
 
-    def build(self, rcpt: str, entries: list[Entry], *, until: float) -> bytes:
+    def build(self, rcpt: str, entries: list[Entry], *, now: float) -> bytes:
         """The digest mail (text and HTML) for one recipient, as wire bytes."""
         public = self._cfg.web.public_url.rstrip("/")
         optout = (f"{public}/rapport/desabonnement/"
                   f"{optout_token(self._secret, self._store.blind(rcpt))}" if public else "")
-        shown, more = entries[:MAX_ENTRIES], max(0, len(entries) - MAX_ENTRIES)
+        listed, more = entries[:MAX_ENTRIES], max(0, len(entries) - MAX_ENTRIES)
         n = len(entries)
-        context = {"rcpt": rcpt, "entries": shown, "more": more, "optout": optout,
+        context = {"rcpt": rcpt, "entries": listed, "more": more, "optout": optout,
                    "days": self._cfg.digest.link_days, "links": bool(public),
-                   "sender_of": sender_of, "sender_parts": sender_parts, "day": self._cfg.when(until)[:10],
-                   "direct": any(e.direct for e in shown)}
-        msg = EmailMessage(policy=SMTP)
+                   "day": self._cfg.when(now)[:10], "direct": any(e.direct for e in listed)}
+        # An address with non-ASCII letters needs SMTPUTF8 headers (RFC 6532).
+        msg = EmailMessage(policy=SMTP if rcpt.isascii() else SMTPUTF8)
         domain = rcpt.rpartition("@")[2]
         msg["From"] = Address("Passerelle de sécurité", "postmaster", domain)
         msg["To"] = rcpt
         msg["Subject"] = (f"Rapport de quarantaine : {n} message{'s' if n > 1 else ''} "
                           f"retenu{'s' if n > 1 else ''} pour vous")
-        msg["Date"] = formatdate(until, localtime=True)
+        msg["Date"] = formatdate(now, localtime=True)
         msg["Message-ID"] = make_msgid(domain=self._cfg.gateway.hostname)
         msg["Auto-Submitted"] = "auto-generated"
-        msg["X-Gateway-Digest"] = self._cfg.when(until)[:10]
+        msg["X-Gateway-Digest"] = self._cfg.when(now)[:10]
         if optout:
             msg["List-Unsubscribe"] = f"<{optout}>"
             msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
@@ -284,41 +308,50 @@ class Digests:
                             subtype="html", charset="utf-8", cte="quoted-printable")
         return msg.as_bytes()
 
-    async def send(self, since: float, until: float) -> Report:
+    async def send(self, after_row: int, upto_row: int, now: float) -> Report:
         report = Report()
-        plan = await self.plan(since, until)
+        plan = await self.plan(after_row, upto_row, now)
         report.items = len({e.item.id for entries in plan.values() for e in entries})
         for rcpt, entries in sorted(plan.items()):
-            raw = self.build(rcpt, entries, until=until)
+            try:  # one recipient's digest never stops the others'
+                raw = self.build(rcpt, entries, now=now)
+            except Exception:  # noqa: BLE001
+                log.exception("quarantine digest not built", extra={"fields": {"rcpt": rcpt}})
+                report.failed.append(rcpt)
+                continue
             if await self._deliver(rcpt, raw):
                 report.sent.append(rcpt)
             else:
                 report.failed.append(rcpt)
+                await self._store.add_pending_digest(rcpt, raw, now + RETRY_FOR_S)
         return report
 
-    async def _deliver(self, rcpt: str, raw: bytes) -> bool:
+    async def _deliver(self, rcpt: str, raw: bytes) -> bool | None:
+        """True: delivered; None: refused for good; False: to be tried again."""
         try:
             await deliver(self._hop, "", (rcpt,), b"", raw)
         except DownstreamRejected as exc:  # refused for good: nothing to retry
             log.warning("quarantine digest refused", extra={"fields": {
                 "rcpt": rcpt, "error": str(exc)}})
-            self._retry.pop(rcpt, None)
-            return False
+            return None
         except (DownstreamUnavailable, OSError, TimeoutError) as exc:
-            deadline = self._retry.get(rcpt, (b"", self._clock() + RETRY_FOR_S))[1]
-            self._retry[rcpt] = (raw, deadline)
             log.warning("quarantine digest not delivered for now", extra={"fields": {
                 "rcpt": rcpt, "error": str(exc) or type(exc).__name__}})
             return False
-        self._retry.pop(rcpt, None)
         return True
 
-    async def _retry_failed(self) -> None:
+    async def retry_pending(self) -> None:
+        """The digests the mailbox server refused for now (this process's, or the CLI's),
+        kept in the store for RETRY_FOR_S."""
         now = self._clock()
-        for rcpt, (raw, deadline) in list(self._retry.items()):
-            if now > deadline:
-                del self._retry[rcpt]
+        for seq, rcpt, raw, give_up_at in await self._store.pending_digests():
+            if now > give_up_at:
                 log.error("quarantine digest given up", extra={"fields": {"rcpt": rcpt}})
-            elif await self._deliver(rcpt, raw):
+                await self._store.drop_pending_digest(seq)
+                continue
+            delivered = await self._deliver(rcpt, raw)
+            if delivered is not False:
+                await self._store.drop_pending_digest(seq)
+            if delivered:
                 log.info("quarantine digest delivered on retry", extra={"fields": {
                     "rcpt": rcpt}})

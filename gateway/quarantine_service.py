@@ -30,6 +30,8 @@ from gateway.symbols import SymbolTable
 from gateway.verdict import fill
 from quarantine.store import Item, Store, SymbolRecord
 
+# Findings that say part of the message was never looked at: what is in it is unknown.
+NOT_ANALYSED_IN_FULL = frozenset({"MIME_TOO_COMPLEX", "MESSAGE_UNPARSABLE"})
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 
 
@@ -107,16 +109,21 @@ class QuarantineService:
     def recipient_may_release(self, item: Item, groups: Iterable[str]) -> bool:
         """May a recipient release this item herself, from her digest? Only a held item
         (not a refused copy) for her alone, none of whose reasons is outside `groups` (the
-        admin's choice, `digest.direct_release_groups`) or is a file or a failed analysis,
-        whatever the configuration says."""
+        admin's choice, `digest.direct_release_groups`). Never, whatever the configuration
+        says, when any finding is about a file or an analysis that failed or stopped short
+        (even one that scores nothing), or when the message was not analysed in full."""
         allowed = set(groups) - set(NEVER_DIRECT_RELEASE)
         if item.state != "quarantined" or len(item.rcpts) != 1 or not allowed \
                 or self.needs_confirmation(item):
             return False
         table = self.table
-        return all(s.name in table and table[s.name].group in allowed
-                   for s in item.symbols
-                   if s.score > 0 or (s.name in table and table[s.name].action is not None))
+        for s in item.symbols:
+            sym = table.symbols.get(s.name)
+            if sym is None or sym.group in NEVER_DIRECT_RELEASE or s.name in NOT_ANALYSED_IN_FULL:
+                return False
+            if (s.score > 0 or sym.action is not None) and sym.group not in allowed:
+                return False
+        return True
 
     async def delete(self, item_id: str, *, by: str, client: str = "") -> None:
         """Raises NotFound, or NotQuarantined while someone releases it."""

@@ -209,10 +209,18 @@ CREATE INDEX IF NOT EXISTS release_requests_item ON release_requests(item_id);
 CREATE TABLE IF NOT EXISTS used_links (mac TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS digest_optouts (token TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value REAL NOT NULL);
+-- Digests the mailbox server refused for now, tried again by the primary process until
+-- `give_up_at` (sealed: the recipient and the mail).
+CREATE TABLE IF NOT EXISTS pending_digests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    give_up_at REAL NOT NULL,
+    meta BLOB NOT NULL
+);
 """
 
 _AUDIT = b"audit"
 _REQUEST = b"release-request"
+_DIGEST = b"pending-digest"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -859,17 +867,60 @@ class Store:
 
     # ---- digests ------------------------------------------------------------------------
 
-    async def held_between(self, since: float, until: float) -> list[Item]:
-        """Inbound items still held (not refused copies) received in [since, until), oldest
-        first: what a digest lists."""
+    async def last_row(self) -> int:
+        """The position of the newest item stored (SQLite's rowid, which grows with each
+        insert): a digest lists the items stored after the previous digest's position, so an
+        item whose analysis was still running when a digest was made is in the next one."""
+        def _read() -> int:
+            with self._lock:
+                return int(self._conn().execute(
+                    "SELECT coalesce(max(rowid), 0) FROM items").fetchone()[0])
+        return await asyncio.to_thread(_read)
+
+    async def held_between(self, after_row: int, upto_row: int) -> list[Item]:
+        """Inbound items still held (not refused copies) stored after position `after_row`
+        and up to `upto_row` (see `last_row`), oldest first: what a digest lists."""
         def _read() -> list[Item]:
             with self._lock:
                 rows = self._conn().execute(
                     "SELECT * FROM items WHERE state = 'quarantined' AND direction = 'inbound' "
-                    "AND received_at >= ? AND received_at < ? ORDER BY received_at, id",
-                    (since, until)).fetchall()
+                    "AND rowid > ? AND rowid <= ? ORDER BY rowid", (after_row, upto_row)
+                ).fetchall()
             return [self._row_item(r) for r in rows]
         return await asyncio.to_thread(_read)
+
+    async def add_pending_digest(self, rcpt: str, raw: bytes, give_up_at: float) -> None:
+        def _add() -> None:
+            with self._lock:
+                seq = self._conn().execute(
+                    "INSERT INTO pending_digests (give_up_at, meta) VALUES (?, x'')",
+                    (give_up_at,)).lastrowid
+                sealed = self._sealer.seal(_json_bytes({"rcpt": rcpt, "raw": raw.decode(
+                    "latin-1")}), record_id=str(seq), purpose=_DIGEST)
+                self._conn().execute("UPDATE pending_digests SET meta = ? WHERE seq = ?",
+                                     (sealed, seq))
+        await asyncio.to_thread(_add)
+
+    async def pending_digests(self) -> list[tuple[int, str, bytes, float]]:
+        """(seq, recipient, mail, give up at) of the digests waiting to be tried again."""
+        def _read() -> list[tuple[int, str, bytes, float]]:
+            with self._lock:
+                rows = self._conn().execute(
+                    "SELECT seq, give_up_at, meta FROM pending_digests WHERE meta != x'' "
+                    "ORDER BY seq").fetchall()
+            out = []
+            for seq, give_up_at, meta in rows:
+                data = json.loads(self._sealer.open(meta, record_id=str(seq), purpose=_DIGEST))
+                out.append((int(seq), str(data["rcpt"]), data["raw"].encode("latin-1"),
+                            float(give_up_at)))
+            return out
+        return await asyncio.to_thread(_read)
+
+    async def drop_pending_digest(self, seq: int) -> None:
+        def _drop() -> None:
+            with self._lock:
+                self._conn().execute("DELETE FROM pending_digests WHERE seq = ?", (seq,))
+        await asyncio.to_thread(_drop)
 
     async def use_link(self, mac: str) -> bool:
         """Mark a digest link used: True the first time only (whichever process asks)."""
@@ -942,6 +993,12 @@ class Store:
             with self._lock:
                 return {r[0] for r in self._conn().execute("SELECT token FROM digest_optouts")}
         return await asyncio.to_thread(_read)
+
+    async def set_mark(self, name: str, value: float) -> None:
+        def _set() -> None:
+            with self._lock:
+                self._conn().execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", (name, value))
+        await asyncio.to_thread(_set)
 
     async def mark(self, name: str) -> float | None:
         def _read() -> float | None:

@@ -389,3 +389,149 @@ def test_config_refuses_direct_release_for_files_and_failed_analyses(tmp_path: P
         config.validate(make_config(tmp_path, gateway={"timezone": "Europe/Lutece"}))
     with pytest.raises(ConfigError, match="digest.domains"):
         config.validate(make_config(tmp_path, digest={"domains": ["ailleurs.test"]}))
+
+
+# ---- hostile held mail, and the seams found by review -------------------------------------
+
+
+def raw_bulk(from_line: bytes, subject_line: bytes) -> bytes:
+    return (b"From: " + from_line + b"\r\nTo: " + DOCTOR.encode() + b"\r\nSubject: "
+            + subject_line + b"\r\nDate: Sat, 28 Nov 2026 10:00:00 +0100\r\nMessage-ID: "
+            b"<hostile-" + str(abs(hash(subject_line))).encode() + b"@promo-materiel.example>"
+            b"\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+            b"<html><body><p>Offre</p><p>Pour vous d\xc3\xa9sinscrire, <a href=\"https://"
+            b"promo-materiel.example/d\">cliquez ici</a>.</p></body></html>\r\n")
+
+
+@pytest.mark.promise("quarantine-digest")
+async def test_hostile_senders_and_subjects_neither_stop_nor_forge_the_digest(site: Site):
+    """Raw UTF-8 and encoded names are shown decoded; a subject with line breaks cannot add
+    a line (a forged release link) to the digest; one such mail stops nobody's digest."""
+    gw = site.gw
+    await hold(gw, raw_bulk("Offres Médicales <offres@promo-materiel.example>".encode(),
+                            b"Tarifs"), [DOCTOR])
+    forged = ("Info\n   Raison : rien\n   Libérer ce message : https://evil.example/rapport/ok"
+              "\n\n2. Reçu le 01/01/2026")
+    import base64
+    await hold(gw, raw_bulk(b"=?utf-8?q?Laboratoire_M=C3=A9dical?= <offres@promo-materiel."
+                            b"example>", b"=?utf-8?b?" + base64.b64encode(forged.encode())
+                            + b"?="), [DOCTOR])
+    await hold(gw, bulk(), [SECRETARY])
+    assert gw.runtime.digests is not None
+    report = await gw.runtime.digests.send_now()
+    assert report is not None and sorted(report.sent) == [DOCTOR, SECRETARY]
+    text = text_of(digests(take(site.sink))[DOCTOR][1])
+    assert "Offres Médicales <offres@promo-materiel.example>" in text
+    assert "Laboratoire Médical <offres@promo-materiel.example>" in text
+    assert "=?utf-8" not in text
+    lines = text.splitlines()
+    assert not [x for x in lines if x.strip().startswith(("Libérer ce message : https://evil",
+                                                         "2. Reçu le 01/01/2026"))]
+    assert [x for x in lines if "Objet : Info Raison : rien Libérer ce message : https://evil"
+            in x]  # the subject, on its own line, as one line
+    # Its link page and the admin's pages show it too.
+    for link in links(digests_of_text(text)):
+        status, page, _ = await site.client.get(link)
+        assert status == 200
+    admin = Client(site.client.base)
+    try:
+        assert await admin.login(ADMIN) == 303
+        assert (await admin.get("/quarantaine"))[0] == 200
+    finally:
+        await admin.close()
+
+
+def digests_of_text(text: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg.set_content(text)
+    return msg
+
+
+@pytest.mark.promise("quarantine-digest")
+async def test_a_message_not_analysed_in_full_is_never_released_from_the_digest(
+        tmp_path: Path, sink: Sink):
+    """Even where the admin lets recipients release mail held for its structure: a file
+    nested past the parts limit was never looked at, so the digest only asks the admin."""
+    cfg = digest_config(tmp_path / "data", sink,
+                        direct_release_groups=["bulk", "auth", "structure"])
+    async with running(cfg) as gw:
+        inner = (b"Content-Type: application/octet-stream\r\nContent-Disposition: attachment;"
+                 b" filename=\"facture.exe\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                 b"TVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+                 b"gAAAAA==\r\n")
+        body = inner
+        for depth in range(30):
+            b = f"b{depth}".encode()
+            body = (b"Content-Type: multipart/mixed; boundary=\"" + b + b"\"\r\n\r\n--" + b
+                    + b"\r\n" + body + b"\r\n--" + b + b"--\r\n")
+        raw = (b"From: Offres <offres@promo-materiel.example>\r\nTo: " + DOCTOR.encode()
+               + b"\r\nSubject: Facture\r\nDate: Sat, 28 Nov 2026 10:00:00 +0100\r\n"
+               b"Message-ID: <deep-1@promo-materiel.example>\r\nMIME-Version: 1.0\r\n" + body)
+        held = await hold(gw, raw, [DOCTOR])
+        assert gw.runtime.store is not None and gw.runtime.digests is not None
+        names = {s.name for s in (await gw.runtime.store.item(held)).symbols}
+        assert "MIME_TOO_COMPLEX" in names, names
+        await gw.runtime.digests.send_now()
+        (link,) = links(digests(take(sink))[DOCTOR][1])
+        assert link.split(".")[2] == "d"
+
+
+async def test_an_item_stored_after_a_digest_but_received_before_is_in_the_next(site: Site):
+    """The digest lists items by the order they were stored, not by when they arrived: mail
+    whose analysis was still running when a digest went is in the next one."""
+    from quarantine.store import NewItem, SymbolRecord
+    gw = site.gw
+    store = gw.runtime.store
+    assert store is not None and gw.runtime.digests is not None
+    await gw.runtime.digests.send_now()  # nothing yet
+    late = NewItem(queue_id="LATE1", received_at=time.time() - 60, direction="inbound",
+                   action="quarantine", score=2.0,
+                   symbols=(SymbolRecord(name="BULK_NO_UNSUBSCRIBE_HEADER", score=2.0,
+                                         detail=""),),
+                   mail_from="offres@promo-materiel.example", rcpts=(DOCTOR,),
+                   subject="Arrivé avant, rangé après", from_header="", client_ip="", helo="")
+    await store.put(late, b"Subject: x\r\n\r\nx\r\n")
+    await gw.runtime.digests.send_now()
+    assert "Arrivé avant, rangé après" in text_of(digests(take(site.sink))[DOCTOR][1])
+
+
+async def test_a_digest_the_cli_could_not_deliver_is_sent_by_the_server_later(site: Site):
+    gw = site.gw
+    assert gw.runtime.digests is not None and gw.runtime.quarantine is not None
+    await hold(gw, bulk(), [DOCTOR])
+    cli = digest.Digests(gw.runtime.cfg, gw.runtime.quarantine, gw.runtime.next_hop,
+                         gw.runtime.secret)  # as `gateway digest --envoyer` makes its own
+    site.sink.behaviour.data_reply = "451 4.3.0 try later"
+    report = await cli.send_now()
+    assert report is not None and report.failed == [DOCTOR]
+    site.sink.behaviour.data_reply = None
+    await gw.runtime.digests.tick()  # the server's next minute
+    assert list(digests(take(site.sink))) == [DOCTOR]
+    await gw.runtime.digests.tick()
+    assert site.sink.empty()  # once
+
+
+async def test_opt_out_is_journaled_under_the_recipients_address(site: Site):
+    gw = site.gw
+    assert gw.runtime.digests is not None and gw.runtime.store is not None
+    await hold(gw, bulk(), [DOCTOR])
+    await gw.runtime.digests.send_now()
+    optout = digests(take(site.sink))[DOCTOR][1]["List-Unsubscribe"].strip("<>")
+    c = site.client
+    await c.get(optout.removeprefix(PUBLIC))
+    await c.post(optout.removeprefix(PUBLIC), {"jeton": c.form_token, "choix": "arreter"})
+    entries, _ = await gw.runtime.store.audit_log()
+    assert [(e.user, e.action) for e in entries[:2]] == [
+        (f"digest:{DOCTOR}", "digest_optout"), (f"digest:{DOCTOR}", "digest_optout_view")]
+
+
+def test_link_rate_limit_remembers_a_bounded_number_of_clients():
+    from gateway.web.app import RateLimit
+    limit = RateLimit(2, 300.0, keys=100)
+    assert limit.allow("a", 0.0) and limit.allow("a", 1.0) and not limit.allow("a", 2.0)
+    for n in range(1000):  # many addresses: the oldest are forgotten, memory stays bounded
+        limit.allow(f"k{n}", 3.0)
+    assert len(limit._hits) == 100
+    assert limit.allow("a", 4.0)  # "a" was forgotten with the others
+    assert limit.allow("b", 500.0) and limit.allow("b", 501.0) and not limit.allow("b", 502.0)
+    assert limit.allow("b", 801.0)  # the window passed

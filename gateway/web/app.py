@@ -78,6 +78,7 @@ AUDIT_FR = {
     "release_request": "demande de libération (rapport)", "digest_view": "lien du rapport ouvert",
     "digest_release": "libération par le destinataire (rapport)",
     "digest_optout": "rapport de quarantaine désactivé",
+    "digest_optout_view": "lien de désinscription du rapport ouvert",
     "digest_optin": "rapport de quarantaine réactivé",
 }
 # Pages opened from a link in a mail, without an account: rate-limited per client address.
@@ -243,7 +244,14 @@ class WebApp:
         session = request.get(SESSION)
         html = self.env.get_template(template).render(session=session, path=request.path,
                                                       **context)
-        return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+        try:
+            body = html.encode("utf-8")
+        except UnicodeEncodeError:
+            # A held message's raw 8-bit header bytes, kept by the parser as lone surrogates:
+            # read as UTF-8 where they are, replaced where they are not.
+            body = html.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode()
+        return web.Response(body=body, status=status, content_type="text/html",
+                            charset="utf-8")
 
     def refuse(self, request: web.Request, status: int, message: str) -> web.Response:
         return self.render(request, "error.html", status=status, message=message)
@@ -706,7 +714,9 @@ class WebApp:
         return self._with_form_token(request, "digest_link.html", item=item, rcpt=rcpt,
                                      link=link, done="", state=state,
                                      sender=digest.sender_of(item),
-                                     reason=(self.quarantine.reasons(item, 1) or [""])[0])
+                                     subject=digest.shown(item.subject) or "(sans objet)",
+                                     reason=digest.shown((self.quarantine.reasons(item, 1)
+                                                          or [""])[0], 300))
 
     async def digest_link(self, request: web.Request) -> web.Response:
         target = await self._digest_target(request)
@@ -748,12 +758,24 @@ class WebApp:
                 await self.store.use_link(link.mac)
                 done = "Le message a été libéré : il arrive dans votre boîte de réception."
         return self.render(request, "digest_link.html", item=item, rcpt=rcpt, link=link,
-                           done=done, state="", sender=digest.sender_of(item), reason="")
+                           done=done, state="", sender=digest.sender_of(item),
+                           subject=digest.shown(item.subject) or "(sans objet)", reason="")
+
+    async def _optout_actor(self, blind: str) -> str:
+        """Who an opt-out link is for, for the journal: the recipient of a held item whose
+        address has this blind token, else the token itself."""
+        assert self.store is not None
+        for item in await self.store.list_items(state="quarantined", limit=500):
+            for rcpt in item.rcpts:
+                if self.store.blind(rcpt) == blind:
+                    return f"digest:{rcpt.lower()}"
+        return f"digest:(jeton {blind})"
 
     async def digest_optout_page(self, request: web.Request) -> web.Response:
         blind = digest.optout_blind(self.secret, request.match_info["token"])
         if blind is None:
             return self.refuse(request, 404, "Lien invalide.")
+        await self.audit(request, "digest_optout_view", "", user=await self._optout_actor(blind))
         out = blind in await self.store.digest_optouts()
         return self._with_form_token(request, "digest_optout.html", out=out, done="")
 
@@ -771,7 +793,7 @@ class WebApp:
         out = one_click or form.get("choix") != "reprendre"
         await self.store.set_digest_optout(blind, out)
         await self.audit(request, "digest_optout" if out else "digest_optin", "",
-                         user=f"digest:{blind}")
+                         user=await self._optout_actor(blind))
         done = ("Vous ne recevrez plus le rapport de quarantaine." if out else
                 "Vous recevrez de nouveau le rapport de quarantaine.")
         return self._with_form_token(request, "digest_optout.html", out=out, done=done)
@@ -779,17 +801,26 @@ class WebApp:
 
 class RateLimit:
     """At most `n` requests per key in a sliding window of `window_s` (one process: the page
-    is served by the primary process only)."""
+    is served by the primary process only). At most `keys` clients are remembered, the least
+    recently seen forgotten first: constant work per request and bounded memory, however
+    many addresses a client uses (the links' MACs make guessing futile anyway; the limit
+    keeps a client from flooding the pages)."""
 
-    def __init__(self, n: int, window_s: float) -> None:
+    def __init__(self, n: int, window_s: float, keys: int = 10000) -> None:
         self._n = n
         self._window_s = window_s
-        self._hits: dict[str, collections.deque[float]] = {}
+        self._keys = keys
+        self._hits: collections.OrderedDict[str, collections.deque[float]] = \
+            collections.OrderedDict()
 
     def allow(self, key: str, now: float) -> bool:
-        if len(self._hits) > 10000:  # forget idle clients
-            self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self._window_s}
-        hits = self._hits.setdefault(key, collections.deque())
+        hits = self._hits.get(key)
+        if hits is None:
+            hits = self._hits[key] = collections.deque(maxlen=self._n)
+            while len(self._hits) > self._keys:
+                self._hits.popitem(last=False)
+        else:
+            self._hits.move_to_end(key)
         while hits and hits[0] <= now - self._window_s:
             hits.popleft()
         if len(hits) >= self._n:
