@@ -9,10 +9,11 @@ import argparse
 import asyncio
 import getpass
 import json
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway import __version__, config, digest
 from gateway.accounts import AccountFile
@@ -37,6 +38,61 @@ from quarantine.store import (
 )
 
 
+class _FrenchFormatter(argparse.HelpFormatter):
+    def add_usage(self, usage: str | None, actions: Any, groups: Any,
+                  prefix: str | None = None) -> None:
+        super().add_usage(usage, actions, groups, "utilisation : " if prefix is None else prefix)
+
+
+# argparse's own messages, in French (it has no translation of its own installed).
+_ARGPARSE_FR = [
+    (re.compile(r"argument (.+?): invalid choice: (.+) \(choose from (.+)\)", re.S),
+     "argument {0} : choix invalide : {1} (choisir parmi {2})"),
+    (re.compile(r"the following arguments are required: (.+)", re.S),
+     "arguments obligatoires manquants : {0}"),
+    (re.compile(r"unrecognized arguments: (.+)", re.S), "arguments inconnus : {0}"),
+    (re.compile(r"argument (.+?): expected one argument", re.S),
+     "argument {0} : une valeur est attendue"),
+    (re.compile(r"argument (.+?): expected at least one argument", re.S),
+     "argument {0} : au moins une valeur est attendue"),
+    (re.compile(r"argument (.+?): invalid (\w+) value: (.+)", re.S),
+     "argument {0} : valeur invalide : {2}"),
+    (re.compile(r"argument (.+?): not allowed with argument (.+)", re.S),
+     "argument {0} : incompatible avec {1}"),
+    (re.compile(r"argument (.+?): ignored explicit argument (.+)", re.S),
+     "argument {0} : valeur inattendue {1}"),
+    (re.compile(r"ambiguous option: (.+?) could match (.+)", re.S),
+     "option ambiguë : {0} peut désigner {1}"),
+]
+
+
+def french_argparse_error(message: str) -> str:
+    for pattern, text in _ARGPARSE_FR:
+        if m := pattern.fullmatch(message):
+            return text.format(*m.groups())
+    return message
+
+
+class FrenchParser(argparse.ArgumentParser):
+    """argparse with French headings, help and errors (the CLI is read by the practice's
+    admin); the subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _FrenchFormatter)
+        add_help = kwargs.pop("add_help", True)
+        kwargs["add_help"] = False  # ours instead, in French
+        super().__init__(*args, **kwargs)
+        self._positionals.title = "arguments"
+        self._optionals.title = "options"
+        if add_help:
+            self.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS,
+                              help="afficher cette aide et quitter")
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog} : erreur : {french_argparse_error(message)}\n")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FICHIER", help="fichier de configuration TOML")
     p.add_argument("--domain", action="append", metavar="D", dest="domains",
@@ -46,9 +102,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="gateway", description="Passerelle de sécurité mail du cabinet")
-    ap.add_argument("--version", action="version", version=f"gateway {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = FrenchParser(prog="gateway", description="Passerelle de sécurité mail du cabinet")
+    ap.add_argument("--version", action="version", version=f"gateway {__version__}",
+                    help="afficher la version et quitter")
+    sub = ap.add_subparsers(dest="command", required=True, title="commandes",
+                            metavar="COMMANDE")
 
     p = sub.add_parser("serve", help="relais MX entrant (SMTP)")
     _common(p)
@@ -67,13 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="analyser des messages hors ligne, sans les relayer")
     _common(p)
-    p.add_argument("files", nargs="+", metavar="FICHIER")
+    p.add_argument("files", nargs="+", metavar="FICHIER", help="messages (.eml) à analyser")
     p.add_argument("--json", action="store_true", help="un objet JSON par message")
-    p.add_argument("--client-ip", default="127.0.0.1")
-    p.add_argument("--helo", default="localhost")
-    p.add_argument("--mail-from", default="")
-    p.add_argument("--rcpt", action="append", default=[])
-    p.add_argument("--direction", choices=[d.value for d in Direction], default="inbound")
+    p.add_argument("--client-ip", default="127.0.0.1", metavar="IP",
+                   help="adresse du serveur d'envoi supposé (127.0.0.1)")
+    p.add_argument("--helo", default="localhost", metavar="NOM", help="nom annoncé (HELO)")
+    p.add_argument("--mail-from", default="", metavar="ADRESSE",
+                   help="expéditeur de l'enveloppe (vide : <>)")
+    p.add_argument("--rcpt", action="append", default=[], metavar="ADRESSE",
+                   help="destinataire (répétable ; par défaut postmaster du cabinet)")
+    p.add_argument("--direction", choices=[d.value for d in Direction], default="inbound",
+                   help="inbound (reçu, par défaut) ou outbound (envoyé)")
     p.add_argument("--tls", choices=["yes", "no"], default="no",
                    help="la session de dépôt était-elle chiffrée (sens sortant)")
 
@@ -107,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="décision : " + ", ".join(f"{k} ({v})" for k, v in _ACTION_FR.items()))
     p.add_argument("--sens", choices=["inbound", "outbound"], dest="direction",
                    help="inbound (reçus) ou outbound (envoyés)")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, metavar="N",
+                   help="nombre de messages au plus (50)")
     p.add_argument("--json", action="store_true", help="un objet JSON par message")
 
     p = sub.add_parser("digest", help="rapport de quarantaine : qui recevrait quoi, ou "
@@ -121,15 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quarantine", help="consulter et traiter la quarantaine")
     _common(p)
-    qsub = p.add_subparsers(dest="qcommand", required=True)
+    qsub = p.add_subparsers(dest="qcommand", required=True, title="commandes",
+                            metavar="COMMANDE")
     q = qsub.add_parser("list", help="lister les messages retenus")
-    q.add_argument("--state", choices=list(STATES))
-    q.add_argument("--limit", type=int, default=50)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--state", choices=list(STATES), metavar="ÉTAT",
+                   help="état : " + ", ".join(f"{k} ({v})" for k, v in STATES_FR.items()))
+    q.add_argument("--limit", type=int, default=50, metavar="N",
+                   help="nombre de messages au plus (50)")
+    q.add_argument("--json", action="store_true", help="un objet JSON par message")
     for name, text in (("show", "afficher un message"), ("release", "libérer (remettre) un message"),
                        ("delete", "supprimer un message")):
         q = qsub.add_parser(name, help=text)
-        q.add_argument("id")
+        q.add_argument("id", metavar="IDENTIFIANT", help="identifiant de quarantaine")
         if name == "show":
             q.add_argument("--raw", action="store_true", help="écrire le message brut (.eml)")
         if name == "release":
@@ -137,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="nécessaire pour un message refusé (son expéditeur a reçu un "
                            "refus) ou retenu pour un fichier dangereux")
     q = qsub.add_parser("purge", help="supprimer les messages plus anciens que la rétention")
-    q.add_argument("--days", type=float, help="par défaut : quarantine.retention_days")
+    q.add_argument("--days", type=float, metavar="JOURS",
+                   help="par défaut : quarantine.retention_days")
     return ap
 
 
@@ -145,7 +212,8 @@ def _user_commands(p: argparse.ArgumentParser, add_help: str, *, totp: bool = Fa
                    senders: bool = False) -> argparse.ArgumentParser:
     """add-user / passwd / remove-user / list-users (and reset-totp for web accounts,
     addresses for submission accounts); returns the add-user parser."""
-    usub = p.add_subparsers(dest="ucommand", required=True)
+    usub = p.add_subparsers(dest="ucommand", required=True, title="commandes",
+                            metavar="COMMANDE")
     add = usub.add_parser("add-user", help=add_help)
     if senders:
         addr = usub.add_parser("addresses", help="adresses d'expéditeur permises à un compte "
@@ -495,8 +563,10 @@ async def _quarantine(cfg: Config, args: argparse.Namespace) -> int:
     assert runtime.quarantine is not None
     try:
         return await _quarantine_cmd(args, runtime.quarantine)
-    except NotFound as exc:
-        print(f"Introuvable : {exc}", file=sys.stderr)
+    except NotFound:
+        print(f"Introuvable : aucun message retenu n'a l'identifiant {args.id} (supprimé, "
+              "purgé, ou identifiant mal recopié ; gateway quarantine list les donne).",
+              file=sys.stderr)
         return 1
     finally:
         await runtime.close()

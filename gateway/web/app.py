@@ -301,7 +301,8 @@ class WebApp:
         client = self.client(request)
         attempt = await self.throttle.begin(name, client)
         if attempt.wait > 0:
-            await self.audit(request, "login_failed", name, "throttled", user=name or "-")
+            await self.audit(request, "login_failed", name, "trop d'essais : attente imposée",
+                             user=name or "-")
             return self._with_form_token(request, "login.html", status=429, name=name, error=(
                 f"Trop d'essais : réessayez dans {_duration(attempt.wait)}."))
         account = await self.accounts.verify_async(name, password) if name else None
@@ -309,7 +310,7 @@ class WebApp:
                                                          code):
             locked = await self.throttle.failed(attempt)
             await self.audit(request, "lockout" if locked else "login_failed", name,
-                             "password or code refused", user=name or "-")
+                             "mot de passe ou code refusé", user=name or "-")
             return self._with_form_token(request, "login.html", status=401, name=name, error=(
                 "Trop d'essais depuis cette adresse : connexion bloquée pendant "
                 f"{self.cfg.web.lockout_minutes} minutes." if locked else
