@@ -36,13 +36,26 @@ class Site:
     client: Client
 
 
-def digest_config(data: Path, sink: Sink, **digest_section: object) -> config.Config:
+def digest_config(data: Path, sink: Sink, *, listen: str = "127.0.0.1:0",
+                  public: str = PUBLIC, reject: float = 50.0,
+                  **digest_section: object) -> config.Config:
     # Low thresholds: a plain bulk mail (HTML only, no unsubscribe header, no SPF record) is
     # held for "bulk" and "auth" reasons alone, which the admin lets recipients release.
     return make_config(data, next_hop={"address": sink.address, "starttls": "off"},
-                       web={"listen": "127.0.0.1:0", "public_url": PUBLIC},
-                       scoring={"tag": 1.0, "quarantine": 1.5, "reject": 50.0},
+                       web={"listen": listen, "public_url": public},
+                       scoring={"tag": 1.0, "quarantine": 1.5, "reject": reject},
                        digest={"direct_release_groups": ["bulk", "auth"], **digest_section})
+
+
+def site_on_a_known_port(data: Path, sink: Sink, **kw: object) -> tuple[config.Config, str]:
+    """A digest configuration whose links (web.public_url) point at the page itself, with
+    the test users: what a browser test follows."""
+    from tests.support.sink import _free_port
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = digest_config(data, sink, listen=f"127.0.0.1:{port}", public=base, **kw)  # type: ignore[arg-type]
+    add_users(AccountFile(cfg.web_users_file))
+    return cfg, base
 
 
 @pytest.fixture

@@ -18,14 +18,13 @@ import aiosmtplib
 import pytest
 
 from gateway import cli
-from gateway.accounts import AccountFile
 from gateway.service import running
-from tests.conftest import DOMAIN, make_config
-from tests.support.sink import Sink, _free_port
-from tests.support.webclient import ADMIN, READER, add_users, suspicious
+from tests.conftest import DOMAIN
+from tests.support.sink import Sink
+from tests.support.webclient import ADMIN, READER, suspicious
 from tests.test_attachments import PE
 from tests.test_banner_render import CHROMIUM
-from tests.test_digest import DOCTOR, bulk, digests, hold, take
+from tests.test_digest import DOCTOR, bulk, digests, hold, site_on_a_known_port, take
 from tests.test_web_browser import browser, login  # noqa: F401 - the fixture
 
 # Words that are not French (nor a French spelling, nor a protocol term the pages keep, such
@@ -59,13 +58,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 
 async def test_every_page_is_french(tmp_path: Path, sink: Sink, browser):  # noqa: F811
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cfg = make_config(tmp_path / "data", next_hop={"address": sink.address, "starttls": "off"},
-                      web={"listen": f"127.0.0.1:{port}", "public_url": base},
-                      scoring={"tag": 1.0, "quarantine": 1.5, "reject": 20.0},
-                      digest={"direct_release_groups": ["bulk", "auth"]})
-    add_users(AccountFile(cfg.web_users_file))
+    cfg, base = site_on_a_known_port(tmp_path / "data", sink, reject=20.0)
     async with running(cfg) as gw:
         store = gw.runtime.store
         assert store is not None and gw.runtime.digests is not None

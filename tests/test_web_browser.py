@@ -250,16 +250,9 @@ async def test_tracking_search_by_each_kind_of_id(tmp_path: Path, sink: Sink, br
 async def test_digest_mail_and_its_link_pages_in_chromium(tmp_path: Path, sink: Sink, browser):
     """A recipient reads her digest in a browser (the HTML part, as a webmail shows it),
     follows the links: one asks the admin, the other releases a low-risk message."""
-    from tests.support.sink import _free_port
-    from tests.test_digest import DOCTOR, bulk, digests, hold, take
+    from tests.test_digest import DOCTOR, bulk, digests, hold, site_on_a_known_port, take
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cfg = make_config(tmp_path / "data", next_hop={"address": sink.address, "starttls": "off"},
-                      web={"listen": f"127.0.0.1:{port}", "public_url": base},
-                      scoring={"tag": 1.0, "quarantine": 1.5, "reject": 50.0},
-                      digest={"direct_release_groups": ["bulk", "auth"]})
-    add_users(AccountFile(cfg.web_users_file))
+    cfg, _ = site_on_a_known_port(tmp_path / "data", sink)
     async with running(cfg) as gw:
         danger = await hold(gw, suspicious("Résultats d'analyses : facture impayée"), [DOCTOR],
                             sender="contact@labo-analyses.example")
