@@ -9,13 +9,14 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gateway import __version__, config, digest
+from gateway import __version__, config, digest, install
 from gateway.accounts import AccountFile
 from gateway.authstate import AuthState
 from gateway.banner import load_templates
@@ -154,6 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--qr", metavar="FICHIER.svg|png",
                      help="écrire aussi le QR code dans ce fichier")
 
+    p = sub.add_parser("init", help="première configuration : écrit le fichier, crée le "
+                       "dossier des données et dit quoi régler dans le DNS et le serveur de "
+                       "messagerie")
+    p.add_argument("--domaine", action="append", dest="domains", metavar="DOMAINE",
+                   help="domaine du cabinet (répétable ; demandé s'il manque)")
+    p.add_argument("--nom", dest="hostname", metavar="NOM",
+                   help="nom DNS de la passerelle (par défaut mx.<premier domaine>)")
+    p.add_argument("--serveur-messagerie", dest="next_hop", metavar="HOTE:PORT",
+                   help="serveur de messagerie du cabinet (vide : boîte locale)")
+    p.add_argument("--donnees", dest="data_dir", metavar="DOSSIER",
+                   help=f"dossier des données (par défaut {install.DEFAULT_DATA})")
+    p.add_argument("--ecoute", dest="listen", metavar="HOTE:PORT",
+                   help="adresse d'écoute SMTP (par défaut 0.0.0.0:25)")
+    p.add_argument("--adresse-web", dest="public_url", metavar="URL",
+                   help="adresse de la page web pour le personnel (liens des rapports)")
+    p.add_argument("--compte", dest="owner", metavar="COMPTE",
+                   help="compte du service, propriétaire du dossier des données (en root)")
+    p.add_argument("--fichier", metavar="FICHIER", default=str(install.DEFAULT_FILE),
+                   help=f"fichier à écrire (par défaut {install.DEFAULT_FILE})")
+    p.add_argument("--forcer", action="store_true", help="remplacer un fichier existant")
+
     p = sub.add_parser("check-config", help="valider un fichier de configuration")
     p.add_argument("file", metavar="FICHIER")
 
@@ -236,8 +258,29 @@ def _user_commands(p: argparse.ArgumentParser, add_help: str, *, totp: bool = Fa
     return add
 
 
+def config_path(args: argparse.Namespace) -> Path | None:
+    """The configuration used: --config, else $GATEWAY_CONFIG, else the file `gateway init`
+    writes if it exists, else None (the embedded default)."""
+    given = getattr(args, "config", None) or os.environ.get("GATEWAY_CONFIG")
+    if given:
+        return Path(given)
+    return install.DEFAULT_FILE if install.DEFAULT_FILE.exists() else None
+
+
+def where() -> str:
+    """Which configuration and data folder a command used, for messages that found nothing."""
+    source = str(_config_file) if _config_file else "défaut intégré (aucun fichier)"
+    data = _loaded.data_dir.absolute() if _loaded is not None else "?"
+    return f"(configuration : {source} ; données : {data})"
+
+
+_config_file: Path | None = None  # the file `load_config` read
+
+
 def load_config(args: argparse.Namespace) -> Config:
-    cfg = config.load(args.config)
+    global _config_file
+    _config_file = config_path(args)
+    cfg = config.load(_config_file)
     return config.override(
         cfg,
         gateway__domains=tuple(args.domains) if getattr(args, "domains", None) else None,
@@ -268,9 +311,18 @@ def main(argv: list[str] | None = None) -> int:
                 workers.close()
             print(f"{args.file} : configuration valide (règles comprises)")
             return 0
+        if args.command == "init":
+            try:
+                answers = install.answers_from(args, interactive=install.interactive())
+                written = install.write(answers, Path(args.fichier), force=args.forcer)
+            except ConfigError as exc:
+                print(f"Initialisation impossible :\n{exc}", file=sys.stderr)
+                return 2
+            print(install.guidance(written, Path(args.fichier).expanduser().absolute()))
+            return 0
         cfg = load_config(args)
-        global _config_for_dates
-        _config_for_dates = cfg
+        global _loaded
+        _loaded = cfg
         if args.command == "serve":
             return serve(cfg)
         if args.command == "scan":
@@ -314,7 +366,7 @@ def _users(accounts: AccountFile, args: argparse.Namespace, **fields: Any) -> in
         if cmd == "list-users":
             users = accounts.load()
             if not users:
-                print("Aucun compte.")
+                print(f"Aucun compte. {where()}")
             for a in users.values():
                 role = f"  rôle {a.role}" if a.role else ""
                 senders = f"  expéditeur {', '.join(a.addresses)}" if a.addresses else ""
@@ -471,7 +523,7 @@ async def _track(cfg: Config, args: argparse.Namespace) -> int:
             print(json.dumps(_track_json(r), ensure_ascii=False))
         return 0 if records else 1
     if not records:
-        print("Aucun message trouvé.")
+        print(f"Aucun message trouvé. {where()}")
         return 1
     for r in records:
         what = OUTCOMES_FR.get(r.outcome, r.outcome)
@@ -548,13 +600,13 @@ async def _digest(cfg: Config, args: argparse.Namespace) -> int:
 # ---- quarantine --------------------------------------------------------------------------
 
 
-_config_for_dates: Config | None = None  # the configuration loaded by `main`
+_loaded: Config | None = None  # the configuration loaded by `main` (dates, `where`)
 
 
 def _when(ts: float) -> str:
     """A date as the practice reads it: in its time zone (gateway.timezone)."""
-    if _config_for_dates is not None:
-        return _config_for_dates.when(ts)
+    if _loaded is not None:
+        return _loaded.when(ts)
     return time.strftime("%d/%m/%Y %H:%M", time.localtime(ts))
 
 
@@ -565,8 +617,8 @@ async def _quarantine(cfg: Config, args: argparse.Namespace) -> int:
         return await _quarantine_cmd(args, runtime.quarantine)
     except NotFound:
         print(f"Introuvable : aucun message retenu n'a l'identifiant {args.id} (supprimé, "
-              "purgé, ou identifiant mal recopié ; gateway quarantine list les donne).",
-              file=sys.stderr)
+              "purgé, ou identifiant mal recopié ; gateway quarantine list les donne). "
+              f"{where()}", file=sys.stderr)
         return 1
     finally:
         await runtime.close()
@@ -583,7 +635,7 @@ async def _quarantine_cmd(args: argparse.Namespace, quarantine: QuarantineServic
                 print(json.dumps(_item_json(it), ensure_ascii=False))
             return 0
         if not items:
-            print("Aucun message en quarantaine.")
+            print(f"Aucun message en quarantaine. {where()}")
         for it in items:
             print(f"{it.id}  {_when(it.received_at)}  {STATES_FR[it.state]:<19} "
                   f"score {it.score:<6g} de {it.mail_from or '<>'}  objet : {it.subject[:60]}")

@@ -82,8 +82,12 @@ smtpd_tls_security_level = none
         (self.etc / "master.cf").write_text(master)
 
     def start(self) -> None:
-        subprocess.run(["postfix", "-c", str(self.etc), "start"], check=True,
-                       capture_output=True, timeout=60)
+        done = subprocess.run(["postfix", "-c", str(self.etc), "start"], capture_output=True,
+                              timeout=60, check=False)
+        if done.returncode != 0:  # say why (a port taken meanwhile by another test run...)
+            raise RuntimeError(f"postfix start failed ({done.returncode}):\n"
+                               f"{done.stdout.decode(errors='replace')}"
+                               f"{done.stderr.decode(errors='replace')}\n{self.log()}")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
