@@ -116,6 +116,7 @@ def write(a: Answers, path: Path, *, force: bool = False) -> config.Config:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    umask = os.umask(0o077)  # `prepare` sets it for a serving process: put back after
     try:
         cfg = config.load(tmp)
         prepare(cfg)
@@ -123,6 +124,8 @@ def write(a: Answers, path: Path, *, force: bool = False) -> config.Config:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    finally:
+        os.umask(umask)
     os.replace(tmp, path)
     if a.owner:
         _give(cfg.data_dir, a.owner)

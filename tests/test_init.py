@@ -23,9 +23,11 @@ def test_init_writes_a_checked_configuration_and_a_private_data_folder(tmp_path:
                                                                       monkeypatch):
     monkeypatch.chdir(tmp_path)
     conf = tmp_path / "etc" / "gateway.toml"
+    umask = os.umask(0o022)
     status, out, err = run(capsys, "init", "--domaine", "cabinet-dupont.fr", "--domaine",
                            "msp-dupont.fr", "--serveur-messagerie", "10.0.0.5:25",
                            "--donnees", "donnees", "--fichier", str(conf))
+    assert os.umask(umask) == 0o022  # the calling process's umask is left as it was
     assert status == 0, err
     cfg = config.load(conf)
     assert cfg.data_dir == tmp_path / "donnees" and cfg.data_dir.is_absolute()
