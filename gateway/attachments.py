@@ -68,7 +68,7 @@ class Policy:
 
     @staticmethod
     def load(path: Path, **limits: Any) -> Policy:
-        data = read_toml(path, "attachment policy")
+        data = read_toml(path, "politique des pièces jointes")
         try:
             return Policy(
                 dangerous_extensions=frozenset(e.lower() for e in data["dangerous_extensions"]),

@@ -99,7 +99,7 @@ def marker(secret: bytes) -> str:
 
 def load_templates(path: Path) -> Templates:
     try:
-        data = read_toml(path, "banner templates")
+        data = read_toml(path, "modèles de bandeau")
         s, e, p = data["suspect"], data["external"], data["protected"]
 
         def style(d: dict[str, object], intro: str = "", advice: str = "", footer: str = "") -> Style:

@@ -42,7 +42,7 @@ def parse_host_port(value: str, *, key: str) -> HostPort:
     else:
         host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{key}: expected HOST:PORT (e.g. 127.0.0.1:2525), got {value!r}")
+        raise ConfigError(f"{key} : HOTE:PORT attendu (ex. 127.0.0.1:2525), reçu {value!r}")
     return HostPort(host=host, port=int(port))
 
 
@@ -403,11 +403,34 @@ def build(data: dict[str, Any], *, source: str = "config") -> Config:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            msg = "unknown key" if err["type"] == "unexpected_keyword_argument" else err["msg"]
-            lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
+            lines.append(f"{source} : {_loc(err['loc'])} : {_pydantic_fr(err)}")
         raise ConfigError("\n".join(lines)) from None
     validate(cfg, source=source)
     return cfg
+
+
+# pydantic's error types, in French (its messages are English); the value given follows.
+_TYPES_FR = {
+    "unexpected_keyword_argument": "clé inconnue",
+    "missing": "clé obligatoire absente",
+    "int_parsing": "un nombre entier est attendu", "int_type": "un nombre entier est attendu",
+    "int_from_float": "un nombre entier est attendu",
+    "float_parsing": "un nombre est attendu", "float_type": "un nombre est attendu",
+    "bool_parsing": "true ou false est attendu", "bool_type": "true ou false est attendu",
+    "string_type": "un texte entre guillemets est attendu",
+    "list_type": "une liste [..] est attendue", "tuple_type": "une liste [..] est attendue",
+    "dict_type": "une section [..] est attendue", "dataclass_type": "une section [..] est attendue",
+    "literal_error": "valeur non prévue",
+}
+
+
+def _pydantic_fr(err: Any) -> str:
+    text = _TYPES_FR.get(err["type"], "valeur invalide")
+    if err["type"] == "literal_error" and err.get("ctx", {}).get("expected"):
+        text += f" (possibles : {err['ctx']['expected'].replace(' or ', ', ')})"
+    if err["type"] not in ("unexpected_keyword_argument", "missing") and "input" in err:
+        text += f", reçu {err['input']!r}"[:200]
+    return text
 
 
 def validate(cfg: Config, *, source: str = "config") -> None:
@@ -416,19 +439,19 @@ def validate(cfg: Config, *, source: str = "config") -> None:
 
     def check(ok: bool, key: str, msg: str) -> None:
         if not ok:
-            problems.append(f"{source}: {key}: {msg}")
+            problems.append(f"{source} : {key} : {msg}")
 
     s = cfg.scoring
     check(0 < s.tag < s.quarantine < s.reject, "scoring",
-          f"thresholds must be ordered 0 < tag < quarantine < reject, got "
+          f"les seuils doivent être dans l'ordre 0 < tag < quarantine < reject ; reçu "
           f"tag={s.tag} quarantine={s.quarantine} reject={s.reject}")
-    check(s.message_budget_s > 0, "scoring.message_budget_s", "must be > 0")
-    check(cfg.reputation.max_queries >= 0, "reputation.max_queries", "must be >= 0")
+    check(s.message_budget_s > 0, "scoring.message_budget_s", "doit être > 0")
+    check(cfg.reputation.max_queries >= 0, "reputation.max_queries", "doit être >= 0")
     check(s.message_budget_s < cfg.smtp.idle_timeout_s, "scoring.message_budget_s",
-          "must stay under smtp.idle_timeout_s, or clients give up before the verdict")
+          "doit rester sous smtp.idle_timeout_s, sinon les clients abandonnent avant le verdict")
     for key in ("parse_s", "dkim_s", "arc_s", "attachments_s", "impersonation_s", "outbound_s",
                 "banner_s", "release_s", "preview_s"):
-        check(getattr(cfg.timeouts, key) > 0, f"timeouts.{key}", "must be > 0")
+        check(getattr(cfg.timeouts, key) > 0, f"timeouts.{key}", "doit être > 0")
     for key, value in (("smtp.listen", cfg.smtp.listen), ("next_hop.address", cfg.next_hop.address),
                        ("submission.listen", cfg.submission.listen),
                        ("submission.listen_tls", cfg.submission.listen_tls),
@@ -438,35 +461,35 @@ def validate(cfg: Config, *, source: str = "config") -> None:
             try:
                 parse_host_port(value, key=key)
             except ConfigError as exc:
-                problems.append(f"{source}: {exc}")
+                problems.append(f"{source} : {exc}")
     for i, ns in enumerate(cfg.dns.nameservers):
         try:
             _nameserver(ns)
         except ConfigError:
-            problems.append(f"{source}: dns.nameservers[{i}]: expected an IP or IP:PORT, got {ns!r}")
-    check(cfg.dns.timeout_s > 0, "dns.timeout_s", "must be > 0")
-    check(cfg.smtp.max_message_bytes >= 1024, "smtp.max_message_bytes", "must be >= 1024")
-    check(cfg.smtp.max_recipients >= 1, "smtp.max_recipients", "must be >= 1")
-    check(cfg.smtp.max_connections >= 1, "smtp.max_connections", "must be >= 1")
+            problems.append(f"{source} : dns.nameservers[{i}] : IP ou IP:PORT attendu, reçu {ns!r}")
+    check(cfg.dns.timeout_s > 0, "dns.timeout_s", "doit être > 0")
+    check(cfg.smtp.max_message_bytes >= 1024, "smtp.max_message_bytes", "doit être >= 1024")
+    check(cfg.smtp.max_recipients >= 1, "smtp.max_recipients", "doit être >= 1")
+    check(cfg.smtp.max_connections >= 1, "smtp.max_connections", "doit être >= 1")
     check(cfg.smtp.data_deadline_s >= cfg.smtp.data_timeout_s, "smtp.data_deadline_s",
-          "must be >= smtp.data_timeout_s")
-    check(cfg.smtp.transaction_timeout_s > 0, "smtp.transaction_timeout_s", "must be > 0")
+          "doit être >= smtp.data_timeout_s")
+    check(cfg.smtp.transaction_timeout_s > 0, "smtp.transaction_timeout_s", "doit être > 0")
     check(cfg.smtp.max_abandoned_transactions >= 1, "smtp.max_abandoned_transactions",
-          "must be >= 1")
+          "doit être >= 1")
     check(cfg.next_hop.max_transactions >= cfg.next_hop.max_transactions_per_client >= 1,
           "next_hop.max_transactions",
-          "must be >= next_hop.max_transactions_per_client, itself >= 1")
-    check(cfg.gateway.workers >= 0, "gateway.workers", "must be >= 0 (0 = one per core)")
-    check(cfg.quarantine.retention_days >= 1, "quarantine.retention_days", "must be >= 1")
+          "doit être >= next_hop.max_transactions_per_client, lui-même >= 1")
+    check(cfg.gateway.workers >= 0, "gateway.workers", "doit être >= 0 (0 = un par cœur)")
+    check(cfg.quarantine.retention_days >= 1, "quarantine.retention_days", "doit être >= 1")
     check(bool(cfg.domains), "gateway.domains",
-          "at least one domain is needed (the practice's own): mail for others is refused")
+          "il faut au moins un domaine (celui du cabinet) : le courrier pour les autres est refusé")
     for d in cfg.domains:
-        check("." in d and " " not in d and "@" not in d, "gateway.domains", f"not a domain: {d!r}")
+        check("." in d and " " not in d and "@" not in d, "gateway.domains", f"pas un nom de domaine : {d!r}")
     check(bool(cfg.smtp.tls_cert) == bool(cfg.smtp.tls_key), "smtp.tls_cert",
-          "tls_cert and tls_key go together")
+          "tls_cert et tls_key vont ensemble")
     for key, path in (("smtp.tls_cert", cfg.smtp.tls_cert), ("smtp.tls_key", cfg.smtp.tls_key),
                       ("next_hop.tls_ca_file", cfg.next_hop.tls_ca_file)):
-        check(not path or Path(path).is_file(), key, f"file not found: {path}")
+        check(not path or Path(path).is_file(), key, f"fichier introuvable : {path}")
     sub = cfg.submission
     for key, nets in (("submission.trusted_networks", sub.trusted_networks),
                       ("submission.cleartext_auth_networks", sub.cleartext_auth_networks)):
@@ -474,23 +497,24 @@ def validate(cfg: Config, *, source: str = "config") -> None:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
-                problems.append(f"{source}: {key}[{i}]: not a network (CIDR): {net!r}")
+                problems.append(f"{source} : {key}[{i}] : pas un réseau (CIDR) : {net!r}")
     for key, path in (("submission.smarthost_ca_file", sub.smarthost_ca_file),
                       ("submission.smarthost_password_file", sub.smarthost_password_file)):
-        check(not path or Path(path).is_file(), key, f"file not found: {path}")
+        check(not path or Path(path).is_file(), key, f"fichier introuvable : {path}")
     check(bool(sub.smarthost_username) == bool(sub.smarthost_password_file),
-          "submission.smarthost_username", "smarthost_username and smarthost_password_file go together")
+          "submission.smarthost_username",
+          "smarthost_username et smarthost_password_file vont ensemble")
     check(not sub.listen_tls or bool(cfg.smtp.tls_cert), "submission.listen_tls",
-          "needs a certificate: set smtp.tls_cert and smtp.tls_key")
-    check(sub.max_auth_failures >= 1, "submission.max_auth_failures", "must be >= 1")
-    check(sub.lockout_failures >= 1, "submission.lockout_failures", "must be >= 1")
-    check(sub.lockout_minutes >= 1, "submission.lockout_minutes", "must be >= 1")
+          "il faut un certificat : renseignez smtp.tls_cert et smtp.tls_key")
+    check(sub.max_auth_failures >= 1, "submission.max_auth_failures", "doit être >= 1")
+    check(sub.lockout_failures >= 1, "submission.lockout_failures", "doit être >= 1")
+    check(sub.lockout_minutes >= 1, "submission.lockout_minutes", "doit être >= 1")
     check(not cfg.submission.listen or cfg.submission.listen != cfg.smtp.listen
-          or cfg.listen.port == 0, "submission.listen", "must differ from smtp.listen")
+          or cfg.listen.port == 0, "submission.listen", "doit différer de smtp.listen")
     web = cfg.web
-    check(bool(web.tls_cert) == bool(web.tls_key), "web.tls_cert", "tls_cert and tls_key go together")
+    check(bool(web.tls_cert) == bool(web.tls_key), "web.tls_cert", "tls_cert et tls_key vont ensemble")
     for key, path in (("web.tls_cert", web.tls_cert), ("web.tls_key", web.tls_key)):
-        check(not path or Path(path).is_file(), key, f"file not found: {path}")
+        check(not path or Path(path).is_file(), key, f"fichier introuvable : {path}")
     if cfg.web.listen and not web.tls_cert:
         try:
             host = cfg.web_listen.host if cfg.web_listen else ""
@@ -500,37 +524,37 @@ def validate(cfg: Config, *, source: str = "config") -> None:
             exposed = not ipaddress.ip_address(host).is_loopback
         except ValueError:
             exposed = host != "localhost"
-        check(not exposed, "web.listen", "a web page reachable beyond this machine needs HTTPS: "
-              "set web.tls_cert and web.tls_key, or listen on 127.0.0.1")
+        check(not exposed, "web.listen", "une page web joignable au-delà de cette machine exige HTTPS : "
+              "renseignez web.tls_cert et web.tls_key, ou écoutez sur 127.0.0.1")
     check(not web.public_url or web.public_url.startswith(("https://", "http://")),
-          "web.public_url", "must start with https:// (or http:// on loopback)")
+          "web.public_url", "doit commencer par https:// (ou http:// en local)")
     dg = cfg.digest
-    check(0 <= dg.hour <= 23, "digest.hour", f"must be 0 to 23, got {dg.hour}")
-    check(dg.link_days >= 1, "digest.link_days", "must be >= 1")
+    check(0 <= dg.hour <= 23, "digest.hour", f"doit être entre 0 et 23, reçu {dg.hour}")
+    check(dg.link_days >= 1, "digest.link_days", "doit être >= 1")
     check(_zone_ok(cfg.gateway.timezone), "gateway.timezone",
-          f"unknown time zone {cfg.gateway.timezone!r} (e.g. Europe/Paris)")
+          f"fuseau horaire inconnu {cfg.gateway.timezone!r} (ex. Europe/Paris)")
     for group in dg.direct_release_groups:
         check(group not in NEVER_DIRECT_RELEASE, "digest.direct_release_groups",
-              f"{group!r}: a recipient may never release mail held for a file or a failed "
-              "analysis herself")
+              f"{group!r} : un destinataire ne libère jamais lui-même un message retenu pour "
+              "un fichier ou une analyse qui a échoué")
     for domain in dg.domains:
         check(domain.lower() in cfg.domains, "digest.domains",
-              f"{domain!r} is not one of gateway.domains")
+              f"{domain!r} n'est pas un des gateway.domains")
     for key in ("session_idle_minutes", "session_max_hours", "max_login_failures",
                 "lockout_minutes", "header_timeout_s", "body_timeout_s"):
-        check(getattr(web, key) >= 1, f"web.{key}", "must be >= 1")
-    check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"folder not found: {cfg.rules_dir}")
+        check(getattr(web, key) >= 1, f"web.{key}", "doit être >= 1")
+    check(cfg.rules_dir.is_dir(), "gateway.rules_dir", f"dossier introuvable : {cfg.rules_dir}")
     for i, d in enumerate(cfg.attachments.yara_dirs):
-        check(Path(d).is_dir(), f"attachments.yara_dirs[{i}]", f"folder not found: {d}")
+        check(Path(d).is_dir(), f"attachments.yara_dirs[{i}]", f"dossier introuvable : {d}")
     check(cfg.banner_templates.is_file(), "banner.templates",
-          f"file not found: {cfg.banner_templates}")
+          f"fichier introuvable : {cfg.banner_templates}")
     check(not cfg.banner.external_mark or bool(cfg.practice.colleagues), "practice.colleagues",
-          "banner.external_mark needs the colleagues' names")
+          "banner.external_mark demande les noms des collègues")
     key_file = cfg.key_file
     if key_file.exists():
         mode = key_file.stat().st_mode & 0o777
         check(mode == 0o600, "quarantine.key_file",
-              f"key file {key_file} has mode {mode:04o}; expected 0600 (chmod 600 {key_file})")
+              f"le fichier de clé {key_file} a le mode {mode:04o} ; 0600 attendu (chmod 600 {key_file})")
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -555,15 +579,15 @@ def nameservers(cfg: Config) -> list[tuple[str, int]]:
     return [_nameserver(ns) for ns in cfg.dns.nameservers]
 
 
-def read_toml(path: Path, what: str = "file") -> dict[str, Any]:
+def read_toml(path: Path, what: str = "fichier") -> dict[str, Any]:
     """A TOML file (the config or one under rules/); missing or invalid is a ConfigError
     naming the file."""
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
+        raise ConfigError(f"{what} introuvable : {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path} : TOML invalide : {exc}") from None
 
 
 def load(path: str | Path | None) -> Config:
@@ -571,7 +595,7 @@ def load(path: str | Path | None) -> Config:
     if path is None:
         return build({"gateway": {"domains": ["cabinet.localhost"]}}, source="(default)")
     p = Path(path)
-    return build(read_toml(p, "config file"), source=str(p))
+    return build(read_toml(p, "fichier de configuration"), source=str(p))
 
 
 def override(cfg: Config, **changes: Any) -> Config:

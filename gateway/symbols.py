@@ -88,7 +88,7 @@ FAIL_ACTIONS = {"retry": Action.TEMPFAIL, "closed": Action.QUARANTINE, "open": N
 
 
 def load_table(path: Path) -> SymbolTable:
-    data = read_toml(path, "symbol table")
+    data = read_toml(path, "table des symboles")
     problems: list[str] = []
     caps: dict[str, float] = {}
     for group, spec in data.pop("groups", {}).items():

@@ -27,15 +27,15 @@ def test_valid_config(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("text", "named"), [
-    ('[gateway]\ndomains = ["a.fr"]\n[smtp]\nlisten_port = 25\n', "smtp.listen_port: unknown key"),
+    ('[gateway]\ndomains = ["a.fr"]\n[smtp]\nlisten_port = 25\n', "smtp.listen_port : clé inconnue"),
     ('[gateway]\ndomains = ["a.fr"]\n[smtp]\nmax_recipients = "many"\n', "smtp.max_recipients"),
-    ('[gateway]\ndomains = ["a.fr"]\n[scoring]\ntag = 9\nquarantine = 5\n', "scoring: thresholds"),
+    ('[gateway]\ndomains = ["a.fr"]\n[scoring]\ntag = 9\nquarantine = 5\n', "scoring : les seuils doivent être dans l'ordre"),
     ('[gateway]\ndomains = []\n', "gateway.domains"),
     ('[gateway]\ndomains = ["a.fr"]\n[next_hop]\naddress = "mailhost"\n', "next_hop.address"),
     ('[gateway]\ndomains = ["a.fr"]\n[next_hop]\nstarttls = "maybe"\n', "next_hop.starttls"),
     ('[gateway]\ndomains = ["a.fr"]\n[dns]\nnameservers = ["resolver"]\n', "dns.nameservers[0]"),
     ('[gateway]\ndomains = ["a.fr"]\n[smtp]\ntls_cert = "/nonexistent.pem"\n', "smtp.tls_cert"),
-    ('[gateway\n', "not valid TOML"),
+    ('[gateway\n', "TOML invalide"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, named: str):
     res = check_config(tmp_path, text)
@@ -49,7 +49,7 @@ def test_key_file_with_loose_mode_is_refused(tmp_path: Path):
     key.chmod(0o644)
     with pytest.raises(ConfigError) as exc:
         config.build({"gateway": {"domains": ["a.fr"]}, "quarantine": {"key_file": str(key)}})
-    assert f"key file {key} has mode 0644; expected 0600" in str(exc.value)
+    assert f"le fichier de clé {key} a le mode 0644 ; 0600 attendu" in str(exc.value)
 
 
 def test_command_line_overrides(tmp_path: Path):
@@ -94,7 +94,7 @@ def test_a_broken_rules_file_is_named(tmp_path: Path):
     (rules / "lures.toml").write_text("lures = [\n")
     res = check_config(tmp_path, f'[gateway]\ndomains = ["a.fr"]\nrules_dir = "{rules}"\n')
     assert res.returncode == 2
-    assert f"{rules / 'lures.toml'}: not valid TOML" in res.stderr
+    assert f"{rules / 'lures.toml'} : TOML invalide" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -102,7 +102,7 @@ def test_web_page_beyond_loopback_needs_https(tmp_path):
     from gateway import config as cfgmod
     from gateway.errors import ConfigError as Err
     base = {"gateway": {"domains": ["a.fr"], "data_dir": str(tmp_path)}}
-    with pytest.raises(Err, match="web.listen: a web page reachable beyond this machine needs HTTPS"):
+    with pytest.raises(Err, match="web.listen : une page web joignable au-delà de cette machine exige HTTPS"):
         cfgmod.build({**base, "web": {"listen": "0.0.0.0:8080"}})
     cfgmod.build({**base, "web": {"listen": "127.0.0.1:8080"}})
     cfgmod.build({**base, "web": {"listen": ""}})

@@ -4,8 +4,7 @@ is run down its error paths; each text is searched for common English words.
 
 What a page shows of the held mail itself (its headers, its preview, technical ids) is the
 mail's own data and is left out: `<details>`, `<code>`, `.code`, `<pre>` and the preview
-frame. The configuration's validation messages are English (they name keys and values for
-the person installing the gateway); the CLI's French heading before them is checked.
+frame. In the CLI's messages, the commands, keys, values and paths they name are left out.
 """
 
 from __future__ import annotations
@@ -184,6 +183,26 @@ def test_cli_run_errors_are_french(tmp_path: Path, capsys, monkeypatch):
         # Less the commands it names ("gateway quarantine list") and the paths.
         plain = re.sub(r"gateway( [a-z-]+)+|/\S+", "", text)
         assert english_words(plain) == [], (argv, text)
-    # A configuration error: a French heading, then the technical detail.
-    assert cli.main(["quarantine", "--config", str(tmp_path / "absent.toml"), "list"]) == 2
-    assert capsys.readouterr().err.startswith("Configuration invalide :")
+    # Configuration errors: the file missing, not TOML, keys and values refused.
+    bad = tmp_path / "mauvais.toml"  # types and keys refused
+    bad.write_text('[gateway]\ndomains = ["cabinet.fr"]\n[smtp]\nmax_recipients = "beaucoup"\n'
+                   'port = 25\n[next_hop]\nstarttls = "peut-etre"\n')
+    wrong = tmp_path / "incoherent.toml"  # values refused together
+    wrong.write_text('[gateway]\ndomains = ["pas_un_domaine"]\nworkers = -1\ntimezone = "Lune"\n'
+                     '[smtp]\nlisten = "partout"\ntls_cert = "/absent.pem"\n'
+                     '[scoring]\ntag = 9\nquarantine = 5\n[web]\nlisten = "0.0.0.0:8080"\n'
+                     '[digest]\nhour = 25\ndirect_release_groups = ["attachments"]\n')
+    broken = tmp_path / "casse.toml"
+    broken.write_text("[gateway\n")
+    for argv in (["quarantine", "--config", str(tmp_path / "absent.toml"), "list"],
+                 ["check-config", str(broken)], ["check-config", str(wrong)],
+                 ["check-config", str(bad)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("Configuration invalide :"), err
+        # Less the keys, values and paths it names (and the TOML parser's own message).
+        plain = re.sub(r"[\w-]+(\.[\w-]+)+|'[^']*'|/\S+|TOML invalide : .*", "", err)
+        assert english_words(plain) == [], err
+    text = err
+    for key in ("smtp.max_recipients", "smtp.port", "next_hop.starttls"):
+        assert key in text, text

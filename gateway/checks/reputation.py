@@ -204,7 +204,7 @@ class ReputationCheck:
 
 
 def _load(path: Path) -> dict[str, BlockList]:
-    data = read_toml(path, "block lists")
+    data = read_toml(path, "listes de blocage")
     lists: dict[str, BlockList] = {}
     try:
         for spec in data.get("list", []):
