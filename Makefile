@@ -25,12 +25,24 @@ run: $(STAMP)
 	$(BIN)/gateway serve $(ARGS)
 
 # Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink)
-# Chromium (the banner as a mail reader renders it) and libmagic (true file types).
+# Chromium (the banner as a mail reader renders it, the web page driven by Playwright), a font
+# for it, and libmagic (true file types). Only these and what they depend on (no recommended
+# packages: no avahi), and no service left running or enabled at boot: Postfix is installed
+# unconfigured, kept from starting during the install (policy-rc.d), then disabled; the tests
+# run their own instances.
+SYSTEM_PACKAGES := postfix chromium fonts-dejavu-core libmagic1
 system-deps:
 	@if ! command -v postfix >/dev/null 2>&1 || ! command -v smtp-sink >/dev/null 2>&1 \
 	    || ! command -v chromium >/dev/null 2>&1 || ! ldconfig -p | grep -q libmagic.so.1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix chromium libmagic1; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; \
+	    trap 'rm -f /usr/sbin/policy-rc.d' EXIT; \
+	  fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $(SYSTEM_PACKAGES) || exit 1; \
+	  systemctl disable postfix >/dev/null 2>&1 || true; \
+	  update-rc.d postfix disable >/dev/null 2>&1 || true; \
 	fi
 
 lint: $(STAMP)
