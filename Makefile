@@ -26,14 +26,15 @@ run: $(STAMP)
 
 # Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink)
 # Chromium (the banner as a mail reader renders it, the web page driven by Playwright), a font
-# for it, and libmagic (true file types). Only these and what they depend on (no recommended
+# for it, libmagic (true file types) and libatomic (Playwright's node driver needs it). Only these and what they depend on (no recommended
 # packages: no avahi), and no service left running or enabled at boot: Postfix is installed
 # unconfigured, kept from starting during the install (policy-rc.d), then disabled; the tests
 # run their own instances.
-SYSTEM_PACKAGES := postfix chromium fonts-dejavu-core libmagic1
+SYSTEM_PACKAGES := postfix chromium fonts-dejavu-core libmagic1 libatomic1
 system-deps:
 	@if ! command -v postfix >/dev/null 2>&1 || ! command -v smtp-sink >/dev/null 2>&1 \
-	    || ! command -v chromium >/dev/null 2>&1 || ! ldconfig -p | grep -q libmagic.so.1; then \
+	    || ! command -v chromium >/dev/null 2>&1 || ! ldconfig -p | grep -q libmagic.so.1 \
+	    || ! ldconfig -p | grep -q libatomic.so.1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; \
