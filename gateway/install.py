@@ -113,7 +113,9 @@ def write(a: Answers, path: Path, *, force: bool = False) -> config.Config:
     text = render(a, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left by an interrupted run
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     umask = os.umask(0o077)  # `prepare` sets it for a serving process: put back after
@@ -141,10 +143,12 @@ def _give(folder: Path, owner: str) -> None:
     except KeyError:
         raise ConfigError(f"le compte {owner!r} n'existe pas (créez-le : "
                           f"adduser --system --group {owner})") from None
+    # Never through a link: a link the service's account left in its folder must not give
+    # it, through root, a file elsewhere (os.walk does not descend into linked folders).
     for root, dirs, files in os.walk(folder):
         for name in (root, *(os.path.join(root, d) for d in dirs),
                      *(os.path.join(root, f) for f in files)):
-            os.chown(name, entry.pw_uid, entry.pw_gid)
+            os.chown(name, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
 def guidance(cfg: config.Config, path: Path) -> str:

@@ -98,6 +98,14 @@ def test_init_gives_the_data_folder_to_the_service_account(tmp_path: Path, capsy
                  *(tmp_path / "d").rglob("*")):
         assert path.stat().st_uid == nobody.pw_uid, path
     assert conf.stat().st_uid == 0 and conf.stat().st_gid == nobody.pw_gid
+    # Again over a folder where the account left a link to a file of root's: not followed.
+    secret = tmp_path / "root-only"
+    secret.write_text("x")
+    (tmp_path / "d" / "lien").symlink_to(secret)
+    status, _, err = run(capsys, "init", "--domaine", "cabinet.fr", "--compte", "nobody",
+                         "--fichier", str(conf), "--donnees", str(tmp_path / "d"), "--forcer")
+    assert status == 0, err
+    assert secret.stat().st_uid == 0
     status, _, err = run(capsys, "init", "--domaine", "cabinet.fr", "--compte", "personne-ici",
                          "--fichier", str(tmp_path / "g2.toml"), "--donnees",
                          str(tmp_path / "d2"))
