@@ -21,29 +21,39 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# The embedded default (GATEWAY_CONFIG empty), even where /etc/gateway/gateway.toml exists;
+# ARGS="--config FILE" for a file.
 run: $(STAMP)
-	$(BIN)/gateway serve $(ARGS)
+	GATEWAY_CONFIG= $(BIN)/gateway serve $(ARGS)
 
 # Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink)
 # Chromium (the banner as a mail reader renders it, the web page driven by Playwright), a font
-# for it, libmagic (true file types) and libatomic (Playwright's node driver needs it). Only these and what they depend on (no recommended
-# packages: no avahi), and no service left running or enabled at boot: Postfix is installed
+# for it, libmagic (true file types) and libatomic (Playwright's node driver needs it). Only
+# these and what they depend on (no recommended packages: no avahi), and no service left
+# running or enabled at boot: Postfix is installed
 # unconfigured, kept from starting during the install (policy-rc.d), then disabled; the tests
-# run their own instances.
+# run their own instances. A Postfix installed before is left as it was. Only what is
+# missing is installed (dpkg's own record, whatever the PATH).
 SYSTEM_PACKAGES := postfix chromium fonts-dejavu-core libmagic1 libatomic1
 system-deps:
-	@if ! command -v postfix >/dev/null 2>&1 || ! command -v smtp-sink >/dev/null 2>&1 \
-	    || ! command -v chromium >/dev/null 2>&1 || ! ldconfig -p | grep -q libmagic.so.1 \
-	    || ! ldconfig -p | grep -q libatomic.so.1; then \
-	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  case "$$missing" in *postfix*) new_postfix=1;; *) new_postfix=0;; esac; \
+	  if [ $$new_postfix = 1 ]; then \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  fi; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; \
-	    trap 'rm -f /usr/sbin/policy-rc.d' EXIT; \
+	    trap 'rm -f /usr/sbin/policy-rc.d' EXIT; trap 'exit 130' INT TERM HUP; \
 	  fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends $(SYSTEM_PACKAGES) || exit 1; \
-	  systemctl disable postfix >/dev/null 2>&1 || true; \
-	  update-rc.d postfix disable >/dev/null 2>&1 || true; \
+	    --no-install-recommends $$missing || exit 1; \
+	  if [ $$new_postfix = 1 ]; then \
+	    systemctl disable postfix >/dev/null 2>&1 || true; \
+	    update-rc.d postfix disable >/dev/null 2>&1 || true; \
+	  fi; \
 	fi
 
 lint: $(STAMP)

@@ -108,7 +108,8 @@ class _Scan:
         """A web address in a file (several per file, each once)."""
         if (symbol, url) not in self.seen:
             self.seen.add((symbol, url))
-            self.findings.append(Finding(symbol=symbol, name=name, detail=url[:2048]))
+            self.findings.append(Finding(symbol=symbol, name=name, detail=url[:2048],
+                                         args=(("url", url[:300]),)))
 
 
 def analyse_job(raw: bytes, parsed: ParsedMessage, policy: Policy,

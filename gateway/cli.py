@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adresse de la page web pour le personnel (liens des rapports)")
     p.add_argument("--compte", dest="owner", metavar="COMPTE",
                    help="compte du service, propriétaire du dossier des données (en root)")
-    p.add_argument("--fichier", metavar="FICHIER", default=str(install.DEFAULT_FILE),
-                   help=f"fichier à écrire (par défaut {install.DEFAULT_FILE})")
+    p.add_argument("--fichier", metavar="FICHIER",
+                   help=f"fichier à écrire (par défaut $GATEWAY_CONFIG, sinon "
+                   f"{install.DEFAULT_FILE})")
     p.add_argument("--forcer", action="store_true", help="remplacer un fichier existant")
 
     p = sub.add_parser("check-config", help="valider un fichier de configuration")
@@ -261,9 +262,11 @@ def _user_commands(p: argparse.ArgumentParser, add_help: str, *, totp: bool = Fa
 def config_path(args: argparse.Namespace) -> Path | None:
     """The configuration used: --config, else $GATEWAY_CONFIG, else the file `gateway init`
     writes if it exists, else None (the embedded default)."""
-    given = getattr(args, "config", None) or os.environ.get("GATEWAY_CONFIG")
+    given = getattr(args, "config", None)
     if given:
         return Path(given)
+    if "GATEWAY_CONFIG" in os.environ:  # set and empty: the embedded default (make run, tests)
+        return Path(os.environ["GATEWAY_CONFIG"]) if os.environ["GATEWAY_CONFIG"] else None
     return install.DEFAULT_FILE if install.DEFAULT_FILE.exists() else None
 
 
@@ -314,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             try:
                 answers = install.answers_from(args, interactive=install.interactive())
-                written = install.write(answers, Path(args.fichier), force=args.forcer)
+                target = Path(args.fichier or os.environ.get("GATEWAY_CONFIG")
+                              or install.DEFAULT_FILE)
+                written = install.write(answers, target, force=args.forcer)
             except ConfigError as exc:
                 print(f"Initialisation impossible :\n{exc}", file=sys.stderr)
                 return 2
-            print(install.guidance(written, Path(args.fichier).expanduser().absolute()))
+            print(install.guidance(written, target.expanduser().absolute(), answers.owner))
             return 0
         cfg = load_config(args)
         global _loaded
@@ -684,6 +689,10 @@ async def _quarantine_cmd(args: argparse.Namespace, quarantine: QuarantineServic
         return 0
     if cmd == "purge":
         days = args.days if args.days is not None else quarantine.retention_days
+        if not days >= 1:  # also NaN: 0 or less would remove every held message
+            print(f"Purge refusée : --days doit valoir au moins 1 (reçu {days:g}).",
+                  file=sys.stderr)
+            return 2
         n = await quarantine.purge(by=by, older_than_days=days)
         print(f"{n} message(s) de plus de {days:g} jours supprimé(s)")
         return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import tomllib
 import zoneinfo
 from dataclasses import dataclass, field, replace
@@ -484,7 +485,10 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(bool(cfg.domains), "gateway.domains",
           "il faut au moins un domaine (celui du cabinet) : le courrier pour les autres est refusé")
     for d in cfg.domains:
-        check("." in d and " " not in d and "@" not in d, "gateway.domains", f"pas un nom de domaine : {d!r}")
+        check(_HOSTNAME.fullmatch(d) is not None, "gateway.domains",
+              f"pas un nom de domaine : {d!r}")
+    check(_HOSTNAME.fullmatch(cfg.gateway.hostname) is not None, "gateway.hostname",
+          f"pas un nom DNS : {cfg.gateway.hostname!r} (il figure dans EHLO et Received)")
     check(bool(cfg.smtp.tls_cert) == bool(cfg.smtp.tls_key), "smtp.tls_cert",
           "tls_cert et tls_key vont ensemble")
     for key, path in (("smtp.tls_cert", cfg.smtp.tls_cert), ("smtp.tls_key", cfg.smtp.tls_key),
@@ -559,6 +563,11 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         raise ConfigError("\n".join(problems))
 
 
+# A DNS name of at least two labels (letters, digits, hyphens; an IDN in its A-label form).
+_HOSTNAME = re.compile(r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
+                       r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)
+
+
 def _zone_ok(name: str) -> bool:
     try:
         zoneinfo.ZoneInfo(name)
@@ -586,8 +595,26 @@ def read_toml(path: Path, what: str = "fichier") -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{what} introuvable : {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} : TOML invalide : {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} : {path} est un dossier, pas un fichier") from None
+    except PermissionError:
+        raise ConfigError(f"{what} illisible pour ce compte : {path} (droits du fichier)"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"{what} illisible : {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} : le fichier n'est pas en UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} : TOML invalide ({toml_position(exc)})") from None
+
+
+def toml_position(exc: tomllib.TOMLDecodeError) -> str:
+    """Where tomllib stopped, in French (its message is English)."""
+    m = re.search(r"at line (\d+), column (\d+)", str(exc))
+    if m:
+        return f"ligne {m[1]}, colonne {m[2]}"
+    return "fin du fichier atteinte : un crochet ou des guillemets non fermés ?" \
+        if "end of document" in str(exc) else "syntaxe"
 
 
 def load(path: str | Path | None) -> Config:

@@ -17,7 +17,9 @@ import json
 import os
 import pwd
 import socket
+import stat
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +48,12 @@ def _toml(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def render(a: Answers, path: Path) -> str:
+def render(a: Answers, path: Path) -> str:  # noqa: ARG001 - kept for the callers' symmetry
     relay = (f"address = {_toml(a.next_hop)}          # the practice's mailbox server"
              if a.next_hop else
              'address = ""                  # none yet: mail is kept in <data_dir>/maildir')
-    return f"""# Written by `gateway init`. Every key and its default: docker/gateway.example.toml
-# (or the project's README). Check a change with: gateway check-config {path}
+    return f"""# Écrit par `gateway init`. Toutes les clés et leurs valeurs par défaut :
+# docker/gateway.example.toml. Vérifier une modification : gateway check-config FICHIER
 
 [gateway]
 hostname = {_toml(a.hostname)}
@@ -74,14 +76,20 @@ public_url = {_toml(a.public_url)}
 
 def ask(prompt: str, default: str = "", *, read: Callable[[str], str] = input) -> str:
     shown = f"{prompt} [{default}] : " if default else f"{prompt} : "
-    answer = read(shown).strip()
+    try:
+        answer = read(shown).strip()
+    except EOFError:
+        raise ConfigError("réponse attendue (ou donnez les options : gateway init --help)"
+                          ) from None
     return answer or default
 
 
 def answers_from(args: object, *, interactive: bool,
                  read: Callable[[str], str] = input) -> Answers:
     """The flags given, the rest asked at a terminal (or defaults)."""
-    domains = tuple(d.lower().rstrip(".") for d in (getattr(args, "domains", None) or ()))
+    domains = tuple(d.strip().lower().rstrip(".") for given in (getattr(args, "domains", None)
+                                                                or ()) for d in given.split(",")
+                    if d.strip())
     if not domains and interactive:
         domains = tuple(d.strip().lower() for d in ask(
             "Domaine(s) du cabinet, séparés par des virgules (ex. cabinet-dupont.fr)",
@@ -105,22 +113,47 @@ def answers_from(args: object, *, interactive: bool,
 
 
 def write(a: Answers, path: Path, *, force: bool = False) -> config.Config:
-    """Check, then write the file and make the data folder; returns the configuration."""
+    """Check, then write the file and make the data folder; returns the configuration.
+    Everything is checked (the account, the text, the folder's path) before anything is
+    written."""
     from gateway.service import prepare  # the rules, folder, key and index as `serve` does
     path = path.expanduser().absolute()
     if path.exists() and not force:
         raise ConfigError(f"{path} existe déjà (--forcer pour le remplacer)")
+    account = _account(a.owner) if a.owner else None
     text = render(a, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("une valeur donnée n'est pas du texte UTF-8") from None
+    try:
+        cfg = config.build(tomllib.loads(text), source=str(path))
+    except tomllib.TOMLDecodeError as exc:  # a control character in a flag's value
+        raise ConfigError(f"{path} : une valeur donnée contient un caractère interdit "
+                          f"({config.toml_position(exc)})") from None
+    if account is not None:
+        _safe_folder(cfg.data_dir)
+    before = path.lstat() if path.exists() else None
+    _make_parents(path)
+    _make_parents(cfg.data_dir)  # 0755 whatever the umask: the service crosses them
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()  # left by an interrupted run
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    try:
+        os.fchmod(fd, 0o640)  # whatever the umask: the service's group reads it
+        if account is not None:
+            os.fchown(fd, 0, account.pw_gid)
+        elif before is not None:  # replaced: the service still reads it
+            os.fchown(fd, before.st_uid, before.st_gid)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     umask = os.umask(0o077)  # `prepare` sets it for a serving process: put back after
     try:
-        cfg = config.load(tmp)
         prepare(cfg)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -129,29 +162,55 @@ def write(a: Answers, path: Path, *, force: bool = False) -> config.Config:
     finally:
         os.umask(umask)
     os.replace(tmp, path)
-    if a.owner:
-        _give(cfg.data_dir, a.owner)
-        with contextlib.suppress(KeyError, PermissionError):
-            os.chown(path, 0, pwd.getpwnam(a.owner).pw_gid)
+    if account is not None:
+        _give(cfg.data_dir, account)
     return cfg
 
 
-def _give(folder: Path, owner: str) -> None:
-    """The data folder and all in it to the service's account (root only)."""
+def _make_parents(path: Path) -> None:
+    """The missing folders above `path`, each 0755."""
+    missing = [p for p in path.parents if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir()
+        os.chmod(folder, 0o755)
+
+
+def _account(owner: str) -> pwd.struct_passwd:
     try:
-        entry = pwd.getpwnam(owner)
+        return pwd.getpwnam(owner)
     except KeyError:
         raise ConfigError(f"le compte {owner!r} n'existe pas (créez-le : "
                           f"adduser --system --group {owner})") from None
-    # Never through a link: a link the service's account left in its folder must not give
-    # it, through root, a file elsewhere (os.walk does not descend into linked folders).
-    for root, dirs, files in os.walk(folder):
-        for name in (root, *(os.path.join(root, d) for d in dirs),
-                     *(os.path.join(root, f) for f in files)):
-            os.chown(name, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
-def guidance(cfg: config.Config, path: Path) -> str:
+def _safe_folder(folder: Path) -> None:
+    """Refuse a data folder that is a link, or under a folder another account than root can
+    change (it could swap a part of the path for a link while root works in it): root
+    would then create or give away files elsewhere."""
+    if folder.is_symlink():
+        raise ConfigError(f"{folder} est un lien : indiquez le dossier lui-même")
+    for parent in folder.parents:
+        if not parent.exists():
+            continue
+        st = parent.lstat()
+        loose = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != 0 or loose:
+            raise ConfigError(f"{parent} peut être modifié par un autre compte que root : "
+                              "choisissez un dossier des données sous des dossiers de root "
+                              "(par exemple /var/lib/gateway)")
+
+
+def _give(folder: Path, account: pwd.struct_passwd) -> None:
+    """The data folder and all in it to the service's account (root only), through file
+    descriptors, never a link: nothing the account could swap in meanwhile is followed."""
+    uid, gid = account.pw_uid, account.pw_gid
+    for _root, dirs, files, rootfd in os.fwalk(folder, follow_symlinks=False):
+        os.fchown(rootfd, uid, gid)
+        for name in (*dirs, *files):
+            os.chown(name, uid, gid, dir_fd=rootfd, follow_symlinks=False)
+
+
+def guidance(cfg: config.Config, path: Path, owner: str = "") -> str:
     """What to set elsewhere, in French, for the practice's admin or IT provider."""
     host = cfg.gateway.hostname
     address = "<adresse publique de cette machine>"
@@ -178,7 +237,8 @@ def guidance(cfg: config.Config, path: Path) -> str:
         lines += [f"   aucun pour l'instant : le courrier est gardé dans {cfg.data_dir}/maildir ; "
                   "indiquez-le plus tard dans [next_hop] address."]
     lines += ["", "3. Premier compte de la page de quarantaine :",
-              f"     gateway admin --config {path} add-user NOM --role admin", "",
+              f"     {f'sudo -u {owner} ' if owner else ''}gateway admin --config {path} "
+              "add-user NOM --role admin", "",
               "4. Démarrer :", f"     gateway serve --config {path}"]
     if not cfg.web.public_url:
         lines += ["", "Sans [web] public_url, les rapports de quarantaine et les avis "

@@ -16,7 +16,7 @@ audited by the store itself, in the same step, whoever asks:
 
 from __future__ import annotations
 
-import re
+import string
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
@@ -27,12 +27,10 @@ from gateway.config import NEVER_DIRECT_RELEASE
 from gateway.errors import DownstreamUnavailable
 from gateway.relay import NextHop, deliver
 from gateway.symbols import SymbolTable
-from gateway.verdict import fill
 from quarantine.store import Item, Store, SymbolRecord
 
 # Findings that say part of the message was never looked at: what is in it is unknown.
 NOT_ANALYSED_IN_FULL = frozenset({"MIME_TOO_COMPLEX", "MESSAGE_UNPARSABLE"})
-_PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 
 
 class HasSymbols(Protocol):
@@ -103,8 +101,14 @@ class QuarantineService:
         sym = self.table.symbols.get(s.name)
         if sym is None or not sym.detail:
             return ""
-        text = fill(sym.detail, dict(s.args))
-        return "" if _PLACEHOLDER.search(text) else text
+        args = dict(s.args)
+        fields = {f for _, f, _, _ in string.Formatter().parse(sym.detail) if f}
+        if not fields <= set(args):
+            return ""
+        try:  # the values as they are (no French contraction across them)
+            return sym.detail.format_map(args)
+        except (ValueError, IndexError, KeyError):
+            return ""
 
     def recipient_may_release(self, item: Item, groups: Iterable[str]) -> bool:
         """May a recipient release this item herself, from her digest? Only a held item

@@ -16,6 +16,11 @@ CORPUS = Path(os.environ.get("GATEWAY_CORPUS",
                              Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 DOMAIN = "cabinet.test"
 
+# The CLI reads /etc/gateway/gateway.toml when it exists and no --config is given: never in
+# the tests (a machine with the gateway installed would lend its next hop and files to
+# them). Set and empty: the embedded default, for this process and its subprocesses.
+os.environ["GATEWAY_CONFIG"] = ""
+
 
 # Every test talks to this loopback DNS server, never to the machine's resolver. Tests that
 # need records load a zone (and get a fresh server state back for the next test).

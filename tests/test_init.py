@@ -124,3 +124,98 @@ def test_the_cli_says_which_configuration_and_data_it_used_when_it_finds_nothing
     monkeypatch.setenv("GATEWAY_CONFIG", str(conf))  # the same, found by the environment
     status, out, _ = run(capsys, "track", "introuvable")
     assert status == 1 and f"(configuration : {conf} ; données : {tmp_path / 'd'})" in out
+
+
+def test_init_checks_every_answer_before_writing_anything(tmp_path: Path, capsys, monkeypatch):
+    conf = tmp_path / "gateway.toml"
+    data = str(tmp_path / "d")
+    for argv, why in (
+            (["--domaine", "cabinet.fr", "--nom", "mx.cabinet.fr\r\n250 forged"], "pas un nom DNS"),
+            (["--domaine", "cabinet.fr", "--compte", "compte-inconnu"], "n'existe pas"),
+            (["--domaine", "cabinet.fr", "--nom", "mx\udcff.fr"], "UTF-8")):
+        status, _, err = run(capsys, "init", *argv, "--fichier", str(conf), "--donnees", data)
+        assert status == 2 and why in err, err
+        assert not conf.exists() and not (tmp_path / "d").exists()
+        assert not list(tmp_path.glob(".*"))  # no temporary file either
+    # Domains given as one comma-separated flag are several domains.
+    monkeypatch.setenv("GATEWAY_CONFIG", str(conf))  # and --fichier defaults to it
+    status, _, err = run(capsys, "init", "--domaine", "a-cabinet.fr, b-cabinet.fr",
+                         "--donnees", data)
+    assert status == 0, err
+    assert config.load(conf).domains == {"a-cabinet.fr", "b-cabinet.fr"}
+
+
+def test_init_file_stays_readable_by_the_service(tmp_path: Path, capsys):
+    conf = tmp_path / "gateway.toml"
+    umask = os.umask(0o077)  # a hardened host's
+    try:
+        assert run(capsys, "init", "--domaine", "cabinet.fr", "--fichier", str(conf),
+                   "--donnees", str(tmp_path / "var" / "lib" / "d"))[0] == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o640
+    # The data folder's parents, made by init, can be crossed by the service's account.
+    for parent in (tmp_path / "var", tmp_path / "var" / "lib"):
+        assert stat.S_IMODE(parent.stat().st_mode) == 0o755, parent
+    if os.geteuid() == 0:
+        os.chown(conf, 0, 65534)
+        assert run(capsys, "init", "--domaine", "cabinet.fr", "--fichier", str(conf),
+                   "--donnees", str(tmp_path / "d2"), "--forcer")[0] == 0
+        assert conf.stat().st_gid == 65534  # replaced, still the service's group
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the folder to an account needs root")
+def test_init_refuses_a_data_folder_another_account_could_redirect(tmp_path: Path, capsys):
+    elsewhere = tmp_path / "etc-like"
+    elsewhere.mkdir()
+    link = tmp_path / "data-link"
+    link.symlink_to(elsewhere)
+    status, _, err = run(capsys, "init", "--domaine", "cabinet.fr", "--compte", "nobody",
+                         "--fichier", str(tmp_path / "g.toml"), "--donnees", str(link))
+    assert status == 2 and "est un lien" in err and not list(elsewhere.iterdir())
+    shared = tmp_path / "partage"
+    shared.mkdir()
+    os.chown(shared, 65534, 65534)  # the service's account owns a parent folder
+    status, _, err = run(capsys, "init", "--domaine", "cabinet.fr", "--compte", "nobody",
+                         "--fichier", str(tmp_path / "g.toml"), "--donnees",
+                         str(shared / "data"))
+    assert status == 2 and "peut être modifié par un autre compte" in err
+    assert not (shared / "data").exists()
+
+
+def test_a_system_configuration_is_found_unless_the_environment_says_otherwise(
+        tmp_path: Path, monkeypatch):
+    import argparse
+    system = tmp_path / "gateway.toml"
+    system.write_text('[gateway]\ndomains = ["cabinet.fr"]\n')
+    monkeypatch.setattr(install, "DEFAULT_FILE", system)
+    none = argparse.Namespace(config=None)
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    assert cli.config_path(none) == system
+    monkeypatch.setenv("GATEWAY_CONFIG", "")  # make run, the tests: the embedded default
+    assert cli.config_path(none) is None
+    assert cli.config_path(argparse.Namespace(config="/x.toml")) == Path("/x.toml")
+
+
+def test_configuration_file_errors_are_french(tmp_path: Path, capsys):
+    bad = tmp_path / "casse.toml"
+    bad.write_text('[gateway\ndomains = ["a.fr"]\n')
+    unclosed = tmp_path / "ouvert.toml"
+    unclosed.write_text('[gateway]\ndomains = ["a.fr"\n')
+    for target, why in ((tmp_path, "est un dossier"),
+                        (bad, "TOML invalide (ligne 1, colonne 9)"),
+                        (unclosed, "TOML invalide (fin du fichier atteinte")):
+        status, _, err = run(capsys, "check-config", str(target))
+        assert status == 2 and why in err and "Expected" not in err, err
+    status, _, err = run(capsys, "quarantine", "--config", str(tmp_path), "list")
+    assert status == 2 and "est un dossier" in err
+
+
+def test_purge_refuses_a_period_that_would_remove_everything(tmp_path: Path, capsys):
+    conf = tmp_path / "gateway.toml"
+    assert run(capsys, "init", "--domaine", "cabinet.fr", "--fichier", str(conf),
+               "--donnees", str(tmp_path / "d"))[0] == 0
+    for days in ("0", "-1", "nan"):
+        status, _, err = run(capsys, "quarantine", "--config", str(conf), "purge",
+                             "--days", days)
+        assert status == 2 and "au moins 1" in err

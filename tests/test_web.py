@@ -835,3 +835,29 @@ async def test_message_page_gives_each_findings_detail_in_french(site: Web):
     assert "Domaine affiché : labo-analyses.example : aucun enregistrement DMARC." in text
     for english in ("named .pdf", "really", "no record", "mailfrom="):
         assert english not in text, english
+
+
+def test_french_details_show_values_as_given_and_hide_only_missing_ones(site: Web):
+    q = site.gw.runtime.quarantine
+    assert q is not None
+
+    def detail(name: str, **args: str) -> str:
+        return q.detail(SymbolRecord(name=name, score=1.0, detail="english", args=tuple(
+            args.items())))
+
+    # A value that looks like a placeholder, or like a French contraction, is shown as is.
+    assert detail("ATTACH_DANGEROUS_TYPE", file="facture{x}.exe",
+                  kind="application/x-dosexec") == \
+        "Fichier : facture{x}.exe ; type réel : application/x-dosexec."
+    assert detail("FAKE_REPLY", subject="RE: Note de le docteur") == \
+        "Objet : RE: Note de le docteur."
+    # Where a QR code leads is on the page.
+    assert detail("ATTACH_QR_LINK", file="scan.png", url="https://x.example/p") == \
+        "Fichier : scan.png ; lien : https://x.example/p."
+    # An executable in an encrypted archive has no type: its file is still named.
+    assert detail("ATTACH_EXEC_IN_ARCHIVE", file="a.zip/b.exe") == "Fichier : a.zip/b.exe."
+    assert detail("DMARC_FAIL", domain="labo.example", policy="none") == \
+        "Domaine affiché : labo.example ; politique appliquée : p=none."
+    # A value missing (an older record): no detail rather than a template.
+    assert detail("ATTACH_TYPE_MISMATCH", file="f.pdf") == ""
+    assert detail("MIME_MALFORMED") == ""  # no French template: the English is never shown
