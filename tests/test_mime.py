@@ -118,3 +118,19 @@ def test_hostile_shapes_stay_cheap_and_are_flagged():
     for data in (huge_headers, dashes):
         root, truncated = parse_tree(data, max_parts=1000, max_depth=20)
         assert truncated
+
+
+def test_a_clean_multipart_message_has_no_defect_whatever_the_python():
+    """CPython 3.11.2 (Debian 12's) flags every header-only parse of a multipart entity with
+    MultipartInvariantViolationDefect; the walk decides that invariant itself, so a clean
+    text-and-HTML mail is not MIME_MALFORMED there either."""
+    from email.message import EmailMessage
+    m = EmailMessage()
+    m["From"] = "Assurance Maladie <info@ameli.fr>"
+    m["To"] = "docteur@cabinet.test"
+    m["Subject"] = "Votre remboursement est effectué"
+    m.set_content("Votre remboursement a été effectué.")
+    m.add_alternative("<p>Votre remboursement a été effectué.</p>", subtype="html")
+    root, truncated = parse_tree(bytes(m), max_parts=100, max_depth=10)
+    assert not truncated and root.is_multipart and len(root.children) == 2
+    assert [root.defects, *(c.defects for c in root.children)] == [[], [], []]
