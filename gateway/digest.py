@@ -27,6 +27,7 @@ with newly held mail gets a French list of it, with a link per message.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import hmac
@@ -251,15 +252,21 @@ class Digests:
     # ---- building and sending -----------------------------------------------------------
 
     async def plan(self, after_row: int, upto_row: int, now: float) -> dict[str, list[Entry]]:
-        """Who gets a digest for the items stored between the two positions, with what."""
-        domains = self.domains()
+        """Who gets a digest for the items stored between the two positions, with what (the
+        items unsealed and sorted out in threads: thousands of them, off the event loop)."""
+        items = await self._store.held_between(after_row, upto_row)
         optouts = await self._store.digest_optouts()
+        return await asyncio.to_thread(self._plan, items, optouts, now)
+
+    def _plan(self, items: list[Item], optouts: set[str],
+              now: float) -> dict[str, list[Entry]]:
+        domains = self.domains()
         public = self._cfg.web.public_url.rstrip("/")
         expires = int(now + self._cfg.digest.link_days * 86400)
         groups = self._cfg.digest.direct_release_groups
         out: dict[str, list[Entry]] = defaultdict(list)
         listed: set[tuple[str, str]] = set()
-        for item in await self._store.held_between(after_row, upto_row):
+        for item in items:
             reasons = self._q.reasons(item, 1)
             direct = self._q.recipient_may_release(item, groups)
             sender, subject = sender_parts(item), shown(item.subject) or "(sans objet)"
@@ -313,8 +320,8 @@ class Digests:
         plan = await self.plan(after_row, upto_row, now)
         report.items = len({e.item.id for entries in plan.values() for e in entries})
         for rcpt, entries in sorted(plan.items()):
-            try:  # one recipient's digest never stops the others'
-                raw = self.build(rcpt, entries, now=now)
+            try:  # one recipient's digest never stops the others'; rendered off the loop
+                raw = await asyncio.to_thread(self.build, rcpt, entries, now=now)
             except Exception:  # noqa: BLE001
                 log.exception("quarantine digest not built", extra={"fields": {"rcpt": rcpt}})
                 report.failed.append(rcpt)

@@ -76,7 +76,6 @@ AUDIT_FR = {
     "sender_release": "libération par l'expéditeur", "user_add": "compte créé",
     "user_remove": "compte supprimé", "totp_reset": "second facteur renouvelé",
     "release_request": "demande de libération (rapport)", "digest_view": "lien du rapport ouvert",
-    "digest_release": "libération par le destinataire (rapport)",
     "digest_optout": "rapport de quarantaine désactivé",
     "digest_optout_view": "lien de désinscription du rapport ouvert",
     "digest_optin": "rapport de quarantaine réactivé",
