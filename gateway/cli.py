@@ -11,6 +11,7 @@ import getpass
 import json
 import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -177,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{install.DEFAULT_FILE})")
     p.add_argument("--forcer", action="store_true", help="remplacer un fichier existant")
 
+    p = sub.add_parser("health", help="la passerelle répond-elle ? (salut SMTP sur son port ; "
+                       "code 0 si oui) : sonde d'un conteneur ou d'une supervision")
+    _common(p)
+    p.add_argument("--listen", metavar="HOTE:PORT", help="adresse d'écoute SMTP à sonder")
+    p.add_argument("--delai", type=float, default=5.0, metavar="SECONDES",
+                   help="attente maximale de la réponse (5)")
+
     p = sub.add_parser("check-config", help="valider un fichier de configuration")
     p.add_argument("file", metavar="FICHIER")
 
@@ -330,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         _loaded = cfg
         if args.command == "serve":
             return serve(cfg)
+        if args.command == "health":
+            return _health(cfg, args.delai)
         if args.command == "scan":
             return asyncio.run(_scan(cfg, args))
         if args.command == "submission":
@@ -350,6 +360,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _health(cfg: Config, timeout_s: float) -> int:
+    """Connect to the SMTP port as a client would and expect its 220 greeting (then QUIT):
+    the serving processes accept and answer, not only the port is open."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(cfg.listen.host,
+                                                                      cfg.listen.host)
+    try:
+        with socket.create_connection((host, cfg.listen.port), timeout=timeout_s) as sock:
+            greeting = sock.makefile("rb").readline(512)
+            if greeting.startswith(b"220"):
+                sock.sendall(b"QUIT\r\n")
+                print(f"SMTP {cfg.listen} : en service")
+                return 0
+            reply = greeting.decode("ascii", "replace").strip()[:120] or "connexion fermée"
+            print(f"SMTP {cfg.listen} : réponse inattendue : {reply}", file=sys.stderr)
+    except OSError as exc:
+        why = ("délai dépassé" if isinstance(exc, TimeoutError)
+               else "connexion refusée" if isinstance(exc, ConnectionRefusedError)
+               else exc.strerror or type(exc).__name__)
+        print(f"SMTP {cfg.listen} : pas de réponse ({why})", file=sys.stderr)
+    return 1
 
 
 # ---- accounts ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 import zoneinfo
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -617,12 +618,46 @@ def toml_position(exc: tomllib.TOMLDecodeError) -> str:
         if "end of document" in str(exc) else "syntaxe"
 
 
-def load(path: str | Path | None) -> Config:
-    """Load and validate a TOML file; None gives the embedded default."""
+# The few keys a container sets from its environment rather than a file (docker/README.md).
+# They apply over the file, or over the embedded default, before validation; the command
+# line's flags win over them. An empty variable counts as unset.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "GATEWAY_HOSTNAME": ("gateway", "hostname"),
+    "GATEWAY_DOMAINS": ("gateway", "domains"),  # separated by commas or spaces
+    "GATEWAY_NEXT_HOP": ("next_hop", "address"),
+    "GATEWAY_PUBLIC_URL": ("web", "public_url"),
+}
+
+
+def from_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Put the ENVIRONMENT variables set in `environ` into `data`; their names, in order."""
+    used = []
+    for name, (section, key) in ENVIRONMENT.items():
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section} : une section [..] est attendue")
+        table[key] = [d for d in re.split(r"[\s,]+", value) if d] \
+            if key == "domains" else value
+        used.append(name)
+    return used
+
+
+def load(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a TOML file (None: the embedded default), with the ENVIRONMENT
+    variables of `environ` (default: the process's) over it."""
     if path is None:
-        return build({"gateway": {"domains": ["cabinet.localhost"]}}, source="(default)")
-    p = Path(path)
-    return build(read_toml(p, "fichier de configuration"), source=str(p))
+        data: dict[str, Any] = {"gateway": {"domains": ["cabinet.localhost"]}}
+        source = "(default)"
+    else:
+        data = read_toml(Path(path), "fichier de configuration")
+        source = str(path)
+    used = from_environment(data, os.environ if environ is None else environ)
+    if used:
+        source += f" + variables d'environnement ({', '.join(used)})"
+    return build(data, source=source)
 
 
 def override(cfg: Config, **changes: Any) -> Config:

@@ -20,6 +20,9 @@ DOMAIN = "cabinet.test"
 # the tests (a machine with the gateway installed would lend its next hop and files to
 # them). Set and empty: the embedded default, for this process and its subprocesses.
 os.environ["GATEWAY_CONFIG"] = ""
+# Nor the variables a container sets (GATEWAY_DOMAINS...), for the same reason.
+for _name in config.ENVIRONMENT:
+    os.environ.pop(_name, None)
 
 
 # Every test talks to this loopback DNS server, never to the machine's resolver. Tests that

@@ -57,6 +57,12 @@ async def test_serve_on_embedded_default_delivers_to_maildir(tmp_path: Path):
                                              recipients=[f"docteur@{DOMAIN}"],
                                              hostname="127.0.0.1", port=port, start_tls=False)
             assert reply.startswith("2.0.0")
+        # The container's HEALTHCHECK: a client's greeting, through the serving processes.
+        health = subprocess.run([sys.executable, "-m", "gateway", "health", "--listen",
+                                 f"127.0.0.1:{port}", "--domain", DOMAIN],
+                                capture_output=True, text=True, timeout=30)
+        assert health.returncode == 0, health.stderr
+        assert health.stdout.strip() == f"SMTP 127.0.0.1:{port} : en service"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -65,6 +71,11 @@ async def test_serve_on_embedded_default_delivers_to_maildir(tmp_path: Path):
             os.killpg(proc.pid, signal.SIGKILL)  # the serving processes too
             raise
     assert proc.returncode == 0, stderr
+    health = subprocess.run([sys.executable, "-m", "gateway", "health", "--listen",
+                             f"127.0.0.1:{port}", "--domain", DOMAIN],
+                            capture_output=True, text=True, timeout=30)
+    assert health.returncode == 1
+    assert health.stderr.strip() == f"SMTP 127.0.0.1:{port} : pas de réponse (connexion refusée)"
     box = data / "maildir" / f"docteur@{DOMAIN}" / "new"
     delivered = sorted(p.read_bytes() for p in box.iterdir())
     assert len(delivered) == 10

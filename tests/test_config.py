@@ -63,6 +63,34 @@ def test_command_line_overrides(tmp_path: Path):
         config.override(cfg, smtp__listen="nowhere")
 
 
+def test_container_environment_sets_the_practice_keys_over_the_file(tmp_path: Path):
+    """The image's file has no domain: the container's environment gives it (docker/README)."""
+    image_file = Path(__file__).resolve().parents[1] / "docker" / "container.toml"
+    with pytest.raises(ConfigError, match="gateway.domains : il faut au moins un domaine"):
+        config.load(image_file, environ={})
+    env = {"GATEWAY_DOMAINS": "cabinet-dupont.fr, msp-dupont.fr",
+           "GATEWAY_HOSTNAME": "mx.cabinet-dupont.fr", "GATEWAY_NEXT_HOP": "10.0.0.5:25",
+           "GATEWAY_PUBLIC_URL": "https://passerelle.cabinet-dupont.fr:8443",
+           "GATEWAY_NOT_A_KEY": "ignored"}
+    cfg = config.load(image_file, environ=env)
+    assert cfg.domains == frozenset({"cabinet-dupont.fr", "msp-dupont.fr"})
+    assert cfg.gateway.hostname == "mx.cabinet-dupont.fr"
+    assert str(cfg.next_hop_address) == "10.0.0.5:25"
+    assert cfg.web.public_url == "https://passerelle.cabinet-dupont.fr:8443"
+    assert str(cfg.listen) == "0.0.0.0:25" and cfg.gateway.data_dir == "/var/lib/gateway"
+    # Over a file that has them too, and over the embedded default; empty counts as unset.
+    own = tmp_path / "gateway.toml"
+    own.write_text('[gateway]\ndomains = ["ancien.fr"]\nhostname = "mx.ancien.fr"\n')
+    cfg = config.load(own, environ={"GATEWAY_DOMAINS": "nouveau.fr", "GATEWAY_HOSTNAME": ""})
+    assert cfg.domains == frozenset({"nouveau.fr"}) and cfg.gateway.hostname == "mx.ancien.fr"
+    assert config.load(None, environ={"GATEWAY_DOMAINS": "a.fr"}).domains == frozenset({"a.fr"})
+    # A bad value is named, with where it came from.
+    with pytest.raises(ConfigError) as exc:
+        config.load(own, environ={"GATEWAY_NEXT_HOP": "boite-aux-lettres"})
+    assert "next_hop.address" in str(exc.value)
+    assert "variables d'environnement (GATEWAY_NEXT_HOP)" in str(exc.value)
+
+
 def test_example_config_is_valid():
     example = Path(__file__).resolve().parents[1] / "docker" / "gateway.example.toml"
     cfg = config.load(example)

@@ -58,20 +58,23 @@ class DnsServer:
         self.zone = {k.lower().rstrip("."): v for k, v in zone.items()}
         self.queries = []
 
-    async def start(self) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Serve on `host` (loopback; docker/test.sh's peer container: its own address),
+        on `port`, or on a free port for both transports."""
         loop = asyncio.get_running_loop()
-        # One port for both transports.
         for _ in range(20):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            if not port:
+                with socket.socket() as s:
+                    s.bind((host, 0))
+                    port = s.getsockname()[1]
             try:
-                self._tcp = await asyncio.start_server(self._tcp_client, "127.0.0.1", port)
+                self._tcp = await asyncio.start_server(self._tcp_client, host, port)
                 self._udp, _ = await loop.create_datagram_endpoint(
-                    lambda: _Udp(self), local_addr=("127.0.0.1", port))
+                    lambda: _Udp(self), local_addr=(host, port))
             except OSError:
                 if self._tcp:
                     self._tcp.close()
+                port = 0
                 continue
             self.port = port
             return

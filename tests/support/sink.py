@@ -69,8 +69,9 @@ class _Handler:
 class Sink:
     """`tls=(cert, key)`: STARTTLS offered and required before MAIL (a provider's relay)."""
 
-    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None, host: str = "127.0.0.1") -> None:
         self._tls = tls
+        self.host = host  # loopback; docker/test.sh's peer container: its own address
         self.queue: asyncio.Queue[Received] = asyncio.Queue()
         self.behaviour = SinkBehaviour()
         self.port = _free_port()
@@ -83,7 +84,7 @@ class Sink:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,7 +97,7 @@ class Sink:
             lambda: _LenientSMTP(handler, hostname="sink.test", decode_data=False,
                                  enable_SMTPUTF8=True, data_size_limit=None, tls_context=ctx,
                                  require_starttls=ctx is not None),
-            "127.0.0.1", self.port, reuse_address=True)
+            self.host, self.port, reuse_address=True)
 
     async def stop(self) -> None:
         if self._server is not None:

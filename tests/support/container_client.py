@@ -1,0 +1,79 @@
+"""docker/test.sh's SMTP client, with the host's python3 (standard library only):
+
+    python3 -m tests.support.container_client direct PORT OUT   the image run alone
+    python3 -m tests.support.container_client compose PORT OUT  the compose service
+
+OUT is the folder where the peer container's sink writes what it receives (n.eml).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import smtplib
+import sys
+import time
+
+
+def greeted(port: int, within_s: float = 60) -> smtplib.SMTP:
+    """A session with the gateway. Docker's port proxy accepts before the gateway listens
+    and then closes: the 220 greeting is what says it is up."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return smtplib.SMTP("127.0.0.1", port, timeout=20)
+        except (OSError, smtplib.SMTPException):
+            if time.monotonic() > deadline:
+                sys.exit(f"no SMTP greeting on 127.0.0.1:{port} within {within_s:g} s")
+            time.sleep(0.5)
+
+
+def received(out: pathlib.Path, n: int, within_s: float = 30) -> str:
+    path = out / f"{n}.eml"
+    deadline = time.monotonic() + within_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"the sink got no message {n} within {within_s:g} s")
+        time.sleep(0.2)
+    return path.read_bytes().decode()
+
+
+def direct(port: int, out: pathlib.Path) -> None:
+    with greeted(port) as client:
+        client.ehlo("client.expediteur.test")
+        code, _ = client.mail("alice@expediteur.test")
+        assert code == 250, code
+        code, reply = client.rcpt("ailleurs@exemple.org")  # not the practice's domain
+        assert code == 550 and "relais" in reply.decode().lower(), (code, reply)
+        code, _ = client.rcpt("secretariat@cabinet.test")
+        assert code == 250, code
+        code, reply = client.data(
+            b"From: Alice <alice@expediteur.test>\r\nTo: secretariat@cabinet.test\r\n"
+            b"Subject: Compte rendu\r\nMessage-ID: <c1@expediteur.test>\r\n"
+            b"Date: Tue, 01 Dec 2026 09:00:00 +0100\r\n\r\nBonjour,\r\nci-joint.\r\n")
+        assert code == 250, (code, reply)
+    head = received(out, 1).split("\r\n\r\n", 1)[0]
+    assert "X-Peer-Rcpt-To: secretariat@cabinet.test\r\n" in head, head
+    assert "ailleurs@exemple.org" not in head, head
+    assert "Authentication-Results: mx.cabinet.test;" in head, head
+    # SPF evaluated on the client's address (the peer's zone allows the test network), and
+    # aligned with From: DMARC passes under p=reject.
+    assert "spf=pass" in head and "dmarc=pass" in head, head
+    assert "X-Gateway-Action: accept" in head and "Subject: Compte rendu" in head, head
+    print("docker/test.sh: relayed, with",
+          [line for line in head.split("\r\n") if line.startswith("X-Gateway-")])
+
+
+def compose(port: int, out: pathlib.Path) -> None:
+    # SPF neutral for compose.test: the client comes from the compose network's gateway.
+    with greeted(port) as client:
+        refused = client.sendmail(
+            "bob@compose.test", ["secretariat@cabinet.test"],
+            b"From: bob@compose.test\r\nTo: secretariat@cabinet.test\r\n"
+            b"Subject: essai compose\r\n\r\nBonjour\r\n")
+        assert not refused, refused
+    got = received(out, 2)
+    assert "Subject: essai compose\r\n" in got and "X-Gateway-Action: " in got, got[:2000]
+
+
+if __name__ == "__main__":
+    {"direct": direct, "compose": compose}[sys.argv[1]](int(sys.argv[2]), pathlib.Path(sys.argv[3]))
