@@ -26,21 +26,23 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	GATEWAY_CONFIG= $(BIN)/gateway serve $(ARGS)
 
-# Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink)
+# Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink),
+# HAProxy (a real front proxy speaking the PROXY protocol), systemd (systemd-analyze checks the unit),
 # Chromium (the banner as a mail reader renders it, the web page driven by Playwright), a font
 # for it, libmagic (true file types) and libatomic (Playwright's node driver needs it). Only
 # these and what they depend on (no recommended packages: no avahi), and no service left
-# running or enabled at boot: Postfix is installed
+# running or enabled at boot: Postfix (and HAProxy) are installed
 # unconfigured, kept from starting during the install (policy-rc.d), then disabled; the tests
 # run their own instances. A Postfix installed before is left as it was. Only what is
 # missing is installed (dpkg's own record, whatever the PATH).
-SYSTEM_PACKAGES := postfix chromium fonts-dejavu-core libmagic1 libatomic1
+SYSTEM_PACKAGES := postfix chromium fonts-dejavu-core libmagic1 libatomic1 haproxy systemd
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  case "$$missing" in *postfix*) new_postfix=1;; *) new_postfix=0;; esac; \
+	  case "$$missing" in *haproxy*) new_haproxy=1;; *) new_haproxy=0;; esac; \
 	  if [ $$new_postfix = 1 ]; then \
 	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  fi; \
@@ -50,10 +52,11 @@ system-deps:
 	  fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends $$missing || exit 1; \
-	  if [ $$new_postfix = 1 ]; then \
-	    systemctl disable postfix >/dev/null 2>&1 || true; \
-	    update-rc.d postfix disable >/dev/null 2>&1 || true; \
-	  fi; \
+	  for svc in postfix haproxy; do \
+	    eval new=\$$new_$$svc; [ $$new = 1 ] || continue; \
+	    systemctl disable $$svc >/dev/null 2>&1 || true; \
+	    update-rc.d $$svc disable >/dev/null 2>&1 || true; \
+	  done; \
 	fi
 
 lint: $(STAMP)

@@ -95,6 +95,11 @@ class FrenchParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog} : erreur : {french_argparse_error(message)}\n")
 
 
+def _networks(value: str) -> tuple[str, ...]:
+    """A comma-separated list of networks (CIDR), checked by the configuration's rules."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FICHIER", help="fichier de configuration TOML")
     p.add_argument("--domain", action="append", metavar="D", dest="domains",
@@ -122,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port de dépôt chiffré dès la connexion (465), certificat requis")
     p.add_argument("--smarthost", metavar="HOTE:PORT",
                    help="relais d'envoi du fournisseur ; sans lui : Maildir local « outbox »")
+    p.add_argument("--proxy-protocol-hosts", metavar="RESEAUX", type=_networks,
+                   help="mandataires de confiance (HAProxy, répartiteur) qui donnent l'adresse "
+                   "du client par l'en-tête PROXY, ex. 10.0.0.2/32,10.0.1.0/24")
+    p.add_argument("--xclient-hosts", metavar="RESEAUX", type=_networks,
+                   help="serveurs frontaux (Postfix) autorisés à donner le client par XCLIENT")
     p.add_argument("--web-listen", metavar="HOTE:PORT",
                    help="page web de quarantaine (défaut 127.0.0.1:8080 ; « » pour aucune)")
 
@@ -303,6 +313,8 @@ def load_config(args: argparse.Namespace) -> Config:
         submission__listen_tls=getattr(args, "submission_tls_listen", None),
         submission__smarthost=getattr(args, "smarthost", None),
         web__listen=getattr(args, "web_listen", None),
+        smtp__proxy_protocol_hosts=getattr(args, "proxy_protocol_hosts", None),
+        smtp__xclient_hosts=getattr(args, "xclient_hosts", None),
         dns__nameservers=(args.dns,) if getattr(args, "dns", None) else None,
     )
 

@@ -85,6 +85,13 @@ class SmtpSection:
     # Accept `user%other@our.domain` and `other!user@our.domain`: only if the mailbox server
     # is set not to route them (Postfix: allow_percent_hack = no, swap_bangpath = no).
     allow_percent_hack: bool = False
+    # A front proxy (HAProxy, a load balancer) whose connections start with a PROXY protocol
+    # header (v1 or v2) naming the real client: its networks, as CIDR. Its connections must
+    # start with one (within proxy_protocol_timeout_s); nobody else may send one.
+    proxy_protocol_hosts: tuple[str, ...] = ()
+    proxy_protocol_timeout_s: float = 10.0
+    # Front MTAs (a provider's Postfix) that may name the real client with XCLIENT.
+    xclient_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -476,6 +483,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(cfg.smtp.data_deadline_s >= cfg.smtp.data_timeout_s, "smtp.data_deadline_s",
           "doit être >= smtp.data_timeout_s")
     check(cfg.smtp.transaction_timeout_s > 0, "smtp.transaction_timeout_s", "doit être > 0")
+    check(cfg.smtp.proxy_protocol_timeout_s > 0, "smtp.proxy_protocol_timeout_s", "doit être > 0")
     check(cfg.smtp.max_abandoned_transactions >= 1, "smtp.max_abandoned_transactions",
           "doit être >= 1")
     check(cfg.next_hop.max_transactions >= cfg.next_hop.max_transactions_per_client >= 1,
@@ -497,7 +505,9 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         check(not path or Path(path).is_file(), key, f"fichier introuvable : {path}")
     sub = cfg.submission
     for key, nets in (("submission.trusted_networks", sub.trusted_networks),
-                      ("submission.cleartext_auth_networks", sub.cleartext_auth_networks)):
+                      ("submission.cleartext_auth_networks", sub.cleartext_auth_networks),
+                      ("smtp.proxy_protocol_hosts", cfg.smtp.proxy_protocol_hosts),
+                      ("smtp.xclient_hosts", cfg.smtp.xclient_hosts)):
         for i, net in enumerate(nets):
             try:
                 ipaddress.ip_network(net, strict=False)

@@ -132,3 +132,14 @@ def downstream_reply(code: int, text: str) -> str:
     if not clean[:1].isdigit():
         clean = f"{code // 100}.0.0 {clean}"
     return f"{code} {clean}"
+
+# Front proxies and MTAs (smtp.proxy_protocol_hosts, smtp.xclient_hosts).
+PROXY_REFUSED = Reply(code=554, status="5.7.1",
+                      text="En-tete PROXY refuse : cette adresse n'est pas un mandataire de confiance")
+XCLIENT_REFUSED = Reply(code=550, status="5.7.1",
+                        text="XCLIENT refuse : cette adresse n'y est pas autorisee")
+XCLIENT_IN_TRANSACTION = Reply(code=503, status="5.5.1",
+                               text="XCLIENT impossible pendant un envoi (RSET d'abord)")
+XCLIENT_SYNTAX = Reply(code=501, status="5.5.4",
+                       text="XCLIENT : attribut=valeur attendu (ADDR, NAME, HELO, PROTO, PORT, "
+                            "LOGIN, DESTADDR, DESTPORT)")

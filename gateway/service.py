@@ -326,12 +326,29 @@ def bind(cfg: Config) -> Sockets:
     return Sockets(**opened)
 
 
-async def _serve_forever(cfg: Config, sockets: Sockets, primary: bool = True) -> None:
+def notify(state: str) -> None:
+    """systemd's service protocol (sd_notify(3)): `READY=1`, `STOPPING=1`... as one datagram
+    to $NOTIFY_SOCKET (Type=notify, docker/gateway.service); nothing when it is not set."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path.startswith(("/", "@")):
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path  # abstract namespace
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(address)
+        s.sendall(state.encode())
+
+
+async def _serve_forever(cfg: Config, sockets: Sockets, primary: bool = True,
+                         main: bool = False) -> None:
+    """One serving process until SIGTERM/SIGINT; `main`: it is the gateway's only process,
+    which tells systemd when it is ready and when it stops."""
     gw = await start(cfg, sockets=sockets, primary=primary)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if main:
+        notify("READY=1")
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:  # reload YARA rules without dropping connections
@@ -341,12 +358,19 @@ async def _serve_forever(cfg: Config, sockets: Sockets, primary: bool = True) ->
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
+    if main:
+        notify("STOPPING=1")
     log.info("stopping: no new connections, waiting for sessions in progress")
     await gw.stop()
 
 
 def _child(cfg: Config, sockets: Sockets, primary: bool) -> None:
+    # Not the parent's handlers: a SIGTERM before this process's event loop takes it over
+    # must end it (the parent's would only signal the other children and let this one run
+    # on); a SIGHUP then has no rules to reload yet.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         asyncio.run(_serve_forever(cfg, sockets, primary))
     except Exception:  # noqa: BLE001
@@ -378,7 +402,7 @@ def serve(cfg: Config) -> int:
         "listen": str(cfg.listen), "submission": cfg.submission.listen or None,
         "web": cfg.web.listen or None, "workers": n}})
     if n == 1:
-        asyncio.run(_serve_forever(cfg, sockets))
+        asyncio.run(_serve_forever(cfg, sockets, main=True))
         return 0
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
@@ -391,6 +415,8 @@ def serve(cfg: Config) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
+        if not stopping:
+            notify("STOPPING=1")
         stopping = True
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
@@ -410,6 +436,9 @@ def serve(cfg: Config) -> int:
     gc.freeze()
     for slot in range(n):
         spawn(slot)
+    # The ports were bound before the fork: connections wait in their queues until a serving
+    # process takes them, so the gateway is ready for systemd from here.
+    notify("READY=1")
     last_restart = 0.0
     while children:
         try:

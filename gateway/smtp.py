@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from gateway import address, netaddr, replies
@@ -161,15 +162,55 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+# XCLIENT as Postfix defines it (XCLIENT_README): the attributes a front MTA may give.
+XCLIENT_ATTRIBUTES = ("ADDR", "NAME", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
+_UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
+_XTEXT = re.compile(r"\+([0-9A-F]{2})")
+
+
+def parse_xclient(arg: str | None) -> dict[str, str] | None:
+    """`NAME=value ...` (values in xtext, RFC 3461) -> {NAME: value}; None when malformed:
+    an unknown attribute, no value, a stray `+`, a control character or a value over 255."""
+    attrs: dict[str, str] = {}
+    for token in (arg or "").split():
+        name, sep, raw = token.partition("=")
+        name = name.upper()
+        if not sep or not raw or name not in XCLIENT_ATTRIBUTES:
+            return None
+        value = _XTEXT.sub(lambda m: chr(int(m[1], 16)), raw)
+        if "+" in _XTEXT.sub("", raw) or len(value) > 255 or not value.isprintable():
+            return None
+        attrs[name] = value
+    return attrs or None
+
+
 class GatewaySMTP(SMTPBase):
+    """`proxy_hosts`: the front proxies whose connections start with a PROXY protocol header
+    (v1 or v2) naming the real client; `xclient_hosts`: the front MTAs that may name it with
+    XCLIENT. Both are judged on the TCP connection's own address; anyone else's PROXY header
+    or XCLIENT is refused and logged."""
+
     def __init__(self, handler: Handler, *, counter: ConnectionCounter, data_timeout: float,
-                 data_deadline: float, allow_percent_hack: bool = False, **kwargs: Any) -> None:
+                 data_deadline: float, allow_percent_hack: bool = False,
+                 proxy_hosts: Sequence[netaddr.IPNetwork] = (),
+                 xclient_hosts: Sequence[netaddr.IPNetwork] = (),
+                 proxy_timeout: float = 10.0, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._counter = counter
         self._data_timeout = data_timeout
         self._data_deadline = data_deadline
         self._allow_percent_hack = allow_percent_hack
         self._counted = False
+        self._proxy_hosts = proxy_hosts
+        self._xclient_hosts = xclient_hosts
+        self._proxy_wait = proxy_timeout
+        self._tcp_peer = ""  # the connection's own address (a proxy's, behind one)
+        self._may_xclient = False
+        self._client: tuple[str, int] | None = None  # the real client, as PROXY or XCLIENT said
+        self._fixed_helo = ""  # XCLIENT HELO=: the client's, over the front MTA's own EHLO
+        self._ehlo_pending = False
+        # The first line of a PROXY v2 header ("\r\n\r\n\0\r\nQUIT\n") read as commands.
+        self.add_command("\x00", self._untrusted_proxy_v2)
 
     def new_session(self) -> GatewaySession:
         return GatewaySession(self.loop)
@@ -191,7 +232,21 @@ class GatewaySMTP(SMTPBase):
             self._counter.opened()
             self._counted = True
             _no_delay(transport)
+            peer = transport.get_extra_info("peername")
+            self._tcp_peer = str(peer[0]) if isinstance(peer, tuple) else ""
+            ip = parse_ip(self._tcp_peer)
+            self._may_xclient = within(ip, self._xclient_hosts)
+            self.expect_proxy_header(self._proxy_wait if within(ip, self._proxy_hosts) else None)
+            super().connection_made(transport)
+            return
         super().connection_made(transport)
+        self._name_client()  # STARTTLS's new session: still the real client
+
+    def _name_client(self) -> None:
+        """The session's peer is the real client once a proxy or XCLIENT named it: every
+        check, limit, log line and Received header reads it there."""
+        if self._client is not None and self.session is not None:
+            self.session.peer = self._client  # type: ignore[assignment]  # aiosmtpd: a tuple
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.session is None:  # refused at connection_made
@@ -205,6 +260,9 @@ class GatewaySMTP(SMTPBase):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
+            if self._ehlo_pending and status.startswith("250 "):  # EHLO's last line
+                self._ehlo_pending = False
+                await super().push("250-XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
             await super().push(_printable(status))
         else:
             await super().push(status)
@@ -221,10 +279,89 @@ class GatewaySMTP(SMTPBase):
     async def smtp_HELO(self, hostname: str) -> None:
         if not await self._refuse_text(hostname):
             await super().smtp_HELO(hostname)
+            self._keep_fixed_helo()
 
     async def smtp_EHLO(self, hostname: str) -> None:
         if not await self._refuse_text(hostname):
-            await super().smtp_EHLO(hostname)
+            self._ehlo_pending = self._may_xclient  # XCLIENT offered to those who may use it
+            try:
+                await super().smtp_EHLO(hostname)
+            finally:
+                self._ehlo_pending = False
+            self._keep_fixed_helo()
+
+    def _keep_fixed_helo(self) -> None:
+        if self._fixed_helo and self.session is not None and self.session.host_name:
+            self.session.host_name = self._fixed_helo
+
+    # ---- the real client behind a front proxy or MTA ----
+
+    def proxied(self, data: ProxyData) -> bool:
+        """The header a trusted proxy sent (handle_PROXY): its client is ours from now on."""
+        if data.src_addr is None or data.src_port is None:
+            # v2 LOCAL or v1 UNKNOWN: the proxy's own connection (its health check).
+            log.info("PROXY header without a client: the proxy's own connection",
+                     extra={"fields": {"proxy": self._tcp_peer}})
+            return True
+        ip = parse_ip(str(data.src_addr))
+        if ip is None or self.session is None:
+            return False
+        self._client = (str(ip), int(data.src_port))
+        self._name_client()
+        return True
+
+    async def smtp_PROXY(self, arg: str | None) -> None:
+        await self._refuse_proxy("v1")
+
+    async def _untrusted_proxy_v2(self, arg: str | None) -> None:
+        await self._refuse_proxy("v2")
+
+    async def _refuse_proxy(self, version: str) -> None:
+        """A PROXY header where none is expected: from a client not in the trusted list (or a
+        second one): refused, logged, the connection closed."""
+        log.warning("PROXY header refused: not from smtp.proxy_protocol_hosts",
+                    extra={"fields": {"client": self._tcp_peer, "version": version}})
+        await self.push(str(replies.PROXY_REFUSED))
+        if self.transport is not None:
+            self.transport.close()
+
+    async def smtp_XCLIENT(self, arg: str | None) -> None:
+        """Postfix's XCLIENT: a trusted front MTA names the client (ADDR, PORT, NAME, HELO);
+        the answer is a new greeting and a new session (the client says EHLO again)."""
+        if not self._may_xclient:
+            log.warning("XCLIENT refused: not from smtp.xclient_hosts",
+                        extra={"fields": {"client": self._tcp_peer}})
+            await self.push(str(replies.XCLIENT_REFUSED))
+            return
+        session = self.session
+        if session is None or self.envelope is None:
+            return
+        if self.envelope.mail_from is not None or (
+                isinstance(session, GatewaySession) and session.txn is not None):
+            await self.push(str(replies.XCLIENT_IN_TRANSACTION))
+            return
+        attrs = parse_xclient(arg)
+        ip = parse_ip(attrs.get("ADDR", "").removeprefix("IPV6:").removeprefix("ipv6:")) \
+            if attrs is not None and "ADDR" in attrs else None
+        port = attrs.get("PORT", "0") if attrs is not None else "0"
+        if (attrs is None or ("ADDR" in attrs and ip is None)
+                or (port not in _UNAVAILABLE and not (port.isdigit() and int(port) < 65536))
+                or attrs.get("PROTO", "SMTP").upper() not in ("SMTP", "ESMTP", *_UNAVAILABLE)):
+            await self.push(str(replies.XCLIENT_SYNTAX))
+            return
+        if ip is not None:
+            self._client = (str(ip), int(port) if port.isdigit() else 0)
+        helo = attrs.get("HELO", "")
+        if helo and helo not in _UNAVAILABLE:
+            self._fixed_helo = helo
+        self.restart_session()
+        self._name_client()
+        if self.session is not None:
+            self.session.host_name = self._fixed_helo or None
+        log.info("XCLIENT", extra={"fields": {
+            "front": self._tcp_peer, "client": self._client[0] if self._client else "",
+            "name": attrs.get("NAME", "")[:255], "helo": self._fixed_helo[:255]}})
+        await self.push(f"220 {self.hostname} {self.ident}")
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if not await self._refuse_path(arg, "FROM:", sender=True):
@@ -452,6 +589,10 @@ class Handler:
             self.slots.give(client)
             raise
         return _Leased(txn, self.slots, client)
+
+    async def handle_PROXY(self, server: GatewaySMTP, session: GatewaySession,
+                           envelope: Envelope, data: ProxyData) -> bool:
+        return server.proxied(data)
 
     async def handle_RSET(self, server: GatewaySMTP, session: GatewaySession,
                           envelope: Envelope) -> str:
@@ -681,6 +822,9 @@ def _server_options(cfg: Config, counter: ConnectionCounter) -> dict[str, Any]:
 
 def smtp_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> Any:
     options = _server_options(cfg, counter)
+    options.update(proxy_hosts=networks(cfg.smtp.proxy_protocol_hosts),
+                   xclient_hosts=networks(cfg.smtp.xclient_hosts),
+                   proxy_timeout=cfg.smtp.proxy_protocol_timeout_s)
 
     def make() -> GatewaySMTP:
         return GatewaySMTP(handler, **options)

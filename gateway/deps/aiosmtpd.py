@@ -22,7 +22,8 @@ PRIVATE_METHODS = {
     "check_auth_needed": "command order before our path checks",
     "_getaddr": "MAIL and RCPT paths read without a class made per call (get_path)",
 }
-PRIVATE_ATTRIBUTES = ["_reader", "_original_transport", "_auth_require_tls"]
+PRIVATE_ATTRIBUTES = ["_reader", "_original_transport", "_auth_require_tls", "_proxy_timeout",
+                      "_smtp_methods"]
 
 
 class SMTPBase(SMTP):
@@ -72,6 +73,30 @@ class SMTPBase(SMTP):
 
     def require_tls_for_auth(self, required: bool) -> None:
         self._auth_require_tls = required
+
+    def expect_proxy_header(self, timeout_s: float | None) -> None:
+        """This connection starts with a PROXY protocol header (within `timeout_s`), handed
+        to the handler's handle_PROXY before the greeting; None: it does not. Called from
+        connection_made, before aiosmtpd's session task starts."""
+        self._proxy_timeout = timeout_s
+
+    def restart_session(self) -> None:
+        """A new session on this connection, as after a new connection (XCLIENT): the
+        envelope reset, a fresh Session with the same peer and TLS state, no HELO yet."""
+        self._set_rset_state()
+        old = self.session
+        self.session = self._create_session()
+        if old is not None:
+            self.session.peer = old.peer
+            self.session.ssl = old.ssl
+
+    @property
+    def ident(self) -> str:
+        return str(self.__ident__)
+
+    def add_command(self, name: str, method: Any) -> None:
+        """A command name no `smtp_NAME` method can spell (a control character)."""
+        self._smtp_methods[name] = method
 
     # ---- the private names, mapped --------------------------------------------------------
 
