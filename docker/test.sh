@@ -105,6 +105,10 @@ docker build -f docker/Dockerfile --build-arg "BASE=$BASE_IMAGE" -t "$IMAGE" . \
   >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log"; fail "docker build"; }
 user=$(docker image inspect -f '{{.Config.User}}' "$IMAGE")
 [ "$user" = gateway ] || fail "the image runs as '$user', not the gateway user"
+ids=$(docker run --rm --network none --entrypoint id "$IMAGE")
+case "$ids" in "uid=10025(gateway) gid=10025(gateway)"*) ;; *) fail "user ids: $ids";; esac
+setuid=$(docker run --rm --network none --user root --entrypoint find "$IMAGE" / -xdev -type f -perm /6000)
+[ -z "$setuid" ] || fail "setuid programs in the image: $setuid"
 
 # ---- 4. run it beside its peers ----
 docker network create --subnet "$SUBNET" "$NET" >/dev/null
@@ -120,7 +124,7 @@ docker run -d --name "$PREFIX-peer" --network "$NET" --ip "$PEER_IP" --user root
 docker run -d --init --name "$PREFIX-gw" --network "$NET" -p 127.0.0.1::25 --health-interval 2s \
   -e GATEWAY_DOMAINS=cabinet.test -e GATEWAY_HOSTNAME=mx.cabinet.test \
   -e "GATEWAY_NEXT_HOP=$PEER_IP:2525" "$IMAGE" serve --dns "$PEER_IP:53" >/dev/null
-port=$(docker port "$PREFIX-gw" 25/tcp | head -n 1 | sed 's/.*://')
+port=$(docker port "$PREFIX-gw" 25/tcp | sed -n '1s/.*://p')
 say "gateway container on 127.0.0.1:$port"
 
 python3 -m tests.support.container_client direct "$port" "$WORK/out" \
@@ -137,7 +141,8 @@ t0=$(date +%s)
 docker stop -t 40 "$PREFIX-gw" >/dev/null
 code=$(docker inspect -f '{{.State.ExitCode}}' "$PREFIX-gw")
 [ "$code" = 0 ] || { docker logs "$PREFIX-gw" 2>&1 | tail -n 20; fail "exit status $code after SIGTERM"; }
-docker logs "$PREFIX-gw" 2>&1 | grep -q '"stopping' || fail "no 'stopping' log line after SIGTERM"
+logs=$(docker logs "$PREFIX-gw" 2>&1)  # whole, not piped into grep -q (pipefail, SIGPIPE)
+grep -q '"stopping' <<<"$logs" || fail "no 'stopping' log line after SIGTERM"
 say "SIGTERM: stopped in $(( $(date +%s) - t0 )) s with status 0"
 
 # ---- 5. compose ----
@@ -167,7 +172,7 @@ compose() {
 }
 compose up -d --no-build >/dev/null 2>&1 || { compose up -d --no-build; fail "docker-compose up"; }
 cid=$(compose ps -q gateway)
-port=$(docker port "$cid" 25/tcp | head -n 1 | sed 's/.*://')
+port=$(docker port "$cid" 25/tcp | sed -n '1s/.*://p')
 say "compose: gateway on 127.0.0.1:$port"
 python3 -m tests.support.container_client compose "$port" "$WORK/out" \
   || { docker logs "$cid" 2>&1 | tail -n 30; fail "mail through compose"; }

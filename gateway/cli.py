@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gateway import __version__, config, digest, install
+from gateway import __version__, backup, config, digest, install
 from gateway.accounts import AccountFile
 from gateway.authstate import AuthState
 from gateway.banner import load_templates
 from gateway.config import Config
 from gateway.errors import ConfigError, DownstreamRejected, Refused, TemporaryError
 from gateway.message import Direction, Inbound, header_section_end
+from gateway.netaddr import networks, parse_ip, within
 from gateway.quarantine_service import QuarantineService
 from gateway.service import build_runtime, load_rules, serve
 from gateway.workers import Workers
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port de dépôt chiffré dès la connexion (465), certificat requis")
     p.add_argument("--smarthost", metavar="HOTE:PORT",
                    help="relais d'envoi du fournisseur ; sans lui : Maildir local « outbox »")
+    p.add_argument("--metrics-listen", metavar="HOTE:PORT",
+                   help="/metrics (Prometheus), /healthz, /readyz (défaut 127.0.0.1:9464 ; "
+                   "« » pour aucun)")
     p.add_argument("--proxy-protocol-hosts", metavar="RESEAUX", type=_networks,
                    help="mandataires de confiance (HAProxy, répartiteur) qui donnent l'adresse "
                    "du client par l'en-tête PROXY, ex. 10.0.0.2/32,10.0.1.0/24")
@@ -194,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOTE:PORT", help="adresse d'écoute SMTP à sonder")
     p.add_argument("--delai", type=float, default=5.0, metavar="SECONDES",
                    help="attente maximale de la réponse (5)")
+
+    p = sub.add_parser("backup", help="sauvegarde cohérente des données (quarantaine, index, "
+                       "comptes), même en service ; la clé à part")
+    _common(p)
+    p.add_argument("dossier", metavar="DOSSIER", help="dossier de sauvegarde, vide ou absent")
+    p.add_argument("--cle", metavar="FICHIER", help="où écrire aussi la clé de quarantaine "
+                   "(sur un autre support que les données)")
+    p = sub.add_parser("restore", help="remettre une sauvegarde dans un dossier de données vide, "
+                       "vérifiée, puis relire chaque message retenu")
+    _common(p)
+    p.add_argument("dossier", metavar="DOSSIER", help="dossier de la sauvegarde")
+    p.add_argument("--cle", metavar="FICHIER", help="fichier de la clé de quarantaine (sinon : "
+                   "celle déjà en place)")
 
     p = sub.add_parser("check-config", help="valider un fichier de configuration")
     p.add_argument("file", metavar="FICHIER")
@@ -313,6 +330,7 @@ def load_config(args: argparse.Namespace) -> Config:
         submission__listen_tls=getattr(args, "submission_tls_listen", None),
         submission__smarthost=getattr(args, "smarthost", None),
         web__listen=getattr(args, "web_listen", None),
+        metrics__listen=getattr(args, "metrics_listen", None),
         smtp__proxy_protocol_hosts=getattr(args, "proxy_protocol_hosts", None),
         smtp__xclient_hosts=getattr(args, "xclient_hosts", None),
         dns__nameservers=(args.dns,) if getattr(args, "dns", None) else None,
@@ -352,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(cfg)
         if args.command == "health":
             return _health(cfg, args.delai)
+        if args.command in ("backup", "restore"):
+            return _backup(cfg, args)
         if args.command == "scan":
             return asyncio.run(_scan(cfg, args))
         if args.command == "submission":
@@ -374,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+PROXY_V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00])
+
+
 def _health(cfg: Config, timeout_s: float) -> int:
     """Connect to the SMTP port as a client would and expect its 220 greeting (then QUIT):
     the serving processes accept and answer, not only the port is open."""
@@ -381,6 +404,10 @@ def _health(cfg: Config, timeout_s: float) -> int:
                                                                       cfg.listen.host)
     try:
         with socket.create_connection((host, cfg.listen.port), timeout=timeout_s) as sock:
+            if within(parse_ip(sock.getsockname()[0]), networks(cfg.smtp.proxy_protocol_hosts)):
+                # From a proxy's address the gateway waits for a PROXY header first: v2's
+                # LOCAL command, what a proxy's own health check sends.
+                sock.sendall(PROXY_V2_LOCAL)
             greeting = sock.makefile("rb").readline(512)
             if greeting.startswith(b"220"):
                 sock.sendall(b"QUIT\r\n")
@@ -394,6 +421,38 @@ def _health(cfg: Config, timeout_s: float) -> int:
                else exc.strerror or type(exc).__name__)
         print(f"SMTP {cfg.listen} : pas de réponse ({why})", file=sys.stderr)
     return 1
+
+
+def _backup(cfg: Config, args: argparse.Namespace) -> int:
+    folder = Path(args.dossier).expanduser().absolute()
+    key = Path(args.cle).expanduser().absolute() if args.cle else None
+    try:
+        if args.command == "backup":
+            done = backup.backup(cfg, folder, key)
+            print(f"Sauvegarde écrite dans {folder} : {done.items} messages dans l'index, "
+                  f"{done.files} fichiers.")
+            if key is None:
+                print(f"Attention : la clé de quarantaine n'est pas dans la sauvegarde. Gardez "
+                      f"une copie de {cfg.key_file} sur un autre support : sans elle, la "
+                      "sauvegarde est illisible ; avec elle, qui a les deux lit tout.")
+            else:
+                print(f"Clé écrite dans {key} (mode 0600).")
+                if backup.same_medium(key, folder):
+                    print("Attention : la clé et les données sont sur le même support : qui a "
+                          "l'un a l'autre. Placez la clé sur un autre support.")
+            return 0
+        done = backup.restore(cfg, folder, key)
+    except backup.BackupError as exc:
+        print(f"Impossible : {exc}", file=sys.stderr)
+        return 1
+    readable, unreadable = asyncio.run(backup.readable_items(cfg))
+    print(f"Sauvegarde remise dans {cfg.data_dir.absolute()} : {done.files} fichiers ; "
+          f"{readable} messages relus sans erreur.")
+    if unreadable:
+        print(f"{len(unreadable)} messages illisibles : {', '.join(unreadable[:20])}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---- accounts ----------------------------------------------------------------------------

@@ -276,6 +276,14 @@ NEVER_DIRECT_RELEASE = ("attachments", "runner")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSection:
+    __pydantic_config__ = _STRICT
+    # /metrics (Prometheus), /healthz and /readyz; empty = none. Plain HTTP: keep it on
+    # loopback or a management network.
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingSection:
     __pydantic_config__ = _STRICT
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -300,6 +308,7 @@ class Config:
     auth: AuthSection = field(default_factory=AuthSection)
     banner: BannerSection = field(default_factory=BannerSection)
     digest: DigestSection = field(default_factory=DigestSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     # Derived values, read by the rest of the code.
@@ -380,6 +389,11 @@ class Config:
     @property
     def web_listen(self) -> HostPort | None:
         return parse_host_port(self.web.listen, key="web.listen") if self.web.listen else None
+
+    @property
+    def metrics_listen(self) -> HostPort | None:
+        return parse_host_port(self.metrics.listen, key="metrics.listen") \
+            if self.metrics.listen else None
 
     @property
     def web_users_file(self) -> Path:
@@ -465,7 +479,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
                        ("submission.listen", cfg.submission.listen),
                        ("submission.listen_tls", cfg.submission.listen_tls),
                        ("submission.smarthost", cfg.submission.smarthost),
-                       ("web.listen", cfg.web.listen)):
+                       ("web.listen", cfg.web.listen), ("metrics.listen", cfg.metrics.listen)):
         if value:
             try:
                 parse_host_port(value, key=key)
@@ -510,9 +524,14 @@ def validate(cfg: Config, *, source: str = "config") -> None:
                       ("smtp.xclient_hosts", cfg.smtp.xclient_hosts)):
         for i, net in enumerate(nets):
             try:
-                ipaddress.ip_network(net, strict=False)
+                network = ipaddress.ip_network(net, strict=False)
             except ValueError:
                 problems.append(f"{source} : {key}[{i}] : pas un réseau (CIDR) : {net!r}")
+                continue
+            # Whoever is in these lists names the client SPF and DMARC judge: never everyone.
+            if key.startswith("smtp.") and network.prefixlen == 0:
+                problems.append(f"{source} : {key}[{i}] : {net!r} désigne tout Internet ; "
+                                "donnez les adresses des seuls serveurs frontaux")
     for key, path in (("submission.smarthost_ca_file", sub.smarthost_ca_file),
                       ("submission.smarthost_password_file", sub.smarthost_password_file)):
         check(not path or Path(path).is_file(), key, f"fichier introuvable : {path}")
@@ -543,6 +562,8 @@ def validate(cfg: Config, *, source: str = "config") -> None:
               "renseignez web.tls_cert et web.tls_key, ou écoutez sur 127.0.0.1")
     check(not web.public_url or web.public_url.startswith(("https://", "http://")),
           "web.public_url", "doit commencer par https:// (ou http:// en local)")
+    check(not any(c.isspace() or not c.isprintable() for c in web.public_url),
+          "web.public_url", "une adresse web sans espace ni caractère de contrôle est attendue")
     dg = cfg.digest
     check(0 <= dg.hour <= 23, "digest.hour", f"doit être entre 0 et 23, reçu {dg.hour}")
     check(dg.link_days >= 1, "digest.link_days", "doit être >= 1")

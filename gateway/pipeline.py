@@ -11,13 +11,14 @@ import collections
 import dataclasses
 import enum
 import logging
+import re
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
-from gateway import banner, chains, headers, replies
+from gateway import banner, chains, headers, metrics, replies
 from gateway.auth import AuthStatus
 from gateway.auth.dmarc import DmarcFacts
 from gateway.chains import Step
@@ -286,11 +287,15 @@ class Pipeline:
         if warning is not None and analysis.parsed is not None:
             result = await self._with_banner(inbound.raw, analysis.parsed, warning)
             raw, extra = result.raw, result.fields
+        sending = time.perf_counter()
         try:
             await txn.send(self.result_headers(inbound, analysis, extra,
                                                verdict=verdict_headers),
                            headers.strip_own_headers(raw, self._cfg.authserv_id))
+            metrics.get().next_hop_answered("250", time.perf_counter() - sending)
         except (DownstreamUnavailable, DownstreamRejected) as exc:
+            metrics.get().next_hop_answered(str(exc.code) if exc.code else "unreachable",
+                                            time.perf_counter() - sending)
             if held is not None:  # the sender retries the whole message: withdraw the copy
                 await self._withdraw(held, exc)
                 return Outcome(kind=OutcomeKind.TEMPFAIL_DOWNSTREAM, analysis=analysis,
@@ -532,12 +537,17 @@ class Pipeline:
     def _received(self, inbound: Inbound) -> str:
         # RFC 3848: S for TLS, A for an authenticated client.
         proto = "ESMTP" + ("S" if inbound.tls else "") + ("A" if inbound.auth_user else "")
-        helo = inbound.helo or "unknown"
+        # Its first word, brackets neutered: a HELO of "x ([198.51.100.7]) by mx.bank" must not
+        # write a trace of its own into ours.
+        helo = _TRACE_UNSAFE.sub("?", (inbound.helo or "").split(" ", 1)[0]) or "unknown"
         value = (f"from {helo} ([{inbound.peer_ip}]) by {self._cfg.gateway.hostname} "
                  f"(gateway) with {proto} id {inbound.queue_id}")
         if len(inbound.rcpts) == 1:
             value += f" for <{inbound.rcpts[0]}>"
         return f"{value}; {formatdate(inbound.received_at, localtime=True)}"
+
+
+_TRACE_UNSAFE = re.compile(r"[()\[\]<>;\"\\]")
 
 
 def authentication_results(authserv_id: str, results: Sequence[CheckResult],
@@ -640,6 +650,10 @@ def log_message(inbound: Inbound, outcome: Outcome, duration_s: float) -> None:
     if outcome.downstream_code:
         fields["downstream_code"] = outcome.downstream_code
     _summary.info("message %s", outcome.kind.value, extra={"fields": fields})
+    metrics.get().message(inbound.direction.value, outcome.kind.value,
+                          analysis.verdict.action.value if analysis is not None else "none",
+                          [s.name for s in analysis.verdict.symbols] if analysis else [],
+                          analysis.durations if analysis is not None else {})
 
 
 def reply_text(outcome: Outcome, queue_id: str) -> str:

@@ -69,6 +69,11 @@ class NextHop(Protocol):
 
     async def begin(self, mail_from: str, *, smtputf8: bool = False) -> Transaction: ...
 
+    async def probe(self) -> None:
+        """Raise DownstreamUnavailable (or DownstreamRejected) unless the next hop would
+        take a message now: the readiness check (`/readyz`)."""
+        ...
+
 
 def _is_ascii(text: str) -> bool:
     return text.isascii()
@@ -116,6 +121,11 @@ class SmtpNextHop:
         txn = SmtpTransaction(self, mail_from, smtputf8)
         await txn.open()
         return txn
+
+    async def probe(self) -> None:
+        client = await self.connect()  # its greeting, EHLO and STARTTLS as for a message
+        with _errors("quit", client):
+            await client.quit()
 
     async def connect(self) -> aiosmtplib.SMTP:
         client = aiosmtplib.SMTP(
@@ -270,6 +280,16 @@ class MaildirNextHop:
 
     async def begin(self, mail_from: str, *, smtputf8: bool = False) -> MaildirTransaction:
         return MaildirTransaction(self)
+
+    async def probe(self) -> None:
+        def writable() -> None:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise DownstreamUnavailable(f"Maildir {self.root} is not writable")
+        try:
+            await asyncio.to_thread(writable)
+        except OSError as exc:
+            raise DownstreamUnavailable(f"Maildir {self.root}: {exc.strerror or exc}") from None
 
     def deliver_sync(self, rcpts: list[str], head: bytes, raw: bytes) -> None:
         body = head.replace(b"\r\n", b"\n") + raw.replace(b"\r\n", b"\n")

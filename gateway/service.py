@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import correspondents, digest, logs
+from gateway import correspondents, digest, logs, metrics
 from gateway.accounts import AccountFile
 from gateway.auth.dns import Resolver
 from gateway.authstate import AuthState
@@ -153,6 +153,7 @@ class Running:
     submission: asyncio.Server | None
     submission_tls: asyncio.Server | None
     web: AppRunner | None
+    monitoring: AppRunner | None
     counter: ConnectionCounter
     tasks: list[asyncio.Task[None]]
 
@@ -171,6 +172,12 @@ class Running:
         return int(self.submission_tls.sockets[0].getsockname()[1])
 
     @property
+    def metrics_port(self) -> int:
+        from gateway.monitoring import listening_port
+        assert self.monitoring is not None
+        return listening_port(self.monitoring)
+
+    @property
     def web_port(self) -> int:
         from gateway.web.app import web_port
         assert self.web is not None
@@ -182,8 +189,9 @@ class Running:
                 server.close()
         for task in self.tasks:
             task.cancel()
-        if self.web is not None:
-            await self.web.cleanup()
+        for runner in (self.web, self.monitoring):
+            if runner is not None:
+                await runner.cleanup()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.counter.idle.wait(), grace_s)
         await self.runtime.close()
@@ -196,6 +204,7 @@ class Sockets:
     submission: socket.socket | None = None
     submission_tls: socket.socket | None = None
     web: socket.socket | None = None
+    metrics: socket.socket | None = None
 
 
 async def _listen(factory: Any, address: HostPort | None, sock: socket.socket | None,
@@ -238,7 +247,7 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
             log.info("submission listening", extra={"fields": {
                 "listen": [str(s.getsockname()) for s in srv.sockets],
                 "implicit_tls": srv is submission_tls, "smarthost": runtime.smarthost.name}})
-    runner = None
+    runner = monitoring = None
     tasks = [asyncio.create_task(_every(STATS_FLUSH_S, runtime.pipeline.flush_stats)),
              asyncio.create_task(_every(TRACK_FLUSH_S, runtime.pipeline.flush_tracking)),
              asyncio.create_task(_every(correspondents.FLUSH_S,
@@ -252,11 +261,17 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
             assert runtime.quarantine is not None
             runner = await start_web(cfg, runtime.quarantine, runtime.auth, runtime.workers,
                                      runtime.secret, sock=sockets.web)
+        if cfg.metrics_listen is not None:
+            from gateway.monitoring import start_monitoring
+            listen = cfg.metrics_listen
+            monitoring = await start_monitoring(runtime, sockets.metrics,
+                                                (listen.host, listen.port))
         tasks.append(asyncio.create_task(_every(PURGE_EVERY_S, lambda: purge_expired(runtime))))
         if runtime.digests is not None:
             tasks.append(asyncio.create_task(_every(digest.TICK_S, runtime.digests.tick)))
     return Running(runtime=runtime, server=server, submission=submission,
-                   submission_tls=submission_tls, web=runner, counter=counter, tasks=tasks)
+                   submission_tls=submission_tls, web=runner, monitoring=monitoring,
+                   counter=counter, tasks=tasks)
 
 
 STATS_FLUSH_S = 30.0
@@ -313,7 +328,8 @@ def bind(cfg: Config) -> Sockets:
     wanted = [("smtp", "smtp.listen", cfg.listen),
               ("submission", "submission.listen", cfg.submission_listen),
               ("submission_tls", "submission.listen_tls", cfg.submission_listen_tls),
-              ("web", "web.listen", cfg.web_listen)]
+              ("web", "web.listen", cfg.web_listen),
+              ("metrics", "metrics.listen", cfg.metrics_listen)]
     opened: dict[str, socket.socket] = {}
     try:
         for name, key, address in wanted:
@@ -396,6 +412,8 @@ def serve(cfg: Config) -> int:
     _limit_malloc_arenas()
     logs.setup(cfg.logging.level)
     prepare(cfg)
+    # Before any serving process starts, and before prometheus_client is imported.
+    metrics.share_between_processes(cfg.data_dir / "metrics")
     sockets = bind(cfg)
     n = cfg.worker_count
     log.info("gateway starting", extra={"fields": {
@@ -447,6 +465,7 @@ def serve(cfg: Config) -> int:
             break
         except InterruptedError:
             continue
+        metrics.process_gone(pid)
         if pid not in children or stopping:
             children.pop(pid, None)
             continue
@@ -456,7 +475,8 @@ def serve(cfg: Config) -> int:
             time.sleep(1.0)
         last_restart = time.monotonic()
         spawn(slot)
-    for sock in (sockets.smtp, sockets.submission, sockets.submission_tls, sockets.web):
+    for sock in (sockets.smtp, sockets.submission, sockets.submission_tls, sockets.web,
+                 sockets.metrics):
         if sock is not None:
             sock.close()
     return 0

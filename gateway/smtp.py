@@ -23,7 +23,7 @@ from typing import Any
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
-from gateway import address, netaddr, replies
+from gateway import address, metrics, netaddr, replies
 from gateway.accounts import AccountFile
 from gateway.authstate import AuthState, Throttle
 from gateway.config import Config
@@ -144,9 +144,11 @@ class ConnectionCounter:
     def opened(self) -> None:
         self.active += 1
         self.idle.clear()
+        metrics.get().sessions.inc()
 
     def closed(self) -> None:
         self.active -= 1
+        metrics.get().sessions.dec()
         if self.active == 0:
             self.idle.set()
 
@@ -165,7 +167,7 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
 # XCLIENT as Postfix defines it (XCLIENT_README): the attributes a front MTA may give.
 XCLIENT_ATTRIBUTES = ("ADDR", "NAME", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
 _UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
-_XTEXT = re.compile(r"\+([0-9A-F]{2})")
+_XTEXT = re.compile(rb"\+([0-9A-F]{2})")
 
 
 def parse_xclient(arg: str | None) -> dict[str, str] | None:
@@ -177,8 +179,12 @@ def parse_xclient(arg: str | None) -> dict[str, str] | None:
         name = name.upper()
         if not sep or not raw or name not in XCLIENT_ATTRIBUTES:
             return None
-        value = _XTEXT.sub(lambda m: chr(int(m[1], 16)), raw)
-        if "+" in _XTEXT.sub("", raw) or len(value) > 255 or not value.isprintable():
+        try:  # xtext decodes to bytes: UTF-8 (a HELO in Unicode comes that way)
+            encoded = raw.encode("ascii")
+            value = _XTEXT.sub(lambda m: bytes([int(m[1], 16)]), encoded).decode("utf-8")
+        except UnicodeError:
+            return None
+        if b"+" in _XTEXT.sub(b"", encoded) or len(value) > 255 or not value.isprintable():
             return None
         attrs[name] = value
     return attrs or None
@@ -308,6 +314,9 @@ class GatewaySMTP(SMTPBase):
             return False
         self._client = (str(ip), int(data.src_port))
         self._name_client()
+        # The client the proxy names is who may use XCLIENT, or not: not the proxy itself
+        # (a front host that is both proxy and MTA would lend its right to every client).
+        self._may_xclient = within(ip, self._xclient_hosts)
         return True
 
     async def smtp_PROXY(self, arg: str | None) -> None:
@@ -341,8 +350,8 @@ class GatewaySMTP(SMTPBase):
             await self.push(str(replies.XCLIENT_IN_TRANSACTION))
             return
         attrs = parse_xclient(arg)
-        ip = parse_ip(attrs.get("ADDR", "").removeprefix("IPV6:").removeprefix("ipv6:")) \
-            if attrs is not None and "ADDR" in attrs else None
+        addr = attrs.get("ADDR", "") if attrs is not None else ""
+        ip = parse_ip(addr[5:] if addr[:5].upper() == "IPV6:" else addr) if addr else None
         port = attrs.get("PORT", "0") if attrs is not None else "0"
         if (attrs is None or ("ADDR" in attrs and ip is None)
                 or (port not in _UNAVAILABLE and not (port.isdigit() and int(port) < 65536))
@@ -351,6 +360,8 @@ class GatewaySMTP(SMTPBase):
             return
         if ip is not None:
             self._client = (str(ip), int(port) if port.isdigit() else 0)
+            # The client named may itself be a trusted front MTA; anyone else may not.
+            self._may_xclient = within(ip, self._xclient_hosts)
         helo = attrs.get("HELO", "")
         if helo and helo not in _UNAVAILABLE:
             self._fixed_helo = helo

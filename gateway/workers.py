@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar, cast
 
+from gateway import metrics
 from gateway.errors import ScanTimeout, WorkerCrashed
 
 T = TypeVar("T")
@@ -95,6 +96,11 @@ class Workers:
         given up after waiting for a free worker as long again (ScanTimeout), or when the
         caller is cancelled. WorkerCrashed if its process died during the job, or could not
         be started. fn, its arguments and its result (or exception) must be picklable."""
+        with metrics.get().job() as started:  # waiting for a worker, then running
+            return await self._run_killable(fn, args, limit_s, started)
+
+    async def _run_killable(self, fn: Callable[..., T], args: tuple[object, ...],
+                            limit_s: float, started: Callable[[], None]) -> T:
         procs = self._process_pool()
         try:
             async with asyncio.timeout(limit_s):
@@ -108,6 +114,7 @@ class Workers:
                 try:
                     async with asyncio.timeout(limit_s):
                         worker = await self._ready(procs, slot)
+                    started()
                 except TimeoutError:
                     raise ScanTimeout(f"{_name(fn)}: no worker ready within {limit_s}s"
                                       ) from None

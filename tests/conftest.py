@@ -47,6 +47,7 @@ def make_config(data_dir: Path, **sections: dict) -> config.Config:
     data: dict = {"gateway": {"domains": [DOMAIN], "data_dir": str(data_dir), "workers": 1,
                               "hostname": "mx.cabinet.test"},
                   "smtp": {"listen": "127.0.0.1:0"}, "web": {"listen": ""},
+                  "metrics": {"listen": ""},
                   "dns": {"nameservers": [DNS.address], "timeout_s": 0.5}}
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

@@ -91,6 +91,15 @@ def test_container_environment_sets_the_practice_keys_over_the_file(tmp_path: Pa
     assert "variables d'environnement (GATEWAY_NEXT_HOP)" in str(exc.value)
 
 
+def test_front_proxy_lists_never_name_everyone_and_urls_carry_no_control_characters():
+    for key in ("proxy_protocol_hosts", "xclient_hosts"):
+        for everyone in ("0.0.0.0/0", "::/0"):
+            with pytest.raises(ConfigError, match=f"smtp.{key}\\[0\\] : .* tout Internet"):
+                config.build({"gateway": {"domains": ["a.fr"]}, "smtp": {key: [everyone]}})
+    with pytest.raises(ConfigError, match="web.public_url : une adresse web sans espace"):
+        config.load(None, environ={"GATEWAY_PUBLIC_URL": "https://x.fr/\r\nBcc: a@b.fr"})
+
+
 def test_example_config_is_valid():
     example = Path(__file__).resolve().parents[1] / "docker" / "gateway.example.toml"
     cfg = config.load(example)

@@ -212,6 +212,10 @@ async def test_xclient_from_a_trusted_front_mta_names_the_client_and_its_helo(
         assert (await read_reply(reader)).startswith(b"220 ")
         ehlo = await command(writer, reader, "EHLO front.fournisseur.test")
         assert "250-XCLIENT ADDR NAME PORT PROTO HELO LOGIN DESTADDR DESTPORT\r\n" in ehlo
+        # Not inside a transaction.
+        assert (await command(writer, reader, "MAIL FROM:<x@front.test>")).startswith("250")
+        assert (await command(writer, reader, f"XCLIENT ADDR={CLIENT}")).startswith("503 ")
+        assert (await command(writer, reader, "RSET")).startswith("250")
         # Postfix's syntax exactly; the values in xtext (+2E is ".").
         greeting = await command(writer, reader, f"XCLIENT ADDR={CLIENT} NAME=mail.expediteur"
                                  "+2Etest PORT=40123 HELO=mail.expediteur.test PROTO=ESMTP")
@@ -220,8 +224,8 @@ async def test_xclient_from_a_trusted_front_mta_names_the_client_and_its_helo(
         assert (await command(writer, reader, "EHLO front.fournisseur.test")).startswith("250")
         assert (await command(writer, reader, "MAIL FROM:<resultats@expediteur.test>"
                               )).startswith("250")
-        # No XCLIENT inside a transaction.
-        assert (await command(writer, reader, f"XCLIENT ADDR={CLIENT}")).startswith("503 ")
+        # The session is now the named client's, who may not use XCLIENT (Postfix's rule).
+        assert (await command(writer, reader, f"XCLIENT ADDR={CLIENT}")).startswith("550 ")
         assert (await command(writer, reader, f"RCPT TO:<docteur@{DOMAIN}>")).startswith("250")
         assert (await command(writer, reader, "DATA")).startswith("354")
         writer.write(message() + b".\r\n")
@@ -292,3 +296,54 @@ async def test_xclient_refuses_what_it_cannot_use(tmp_path: Path, sink: Sink):
                     "XCLIENT PORT=99999", "XCLIENT PROTO=HTTP", "XCLIENT HELO=a+0Db"):
             assert (await command(writer, reader, bad)).startswith("501 5.5.4 XCLIENT"), bad
         writer.close()
+
+
+@pytest.mark.promise("front-proxy-trusted-only")
+async def test_a_client_behind_the_proxy_never_inherits_its_xclient_right(
+        tmp_path: Path, sink: Sink, dns_zone: ThreadedDnsServer, haproxy):
+    """One front host both proxy and MTA (one address in both lists): the clients it proxies
+    are judged on their own address, not on the front host's."""
+    dns_zone.load(ZONE)
+    cfg = gateway_config(tmp_path, sink, {"proxy_protocol_hosts": ["127.0.0.1/32"],
+                                          "xclient_hosts": ["127.0.0.1/32"]})
+    async with running(cfg) as gw:
+        front = haproxy(gw.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", front,
+                                                       local_addr=("127.0.0.3", 0))
+        assert (await read_reply(reader)).startswith(b"220 ")
+        assert "XCLIENT" not in await command(writer, reader, "EHLO attaquant.example")
+        forged = await command(writer, reader, f"XCLIENT ADDR={CLIENT} HELO=mail.expediteur.test")
+        assert forged.startswith("550 5.7.1 XCLIENT refuse"), forged
+        writer.close()
+    assert sink.empty()
+
+
+def test_xclient_values_are_utf8_xtext():
+    assert parse_xclient("HELO=h+C3+A9llo+2Eexemple") == {"HELO": "héllo.exemple"}
+    assert parse_xclient("HELO=h+C3llo") is None  # not UTF-8
+
+
+async def test_the_health_probe_speaks_proxy_where_the_gateway_expects_it(
+        tmp_path: Path, sink: Sink):
+    from gateway import cli
+    cfg = gateway_config(tmp_path, sink, {"proxy_protocol_hosts": ["127.0.0.0/8"]})
+    async with running(cfg) as gw:
+        conf = tmp_path / "gateway.toml"
+        conf.write_text(f'[gateway]\ndomains = ["{DOMAIN}"]\n[smtp]\nlisten = '
+                        f'"127.0.0.1:{gw.port}"\nproxy_protocol_hosts = ["127.0.0.0/8"]\n')
+        assert await asyncio.to_thread(cli.main, ["health", "--config", str(conf)]) == 0
+
+
+async def test_a_helo_cannot_write_a_trace_of_its_own(gateway, sink: Sink):
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    await read_reply(reader)
+    await command(writer, reader, "EHLO mail.banque.example ([198.51.100.7]) by mx.banque.example")
+    for line in ("MAIL FROM:<a@labo.example>", f"RCPT TO:<docteur@{DOMAIN}>", "DATA"):
+        assert (await command(writer, reader, line))[:1] in "23"
+    writer.write(b"Subject: x\r\n\r\ncorps\r\n.\r\n")
+    assert (await read_reply(reader)).startswith(b"250")
+    writer.close()
+    got = await sink.get()
+    ours = got.data.split(b"\r\n", 1)[0].decode()
+    assert ours.startswith("Received: from mail.banque.example ([127.0.0.1]) by mx.cabinet.test"), ours
+    assert "198.51.100.7" not in ours

@@ -23,6 +23,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from gateway import metrics
 from gateway.errors import DnsPermanentError, DnsTemporaryError
 from gateway.message import readable
 
@@ -63,18 +64,25 @@ class Resolver:
                 UnicodeEncodeError) as exc:
             raise DnsPermanentError(f"not a DNS name: {name!r} ({type(exc).__name__})") from None
         self.lookups += 1
+        count = metrics.get().dns.labels
         try:
             answer = await self._r.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
         except dns.resolver.NXDOMAIN:
+            count("nxdomain").inc()
             return []
         except (dns.resolver.LifetimeTimeout, dns.exception.Timeout):
+            count("timeout").inc()
             raise DnsTemporaryError(f"DNS timeout for {name} {rdtype.name}") from None
         except dns.resolver.NoNameservers:
+            count("servfail").inc()
             raise DnsTemporaryError(f"DNS server failure for {name} {rdtype.name}") from None
         except dns.resolver.YXDOMAIN:
+            count("error").inc()
             raise DnsPermanentError(f"DNS name too long after expansion: {name}") from None
         except dns.exception.DNSException as exc:
+            count("error").inc()
             raise DnsTemporaryError(f"DNS error for {name}: {type(exc).__name__}") from None
+        count("answer").inc()
         return list(answer.rrset) if answer.rrset is not None else []
 
     async def txt(self, name: str) -> list[bytes]:

@@ -34,6 +34,7 @@ from gateway.authstate import AuthState, Session, Throttle
 from gateway.chains import held_for_exposure_only
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, Refused, TemporaryError
+from gateway.monitoring import listening_port
 from gateway.netaddr import client_key
 from gateway.notice import release_token
 from gateway.quarantine_service import QuarantineService
@@ -952,8 +953,4 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 def web_port(runner: web.AppRunner) -> int:
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return int(server.sockets[0].getsockname()[1])
-    raise RuntimeError("web page not listening")
+    return listening_port(runner)
