@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -26,8 +28,14 @@ from gateway.errors import ConfigError, DownstreamRejected, Refused, TemporaryEr
 from gateway.message import Direction, Inbound, header_section_end
 from gateway.netaddr import networks, parse_ip, within
 from gateway.quarantine_service import QuarantineService
-from gateway.service import build_runtime, load_rules, serve
-from gateway.workers import Workers
+from gateway.service import (
+    PID_FILE,
+    RELOAD_DIR,
+    build_runtime,
+    check_rules,
+    serve,
+)
+from gateway.smtp import tls_context
 from quarantine.crypto import KeyFileError
 from quarantine.store import (
     OUTCOMES_FR,
@@ -199,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delai", type=float, default=5.0, metavar="SECONDES",
                    help="attente maximale de la réponse (5)")
 
+    p = sub.add_parser("reload", help="relire les règles (rules/, YARA, modèles du bandeau, "
+                       "certificat TLS) sans arrêt : vérifiées d'abord, gardées si refusées")
+    _common(p)
+    p.add_argument("--delai", type=float, default=30.0, metavar="SECONDES",
+                   help="attente maximale des processus de service (30)")
+
     p = sub.add_parser("backup", help="sauvegarde cohérente des données (quarantaine, index, "
                        "comptes), même en service ; la clé à part")
     _common(p)
@@ -344,12 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             # The file, then what it points at: symbol table, checks and their rules (sender
             # registry, YARA), banner templates, as `serve` loads them before opening a port.
             checked = config.load(args.file)
-            workers = Workers()
-            try:
-                load_rules(checked, workers)
-                load_templates(checked.banner_templates)
-            finally:
-                workers.close()
+            check_rules(checked)
+            load_templates(checked.banner_templates)
             print(f"{args.file} : configuration valide (règles comprises)")
             return 0
         if args.command == "init":
@@ -370,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(cfg)
         if args.command == "health":
             return _health(cfg, args.delai)
+        if args.command == "reload":
+            return _reload(cfg, args.delai)
         if args.command in ("backup", "restore"):
             return _backup(cfg, args)
         if args.command == "scan":
@@ -421,6 +433,54 @@ def _health(cfg: Config, timeout_s: float) -> int:
                else exc.strerror or type(exc).__name__)
         print(f"SMTP {cfg.listen} : pas de réponse ({why})", file=sys.stderr)
     return 1
+
+
+def _reload(cfg: Config, timeout_s: float) -> int:
+    """Check the rules here as the serving processes will, then SIGHUP the running gateway
+    and report what each serving process did (it keeps its rules if the new ones fail)."""
+    try:
+        check_rules(cfg)
+        load_templates(cfg.banner_templates)
+        tls_context(cfg)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"Règles refusées, rien n'est changé : {exc}", file=sys.stderr)
+        return 1
+    pid_file = cfg.data_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        print(f"La passerelle ne tourne pas ici ({pid_file} absent ou périmé). {where()}",
+              file=sys.stderr)
+        return 1
+    if b"serve" not in cmdline:  # a stale file, and the number reused by another program
+        print(f"Le processus {pid} n'est pas la passerelle ({pid_file} périmé).", file=sys.stderr)
+        return 1
+    started = time.time()
+    os.kill(pid, signal.SIGHUP)
+    folder, wanted = cfg.data_dir / RELOAD_DIR, cfg.worker_count
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = []
+        for path in folder.glob("*.json") if folder.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                status = json.loads(path.read_text())
+                if status["at"] >= started:
+                    done.append(status)
+        if len(done) >= wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    failed = [d for d in done if d["error"]]
+    for d in failed:
+        print(f"Processus {d['pid']} : règles refusées, les précédentes restent en service : "
+              f"{d['error']}", file=sys.stderr)
+    if len(done) < wanted:
+        print(f"{wanted - len(done)} processus sur {wanted} n'ont pas répondu en "
+              f"{timeout_s:g} s (voir le journal).", file=sys.stderr)
+    if failed or len(done) < wanted:
+        return 1
+    print(f"Règles relues par les {wanted} processus de service.")
+    return 0
 
 
 def _backup(cfg: Config, args: argparse.Namespace) -> int:

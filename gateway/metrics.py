@@ -78,6 +78,7 @@ class Metrics:
                               multiprocess_mode="livesum", registry=r)
         self.jobs = Gauge("gateway_worker_jobs", "Jobs of the worker processes, waiting for "
                           "one or running", ["state"], multiprocess_mode="livesum", registry=r)
+        self._children: dict[tuple[int, str], Any] = {}
         for state in ("waiting", "running"):  # shown at 0 before any job
             self.jobs.labels(state)
 
@@ -87,13 +88,25 @@ class Metrics:
                 durations: dict[str, float]) -> None:
         self.messages.labels(direction, outcome, action).inc()
         for name in symbols:
-            self.symbols.labels(name).inc()
+            self._child(self.symbols, name).inc()
         for check, seconds in durations.items():
-            self.check_seconds.labels(check).observe(seconds)
+            self._child(self.check_seconds, check).observe(seconds)
+
+    def _child(self, metric: Any, label: str) -> Any:
+        """metric.labels(label), kept: labels() checks and builds its key at every call,
+        which is most of the cost on the hot path (bench/RESULTS.md)."""
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
 
     def next_hop_answered(self, reply: str, seconds: float) -> None:
-        self.next_hop.labels(reply).inc()
+        self._child(self.next_hop, reply).inc()
         self.next_hop_seconds.observe(seconds)
+
+    def dns_lookup(self, result: str) -> None:
+        self._child(self.dns, result).inc()
 
     @contextlib.contextmanager
     def job(self) -> Iterator[Callable[[], None]]:

@@ -178,19 +178,28 @@ class Pipeline:
                        failed(check, "TIMEOUT", "message budget exhausted"))
         return out
 
-    async def reload(self) -> None:
-        """Reload what checks compile at start (YARA rules), off the loop; on an error the
-        rules in use stay and the error is logged."""
+    @property
+    def correspondents(self) -> Correspondents | None:
+        return self._correspondents
+
+    def use(self, table: SymbolTable, checks: Sequence[Check],
+            templates: banner.Templates) -> None:
+        """Analyse the next messages with these (a reload): one swap on the event loop, so a
+        message is analysed wholly with the old set or wholly with the new one."""
+        self._phases = [[c for c in checks if c.phase == 1], [c for c in checks if c.phase == 2]]
+        self._table = table
+        self._templates = templates
+
+    def check(self, name: str) -> Check | None:
+        return next((c for phase in self._phases for c in phase if c.name == name), None)
+
+    def reinstall(self) -> None:
+        """Put back in the worker processes what the checks in use gave them (a reload that
+        failed half-way may have installed its own)."""
         for check in [c for phase in self._phases for c in phase]:
-            reload = getattr(check, "reload", None)
-            if reload is None:
-                continue
-            try:
-                await asyncio.to_thread(reload)
-            except Exception:  # noqa: BLE001 - a broken rule file must not stop the gateway
-                log.exception("reload of %s failed; previous rules kept", check.name)
-            else:
-                log.info("reloaded %s", check.name)
+            install = getattr(check, "install", None)
+            if install is not None:
+                install()
 
     # ---- action -----------------------------------------------------------------------
 

@@ -13,8 +13,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -58,6 +60,7 @@ from gateway.symbols import (
 )
 from gateway.workers import Workers
 from quarantine.crypto import load_or_create_key
+from quarantine.files import write_private
 from quarantine.store import Store
 
 if TYPE_CHECKING:
@@ -95,14 +98,31 @@ def load_rules(cfg: Config, workers: Workers, *, book: Correspondents | None = N
     return table, checks
 
 
-def prepare(cfg: Config) -> None:
-    """Blocking start-up checks, before any port opens: rules, data folder, key, index."""
-    os.umask(0o077)
-    workers = Workers()  # its processes start only with a first job: none here
+PID_FILE = "gateway.pid"  # in the data folder: the process `gateway reload` signals
+RELOAD_DIR = "reload"  # <pid>.json: each serving process's last reload, for `gateway reload`
+
+
+def _reload_status(cfg: Config, error: str | None) -> None:
+    status = {"pid": os.getpid(), "at": time.time(), "error": error}
+    write_private(cfg.data_dir / RELOAD_DIR / f"{os.getpid()}.json",
+                  json.dumps(status).encode())
+
+
+def check_rules(cfg: Config) -> None:
+    """Load the rules as a serving process would, with workers of their own (whose
+    processes start only with a first job: none here); ConfigError (or the rule file's own
+    error) when something is wrong."""
+    workers = Workers()
     try:
         load_rules(cfg, workers)
     finally:
         workers.close()
+
+
+def prepare(cfg: Config) -> None:
+    """Blocking start-up checks, before any port opens: rules, data folder, key, index."""
+    os.umask(0o077)
+    check_rules(cfg)
     load_templates(cfg.banner_templates)
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     Store.open_sync(quarantine_root(cfg), cfg.key_file).close_sync()
@@ -155,6 +175,7 @@ class Running:
     web: AppRunner | None
     monitoring: AppRunner | None
     counter: ConnectionCounter
+    tls: ssl.SSLContext | None
     tasks: list[asyncio.Task[None]]
 
     @property
@@ -182,6 +203,46 @@ class Running:
         from gateway.web.app import web_port
         assert self.web is not None
         return web_port(self.web)
+
+    async def reload(self) -> str | None:
+        """SIGHUP: take again what is read at start and can change without a restart: the
+        rule files under rules/ (symbol table, sender registry, lures, lists, attachment
+        policy), the YARA folders, the banner templates, the TLS certificate. Everything is
+        loaded and checked first (as `check-config` does); on any error, what is in use stays
+        and the error is logged and returned. (The sender allow and block lists need no
+        signal: each process reads them again when their file changes.)"""
+        rt, cfg = self.runtime, self.runtime.cfg
+        try:
+            # Checked with workers of their own first: building the checks installs their
+            # YARA rules in the workers, which must not happen for a set that is refused.
+            await asyncio.to_thread(check_rules, cfg)
+            templates = await asyncio.to_thread(load_templates, cfg.banner_templates)
+            renewed = await asyncio.to_thread(tls_context, cfg)
+            table, checks = await asyncio.to_thread(load_rules, cfg, rt.workers,
+                                                    book=rt.pipeline.correspondents)
+            broken = [line for new in checks
+                      for line in getattr(new, "broken_since", lambda _: [])(
+                          rt.pipeline.check(new.name))]
+            if broken:
+                raise ConfigError("rule files that compiled before no longer do: "
+                                  + "; ".join(broken))
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong, the gateway goes on
+            log.error("reload refused; the rules in use stay", extra={"fields": {
+                "error": str(exc)[:2000]}})
+            # The workers' rules back to those in use, if the new set got that far.
+            await asyncio.to_thread(rt.pipeline.reinstall)
+            await asyncio.to_thread(_reload_status, cfg, str(exc))
+            return str(exc)
+        rt.pipeline.use(table, checks, templates)
+        rt.table = table
+        if rt.quarantine is not None:
+            rt.quarantine.table = table
+        if self.tls is not None and renewed is not None:
+            self.tls.load_cert_chain(cfg.smtp.tls_cert, cfg.smtp.tls_key)
+        log.info("reloaded", extra={"fields": {"symbols": len(table.symbols),
+                                               "checks": len(checks)}})
+        await asyncio.to_thread(_reload_status, cfg, None)
+        return None
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         for server in (self.server, self.submission, self.submission_tls):
@@ -225,7 +286,8 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
     counter = ConnectionCounter(cfg.smtp.max_connections)
     handler = Handler(cfg=cfg, pipeline=runtime.pipeline, next_hop=runtime.next_hop,
                       processes=cfg.worker_count)
-    server = await _listen(smtp_factory(cfg, handler, counter), cfg.listen, sockets.smtp)
+    tls = tls_context(cfg)  # one, shared by the ports: a reload renews the certificate there
+    server = await _listen(smtp_factory(cfg, handler, counter, tls), cfg.listen, sockets.smtp)
     log.info("SMTP listening", extra={"fields": {
         "listen": [str(s.getsockname()) for s in server.sockets],
         "next_hop": runtime.next_hop.name, "domains": sorted(cfg.domains), "pid": os.getpid()}})
@@ -236,12 +298,13 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
     throttle = submission_throttle(cfg, runtime.auth)  # one count for both ports
     if cfg.submission_listen is not None:
         submission = await _listen(
-            submission_factory(cfg, outbound, counter, throttle=throttle),
+            submission_factory(cfg, outbound, counter, throttle=throttle, tls=tls),
             cfg.submission_listen, sockets.submission)
     if cfg.submission_listen_tls is not None:
         submission_tls = await _listen(
-            submission_factory(cfg, outbound, counter, throttle=throttle, implicit_tls=True),
-            cfg.submission_listen_tls, sockets.submission_tls, tls_context(cfg))
+            submission_factory(cfg, outbound, counter, throttle=throttle, implicit_tls=True,
+                               tls=tls),
+            cfg.submission_listen_tls, sockets.submission_tls, tls)
     for srv in (submission, submission_tls):
         if srv is not None:
             log.info("submission listening", extra={"fields": {
@@ -271,7 +334,7 @@ async def start(cfg: Config, *, sockets: Sockets = Sockets(), primary: bool = Tr
             tasks.append(asyncio.create_task(_every(digest.TICK_S, runtime.digests.tick)))
     return Running(runtime=runtime, server=server, submission=submission,
                    submission_tls=submission_tls, web=runner, monitoring=monitoring,
-                   counter=counter, tasks=tasks)
+                   counter=counter, tls=tls, tasks=tasks)
 
 
 STATS_FLUSH_S = 30.0
@@ -365,10 +428,10 @@ async def _serve_forever(cfg: Config, sockets: Sockets, primary: bool = True,
         loop.add_signal_handler(sig, stop.set)
     if main:
         notify("READY=1")
-    reloads: set[asyncio.Task[None]] = set()
+    reloads: set[asyncio.Task[str | None]] = set()
 
-    def on_hup() -> None:  # reload YARA rules without dropping connections
-        task = loop.create_task(gw.runtime.pipeline.reload())
+    def on_hup() -> None:  # reload the rules without dropping connections
+        task = loop.create_task(gw.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -415,6 +478,16 @@ def serve(cfg: Config) -> int:
     # Before any serving process starts, and before prometheus_client is imported.
     metrics.share_between_processes(cfg.data_dir / "metrics")
     sockets = bind(cfg)
+    shutil.rmtree(cfg.data_dir / RELOAD_DIR, ignore_errors=True)
+    write_private(cfg.data_dir / PID_FILE, f"{os.getpid()}\n".encode())
+    try:
+        return _serve(cfg, sockets)
+    finally:
+        with contextlib.suppress(OSError):
+            (cfg.data_dir / PID_FILE).unlink()
+
+
+def _serve(cfg: Config, sockets: Sockets) -> int:
     n = cfg.worker_count
     log.info("gateway starting", extra={"fields": {
         "listen": str(cfg.listen), "submission": cfg.submission.listen or None,

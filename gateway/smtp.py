@@ -821,18 +821,22 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-def _server_options(cfg: Config, counter: ConnectionCounter) -> dict[str, Any]:
+def _server_options(cfg: Config, counter: ConnectionCounter,
+                    tls: ssl.SSLContext | None) -> dict[str, Any]:
     return {"counter": counter, "data_timeout": cfg.smtp.data_timeout_s,
             "data_deadline": cfg.smtp.data_deadline_s,
             "allow_percent_hack": cfg.smtp.allow_percent_hack,
             "hostname": cfg.gateway.hostname, "ident": "gateway",
             "data_size_limit": cfg.smtp.max_message_bytes, "enable_SMTPUTF8": True,
-            "decode_data": False, "tls_context": tls_context(cfg),
+            "decode_data": False, "tls_context": tls,
             "timeout": cfg.smtp.idle_timeout_s}
 
 
-def smtp_factory(cfg: Config, handler: Handler, counter: ConnectionCounter) -> Any:
-    options = _server_options(cfg, counter)
+def smtp_factory(cfg: Config, handler: Handler, counter: ConnectionCounter,
+                 tls: ssl.SSLContext | None = None) -> Any:
+    """`tls`: the certificate for STARTTLS (one context for every port: SIGHUP loads the
+    renewed certificate into it)."""
+    options = _server_options(cfg, counter, tls)
     options.update(proxy_hosts=networks(cfg.smtp.proxy_protocol_hosts),
                    xclient_hosts=networks(cfg.smtp.xclient_hosts),
                    proxy_timeout=cfg.smtp.proxy_protocol_timeout_s)
@@ -848,10 +852,11 @@ def submission_throttle(cfg: Config, state: AuthState) -> Throttle:
 
 
 def submission_factory(cfg: Config, handler: Handler, counter: ConnectionCounter, *,
-                       throttle: Throttle, implicit_tls: bool = False) -> Any:
+                       throttle: Throttle, implicit_tls: bool = False,
+                       tls: ssl.SSLContext | None = None) -> Any:
     """The submission port's protocol; `implicit_tls` for the port whose server wraps every
     connection in TLS (465), where STARTTLS is not offered again."""
-    options = _server_options(cfg, counter)
+    options = _server_options(cfg, counter, tls)
     if implicit_tls:
         options["tls_context"] = None
     accounts = handler.accounts or AccountFile(cfg.submission_users_file)

@@ -222,26 +222,6 @@ def test_third_party_yara_sets_load_with_a_report(folder: Path, record_property)
     assert rules.scan(EICAR) is not None
 
 
-async def test_sighup_style_reload_picks_up_new_rules(tmp_path: Path):
-    """Rules are recompiled in place (what SIGHUP does); a new rule file is used at once."""
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    cfg = make_config(tmp_path / "d", attachments={"yara_dirs": [str(extra)]})
-    rt = await build_runtime(cfg, with_store=False)
-    try:
-        raw = message_with("note.txt", b"motif-secret-du-test-42")
-        before = {s.name for s in (await analyse(rt, raw)).symbols}
-        assert "YARA_MATCH" not in before
-        (extra / "local.yar").write_text(
-            'rule Local_Test { strings: $a = "motif-secret-du-test-42" condition: $a }')
-        (extra / "broken.yar").write_text("rule Broken { condition: }")
-        await rt.pipeline.reload()
-        after = {s.name for s in (await analyse(rt, raw)).symbols}
-        assert "YARA_MATCH" in after
-    finally:
-        await rt.close()
-
-
 async def test_macro_analysis_that_overruns_is_killed_and_held(tmp_path: Path):
     """oletools is stopped past its own limit (here as soon as it starts), in the worker
     process, and the message is held."""

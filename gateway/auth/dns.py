@@ -64,25 +64,25 @@ class Resolver:
                 UnicodeEncodeError) as exc:
             raise DnsPermanentError(f"not a DNS name: {name!r} ({type(exc).__name__})") from None
         self.lookups += 1
-        count = metrics.get().dns.labels
+        count = metrics.get().dns_lookup
         try:
             answer = await self._r.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
         except dns.resolver.NXDOMAIN:
-            count("nxdomain").inc()
+            count("nxdomain")
             return []
         except (dns.resolver.LifetimeTimeout, dns.exception.Timeout):
-            count("timeout").inc()
+            count("timeout")
             raise DnsTemporaryError(f"DNS timeout for {name} {rdtype.name}") from None
         except dns.resolver.NoNameservers:
-            count("servfail").inc()
+            count("servfail")
             raise DnsTemporaryError(f"DNS server failure for {name} {rdtype.name}") from None
         except dns.resolver.YXDOMAIN:
-            count("error").inc()
+            count("error")
             raise DnsPermanentError(f"DNS name too long after expansion: {name}") from None
         except dns.exception.DNSException as exc:
-            count("error").inc()
+            count("error")
             raise DnsTemporaryError(f"DNS error for {name}: {type(exc).__name__}") from None
-        count("answer").inc()
+        count("answer")
         return list(answer.rrset) if answer.rrset is not None else []
 
     async def txt(self, name: str) -> list[bytes]:

@@ -10,7 +10,6 @@ from typing import ClassVar
 
 from gateway.attachments import PDF_LINK, QR_LINK, YARA, Policy, analyse, analyse_job
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
-from gateway.errors import ConfigError
 from gateway.message import ParsedMessage
 from gateway.symbols import Symbol, rule_symbol
 from gateway.yara_rules import YaraRules, compile_rules
@@ -62,17 +61,18 @@ class AttachmentsCheck:
         return {name: rule_symbol(name, meta, where=f"YARA rule {meta.get('rule')}")
                 for name, meta in self.yara.declared.items()}
 
-    def reload(self) -> None:
-        """Recompile the rules (SIGHUP); on error the rules in use stay. The symbol table is
-        built at start: a rule naming a symbol not known then needs a restart."""
-        new = compile_rules(self._folders, timeout_s=self._timeout)
-        unknown = sorted(new.symbols - self.symbols)
-        if unknown:
-            raise ConfigError(f"YARA rules name new symbol(s) {', '.join(unknown)}: restart "
-                              "the gateway to add them")
+    def broken_since(self, before: object) -> list[str]:
+        """Rule files that compiled in the set `before` (the check in use) and no longer do:
+        a reload that would drop rules the gateway relies on is refused."""
+        was = getattr(getattr(before, "yara", None), "report", None)
+        previously = set(was.rejected) if was is not None else set()
+        return [f"{path}: {error}" for path, error in self.yara.report.rejected.items()
+                if path not in previously]
+
+    def install(self) -> None:
+        """Give the worker processes this check's rules again (after a refused reload)."""
         with self._lock:
-            self.yara = new
-            self._workers.provide(YARA, new)
+            self._workers.provide(YARA, self.yara)
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         if msg.has_files:
