@@ -90,7 +90,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     --customize-hook='if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
         mkdir -p "$1/usr/local/share/ca-certificates" &&
         cp /usr/local/share/ca-certificates/*.crt "$1/usr/local/share/ca-certificates/" &&
-        chroot "$1" update-ca-certificates >/dev/null; fi' \
+        chroot "$1" update-ca-certificates >/dev/null 2>&1; fi' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
     "$SUITE" - \
     "deb http://deb.debian.org/debian $SUITE main" \

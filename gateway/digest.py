@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
-from email.utils import formatdate, getaddresses, make_msgid
+from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, DownstreamUnavailable
-from gateway.message import decode_words, readable
+from gateway.message import decode_words, header_addresses, readable
 from gateway.quarantine_service import QuarantineService
 from gateway.relay import NextHop, deliver
 from quarantine.store import Item
@@ -147,7 +147,7 @@ def shown(text: str, limit: int = 200) -> str:
 def sender_parts(item: Item) -> tuple[str, str]:
     """Who the message says it is from: From's display name and address (the envelope
     sender's when From has none), as `shown`."""
-    pairs = getaddresses([readable(item.from_header)])
+    pairs = header_addresses(readable(item.from_header))
     name, addr = pairs[0] if pairs else ("", "")
     if addr and "@" in addr:
         return shown(name, 80), shown(addr, 120)

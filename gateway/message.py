@@ -14,6 +14,7 @@ import email.errors
 import email.header
 import email.utils
 import enum
+import inspect
 import re
 import time
 from dataclasses import dataclass, field
@@ -129,10 +130,23 @@ class ParsedMessage:
         with contextlib.suppress(ValueError, LookupError):
             value = decode_words(value)
         try:
-            pairs = email.utils.getaddresses([value[:MAX_REPLY_TO]])
+            pairs = header_addresses(value[:MAX_REPLY_TO])
         except Exception:  # noqa: BLE001 - the stdlib address parser has raised on odd input
             return []
         return list(dict.fromkeys(a.lower() for _, a in pairs if "@" in a))
+
+
+_LENIENT = ({"strict": False} if "strict" in inspect.signature(email.utils.getaddresses).parameters
+            else {})
+
+
+def header_addresses(value: str) -> list[tuple[str, str]]:
+    """(display name, address) pairs of an address field, the same on every Python 3.11.
+    Newer releases (and Debian 12's 3.11.2, patched) give nothing at all for a field whose
+    addresses they find ambiguous, where the older parser gives what it read: the checks
+    want what it read (two addresses, a domain literal, a stray comma) and judge it
+    themselves (FROM_MULTIPLE, FROM_DOMAIN_INVALID...). May raise on odd input."""
+    return email.utils.getaddresses([value], **_LENIENT)
 
 
 # The stdlib joins encoded words in quadratic time (a 4 MB Subject of 200,000 words took 38 s):
@@ -237,7 +251,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
     from_values = [v for k, v in headers if k.lower() == "from"]
     for value in from_values:
         try:
-            pairs = email.utils.getaddresses([value])
+            pairs = header_addresses(value)
         except Exception:  # noqa: BLE001 - the stdlib address parser has raised on odd input
             problems.append("From")
             continue

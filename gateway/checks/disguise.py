@@ -22,7 +22,6 @@ Facts from the headers only (no lookup, no body pass): cheap, on the event loop.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import ipaddress
 import re
 import unicodedata
@@ -32,7 +31,7 @@ from gateway.auth.dmarc import org_domain
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
 from gateway.config import read_toml
 from gateway.errors import ConfigError
-from gateway.message import Direction, ParsedMessage, readable
+from gateway.message import Direction, ParsedMessage, header_addresses, readable
 from gateway.senders import any_word, fold
 
 # Greek capitals that read as Latin ones (ΚYC); lower-case Greek is how lab results are
@@ -263,7 +262,7 @@ def _recipient_in(subject: str, msg: ParsedMessage, rcpts: tuple[str, ...]) -> s
     to = msg.header("To")
     if to:
         with contextlib.suppress(Exception):
-            addresses.update(a.lower() for _, a in email.utils.getaddresses([to[:MAX_FIELD]])
+            addresses.update(a.lower() for _, a in header_addresses(to[:MAX_FIELD])
                              if "@" in a)
     for a in addresses:
         at = lowered.find(a)

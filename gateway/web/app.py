@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import email.utils
 import hmac
 import logging
 import math
@@ -34,6 +33,7 @@ from gateway.authstate import AuthState, Session, Throttle
 from gateway.chains import held_for_exposure_only
 from gateway.config import Config
 from gateway.errors import DownstreamRejected, Refused, TemporaryError
+from gateway.message import header_addresses
 from gateway.monitoring import listening_port
 from gateway.netaddr import client_key
 from gateway.notice import release_token
@@ -871,7 +871,7 @@ def _preview(raw: bytes, show: bool) -> preview.Preview:
 
 def _sender(item: Item) -> str:
     """The address to allow or block: From's, else the envelope sender's."""
-    found = [a for _, a in email.utils.getaddresses([item.from_header]) if "@" in a]
+    found = [a for _, a in header_addresses(item.from_header) if "@" in a]
     return found[0] if found else item.mail_from
 
 
