@@ -9,7 +9,9 @@
 #      sends a message through the published loopback port, and checks the verdict headers
 #      the sink received, the refusal of a foreign domain, `gateway health`, and a graceful
 #      stop on SIGTERM;
-#   5. `docker-compose up` the compose file with that image, a message through it, `down`.
+#   5. `docker-compose --profile essai up`: the gateway and the trial mailbox server (Postfix +
+#      Dovecot, built on the same base), a message through the gateway read back over IMAP,
+#      then `down`.
 # Usage: docker/test.sh            (KEEP=1: leave the images; the containers always go)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,7 @@ SUITE=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
 SUITE=${SUITE:-bookworm}
 BASE_IMAGE=local/debian:$SUITE
 IMAGE=gateway-cabinet:test
+BOITE=gateway-cabinet-boite:test
 NET=gateway-test
 SUBNET=172.31.254.0/24
 PEER_IP=172.31.254.10
@@ -50,11 +53,11 @@ cleanup() {
   docker rm -f -v "$PREFIX-gw" "$PREFIX-peer" >/dev/null 2>&1 || true
   if [ -f "$WORK/compose.test.yaml" ]; then
     docker-compose -p "$PREFIX" --env-file "$WORK/compose.env" -f docker/compose.yaml \
-      -f "$WORK/compose.test.yaml" down -v >/dev/null 2>&1 || true
+      -f "$WORK/compose.test.yaml" --profile essai down -v >/dev/null 2>&1 || true
   fi
   docker network rm "$NET" >/dev/null 2>&1 || true
   if [ -z "${KEEP:-}" ] && [ -n "$DOCKERD_PID" ]; then
-    docker rmi "$IMAGE" >/dev/null 2>&1 || true
+    docker rmi "$IMAGE" "$BOITE" >/dev/null 2>&1 || true
   fi
   if [ -n "$DOCKERD_PID" ]; then
     kill "$DOCKERD_PID" 2>/dev/null || true
@@ -147,12 +150,20 @@ say "SIGTERM: stopped in $(( $(date +%s) - t0 )) s with status 0"
 
 # ---- 5. compose ----
 docker rm -f -v "$PREFIX-gw" >/dev/null
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+say "building $BOITE on $BASE_IMAGE"
+docker build -f docker/boite/Dockerfile --build-arg "BASE=$BASE_IMAGE" -t "$BOITE" . \
+  >"$WORK/build-boite.log" 2>&1 || { tail -n 40 "$WORK/build-boite.log"; fail "docker build (boite)"; }
+imap_port=$(free_port)
 cat >"$WORK/compose.env" <<EOF
 GATEWAY_DOMAINS=cabinet.test
 GATEWAY_HOSTNAME=mx.cabinet.test
-GATEWAY_NEXT_HOP=$PEER_IP:2525
+GATEWAY_NEXT_HOP=boite:25
 GATEWAY_IMAGE=$IMAGE
-SMTP_PUBLISH=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+BOITE_IMAGE=$BOITE
+ESSAI_MOT_DE_PASSE=essai-compose
+SMTP_PUBLISH=127.0.0.1:$(free_port)
+IMAP_PUBLISH=127.0.0.1:$imap_port
 EOF
 # The test's own addition: the peer's network and DNS (a second file, as an admin's
 # docker-compose.override.yml would be).
@@ -170,12 +181,14 @@ compose() {
   docker-compose -p "$PREFIX" --env-file "$WORK/compose.env" -f docker/compose.yaml \
     -f "$WORK/compose.test.yaml" "$@"
 }
-compose up -d --no-build >/dev/null 2>&1 || { compose up -d --no-build; fail "docker-compose up"; }
+compose --profile essai up -d --no-build >/dev/null 2>&1 \
+  || { compose --profile essai up -d --no-build; fail "docker-compose up"; }
 cid=$(compose ps -q gateway)
 port=$(docker port "$cid" 25/tcp | sed -n '1s/.*://p')
 say "compose: gateway on 127.0.0.1:$port"
-python3 -m tests.support.container_client compose "$port" "$WORK/out" \
-  || { docker logs "$cid" 2>&1 | tail -n 30; fail "mail through compose"; }
-compose down -v >/dev/null 2>&1 || fail "docker-compose down"
-say "compose: relayed, then down"
+python3 -m tests.support.container_client compose "$port" "$imap_port" \
+  || { docker logs "$cid" 2>&1 | tail -n 30; docker logs "$(compose ps -q boite)" 2>&1 | tail -n 30;
+       fail "mail through compose"; }
+compose --profile essai down -v >/dev/null 2>&1 || fail "docker-compose down"
+say "compose: relayed into the trial mailbox, then down"
 say "passed in $(( $(date +%s) - START )) s"

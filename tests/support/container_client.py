@@ -1,13 +1,14 @@
 """docker/test.sh's SMTP client, with the host's python3 (standard library only):
 
     python3 -m tests.support.container_client direct PORT OUT   the image run alone
-    python3 -m tests.support.container_client compose PORT OUT  the compose service
+    python3 -m tests.support.container_client compose PORT IMAP_PORT  compose, trial mailbox
 
 OUT is the folder where the peer container's sink writes what it receives (n.eml).
 """
 
 from __future__ import annotations
 
+import imaplib
 import pathlib
 import smtplib
 import sys
@@ -63,17 +64,46 @@ def direct(port: int, out: pathlib.Path) -> None:
           [line for line in head.split("\r\n") if line.startswith("X-Gateway-")])
 
 
-def compose(port: int, out: pathlib.Path) -> None:
+def compose(port: int, imap_port: int) -> None:
+    """Through the compose service into the trial mailbox server (profile "essai"), read
+    back over IMAP as a mail client would."""
     # SPF neutral for compose.test: the client comes from the compose network's gateway.
-    with greeted(port) as client:
-        refused = client.sendmail(
-            "bob@compose.test", ["secretariat@cabinet.test"],
-            b"From: bob@compose.test\r\nTo: secretariat@cabinet.test\r\n"
-            b"Subject: essai compose\r\n\r\nBonjour\r\n")
-        assert not refused, refused
-    got = received(out, 2)
-    assert "Subject: essai compose\r\n" in got and "X-Gateway-Action: " in got, got[:2000]
+    # The mailbox server may still be starting: 4xx, and the client retries, as an MTA does.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with greeted(port) as client:
+                client.sendmail("bob@compose.test", ["secretariat@cabinet.test"],
+                                b"From: bob@compose.test\r\nTo: secretariat@cabinet.test\r\n"
+                                b"Subject: essai compose\r\n\r\nBonjour\r\n")
+            break
+        except smtplib.SMTPRecipientsRefused as exc:
+            codes = [code for code, _ in exc.recipients.values()]
+            if not all(400 <= c < 500 for c in codes) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with imaplib.IMAP4("127.0.0.1", imap_port, timeout=10) as box:
+                box.login("secretariat@cabinet.test", "essai-compose")
+                _, [count] = box.select("INBOX")
+                if count and int(count) >= 1:
+                    _, data = box.fetch("1", "(BODY.PEEK[HEADER])")
+                    head = data[0][1].decode()
+                    break
+        except (OSError, imaplib.IMAP4.error):
+            pass
+        if time.monotonic() > deadline:
+            sys.exit("nothing in the trial mailbox within 30 s")
+        time.sleep(0.5)
+    assert "Subject: essai compose\r\n" in head and "X-Gateway-Action: " in head, head
+    print("docker/test.sh: in the trial mailbox (IMAP):",
+          [line for line in head.split("\r\n") if line.startswith("X-Gateway-Action")])
 
 
 if __name__ == "__main__":
-    {"direct": direct, "compose": compose}[sys.argv[1]](int(sys.argv[2]), pathlib.Path(sys.argv[3]))
+    if sys.argv[1] == "direct":
+        direct(int(sys.argv[2]), pathlib.Path(sys.argv[3]))
+    else:
+        compose(int(sys.argv[2]), int(sys.argv[3]))
