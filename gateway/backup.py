@@ -17,11 +17,15 @@ during the copy (deleted, purged) is marked deleted in the copy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import os
+import re
+import shutil
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +54,7 @@ class Summary:
     items: int  # quarantine items in the index (any state)
     files: int  # files written or put back
     key_written: Path | None
+    held: int = 0  # items not deleted: each must read back after a restore
 
 
 def key_fingerprint(key: bytes) -> str:
@@ -73,16 +78,26 @@ def _empty_dir(path: Path, what: str) -> None:
     os.chmod(path, 0o700)
 
 
-def _copy_private(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _copy_private(src: Path, dst: Path) -> str:
+    """Copy `src`, a regular file opened without following a link, to a new file `dst`
+    (0600, synced), hashing the bytes as they are written: their SHA-256."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        with src.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "pas un fichier ordinaire", str(src))
+        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        h = hashlib.sha256()
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
-        os.fsync(fd)
+                    view = view[os.write(out, view):]
+            os.fsync(out)
+        finally:
+            os.close(out)
+        return h.hexdigest()
     finally:
         os.close(fd)
 
@@ -104,6 +119,14 @@ def _sqlite_copy(src: Path, dst: Path) -> None:
 
 
 def backup(cfg: Config, target: Path, key_target: Path | None) -> Summary:
+    old_umask = os.umask(0o077)  # every folder made, at every level: 0700
+    try:
+        return _backup(cfg, target, key_target)
+    finally:
+        os.umask(old_umask)
+
+
+def _backup(cfg: Config, target: Path, key_target: Path | None) -> Summary:
     data = cfg.data_dir
     index = data / DATABASES[0]
     if not index.is_file():
@@ -111,7 +134,7 @@ def backup(cfg: Config, target: Path, key_target: Path | None) -> Summary:
     key = load_or_create_key(cfg.key_file) if cfg.key_file.is_file() else None
     if key is None:
         raise BackupError(f"clé de quarantaine introuvable : {cfg.key_file}")
-    if key_target is not None and key_target.exists():
+    if key_target is not None and os.path.lexists(key_target):
         raise BackupError(f"{key_target} existe déjà : la clé n'est jamais écrite par-dessus")
     _empty_dir(target, "dossier de sauvegarde")
     written: list[Path] = []
@@ -135,6 +158,8 @@ def backup(cfg: Config, target: Path, key_target: Path | None) -> Summary:
             db.executemany("UPDATE items SET state = 'deleted' WHERE id = ?",
                            [(i,) for i in gone])
         items = int(db.execute("SELECT count(*) FROM items").fetchone()[0])
+        held = int(db.execute("SELECT count(*) FROM items WHERE state != 'deleted'"
+                              ).fetchone()[0])
     finally:
         db.close()
     for name in FILES:
@@ -148,11 +173,12 @@ def backup(cfg: Config, target: Path, key_target: Path | None) -> Summary:
                 with contextlib.suppress(FileNotFoundError):
                     _copy_private(path, dst)
                     written.append(dst)
-    manifest = {
-        "format": FORMAT, "created": time.time(), "items": items,
+    manifest: dict[str, object] = {
+        "format": FORMAT, "created": time.time(), "items": items, "held": held,
         "key_fingerprint": key_fingerprint(key),
         "files": {str(p.relative_to(target)): _sha256(p) for p in written},
     }
+    manifest["mac"] = _manifest_mac(key, manifest)
     write_private(target / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(),
                   sync_dir=True)
     for folder in {p.parent for p in written}:
@@ -160,7 +186,7 @@ def backup(cfg: Config, target: Path, key_target: Path | None) -> Summary:
     if key_target is not None:
         key_target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _copy_private(cfg.key_file, key_target)
-    return Summary(items=items, files=len(written), key_written=key_target)
+    return Summary(items=items, files=len(written), key_written=key_target, held=held)
 
 
 def same_medium(a: Path, b: Path) -> bool:
@@ -186,24 +212,24 @@ def _read_manifest(source: Path) -> dict[str, object]:
 
 
 def restore(cfg: Config, source: Path, key_source: Path | None) -> Summary:
-    """Check the backup (every file's hash, the key's fingerprint), then put it into the
-    data folder, which must be empty or absent; the key from `key_source` (or the one in
-    place already). Nothing is put back when a check fails."""
+    """Check the backup, then put it into the data folder, which must be empty or absent;
+    the key from `key_source` (or the one in place already). The manifest must carry the
+    key's fingerprint and a MAC under it (a backup altered and re-hashed by someone without
+    the key is refused), name only what a backup holds, and every file must be a regular
+    file (no link) with its hash, checked while it is copied. On any failure nothing stays
+    in the data folder."""
+    old_umask = os.umask(0o077)
+    try:
+        return _restore(cfg, source, key_source)
+    finally:
+        os.umask(old_umask)
+
+
+def _restore(cfg: Config, source: Path, key_source: Path | None) -> Summary:
     manifest = _read_manifest(source)
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise BackupError(f"{MANIFEST} : liste des fichiers absente")
-    for name, digest in files.items():
-        path = source / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise BackupError(f"{MANIFEST} : chemin refusé : {name!r}")
-        if not path.is_file():
-            raise BackupError(f"fichier manquant dans la sauvegarde : {name}")
-        if _sha256(path) != digest:
-            raise BackupError(f"fichier altéré ou abîmé dans la sauvegarde : {name}")
     key_file = cfg.key_file
     if key_source is not None:
-        if key_file.exists():
+        if os.path.lexists(key_file):
             raise BackupError(f"une clé existe déjà en {key_file} : elle n'est jamais remplacée")
         key = _read_key(key_source)
     elif key_file.is_file():
@@ -214,17 +240,58 @@ def restore(cfg: Config, source: Path, key_source: Path | None) -> Summary:
     if key_fingerprint(key) != manifest.get("key_fingerprint"):
         raise BackupError("cette clé n'est pas celle de la sauvegarde : les messages "
                           "retenus seraient illisibles")
+    if not hmac.compare_digest(str(manifest.get("mac", "")), _manifest_mac(key, manifest)):
+        raise BackupError(f"{MANIFEST} altéré : la sauvegarde a été modifiée après coup")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(n, str) and isinstance(d, str) for n, d in files.items()):
+        raise BackupError(f"{MANIFEST} : liste des fichiers absente")
+    for name in files:
+        if not _EXPECTED.fullmatch(name) or ".." in Path(name).parts:
+            raise BackupError(f"{MANIFEST} : nom refusé : {name!r}")
     data = cfg.data_dir
     _empty_dir(data, "dossier des données")
-    if key_source is not None:
-        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _copy_private(key_source, key_file)
-    for name in files:
-        _copy_private(source / name, data / name)
+    try:
+        for name, digest in files.items():
+            if _copy_checked(source / name, data / name) != digest:
+                raise BackupError(f"fichier altéré ou abîmé dans la sauvegarde : {name}")
+        if key_source is not None:
+            _copy_private(key_source, key_file)
+    except BaseException:
+        for child in data.iterdir():  # it was empty: nothing of a refused backup stays
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        raise
     for folder in {(data / name).parent for name in files}:
         fsync_dir(folder)
     return Summary(items=int(str(manifest.get("items", 0))), files=len(files),
-                   key_written=key_file if key_source is not None else None)
+                   key_written=key_file if key_source is not None else None,
+                   held=int(str(manifest.get("held", 0))))
+
+
+# What a backup may name: anything else in a manifest is refused (planted files).
+_EXPECTED = re.compile(r"(quarantine/index\.sqlite3|correspondents\.sqlite3|auth-state\.sqlite3"
+                       r"|web-users\.json|submission-users\.json"
+                       r"|quarantine/msgs/[A-Za-z0-9_-]{1,100}\.qmsg"
+                       r"|(maildir|outbox)/[^/\x00]{1,255}(/[^/\x00]{1,255}){0,6})")
+
+
+def _copy_checked(src: Path, dst: Path) -> str:
+    """_copy_private for a file of a backup: a link or an unreadable file is said."""
+    try:
+        return _copy_private(src, dst)
+    except OSError as exc:  # ELOOP: a link; EINVAL: not a regular file
+        raise BackupError(f"fichier illisible dans la sauvegarde : {src.name} "
+                          f"({exc.strerror or exc})") from None
+
+
+def _manifest_mac(key: bytes, manifest: dict[str, object]) -> str:
+    body = json.dumps({k: v for k, v in manifest.items() if k != "mac"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+    mac_key = hmac.new(key, b"gateway backup manifest", hashlib.sha256).digest()
+    return hmac.new(mac_key, body, hashlib.sha256).hexdigest()
 
 
 def _read_key(path: Path) -> bytes:

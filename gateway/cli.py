@@ -29,10 +29,10 @@ from gateway.message import Direction, Inbound, header_section_end
 from gateway.netaddr import networks, parse_ip, within
 from gateway.quarantine_service import QuarantineService
 from gateway.service import (
-    PID_FILE,
     RELOAD_DIR,
     build_runtime,
     check_rules,
+    gateway_pid,
     serve,
 )
 from gateway.smtp import tls_context
@@ -445,19 +445,18 @@ def _reload(cfg: Config, timeout_s: float) -> int:
     except (ConfigError, OSError, ValueError) as exc:
         print(f"Règles refusées, rien n'est changé : {exc}", file=sys.stderr)
         return 1
-    pid_file = cfg.data_dir / PID_FILE
-    try:
-        pid = int(pid_file.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        print(f"La passerelle ne tourne pas ici ({pid_file} absent ou périmé). {where()}",
+    pid = gateway_pid(cfg)  # only while the gateway holds its pid file's lock
+    if pid is None:
+        print(f"La passerelle ne tourne pas avec ce dossier de données. {where()}",
               file=sys.stderr)
         return 1
-    if b"serve" not in cmdline:  # a stale file, and the number reused by another program
-        print(f"Le processus {pid} n'est pas la passerelle ({pid_file} périmé).", file=sys.stderr)
-        return 1
     started = time.time()
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"Signal impossible au processus {pid} de la passerelle ({exc.strerror}) : "
+              "lancez la commande avec le compte de la passerelle, ou root.", file=sys.stderr)
+        return 1
     folder, wanted = cfg.data_dir / RELOAD_DIR, cfg.worker_count
     deadline = time.monotonic() + timeout_s
     while True:
@@ -510,6 +509,10 @@ def _backup(cfg: Config, args: argparse.Namespace) -> int:
           f"{readable} messages relus sans erreur.")
     if unreadable:
         print(f"{len(unreadable)} messages illisibles : {', '.join(unreadable[:20])}",
+              file=sys.stderr)
+        return 1
+    if readable < done.held:
+        print(f"La sauvegarde comptait {done.held} messages ; {readable} seulement ont été relus.",
               file=sys.stderr)
         return 1
     return 0

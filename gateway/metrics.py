@@ -1,7 +1,7 @@
 """Prometheus metrics (prometheus_client), summed across the serving processes.
 
-`gateway serve` gives prometheus_client a folder (`<data_dir>/metrics`, emptied at each
-start) before anything imports it: each serving process then writes its values to files
+`gateway serve` gives prometheus_client a new folder in memory (/dev/shm, removed at exit)
+before anything imports it: each serving process then writes its values to files
 there (prometheus_client's multiprocess mode) and `/metrics`, on its own listener
 (`[metrics] listen`), reads them all. A process that imported prometheus_client without that
 folder (the tests' in-process gateways, `scan`) keeps its values in memory.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,10 +32,8 @@ NEXT_HOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 def share_between_processes(folder: Path) -> None:
     """In `gateway serve`'s first process, before any serving process starts and before
-    prometheus_client is imported: the folder the processes write their values to, emptied
-    (a value left by a process of an earlier run would be summed in)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(mode=0o700, parents=True)
+    prometheus_client is imported: the (new, empty) folder the processes write their values
+    to (gateway.service.metrics_folder)."""
     os.environ[FOLDER_ENV] = str(folder)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from aiohttp import web
 
@@ -17,12 +18,15 @@ from gateway.runtime import Runtime
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 10.0
+READY_CACHE_S = 5.0
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Monitoring:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
+        self._probing: asyncio.Task[list[str]] | None = None
+        self._answer: tuple[float, list[str]] | None = None  # (when, problems)
 
     async def metrics(self, request: web.Request) -> web.Response:
         families = []
@@ -42,23 +46,41 @@ class Monitoring:
 
     async def readyz(self, request: web.Request) -> web.Response:
         """200 when a message could be taken now: the next hop answers (a real SMTP greeting,
-        EHLO, STARTTLS as configured) and so does the store; 503 naming what does not."""
+        EHLO, STARTTLS as configured) and so does the store; 503 naming what does not. One
+        probe at a time, its answer kept READY_CACHE_S: a flood of requests opens no more
+        connections to the mailbox server than one."""
+        now = time.monotonic()
+        if self._answer is None or now - self._answer[0] > READY_CACHE_S:
+            if self._probing is None:
+                self._probing = asyncio.create_task(self._probe())
+            try:
+                problems = await asyncio.shield(self._probing)
+            finally:
+                if self._probing is not None and self._probing.done():
+                    self._probing = None
+            self._answer = (time.monotonic(), problems)
+        problems = self._answer[1]
+        if problems:
+            return web.Response(status=503, text="\n".join(problems) + "\n")
+        return web.Response(text="ready\n")
+
+    async def _probe(self) -> list[str]:
         problems = []
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 await self._rt.next_hop.probe()
         except Exception as exc:  # noqa: BLE001 - any failure is "not ready", said
-            problems.append(f"next hop {self._rt.next_hop.name}: {exc or type(exc).__name__}")
+            problems.append(f"next hop {self._rt.next_hop.name}: "
+                            f"{str(exc) or type(exc).__name__}")
         if self._rt.store is not None:
             try:
                 async with asyncio.timeout(READY_TIMEOUT_S):
                     await self._rt.store.count()
             except Exception as exc:  # noqa: BLE001
-                problems.append(f"store: {exc or type(exc).__name__}")
+                problems.append(f"store: {str(exc) or type(exc).__name__}")
         if problems:
             log.warning("not ready", extra={"fields": {"problems": problems}})
-            return web.Response(status=503, text="\n".join(problems) + "\n")
-        return web.Response(text="ready\n")
+        return problems
 
 
 async def start_monitoring(runtime: Runtime, sock: socket.socket | None,

@@ -101,6 +101,7 @@ class Pipeline:
             [c for c in checks if c.phase == 1],
             [c for c in checks if c.phase == 2],
         ]
+        install(checks)
         self._table = table
         self._workers = workers
         self._store = store
@@ -185,7 +186,8 @@ class Pipeline:
     def use(self, table: SymbolTable, checks: Sequence[Check],
             templates: banner.Templates) -> None:
         """Analyse the next messages with these (a reload): one swap on the event loop, so a
-        message is analysed wholly with the old set or wholly with the new one."""
+        message is analysed wholly with the old set or wholly with the new one. The checks'
+        worker state (`install`) is given before, off the loop."""
         self._phases = [[c for c in checks if c.phase == 1], [c for c in checks if c.phase == 2]]
         self._table = table
         self._templates = templates
@@ -193,13 +195,6 @@ class Pipeline:
     def check(self, name: str) -> Check | None:
         return next((c for phase in self._phases for c in phase if c.name == name), None)
 
-    def reinstall(self) -> None:
-        """Put back in the worker processes what the checks in use gave them (a reload that
-        failed half-way may have installed its own)."""
-        for check in [c for phase in self._phases for c in phase]:
-            install = getattr(check, "install", None)
-            if install is not None:
-                install()
 
     # ---- action -----------------------------------------------------------------------
 
@@ -554,6 +549,14 @@ class Pipeline:
         if len(inbound.rcpts) == 1:
             value += f" for <{inbound.rcpts[0]}>"
         return f"{value}; {formatdate(inbound.received_at, localtime=True)}"
+
+
+def install(checks: Sequence[Check]) -> None:
+    """Give the worker processes what the checks need there (their compiled YARA rules)."""
+    for check in checks:
+        give = getattr(check, "install", None)
+        if give is not None:
+            give()
 
 
 _TRACE_UNSAFE = re.compile(r"[()\[\]<>;\"\\]")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import gc
 import json
 import logging
@@ -20,8 +21,9 @@ import shutil
 import signal
 import socket
 import ssl
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +41,7 @@ from gateway.digest import Digests
 from gateway.errors import ConfigError
 from gateway.message import Direction
 from gateway.notice import Notifier, release_token
-from gateway.pipeline import Pipeline, emitted_symbols
+from gateway.pipeline import Pipeline, emitted_symbols, install
 from gateway.quarantine_service import QuarantineService
 from gateway.relay import create_next_hop, create_smarthost
 from gateway.runtime import Runtime
@@ -106,6 +108,18 @@ def _reload_status(cfg: Config, error: str | None) -> None:
     status = {"pid": os.getpid(), "at": time.time(), "error": error}
     write_private(cfg.data_dir / RELOAD_DIR / f"{os.getpid()}.json",
                   json.dumps(status).encode())
+
+
+def _tls_pair(cfg: Config, folder: Path) -> tuple[str, str] | None:
+    """The certificate and key, read once into private files of `folder` and checked to
+    load together: the pair to give the context in use."""
+    if not cfg.smtp.tls_cert:
+        return None
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    write_private(cert, Path(cfg.smtp.tls_cert).read_bytes())
+    write_private(key, Path(cfg.smtp.tls_key).read_bytes())
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    return str(cert), str(key)
 
 
 def check_rules(cfg: Config) -> None:
@@ -208,41 +222,46 @@ class Running:
         """SIGHUP: take again what is read at start and can change without a restart: the
         rule files under rules/ (symbol table, sender registry, lures, lists, attachment
         policy), the YARA folders, the banner templates, the TLS certificate. Everything is
-        loaded and checked first (as `check-config` does); on any error, what is in use stays
-        and the error is logged and returned. (The sender allow and block lists need no
-        signal: each process reads them again when their file changes.)"""
+        loaded and checked first (as `check-config` does); on any error, nothing in use
+        changes, and the error is logged and returned (and written for `gateway reload`).
+        (The sender allow and block lists need no signal: each process reads them again when
+        their file changes.)"""
         rt, cfg = self.runtime, self.runtime.cfg
+        error: str | None = None
         try:
-            # Checked with workers of their own first: building the checks installs their
-            # YARA rules in the workers, which must not happen for a set that is refused.
-            await asyncio.to_thread(check_rules, cfg)
-            templates = await asyncio.to_thread(load_templates, cfg.banner_templates)
-            renewed = await asyncio.to_thread(tls_context, cfg)
-            table, checks = await asyncio.to_thread(load_rules, cfg, rt.workers,
-                                                    book=rt.pipeline.correspondents)
-            broken = [line for new in checks
-                      for line in getattr(new, "broken_since", lambda _: [])(
-                          rt.pipeline.check(new.name))]
-            if broken:
-                raise ConfigError("rule files that compiled before no longer do: "
-                                  + "; ".join(broken))
-        except Exception as exc:  # noqa: BLE001 - whatever is wrong, the gateway goes on
-            log.error("reload refused; the rules in use stay", extra={"fields": {
-                "error": str(exc)[:2000]}})
-            # The workers' rules back to those in use, if the new set got that far.
-            await asyncio.to_thread(rt.pipeline.reinstall)
-            await asyncio.to_thread(_reload_status, cfg, str(exc))
-            return str(exc)
-        rt.pipeline.use(table, checks, templates)
-        rt.table = table
-        if rt.quarantine is not None:
-            rt.quarantine.table = table
-        if self.tls is not None and renewed is not None:
-            self.tls.load_cert_chain(cfg.smtp.tls_cert, cfg.smtp.tls_key)
-        log.info("reloaded", extra={"fields": {"symbols": len(table.symbols),
-                                               "checks": len(checks)}})
-        await asyncio.to_thread(_reload_status, cfg, None)
-        return None
+            with tempfile.TemporaryDirectory(prefix="gateway-tls-") as tmp:
+                try:
+                    # Built with the live workers but installed in them only once accepted.
+                    table, checks = await asyncio.to_thread(
+                        load_rules, cfg, rt.workers, book=rt.pipeline.correspondents)
+                    broken = [line for new in checks
+                              for line in getattr(new, "broken_since", lambda _: [])(
+                                  rt.pipeline.check(new.name))]
+                    if broken:
+                        raise ConfigError("rule files that compiled before no longer do: "
+                                          + "; ".join(broken))
+                    templates = await asyncio.to_thread(load_templates, cfg.banner_templates)
+                    pair = await asyncio.to_thread(_tls_pair, cfg, Path(tmp))
+                except Exception as exc:  # noqa: BLE001 - whatever is wrong, the gateway goes on
+                    error = str(exc) or type(exc).__name__
+                    log.error("reload refused; the rules in use stay", extra={"fields": {
+                        "error": error[:2000]}})
+                    return error
+                await asyncio.to_thread(install, checks)
+                rt.pipeline.use(table, checks, templates)
+                rt.table = table
+                if rt.quarantine is not None:
+                    rt.quarantine.table = table
+                if self.tls is not None and pair is not None:
+                    # The very bytes checked above: a certificate renewed between the check
+                    # and here (certbot writes the certificate, then the key) cannot pair
+                    # the new certificate with the old key in the context in use.
+                    self.tls.load_cert_chain(*pair)
+            log.info("reloaded", extra={"fields": {"symbols": len(table.symbols),
+                                                   "checks": len(checks)}})
+            return None
+        finally:
+            await asyncio.to_thread(_reload_status, cfg, error)
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         for server in (self.server, self.submission, self.submission_tls):
@@ -472,26 +491,77 @@ def _limit_malloc_arenas(n: int = 2) -> None:
 
 def serve(cfg: Config) -> int:
     """Run the gateway until SIGTERM/SIGINT. Returns the exit status."""
+    # A SIGHUP before the serving processes can reload (`gateway reload`, a container's
+    # kill -s HUP) is dropped, not the default: the end of the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _limit_malloc_arenas()
     logs.setup(cfg.logging.level)
     prepare(cfg)
-    # Before any serving process starts, and before prometheus_client is imported.
-    metrics.share_between_processes(cfg.data_dir / "metrics")
-    sockets = bind(cfg)
-    shutil.rmtree(cfg.data_dir / RELOAD_DIR, ignore_errors=True)
-    write_private(cfg.data_dir / PID_FILE, f"{os.getpid()}\n".encode())
+    with running_alone(cfg):
+        sockets = bind(cfg)
+        # Before any serving process starts, and before prometheus_client is imported.
+        folder = metrics_folder()
+        metrics.share_between_processes(folder)
+        shutil.rmtree(cfg.data_dir / RELOAD_DIR, ignore_errors=True)
+        try:
+            return _serve(cfg, sockets, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_alone(cfg: Config) -> Iterator[None]:
+    """The pid file, locked (flock) for the gateway's life: a second `gateway serve` on the
+    same data folder is refused before it changes anything, and `gateway reload` knows the
+    number in it is the live gateway's (the lock is held) and not a stale one."""
+    path = cfg.data_dir / PID_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        return _serve(cfg, sockets)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"une passerelle tourne déjà avec ce dossier de données "
+                              f"({cfg.data_dir}) : une seule à la fois") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
     finally:
-        with contextlib.suppress(OSError):
-            (cfg.data_dir / PID_FILE).unlink()
+        os.close(fd)  # the lock goes with it; the file stays, unlocked: not a live gateway
 
 
-def _serve(cfg: Config, sockets: Sockets) -> int:
+def gateway_pid(cfg: Config) -> int | None:
+    """The live gateway's pid, or None (no pid file, or its lock not held: stale)."""
+    try:
+        fd = os.open(cfg.data_dir / PID_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a gateway is running
+            return int(os.read(fd, 64).decode().strip() or "0") or None
+        return None
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def metrics_folder() -> Path:
+    """A new private folder for the serving processes' metrics, in memory (/dev/shm) rather
+    than on the data folder's disk: prometheus_client maps these files, and a write to a
+    mapped page of a full disk kills the process (SIGBUS) where a write() fails cleanly. A
+    random name (mkdtemp, 0700): nobody can prepare it in advance."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="gateway-metrics-", dir=base))
+
+
+def _serve(cfg: Config, sockets: Sockets, metrics_at: Path) -> int:
     n = cfg.worker_count
     log.info("gateway starting", extra={"fields": {
         "listen": str(cfg.listen), "submission": cfg.submission.listen or None,
-        "web": cfg.web.listen or None, "workers": n}})
+        "web": cfg.web.listen or None, "workers": n, "metrics_folder": str(metrics_at)}})
     if n == 1:
         asyncio.run(_serve_forever(cfg, sockets, main=True))
         return 0

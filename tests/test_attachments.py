@@ -279,3 +279,24 @@ def test_a_symbol_given_a_policy_twice_is_refused(tmp_path: Path):
     cfg = make_config(tmp_path / "d", attachments={"yara_dirs": [str(extra)]})
     with pytest.raises(ConfigError, match="YARA_EICAR also given a score"):
         load_rules(cfg, Workers())
+
+
+@pytest.mark.parametrize(("from_field", "unparsable"), [
+    ('"ceo@cabinet.test\\" <attaquant@evil.example>', True),  # the parser gave up half-way
+    ("(commentaire", True),
+    ('"Dupont, Jean" <j.dupont@labo.example>', False),
+    ("Laboratoire <resultats@labo.example>", False),
+])
+async def test_a_from_address_read_half_way_is_unparsable(runtime, from_field, unparsable):
+    raw = (f"From: {from_field}\r\nTo: docteur@{DOMAIN}\r\nSubject: x\r\n"
+           f"Date: Sat, 28 Nov 2026 10:00:00 +0100\r\nMessage-ID: <u@labo.example>\r\n\r\n"
+           f"corps\r\n").encode()
+    names = {s.name for s in (await analyse(runtime, raw)).symbols}
+    assert ("FROM_UNPARSABLE" in names) == unparsable, names
+
+
+@pytest.mark.parametrize("name", ["Profil-securite.mobileconfig", "mise-a-jour.pkg",
+                                  "facture.dmg", "raccourci.settingcontent-ms"])
+async def test_apple_profiles_installers_and_shell_shortcuts_are_dangerous(runtime, name):
+    v = await analyse(runtime, message_with(name, b"<?xml version='1.0'?><plist></plist>"))
+    assert "ATTACH_DANGEROUS_TYPE" in {s.name for s in v.symbols}

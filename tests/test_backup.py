@@ -35,6 +35,25 @@ async def items_and_bodies(root: Path, key: Path) -> dict[str, tuple[str, bytes]
         await store.close()
 
 
+def elsewhere_config(tmp_path: Path, conf: Path, cfg) -> tuple[Path, Path]:
+    """The same installation's configuration with an empty data folder to restore into."""
+    restored = tmp_path / "restaure"
+    new_conf = tmp_path / "restaure.toml"
+    new_conf.write_text(conf.read_text().replace(str(cfg.gateway.data_dir), str(restored)))
+    return restored, new_conf
+
+
+async def backed_up_one_held_message(tmp_path: Path, sink: Sink):
+    """An installation holding one message, and its backup (the key left out)."""
+    cfg = quarantine_config(tmp_path, sink)
+    conf = write_config(tmp_path, cfg)
+    saved = tmp_path / "sauvegarde"
+    async with running(cfg) as gw:
+        await send(gw.port)
+    assert run_cli("backup", "--config", str(conf), str(saved)) == 0
+    return cfg, conf, saved
+
+
 def modes(folder: Path) -> set[str]:
     return {oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.rglob("*") if p.is_file()}
 
@@ -68,9 +87,7 @@ async def test_backup_while_serving_then_restore_gives_back_every_held_message(
     assert manifest["items"] == 3 and len([f for f in manifest["files"] if ".qmsg" in f]) == 2
 
     # Restore into an empty folder, with the key from its own medium.
-    restored = tmp_path / "restaure"
-    new_conf = tmp_path / "restaure.toml"
-    new_conf.write_text(conf.read_text().replace(str(cfg.gateway.data_dir), str(restored)))
+    restored, new_conf = elsewhere_config(tmp_path, conf, cfg)
     assert await asyncio.to_thread(run_cli, "restore", "--config", str(new_conf), str(saved),
                                    "--cle", str(key_copy)) == 0
     assert "2 messages relus sans erreur" in capsys.readouterr().out
@@ -87,20 +104,13 @@ async def test_backup_while_serving_then_restore_gives_back_every_held_message(
 
 async def test_a_backup_that_does_not_check_out_is_never_put_back(tmp_path: Path, sink: Sink,
                                                                   capsys):
-    cfg = quarantine_config(tmp_path, sink)
-    conf = write_config(tmp_path, cfg)
-    saved = tmp_path / "sauvegarde"
-    async with running(cfg) as gw:
-        await send(gw.port)
-    assert run_cli("backup", "--config", str(conf), str(saved)) == 0
+    cfg, conf, saved = await backed_up_one_held_message(tmp_path, sink)
     assert "la clé de quarantaine n'est pas dans la sauvegarde" in capsys.readouterr().out
     # Into a folder that is not empty (here: the live data): refused.
     assert run_cli("restore", "--config", str(conf), str(saved)) == 1
     assert "n'est pas vide" in capsys.readouterr().err
 
-    restored = tmp_path / "restaure"
-    new_conf = tmp_path / "restaure.toml"
-    new_conf.write_text(conf.read_text().replace(str(cfg.gateway.data_dir), str(restored)))
+    restored, new_conf = elsewhere_config(tmp_path, conf, cfg)
     # No key given and none in place; then another installation's key.
     assert run_cli("restore", "--config", str(new_conf), str(saved)) == 1
     assert "donnez-la avec --cle" in capsys.readouterr().err
@@ -122,3 +132,42 @@ async def test_a_backup_that_does_not_check_out_is_never_put_back(tmp_path: Path
     # A second backup into the same folder is refused: nothing written over.
     assert run_cli("backup", "--config", str(conf), str(saved)) == 1
     assert "n'est pas vide" in capsys.readouterr().err
+
+
+async def test_a_backup_altered_by_someone_without_the_key_is_refused(tmp_path: Path, sink: Sink,
+                                                                      capsys):
+    """Re-hashing the files after a change is not enough: the manifest's MAC is keyed; and a
+    file replaced by a link is never followed."""
+    import hashlib
+    import sqlite3
+    cfg, conf, saved = await backed_up_one_held_message(tmp_path, sink)
+    restored, new_conf = elsewhere_config(tmp_path, conf, cfg)
+    manifest_path = saved / "MANIFEST.json"
+    original = manifest_path.read_text()
+    index_bytes = (saved / "quarantine" / "index.sqlite3").read_bytes()
+    # Every held message marked deleted in the index, the hashes recomputed.
+    db = sqlite3.connect(saved / "quarantine" / "index.sqlite3")
+    with db:
+        db.execute("UPDATE items SET state = 'deleted'")
+    db.close()
+    manifest = json.loads(original)
+    for name in manifest["files"]:
+        manifest["files"][name] = hashlib.sha256((saved / name).read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run_cli("restore", "--config", str(new_conf), str(saved), "--cle",
+                   str(cfg.key_file)) == 1
+    assert "MANIFEST.json altéré" in capsys.readouterr().err
+    assert not restored.exists() or not any(restored.iterdir())
+    # A listed file replaced by a link to a file of the same bytes elsewhere.
+    manifest_path.write_text(original)
+    (saved / "quarantine" / "index.sqlite3").write_bytes(index_bytes)
+    [sealed] = (saved / "quarantine" / "msgs").glob("*.qmsg")
+    elsewhere = tmp_path / "ailleurs.qmsg"
+    os.replace(sealed, elsewhere)
+    sealed.symlink_to(elsewhere)
+    assert run_cli("restore", "--config", str(new_conf), str(saved), "--cle",
+                   str(cfg.key_file)) == 1
+    err = capsys.readouterr().err
+    assert "fichier illisible dans la sauvegarde : " in err, err
+    assert not restored.exists() or not any(restored.iterdir())

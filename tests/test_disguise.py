@@ -147,3 +147,15 @@ async def test_the_recipients_address_in_the_subject_and_random_tokens(runtime):
         "Colis 6A12345678901 - commande PO-WB-UK-0022 - réf 3f9a8c7e5b1d2a4c",
         "Bonjour"))
     assert not names(v) & {"RANDOM_TOKEN", "SUBJECT_HAS_RECIPIENT"}
+
+
+@pytest.mark.parametrize(("domain", "disguised"), [
+    ("\U0001d41a\U0001d426\U0001d41a\U0001d433\U0001d428\U0001d427.com", True),  # bold
+    ("mairie-\u00e9t\u00e9.example", False),  # an accented (internationalised) domain
+])
+async def test_the_from_address_itself_is_read_for_disguised_letters(runtime, domain, disguised):
+    """Raw UTF-8 in the header (RFC 6532), as such mail arrives over SMTPUTF8."""
+    raw = (f"From: Service client <contact@{domain}>\r\nTo: docteur@{DOMAIN}\r\n"
+           f"Subject: Votre commande\r\nDate: Sat, 28 Nov 2026 10:00:00 +0100\r\n"
+           f"Message-ID: <d1@test.example>\r\n\r\nBonjour\r\n").encode()
+    assert ("DISGUISED_LETTERS" in names(await verdict(runtime, raw))) == disguised

@@ -81,3 +81,25 @@ async def test_the_colleague_asking_about_her_planning_is_not_held(runtime):
         "Es-tu disponible mardi pour la réunion ? Bonne journée."))
     assert "FRAUD_GIFT_CARD" not in names(v)
     assert v.action is Action.ACCEPT
+
+
+async def test_advance_fee_fraud_asking_replies_at_a_free_mail_address(runtime):
+    """No "million": a business proposal and replies to a private free-mail address."""
+    text = ("Cher ami, je suis le directeur des opérations d'une banque internationale et je "
+            "vous contacte au sujet d'une proposition d'affaires strictement confidentielle. "
+            "Merci de me répondre uniquement à mon adresse privée : m.okafor.prive@gmail.com")
+    v = await verdict(runtime, mail("Dr. Mark Okafor <director@banque-intl.example>",
+                                    "Proposition confidentielle", text))
+    assert "FRAUD_ADVANCE_FEE" in names(v)
+    assert v.action is not Action.ACCEPT
+
+
+async def test_a_notarys_letter_with_a_free_mail_contact_is_not_advance_fee_fraud(runtime):
+    """A notary's office on a small provider's domain, a succession, a confidential letter, a
+    colleague's free-mail address in copy: words that support the core, never the core."""
+    text = ("Maître Lefèvre vous informe que la succession de Mme Durand est ouverte. En tant "
+            "que bénéficiaire, merci de nous faire parvenir votre réponse avant le 15 janvier. "
+            "Ce courrier est strictement confidentiel. Contact : secretariat.lefevre@orange.fr")
+    v = await verdict(runtime, mail("Office notarial Lefèvre <office@notaires-lefevre.example>",
+                                    "Succession Durand", text))
+    assert "FRAUD_ADVANCE_FEE" not in names(v)

@@ -101,9 +101,10 @@ async def test_metrics_sum_the_serving_processes_and_survive_their_restart(tmp_p
     key = ("gateway_messages_total", (("action", "accept"), ("direction", "inbound"),
                                       ("outcome", "delivered")))
     assert values[key] == 12, {k: v for k, v in values.items() if k[0].startswith("gateway_m")}
-    # The values came from more than two processes' files: both before the kill, and after.
-    writers = {p.name.rsplit("_", 1)[1] for p in (data / "metrics").glob("counter_*.db")}
-    assert len(writers) >= 2
+    # The folder (in memory) is gone with the gateway.
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    [folder] = [e["metrics_folder"] for e in events if e["msg"] == "gateway starting"]
+    assert folder.startswith("/dev/shm/gateway-metrics-") and not Path(folder).exists()
     assert values[("gateway_smtp_sessions", ())] == 0
     assert values[("gateway_next_hop_replies_total", (("reply", "250"),))] == 12
     assert values[("gateway_next_hop_seconds_count", ())] == 12
@@ -120,8 +121,18 @@ async def test_metrics_sum_the_serving_processes_and_survive_their_restart(tmp_p
              for name in re.findall(r"gateway_\w+", target["expr"])}
     assert asked and asked <= {name for name, _ in values}, asked - {n for n, _ in values}
     # The log of each message agrees.
-    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert len([e for e in events if e.get("event") == "message"]) == 12
+
+
+async def poll(port: int, path: str, status: int, within_s: float = 20) -> str:
+    """The answer of `path` once it has `status` (the readiness answer is kept 5 s)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        got, text = await asyncio.to_thread(get, port, path)
+        if got == status:
+            return text
+        assert time.monotonic() < deadline, (got, text)
+        await asyncio.sleep(0.2)
 
 
 async def test_readyz_fails_when_the_next_hop_is_down(tmp_path: Path, sink: Sink):
@@ -129,11 +140,36 @@ async def test_readyz_fails_when_the_next_hop_is_down(tmp_path: Path, sink: Sink
                       metrics={"listen": "127.0.0.1:0"})
     async with running(cfg) as gw:
         mport = gw.metrics_port
-        status, text = await asyncio.to_thread(get, mport, "/readyz")
-        assert (status, text) == (200, "ready\n")
+        assert await poll(mport, "/readyz", 200) == "ready\n"
         await sink.stop()
-        status, text = await asyncio.to_thread(get, mport, "/readyz")
-        assert status == 503 and text.startswith(f"next hop smtp:{sink.address}: "), text
+        text = await poll(mport, "/readyz", 503)
+        assert text.startswith(f"next hop smtp:{sink.address}: "), text
+        assert text.strip() != f"next hop smtp:{sink.address}:", "the reason is said"
         assert (await asyncio.to_thread(get, mport, "/healthz")) == (200, "ok\n")
         await sink.start()
-        assert (await asyncio.to_thread(get, mport, "/readyz"))[0] == 200
+        assert await poll(mport, "/readyz", 200) == "ready\n"
+
+
+async def test_readyz_probes_the_next_hop_once_however_many_ask(tmp_path: Path):
+    """A next hop that accepts and never greets; 40 requests at once: one connection."""
+    accepted = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    hop = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    cfg = make_config(tmp_path / "data", next_hop={"address": hop, "starttls": "off",
+                                                   "timeout_s": 2},
+                      metrics={"listen": "127.0.0.1:0"})
+    try:
+        async with running(cfg) as gw:
+            answers = await asyncio.gather(*(asyncio.to_thread(get, gw.metrics_port, "/readyz")
+                                             for _ in range(40)))
+        assert {status for status, _ in answers} == {503}
+        assert len(accepted) == 1
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()

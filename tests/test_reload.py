@@ -155,8 +155,18 @@ def test_gateway_reload_checks_signals_and_reports(tmp_path: Path):
         res = reload()
         assert res.returncode == 1
         assert res.stderr.startswith("Règles refusées, rien n'est changé : "), res.stderr
+        (rules / "lures.toml").write_text((ROOT / "rules" / "lures.toml").read_text())
+        # A second gateway on the same data folder stops before it changes anything.
+        second = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config",
+                                 str(conf), "--listen", f"127.0.0.1:{free_port()}"],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "une passerelle tourne déjà avec ce dossier de données" in second.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=40)
     assert proc.returncode == 0, stderr
-    assert not (tmp_path / "data" / "gateway.pid").exists()
+    # The pid file stays, unlocked: `gateway reload` knows nobody is there to signal.
+    res = reload()
+    assert res.returncode == 1 and res.stderr.startswith(
+        "La passerelle ne tourne pas avec ce dossier de données."), res.stderr

@@ -50,8 +50,9 @@ class AttachmentsCheck:
         self._folders = [cfg.rules_dir / "yara", *(Path(d) for d in a.yara_dirs)]
         self._timeout = a.yara_timeout_s
         self._lock = threading.Lock()
+        # Installed in the worker processes by `install`, when the pipeline takes this check
+        # (at start, or once a reload is accepted): building it changes nothing in use.
         self.yara: YaraRules = compile_rules(self._folders, timeout_s=self._timeout)
-        self._workers.provide(YARA, self.yara)
         # Instance-wide: the fixed set, and whatever symbols the rules name (a third-party
         # folder adds its own, their policy in the rule's metadata: rule_symbols()).
         self.symbols: frozenset[str] = self.fixed_symbols | self.yara.symbols
@@ -70,7 +71,8 @@ class AttachmentsCheck:
                 if path not in previously]
 
     def install(self) -> None:
-        """Give the worker processes this check's rules again (after a refused reload)."""
+        """Give the worker processes this check's rules (the pipeline calls it when it
+        takes the check: at start, and when a reload is accepted)."""
         with self._lock:
             self._workers.provide(YARA, self.yara)
 

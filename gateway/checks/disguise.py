@@ -80,7 +80,9 @@ class DisguiseCheck:
             shown = readable(domain[:100]) or "(vide)"
             hits.append(Hit(symbol="FROM_DOMAIN_INVALID", detail=shown,
                             args=(("domain", shown),)))
-        for field, text in (("From", name), ("Subject", subject)):
+        # The address too: a domain written in mathematical bold or mixed scripts shows a
+        # brand's name to the reader and is nobody's.
+        for field, text in (("From", f"{name} {address}"), ("Subject", subject)):
             how = _disguised(text)
             if how:
                 hits.append(Hit(symbol="DISGUISED_LETTERS", detail=f"{field}: {how}",

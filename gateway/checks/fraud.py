@@ -51,7 +51,9 @@ class FraudCheck:
     def __init__(self, services: Services) -> None:
         rules = services.cfg.rules_dir
         words = read_toml(rules / "lures.toml")
+        lists = read_toml(rules / "domain-lists.toml")
         try:
+            self._freemail = frozenset(str(d).lower() for d in lists["freemail"])
             self._extortion = [re.compile(p) for p in words["extortion_words"]]
             self._callback = [re.compile(p) for p in words["callback_words"]]
             self._advance_fee_core = [re.compile(p) for p in words["advance_fee_core"]]
@@ -59,7 +61,7 @@ class FraudCheck:
             self._crypto_core = [re.compile(p) for p in words["crypto_core"]]
             self._crypto = [re.compile(p) for p in words["crypto_words"]]
         except (KeyError, TypeError, re.error) as exc:
-            raise ConfigError(f"{rules}/lures.toml: {exc}") from None
+            raise ConfigError(f"{rules}/lures.toml or domain-lists.toml: {exc}") from None
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         content = message_content(ctx)
@@ -94,10 +96,15 @@ class FraudCheck:
         # A notary's, an insurer's or an exchange's own mail comes from its domain's servers
         # or carries its signature.
         signed = sender_verified(ctx, msg.from_domain)
-        if not signed and "million" in lower:
+        # Or replies asked to a free-mail address that is not the sender's own (Reply-To, or
+        # one written in the text): the "419" letter's way home, with a core phrase or the
+        # fortune and two phrases.
+        elsewhere = not signed and self._replies_to_free_mail(msg, text)
+        if not signed and ("million" in lower or elsewhere):
             core = _count(self._advance_fee_core, words())
             found = core + _count(self._advance_fee, words())
-            if core and found >= 3:
+            if (core and found >= 3) or (elsewhere and (core or (
+                    "million" in lower and found >= 2))):
                 hits.append(Hit(symbol="FRAUD_ADVANCE_FEE", detail=f"{found} advance-fee phrases",
                                 args=(("count", str(found)),)))
         # Crypto-asset lures: read only when the text names one (most mail never does).
@@ -108,6 +115,16 @@ class FraudCheck:
                 hits.append(Hit(symbol="FRAUD_CRYPTO", detail=f"{found} crypto-asset phrases",
                                 args=(("count", str(found)),)))
         return CheckResult(check=self.name, hits=tuple(hits))
+
+
+    def _replies_to_free_mail(self, msg: ParsedMessage, text: str) -> bool:
+        sender = msg.from_addresses[0].lower() if msg.from_addresses else ""
+        others = {a.lower() for a in msg.reply_to()} | {
+            m.group(0).lower() for m in _ADDRESS.finditer(text[:MAX_TEXT])}
+        return any(a != sender and a.rpartition("@")[2] in self._freemail for a in others)
+
+
+_ADDRESS = re.compile(r"[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,4}")
 
 
 def _count(patterns: list[re.Pattern[str]], folded: str) -> int:

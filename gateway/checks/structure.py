@@ -5,6 +5,7 @@ Facts only, from the ParsedMessage and the envelope; the table gives scores and 
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
@@ -12,6 +13,9 @@ from gateway.message import ParsedMessage
 
 # RFC 5322 section 3.6: fields that may appear at most once.
 _SINGLE = ("Date", "From", "Sender", "Reply-To", "To", "Cc", "Subject", "Message-ID")
+
+
+_GARBLED = re.compile(r'[\s<>"\\]')
 
 
 class StructureCheck:
@@ -44,7 +48,10 @@ class StructureCheck:
             hits.append(Hit(symbol="FROM_MULTIPLE", detail=(
                 f"{from_count} From fields, {len(msg.from_addresses)} addresses"),
                 args=(("fields", str(from_count)), ("addresses", str(len(msg.from_addresses))))))
-        elif not msg.from_addresses:
+        elif not msg.from_addresses or any(_GARBLED.search(a) for a in msg.from_addresses):
+            # Or read as one address that still holds a quote, a bracket or a space: the
+            # parser gave up half-way ("ceo@cabinet.fr\" <x@evil.test>"), and what a mail
+            # reader shows is anyone's guess.
             hits.append(Hit(symbol="FROM_UNPARSABLE"))
         if msg.header_count("Date") == 0:
             hits.append(Hit(symbol="DATE_MISSING"))
