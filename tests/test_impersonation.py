@@ -155,6 +155,9 @@ WEBMAIL_LURE = ("Votre boite de messagerie a atteint sa limite. Sans action de v
     ("https://webmail.web\u3002app/", "LINK_FREE_HOSTING"),
     ("https://WEBMAIL.WEB.APP./", "LINK_FREE_HOSTING"),
     ("https://depot.s3.eu-west-3.amazonaws.com/o365.html", "LINK_FREE_HOSTING"),
+    # Not in the project's list: a tenant of the Public Suffix List's private section.
+    ("https://webmail-cabinet.pythonanywhere.com/login", "LINK_FREE_HOSTING"),
+    ("https://messagerie.duckdns.org/", "LINK_FREE_HOSTING"),
 ])
 async def test_credential_pages_where_anyone_can_publish_are_flagged(runtime, href: str,
                                                                     symbol: str):
@@ -377,3 +380,13 @@ async def test_subject_return_path_and_text_links(runtime):
     assert {"IMPERSONATION_SUBJECT_NAME", "LINK_LOOKALIKE", "LOOKALIKE_RETURN_PATH",
             "LURE"} <= names(v)
     assert v.action is not Action.ACCEPT
+
+
+async def test_a_company_name_under_a_suffix_sold_like_a_tld_is_no_free_hosting(runtime):
+    """acme.eu.com is bought like acme.eu: a company's own site, not a tenant page."""
+    html = (f"<html><body><p>{WEBMAIL_LURE}</p>"
+            '<p><a href="https://portail.acme.eu.com/">Conserver mon compte</a></p></body></html>')
+    v = await verdict(runtime, mail("Service messagerie <support@mailbox-alerts.example>",
+                                    "Action requise : votre boite est pleine",
+                                    "Voir la version HTML", html=html))
+    assert "LINK_FREE_HOSTING" not in names(v)

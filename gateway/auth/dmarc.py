@@ -64,6 +64,7 @@ def undecided(facts: SpfFacts | DkimFacts | Unavailable, name: str) -> str:
 
 
 _PSL = PublicSuffixList(only_icann=False)
+_ICANN = PublicSuffixList(only_icann=True)
 _POLICIES = ("none", "quarantine", "reject")
 
 
@@ -122,6 +123,16 @@ def parse_record(text: str) -> DmarcRecord:
 def org_domain(domain: str) -> str:
     domain = domain.lower().rstrip(".")
     return _PSL.privatesuffix(domain) or domain
+
+
+def hosted_under(host: str) -> str | None:
+    """The suffix of the Public Suffix List's private section `host` is a tenant of (a host
+    anyone can get a name under: github.io, blogspot.com, dynamic DNS...), or None."""
+    host = host.lower().rstrip(".")
+    shared = _PSL.publicsuffix(host)
+    if shared is None or shared == host or shared == _ICANN.publicsuffix(host):
+        return None
+    return str(shared)
 
 
 def dkim_aligned(ctx: CheckContext, from_domain: str) -> bool:

@@ -23,6 +23,7 @@ from gateway.auth.dmarc import (
     DmarcFacts,
     aligned,
     dkim_aligned,
+    hosted_under,
     org_domain,
     sender_verified,
     undecided,
@@ -74,6 +75,7 @@ class ImpersonationCheck:
             self._dynamic_dns = frozenset(str(d).lower() for d in lists["dynamic_dns"])
             self._free_hosting = self._dynamic_dns | frozenset(
                 str(d).lower() for d in lists["free_hosting"])
+            self._sold_like_tlds = frozenset(str(d).lower() for d in lists["sold_like_tlds"])
             self._lures = [re.compile(p) for p in lures["lures"]]
             self._payment_change = re.compile("|".join(f"(?:{p})" for p in
                                                        lures["payment_change"])
@@ -84,6 +86,15 @@ class ImpersonationCheck:
             raise ConfigError(f"{cfg.rules_dir}: domain-lists.toml or lures.toml: {exc}") from None
         self._trusted_sealers = frozenset(d.lower().rstrip(".")
                                           for d in cfg.auth.trusted_arc_sealers)
+
+    def _free_hosted(self, host: str) -> bool:
+        """On a free host of the list, or a tenant of any host of the Public Suffix List's
+        private section (those whose owners give names to anyone: site builders, app
+        hosting, dynamic DNS), but for the second-level domains sold like top-level ones."""
+        if _under(host, self._free_hosting):
+            return True
+        shared = hosted_under(host)
+        return shared is not None and shared not in self._sold_like_tlds
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         hits: list[Hit] = []
@@ -260,7 +271,7 @@ class ImpersonationCheck:
         if lures < (2 if brand.how in ("subject", "link") else 1):
             return []
         away = next((link.host for link in content.links if link.host and (
-            _under(link.host, self._free_hosting) or (
+            self._free_hosted(link.host) or (
                 self._brands.owner(link.host) is not brand.org
                 and self._registry.owner(link.host) is None))), None)
         if away is None:
@@ -329,7 +340,7 @@ class ImpersonationCheck:
                                             detail=f"shows {shown}, goes to {host}",
                                             args=(("domain", host), ("shown", shown)))
             if "LINK_FREE_HOSTING" not in hits and trusted is None and not authenticated \
-                    and _under(host, self._free_hosting):
+                    and self._free_hosted(host):
                 hits["LINK_FREE_HOSTING"] = Hit(symbol="LINK_FREE_HOSTING", detail=host,
                                                 args=(("domain", host),))
             if "LINK_IP_LITERAL" not in hits and link.is_ip:
