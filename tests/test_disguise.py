@@ -159,3 +159,16 @@ async def test_the_from_address_itself_is_read_for_disguised_letters(runtime, do
            f"Subject: Votre commande\r\nDate: Sat, 28 Nov 2026 10:00:00 +0100\r\n"
            f"Message-ID: <d1@test.example>\r\n\r\nBonjour\r\n").encode()
     assert ("DISGUISED_LETTERS" in names(await verdict(runtime, raw))) == disguised
+
+
+@pytest.mark.parametrize(("case", "text", "flagged"), [
+    ("Cyrillic o in two words", "Votre c\u043empte Micr\u043esoft expire : reconnectez-vous.", True),
+    ("Greek omicron and Cyrillic a", "Confirmez votre p\u0430iement sur le p\u03bfrtail.", True),
+    ("one word only", "Votre c\u043empte expire bientôt.", False),
+    ("Russian and French side by side", "Здравствуйте, доктор. Bonjour docteur, "
+     "merci pour le rendez-vous.", False),
+    ("lab results", "Résultats : β-HCG 12 UI/l, γGT 30 UI/l, vitamine B12 250 µg/l.", False),
+])
+async def test_words_mixing_alphabets_in_the_text(runtime, case, text, flagged):
+    v = await verdict(runtime, mail("Service <info@service.example>", "Information", text))
+    assert ("BODY_DISGUISED_LETTERS" in names(v)) == flagged, case

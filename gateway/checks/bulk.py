@@ -17,12 +17,14 @@ from typing import ClassVar
 from gateway.auth.dmarc import sender_verified
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services, Unavailable
 from gateway.checks.content import message_content
+from gateway.checks.disguise import mixed_words
 from gateway.config import read_toml
 from gateway.errors import ConfigError
 from gateway.message import Direction, ParsedMessage
 from gateway.senders import any_word, fold
 
 FOOTER = 2000  # characters at the end of the text where mass mail offers to unsubscribe
+MAX_TEXT = 50_000  # characters of the text read for disguised words
 
 
 class BulkCheck:
@@ -30,7 +32,8 @@ class BulkCheck:
     phase: ClassVar[int] = 2
     produces: ClassVar[type[Facts] | None] = None
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
-    symbols: ClassVar[frozenset[str]] = frozenset({"MIME_HTML_ONLY", "BULK_NO_UNSUBSCRIBE_HEADER"})
+    symbols: ClassVar[frozenset[str]] = frozenset({"MIME_HTML_ONLY", "BULK_NO_UNSUBSCRIBE_HEADER",
+                                                   "BODY_DISGUISED_LETTERS"})
 
     def __init__(self, services: Services) -> None:
         rules = services.cfg.rules_dir
@@ -49,14 +52,24 @@ class BulkCheck:
         # Only mass mail's shape (HTML) and its footer; not a sender whose domain sent or
         # signed it (a practice's software reminding of appointments is transactional, and
         # answerable for what it sends).
-        if "text/html" in bodies and msg.header("List-Unsubscribe") is None \
-                and not sender_verified(ctx, msg.from_domain):
+        signed = sender_verified(ctx, msg.from_domain)
+        if "text/html" in bodies and msg.header("List-Unsubscribe") is None and not signed:
             content = message_content(ctx)
             if not isinstance(content, Unavailable):
                 found = self._unsubscribe.search(fold(content.text[-FOOTER:]))
                 if found:
                     hits.append(Hit(symbol="BULK_NO_UNSUBSCRIBE_HEADER", detail=found.group(0),
                                     args=(("passage", found.group(0)[:80]),)))
+        # Words that mix Latin with letters passing for it ("Micrоsoft" with a Cyrillic о),
+        # twice or more in the text: written to slip past filters, never typed so.
+        if not signed:
+            content = message_content(ctx)
+            if not isinstance(content, Unavailable) and not content.text.isascii():
+                words = mixed_words(content.text[:MAX_TEXT], 2)
+                if len(words) >= 2:
+                    shown = words[0][:40]
+                    hits.append(Hit(symbol="BODY_DISGUISED_LETTERS", detail=shown,
+                                    args=(("word", shown),)))
         return CheckResult(check=self.name, hits=tuple(hits))
 
 

@@ -174,6 +174,21 @@ def _disguised(text: str) -> str:
     return ""
 
 
+def mixed_words(text: str, enough: int) -> list[str]:
+    """Words of `text` that mix Latin letters with letters of other scripts passing for them
+    (as in `_disguised`), different ones, up to `enough` of them."""
+    found: list[str] = []
+    for word in re.findall(r"\w+", text):
+        if word.isascii() or word in found:
+            continue
+        if any(_latin(c) for c in word) and any(
+                _imitates_latin(word, i) for i in range(len(word))):
+            found.append(word)
+            if len(found) >= enough:
+                break
+    return found
+
+
 def _latin(ch: str) -> bool:
     if ch.isascii():
         return ch.isalpha()
