@@ -78,6 +78,20 @@ async def gateway(tmp_path: Path, sink: Sink) -> AsyncIterator[Running]:
         yield gw
 
 
+def pytest_collection_modifyitems(config, items):
+    """GATEWAY_PROMISES=a,b (tests/mutation_sample.py): only the tests of those promises."""
+    wanted = {p for p in os.environ.get("GATEWAY_PROMISES", "").split(",") if p}
+    if not wanted:
+        return
+    keep, drop = [], []
+    for item in items:
+        marks = [m.args[0] for m in item.iter_markers("promise") if m.args]
+        (keep if wanted.intersection(marks) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
     """The RFC 7208 suite's tally, deviations included (tests/test_spf.py lists them)."""
     stats = terminalreporter.stats
