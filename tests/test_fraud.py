@@ -103,3 +103,20 @@ async def test_a_notarys_letter_with_a_free_mail_contact_is_not_advance_fee_frau
     v = await verdict(runtime, mail("Office notarial Lefèvre <office@notaires-lefevre.example>",
                                     "Succession Durand", text))
     assert "FRAUD_ADVANCE_FEE" not in names(v)
+
+
+async def test_a_file_with_its_password_in_the_text_is_a_sign(runtime):
+    from tests.test_attachments import message_with
+    raw = message_with("Facture.zip", b"PK\x03\x04 locked").replace(
+        b"Veuillez trouver le document ci-joint.",
+        b"Veuillez trouver la facture ci-jointe. Mot de passe de l'archive : 4471")
+    assert "ATTACH_PASSWORD_GIVEN" in names(await verdict(runtime, raw))
+
+
+async def test_a_labs_password_hint_is_not_a_password(runtime):
+    """Labs lock results with the patient's birth date and say so: a hint, not a password."""
+    from tests.test_attachments import message_with
+    raw = message_with("Resultats.pdf", b"%PDF-1.4\n%%EOF\n").replace(
+        b"Veuillez trouver le document ci-joint.",
+        b"Vos resultats sont joints. Le mot de passe est votre date de naissance (JJMMAAAA).")
+    assert "ATTACH_PASSWORD_GIVEN" not in names(await verdict(runtime, raw))

@@ -46,7 +46,8 @@ class FraudCheck:
     produces: ClassVar[type[Facts] | None] = None
     directions: ClassVar[frozenset[Direction]] = frozenset({Direction.INBOUND})
     symbols: ClassVar[frozenset[str]] = frozenset({
-        "FRAUD_EXTORTION", "FRAUD_CALLBACK", "FRAUD_ADVANCE_FEE", "FRAUD_CRYPTO"})
+        "FRAUD_EXTORTION", "FRAUD_CALLBACK", "FRAUD_ADVANCE_FEE", "FRAUD_CRYPTO",
+        "ATTACH_PASSWORD_GIVEN"})
 
     def __init__(self, services: Services) -> None:
         rules = services.cfg.rules_dir
@@ -114,6 +115,14 @@ class FraudCheck:
             if core and found >= 3:
                 hits.append(Hit(symbol="FRAUD_CRYPTO", detail=f"{found} crypto-asset phrases",
                                 args=(("count", str(found)),)))
+        # A file locked with a password given beside it, in the text: filters cannot open it,
+        # the reader can (the malware campaigns' way). Not a password's description ("votre
+        # date de naissance"): a value with a digit in it.
+        if not signed and any(p.filename for p in msg.parts):
+            given = _PASSWORD_GIVEN.search(text[:MAX_TEXT])
+            if given:
+                hits.append(Hit(symbol="ATTACH_PASSWORD_GIVEN", detail=given.group(0)[:80],
+                                args=(("passage", given.group(0)[:80]),)))
         return CheckResult(check=self.name, hits=tuple(hits))
 
 
@@ -122,6 +131,12 @@ class FraudCheck:
         others = {a.lower() for a in msg.reply_to()} | {
             m.group(0).lower() for m in _ADDRESS.finditer(text[:MAX_TEXT])}
         return any(a != sender and a.rpartition("@")[2] in self._freemail for a in others)
+
+
+_PASSWORD_GIVEN = re.compile(
+    r"(?i)\b(?:mot de passe|mdp|password|passwort|kennwort|senha|contrase[nñ]a|code d.acc[eè]s)"
+    r"(?:\s+[^\W\d_]{1,12}(?:['’][^\W\d_]{1,12})?){0,5}"  # "de l'archive", "de acesso ao PDF"
+    r"\s*[:：=]\s*(?=[^\s<>\"']*\d)[^\s<>\"']{3,20}(?=[\s.,;)]|$)")
 
 
 _ADDRESS = re.compile(r"[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,4}")
