@@ -15,6 +15,7 @@ waiting and running. The quarantine's size is read from the store when scraped.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+log = logging.getLogger(__name__)
 
 FOLDER_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own name for it
 
@@ -47,6 +50,22 @@ def process_gone(pid: int) -> None:
     if shared():
         from prometheus_client import multiprocess
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def _quiet(method: Callable[..., None]) -> Callable[..., None]:
+    """The recording method, whose failure is logged (once per process) and goes no further."""
+    def run(*args: Any) -> None:
+        global _failed
+        try:
+            method(*args)
+        except Exception:  # noqa: BLE001 - metrics never decide a message's fate
+            if not _failed:
+                _failed = True
+                log.exception("metrics not recorded (said once)")
+    return run
+
+
+_failed = False
 
 
 class Metrics:
@@ -80,7 +99,10 @@ class Metrics:
             self.jobs.labels(state)
 
     # ---- recording ------------------------------------------------------------------------
+    # Never raises: a metric that cannot be written (its file, its folder) must not change
+    # what happens to a message (`_quiet`).
 
+    @_quiet
     def message(self, direction: str, outcome: str, action: str, symbols: list[str],
                 durations: dict[str, float]) -> None:
         self.messages.labels(direction, outcome, action).inc()
@@ -98,32 +120,36 @@ class Metrics:
             child = self._children[key] = metric.labels(label)
         return child
 
+    @_quiet
     def next_hop_answered(self, reply: str, seconds: float) -> None:
         self._child(self.next_hop, reply).inc()
         self.next_hop_seconds.observe(seconds)
 
+    @_quiet
     def dns_lookup(self, result: str) -> None:
         self._child(self.dns, result).inc()
+
+    @_quiet
+    def session(self, change: int) -> None:
+        self.sessions.inc(change)
 
     @contextlib.contextmanager
     def job(self) -> Iterator[Callable[[], None]]:
         """Around a worker job: waiting until the returned function is called, then running."""
-        waiting, running = self.jobs.labels("waiting"), self.jobs.labels("running")
-        waiting.inc()
+        waiting, running = self._child(self.jobs, "waiting"), self._child(self.jobs, "running")
+        moved = _quiet(lambda self, gauge, by: gauge.inc(by))
+        moved(self, waiting, 1)
         state = {"running": False}
 
         def started() -> None:
             if not state["running"]:
                 state["running"] = True
-                waiting.dec()
-                running.inc()
+                moved(self, waiting, -1)
+                moved(self, running, 1)
         try:
             yield started
         finally:
-            if state["running"]:
-                running.dec()
-            else:
-                waiting.dec()
+            moved(self, running if state["running"] else waiting, -1)
 
     # ---- exposition -----------------------------------------------------------------------
 

@@ -123,19 +123,27 @@ class SmtpNextHop:
         return txn
 
     async def probe(self) -> None:
-        client = await self.connect()  # its greeting, EHLO and STARTTLS as for a message
-        with _errors("quit", client):
-            await client.quit()
+        client = self._client()
+        try:  # its greeting, EHLO and STARTTLS as for a message
+            with _errors("connect", client):
+                await client.connect()
+            with _errors("quit", client):
+                await client.quit()
+        finally:  # also when the caller's deadline cancels it half-way
+            client.close()
 
     async def connect(self) -> aiosmtplib.SMTP:
-        client = aiosmtplib.SMTP(
+        client = self._client()
+        with _errors("connect", client):
+            await client.connect()
+        return client
+
+    def _client(self) -> aiosmtplib.SMTP:
+        return aiosmtplib.SMTP(
             hostname=self._address.host, port=self._address.port,
             local_hostname=self._local_hostname, timeout=self.timeout_s,
             start_tls=self._start_tls, validate_certs=self._validate, cert_bundle=self._ca,
             username=self._username, password=self._password)
-        with _errors("connect", client):
-            await client.connect()
-        return client
 
 
 class SmtpTransaction:

@@ -105,9 +105,14 @@ RELOAD_DIR = "reload"  # <pid>.json: each serving process's last reload, for `ga
 
 
 def _reload_status(cfg: Config, error: str | None) -> None:
+    """What this process made of the reload, for `gateway reload` (which then says it did
+    not answer, if this cannot be written: the reload itself stands)."""
     status = {"pid": os.getpid(), "at": time.time(), "error": error}
-    write_private(cfg.data_dir / RELOAD_DIR / f"{os.getpid()}.json",
-                  json.dumps(status).encode())
+    try:
+        write_private(cfg.data_dir / RELOAD_DIR / f"{os.getpid()}.json",
+                      json.dumps(status).encode())
+    except OSError as exc:
+        log.error("reload status not written: %s", exc)
 
 
 def _tls_pair(cfg: Config, folder: Path) -> tuple[str, str] | None:

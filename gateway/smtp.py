@@ -144,11 +144,11 @@ class ConnectionCounter:
     def opened(self) -> None:
         self.active += 1
         self.idle.clear()
-        metrics.get().sessions.inc()
+        metrics.get().session(1)
 
     def closed(self) -> None:
         self.active -= 1
-        metrics.get().sessions.dec()
+        metrics.get().session(-1)
         if self.active == 0:
             self.idle.set()
 

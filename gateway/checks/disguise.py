@@ -178,6 +178,8 @@ def mixed_words(text: str, enough: int) -> list[str]:
     """Words of `text` that mix Latin letters with letters of other scripts passing for them
     (as in `_disguised`), different ones, up to `enough` of them."""
     found: list[str] = []
+    if not _LOOKALIKE_SCRIPTS.search(text):  # most text (French accents too): one C pass
+        return found
     for word in re.findall(r"\w+", text):
         if word.isascii() or word in found:
             continue
@@ -187,6 +189,10 @@ def mixed_words(text: str, enough: int) -> list[str]:
             if len(found) >= enough:
                 break
     return found
+
+
+# The scripts `_imitates_latin` reads: IPA, Greek, Cyrillic, Armenian, Cherokee.
+_LOOKALIKE_SCRIPTS = re.compile("[\u0250-\u02af\u0370-\u058f\u13a0-\u13ff]")
 
 
 def _latin(ch: str) -> bool:

@@ -128,8 +128,9 @@ class FraudCheck:
 
     def _replies_to_free_mail(self, msg: ParsedMessage, text: str) -> bool:
         sender = msg.from_addresses[0].lower() if msg.from_addresses else ""
-        others = {a.lower() for a in msg.reply_to()} | {
-            m.group(0).lower() for m in _ADDRESS.finditer(text[:MAX_TEXT])}
+        others = {a.lower() for a in msg.reply_to()}
+        if "@" in text:  # the address pattern tries every position: only where one can be
+            others |= {m.group(0).lower() for m in _ADDRESS.finditer(text[:MAX_TEXT])}
         return any(a != sender and a.rpartition("@")[2] in self._freemail for a in others)
 
 
