@@ -27,33 +27,36 @@ run: $(STAMP)
 	GATEWAY_CONFIG= $(BIN)/gateway serve $(ARGS)
 
 # Debian packages the tests and the benchmark drive: Postfix (a real next hop, and smtp-sink),
-# HAProxy (a real front proxy speaking the PROXY protocol), systemd (systemd-analyze checks the unit),
+# HAProxy (a real front proxy speaking the PROXY protocol), ClamAV's clamd and rspamd with Redis
+# (the optional engines, each test runs its own), systemd (systemd-analyze checks the unit),
 # Chromium (the banner as a mail reader renders it, the web page driven by Playwright), a font
 # for it, libmagic (true file types) and libatomic (Playwright's node driver needs it). Only
 # these and what they depend on (no recommended packages: no avahi), and no service left
-# running or enabled at boot: Postfix (and HAProxy) are installed
-# unconfigured, kept from starting during the install (policy-rc.d), then disabled; the tests
-# run their own instances. A Postfix installed before is left as it was. Only what is
+# running or enabled at boot: the daemons are installed unconfigured, kept from starting
+# during the install (policy-rc.d), then disabled; the tests run their own instances. A Postfix installed before is left as it was. Only what is
 # missing is installed (dpkg's own record, whatever the PATH).
-SYSTEM_PACKAGES := postfix chromium fonts-dejavu-core libmagic1 libatomic1 haproxy systemd
+SYSTEM_PACKAGES := postfix chromium fonts-dejavu-core libmagic1 libatomic1 haproxy systemd \
+  clamav-daemon rspamd redis-server
+# Daemons these packages bring, never left enabled when this target installed them.
+SYSTEM_SERVICES := postfix haproxy clamav-daemon clamav-freshclam rspamd redis-server
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
-	  case "$$missing" in *postfix*) new_postfix=1;; *) new_postfix=0;; esac; \
-	  case "$$missing" in *haproxy*) new_haproxy=1;; *) new_haproxy=0;; esac; \
-	  if [ $$new_postfix = 1 ]; then \
-	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
-	  fi; \
+	  fresh=""; for s in $(SYSTEM_SERVICES); do \
+	    dpkg-query -W -f='$${Status}' $$s 2>/dev/null | grep -q "ok installed" || fresh="$$fresh $$s"; \
+	  done; \
+	  case "$$missing" in *postfix*) \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections;; \
+	  esac; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; \
 	    trap 'rm -f /usr/sbin/policy-rc.d' EXIT; trap 'exit 130' INT TERM HUP; \
 	  fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends $$missing || exit 1; \
-	  for svc in postfix haproxy; do \
-	    eval new=\$$new_$$svc; [ $$new = 1 ] || continue; \
+	  for svc in $$fresh; do \
 	    systemctl disable $$svc >/dev/null 2>&1 || true; \
 	    update-rc.d $$svc disable >/dev/null 2>&1 || true; \
 	  done; \

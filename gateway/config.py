@@ -159,6 +159,34 @@ class ReputationSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClamavSection:
+    """ClamAV's daemon as a check (gateway/checks/antivirus.py)."""
+
+    __pydantic_config__ = _STRICT
+    enabled: bool = False
+    # clamd's socket: a path (its LocalSocket) or HOST:PORT (its TCPSocket).
+    address: str = "/var/run/clamav/clamd.ctl"
+    timeout_s: float = 20.0  # all the streams of one message; then on_failure
+    connections: int = 4  # sessions kept open to clamd by each serving process
+    # The largest stream clamd takes (its StreamMaxLength); 0 = read it from clamd_conf, or
+    # clamd's default (25 MiB). A larger message is sent file by file.
+    stream_max_bytes: int = 0
+    clamd_conf: str = "/etc/clamav/clamd.conf"
+    # clamd down or out of time: "retry" answers 451 (the sender retries later); "open"
+    # judges the message on the other checks (ANTIVIRUS_UNCHECKED says so).
+    on_failure: Literal["retry", "open"] = "retry"
+    on_malware: Literal["reject", "quarantine"] = "reject"  # a known malware signature
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnginesSection:
+    """Outside engines the gateway can ask (each off by default)."""
+
+    __pydantic_config__ = _STRICT
+    clamav: ClamavSection = field(default_factory=ClamavSection)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QuarantineSection:
     __pydantic_config__ = _STRICT
     key_file: str = ""  # default: <data_dir>/quarantine.key, created at first start (0600)
@@ -301,6 +329,7 @@ class Config:
     quarantine: QuarantineSection = field(default_factory=QuarantineSection)
     reputation: ReputationSection = field(default_factory=ReputationSection)
     attachments: AttachmentsSection = field(default_factory=AttachmentsSection)
+    engines: EnginesSection = field(default_factory=EnginesSection)
     outbound: OutboundSection = field(default_factory=OutboundSection)
     submission: SubmissionSection = field(default_factory=SubmissionSection)
     web: WebSection = field(default_factory=WebSection)
@@ -470,6 +499,17 @@ def validate(cfg: Config, *, source: str = "config") -> None:
           f"tag={s.tag} quarantine={s.quarantine} reject={s.reject}")
     check(s.message_budget_s > 0, "scoring.message_budget_s", "doit être > 0")
     check(cfg.reputation.max_queries >= 0, "reputation.max_queries", "doit être >= 0")
+    av = cfg.engines.clamav
+    check(av.timeout_s > 0, "engines.clamav.timeout_s", "doit être > 0")
+    check(av.connections >= 1, "engines.clamav.connections", "doit être >= 1")
+    check(av.stream_max_bytes >= 0, "engines.clamav.stream_max_bytes",
+          "doit être >= 0 (0 = la valeur de clamd)")
+    if av.enabled and not av.address.startswith("/"):
+        try:
+            parse_host_port(av.address, key="engines.clamav.address")
+        except ConfigError:
+            problems.append(f"{source} : engines.clamav.address : chemin de socket (/…) ou "
+                            f"HOTE:PORT attendu, reçu {av.address!r}")
     check(s.message_budget_s < cfg.smtp.idle_timeout_s, "scoring.message_budget_s",
           "doit rester sous smtp.idle_timeout_s, sinon les clients abandonnent avant le verdict")
     for key in ("parse_s", "dkim_s", "arc_s", "attachments_s", "impersonation_s", "outbound_s",

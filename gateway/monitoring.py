@@ -1,7 +1,7 @@
 """The monitoring listener (`[metrics] listen`, 127.0.0.1:9464 by default): `/metrics` in
 Prometheus's text format, `/healthz` (the serving process answers) and `/readyz` (the next
-hop and the store answer too). Served by the primary serving process; it reads the values
-of every serving process (gateway/metrics.py)."""
+hop, the store and the engines mail waits for answer too). Served by the primary serving
+process; it reads the values of every serving process (gateway/metrics.py)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,10 @@ class Monitoring:
                     await self._rt.store.count()
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"store: {str(exc) or type(exc).__name__}")
+        for check in self._rt.pipeline.checks:  # an engine mail would wait for (clamd)
+            probe = getattr(check, "probe", None)
+            if probe is not None and (problem := await probe()):
+                problems.append(f"{check.name}: {problem}")
         if problems:
             log.warning("not ready", extra={"fields": {"problems": problems}})
         return problems

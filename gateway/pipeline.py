@@ -193,7 +193,11 @@ class Pipeline:
         self._templates = templates
 
     def check(self, name: str) -> Check | None:
-        return next((c for phase in self._phases for c in phase if c.name == name), None)
+        return next((c for c in self.checks if c.name == name), None)
+
+    @property
+    def checks(self) -> list[Check]:
+        return [c for phase in self._phases for c in phase]
 
 
     # ---- action -----------------------------------------------------------------------
@@ -365,7 +369,12 @@ class Pipeline:
             log.exception("correspondents not noted")
 
     async def close(self) -> None:
-        """Statistics and tracking saved, correspondents written; then the history closed."""
+        """Statistics and tracking saved, correspondents written; then the history closed,
+        and the checks' connections (an engine's sessions)."""
+        for check in self.checks:
+            closing = getattr(check, "close", None)
+            if closing is not None:
+                closing()
         await self.flush_stats()
         if self._tracking_task is not None:
             await asyncio.wait([self._tracking_task], timeout=5)

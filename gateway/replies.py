@@ -97,6 +97,10 @@ DMARC_REJECT = Reply(
     text="Message refuse : il n'a pas ete envoye par les serveurs du domaine de l'expediteur, "
          "qui demande de refuser ces messages (DMARC)",
 )
+MALWARE_REJECT = Reply(
+    code=550, status="5.7.1",
+    text="Message refuse : il contient un logiciel malveillant connu de l'antivirus",
+)
 HEALTH_DATA_REJECT = Reply(
     code=550, status="5.7.1",
     text="Message refuse : il contient des donnees de sante et partait sans protection. "

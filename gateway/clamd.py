@@ -1,0 +1,191 @@
+"""A client of ClamAV's daemon (clamd): streams bytes with INSTREAM over its Unix or TCP
+socket, on a small pool of IDSESSION connections (one command at a time on each).
+
+The protocol (clamd(8)): `zIDSESSION\\0` opens a session; in it, `zINSTREAM\\0` is followed
+by chunks, each a 4-byte big-endian length then the bytes, and a zero length; the reply is
+`<id>: stream: OK\\0`, `<id>: stream: <signature> FOUND\\0` or `<id>: <text> ERROR\\0`.
+clamd closes a session left idle past its `IdleTimeout`: a session taken from the pool that
+turns out closed is replaced once, and the stream sent again (scanning has no side effect).
+
+No library fits: aioclamd (the maintained async one) speaks TCP only, opens a connection per
+command and hands each 1 KiB chunk to a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STREAM_MAX = 25 * 1024 * 1024  # clamd's own default StreamMaxLength
+CHUNK = 1024 * 1024
+_REPLY_MAX = 64 * 1024
+_SIZE = re.compile(r"^\s*StreamMaxLength\s+(\d+)([kKmMgG]?)\s*$", re.MULTILINE)
+_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+class ClamdUnavailable(Exception):
+    """clamd could not be reached, closed the connection, or answered with an error."""
+
+
+class StreamTooLarge(ClamdUnavailable):
+    """clamd refused the stream: over its StreamMaxLength."""
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A signature that matched (None: the stream is clean)."""
+
+    signature: str
+
+
+def stream_max_from(conf: Path) -> int | None:
+    """StreamMaxLength of a clamd.conf, in bytes (None: unreadable or not set)."""
+    try:
+        text = conf.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = _SIZE.findall(text)
+    if not found:
+        return None
+    number, unit = found[-1]  # clamd takes the last one
+    return int(number) * _UNITS[unit.lower()]
+
+
+def parse_reply(text: str) -> Found | None:
+    """A reply to INSTREAM (its session id already removed). Raises ClamdUnavailable on an
+    error reply. ExtendedDetectionInfo adds `(hash:size)` after the name: dropped."""
+    if text.endswith(" ERROR"):
+        if "size limit exceeded" in text:
+            raise StreamTooLarge(text)
+        raise ClamdUnavailable(f"clamd answered {text!r}")
+    body = text.removeprefix("stream:").strip()
+    if body == "OK":
+        return None
+    if body.endswith(" FOUND"):
+        name = body[:-len(" FOUND")].strip()
+        name = re.sub(r"\([0-9a-fA-F]+:\d+\)$", "", name).strip()
+        return Found(name or "inconnu")
+    raise ClamdUnavailable(f"clamd answered {text!r}")
+
+
+class _StreamCut(ConnectionError):
+    """The connection broke while the stream was being written."""
+
+
+class _Session:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def instream(self, data: bytes) -> Found | None:
+        w = self.writer
+        try:
+            w.write(b"zINSTREAM\0")
+            view = memoryview(data)
+            for start in range(0, len(view), CHUNK):
+                piece = view[start:start + CHUNK]
+                w.write(struct.pack("!L", len(piece)))
+                w.write(piece)
+                await w.drain()
+            w.write(struct.pack("!L", 0))
+            await w.drain()
+        except OSError as exc:
+            raise _StreamCut(str(exc)) from exc
+        return parse_reply(await self._reply())
+
+    async def _reply(self) -> str:
+        try:
+            raw = await self.reader.readuntil(b"\0")
+        except asyncio.LimitOverrunError as exc:
+            raise ClamdUnavailable("clamd's reply is too long") from exc
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionResetError("clamd closed the session") from exc
+        text = raw[:-1].decode("utf-8", "replace")
+        number, sep, rest = text.partition(": ")  # "<id>: stream: OK" in a session
+        return rest if sep and number.isdigit() else text
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if not self.writer.is_closing():
+                self.writer.write(b"zEND\0")
+            self.writer.close()
+
+
+class Clamd:
+    """One per serving process: at most `connections` streams at once, on sessions kept open
+    between messages."""
+
+    def __init__(self, address: str, *, connections: int, connect_timeout_s: float = 5.0) -> None:
+        self.address = address
+        self._slots = asyncio.Semaphore(max(1, connections))
+        self._idle: list[_Session] = []
+        self._connect_timeout_s = connect_timeout_s
+
+    async def _connect(self, limit: int = _REPLY_MAX) -> tuple[asyncio.StreamReader,
+                                                               asyncio.StreamWriter]:
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                if self.address.startswith("/"):
+                    return await asyncio.open_unix_connection(self.address, limit=limit)
+                host, _, port = self.address.rpartition(":")
+                return await asyncio.open_connection(host.strip("[]"), int(port), limit=limit)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ClamdUnavailable(f"cannot reach clamd at {self.address}: {exc}") from exc
+
+    async def scan(self, data: bytes) -> Found | None:
+        """Stream `data` to clamd: the signature found, or None. Raises ClamdUnavailable
+        (StreamTooLarge: over clamd's limit). Cancelling it drops the session it used."""
+        async with self._slots:
+            session = self._idle.pop() if self._idle else None
+            retry = session is not None
+            while True:
+                if session is None:
+                    reader, writer = await self._connect()
+                    writer.write(b"zIDSESSION\0")
+                    session = _Session(reader, writer)
+                try:
+                    found = await session.instream(data)
+                except OSError as exc:  # reset, broken pipe: clamd closed the session
+                    session.close()
+                    session = None
+                    if retry:  # one clamd closed while it was idle: once more, fresh
+                        retry = False
+                        continue
+                    if isinstance(exc, _StreamCut) and await self.ping():
+                        # Alive, yet it stopped reading: a stream over its StreamMaxLength
+                        # (its reply is lost with the connection when our write fails).
+                        raise StreamTooLarge(f"clamd at {self.address} cut a stream of "
+                                             f"{len(data)} bytes") from exc
+                    raise ClamdUnavailable(f"clamd at {self.address}: {exc}") from exc
+                except BaseException:  # an error reply, a cancelled scan: state unknown
+                    session.close()
+                    raise
+                self._idle.append(session)
+                return found
+
+    async def ping(self) -> bool:
+        """clamd answers PONG (the readiness probe)."""
+        try:
+            reader, writer = await self._connect()
+        except ClamdUnavailable:
+            return False
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                writer.write(b"zPING\0")
+                await writer.drain()
+                return (await reader.readuntil(b"\0")) == b"PONG\0"
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return False
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
