@@ -178,12 +178,41 @@ class ClamavSection:
     on_malware: Literal["reject", "quarantine"] = "reject"  # a known malware signature
 
 
+# rspamd's own checks of what the gateway checks itself (SPF, DKIM, DMARC, ARC), and the
+# client's name, which the gateway does not look up: not counted twice, nor against everyone.
+RSPAMD_IGNORED = ("R_SPF_*", "R_DKIM_*", "DKIM_*", "DMARC_*", "ARC_*", "AUTH_NA",
+                  "R_DMARC_*", "RDNS_*", "HFILTER_HOSTNAME_UNKNOWN", "SPF_*")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RspamdSection:
+    """rspamd as a check (gateway/checks/rspamd.py), and what the admin's decisions teach it."""
+
+    __pydantic_config__ = _STRICT
+    enabled: bool = False
+    url: str = "http://127.0.0.1:11333"  # its normal worker (/checkv2)
+    controller_url: str = "http://127.0.0.1:11334"  # its controller (/learnspam, /learnham)
+    # The controller's password, alone in a file only the gateway's user reads (0600);
+    # empty: no password sent (a controller that trusts the gateway's address).
+    password_file: str = ""
+    timeout_s: float = 15.0  # one message; then on_failure
+    connections: int = 8  # HTTP connections to rspamd per serving process
+    # RSPAMD_SCORE = weight x rspamd's score (its symbols added up, `ignore` left out), capped
+    # at max_score; never below 0: rspamd adds suspicion, it never clears ours.
+    weight: float = 1.0
+    max_score: float = 10.0
+    ignore: tuple[str, ...] = RSPAMD_IGNORED
+    on_failure: Literal["retry", "open"] = "retry"  # as [engines.clamav]
+    learn: bool = True  # the admin's "spam" / "pas un spam" decisions are sent to rspamd
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EnginesSection:
     """Outside engines the gateway can ask (each off by default)."""
 
     __pydantic_config__ = _STRICT
     clamav: ClamavSection = field(default_factory=ClamavSection)
+    rspamd: RspamdSection = field(default_factory=RspamdSection)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -504,6 +533,24 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(av.connections >= 1, "engines.clamav.connections", "doit être >= 1")
     check(av.stream_max_bytes >= 0, "engines.clamav.stream_max_bytes",
           "doit être >= 0 (0 = la valeur de clamd)")
+    rs = cfg.engines.rspamd
+    check(rs.timeout_s > 0, "engines.rspamd.timeout_s", "doit être > 0")
+    check(rs.connections >= 1, "engines.rspamd.connections", "doit être >= 1")
+    check(rs.weight >= 0 and rs.max_score >= 0, "engines.rspamd",
+          "weight et max_score doivent être >= 0")
+    for key, url in (("url", rs.url), ("controller_url", rs.controller_url)):
+        check(not url or re.fullmatch(r"https?://[^/\s]+/?", url) is not None,
+              f"engines.rspamd.{key}", f"http://HOTE:PORT attendu, reçu {url!r}")
+    if rs.password_file:
+        try:
+            mode = Path(rs.password_file).stat().st_mode
+        except OSError:
+            problems.append(f"{source} : engines.rspamd.password_file : fichier introuvable : "
+                            f"{rs.password_file}")
+        else:
+            check(mode & 0o077 == 0, "engines.rspamd.password_file",
+                  "ce fichier contient un mot de passe : il doit être lisible par son seul "
+                  f"propriétaire (chmod 600 {rs.password_file})")
     if av.enabled and not av.address.startswith("/"):
         try:
             parse_host_port(av.address, key="engines.clamav.address")

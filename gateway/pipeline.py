@@ -10,6 +10,7 @@ import asyncio
 import collections
 import dataclasses
 import enum
+import inspect
 import logging
 import re
 import time
@@ -373,8 +374,8 @@ class Pipeline:
         and the checks' connections (an engine's sessions)."""
         for check in self.checks:
             closing = getattr(check, "close", None)
-            if closing is not None:
-                closing()
+            if closing is not None and inspect.isawaitable(done := closing()):
+                await done
         await self.flush_stats()
         if self._tracking_task is not None:
             await asyncio.wait([self._tracking_task], timeout=5)

@@ -16,6 +16,8 @@ audited by the store itself, in the same step, whoever asks:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import string
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,8 +31,10 @@ from gateway.relay import NextHop, deliver
 from gateway.symbols import SymbolTable
 from quarantine.store import Item, Store, SymbolRecord
 
+log = logging.getLogger(__name__)
+
 # Findings that say part of the message was never looked at: what is in it is unknown.
-NOT_ANALYSED_IN_FULL = frozenset({"MIME_TOO_COMPLEX", "MESSAGE_UNPARSABLE"})
+NOT_ANALYSED_IN_FULL = frozenset({"MIME_TOO_COMPLEX", "MESSAGE_UNPARSABLE", "RSPAMD_UNCHECKED"})
 
 
 class HasSymbols(Protocol):
@@ -42,10 +46,23 @@ class HasSymbols(Protocol):
 RenderReleased = Callable[[Iterable[tuple[str, str]], bytes], Awaitable[bytes]]
 
 
+class Learner(Protocol):
+    """A spam engine that learns from the admin's decisions (gateway/rspamd.py)."""
+
+    async def learn(self, raw: bytes, *, spam: bool) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+LEARN_TIMEOUT_S = 15.0
+LEARNT = ("learn_spam", "learn_ham")  # audit actions: the message was taught to the engine
+
+
 class QuarantineService:
     def __init__(self, *, store: Store, table: SymbolTable, next_hop: NextHop,
                  smarthost: NextHop, authserv_id: str, render_released: RenderReleased,
-                 flush_stats: Callable[[], Awaitable[None]], retention_days: float) -> None:
+                 flush_stats: Callable[[], Awaitable[None]], retention_days: float,
+                 learner: Learner | None = None) -> None:
         self.store = store
         self.table = table  # the symbols' French texts and actions, for the pages
         self._next_hop = next_hop
@@ -54,6 +71,7 @@ class QuarantineService:
         self._render_released = render_released
         self._flush_stats = flush_stats
         self.retention_days = retention_days
+        self.learner = learner
 
     async def release(self, item_id: str, *, by: str, client: str = "") -> Item:
         """Deliver and mark released. Raises NotFound, NotQuarantined (released, or being
@@ -128,6 +146,35 @@ class QuarantineService:
             if (s.score > 0 or sym.action is not None) and sym.group not in allowed:
                 return False
         return True
+
+    async def decide(self, item_id: str, *, spam: bool, by: str, client: str = "") -> str:
+        """The admin says a held message is spam or not: the decision is audited, and taught
+        once to the spam engine when there is one (a message already taught is not taught
+        again, whichever way; rspamd also refuses a message it learnt). A French note for
+        the page; raises NotFound. Call it before a delete (the message is read)."""
+        item, raw = await self.store.get(item_id)
+        await self.store.audit(user=by, action="verdict_spam" if spam else "verdict_ham",
+                               target=item.id, client=client)
+        if self.learner is None:
+            return ""
+        if await self.store.audited(item.id, LEARNT):
+            return "Ce message avait déjà été transmis au filtre antispam."
+        try:
+            async with asyncio.timeout(LEARN_TIMEOUT_S):
+                await self.learner.learn(raw, spam=spam)
+        except Exception as exc:  # noqa: BLE001 - the decision stands, its lesson did not go
+            log.warning("learning %s as %s failed: %s", item.id, "spam" if spam else "ham", exc)
+            await self.store.audit(user=by, action="learn_failed", target=item.id,
+                                   client=client, detail=str(exc)[:200])
+            return "Le filtre antispam n'a pas pu en être informé pour le moment."
+        await self.store.audit(user=by, action="learn_spam" if spam else "learn_ham",
+                               target=item.id, client=client)
+        return ("Le filtre antispam apprendra à reconnaître ce genre de message." if spam else
+                "Le filtre antispam apprendra que ce genre de message est légitime.")
+
+    async def close(self) -> None:
+        if self.learner is not None:
+            await self.learner.close()
 
     async def delete(self, item_id: str, *, by: str, client: str = "") -> None:
         """Raises NotFound, or NotQuarantined while someone releases it."""

@@ -36,6 +36,8 @@ class Runtime:
     async def close(self) -> None:
         await self.notifier.close()
         await self.pipeline.close()
+        if self.quarantine is not None:
+            await self.quarantine.close()
         if self.store is not None:
             await self.store.close()
         await asyncio.to_thread(self.auth.close)

@@ -35,6 +35,7 @@ from gateway.authstate import AuthState
 from gateway.banner import load_templates, marker
 from gateway.checks import create_checks
 from gateway.checks.base import Check, Services
+from gateway.checks.rspamd import engine as rspamd_engine
 from gateway.config import Config, HostPort, nameservers
 from gateway.correspondents import Correspondents
 from gateway.digest import Digests
@@ -177,7 +178,9 @@ async def build_runtime(cfg: Config, *, with_store: bool = True) -> Runtime:
     quarantine = None if store is None else QuarantineService(
         store=store, table=table, next_hop=next_hop, smarthost=smarthost,
         authserv_id=cfg.authserv_id, render_released=pipeline.released,
-        flush_stats=pipeline.flush_stats, retention_days=cfg.quarantine.retention_days)
+        flush_stats=pipeline.flush_stats, retention_days=cfg.quarantine.retention_days,
+        learner=rspamd_engine(cfg.engines.rspamd)
+        if cfg.engines.rspamd.enabled and cfg.engines.rspamd.learn else None)
     digests = None if quarantine is None else Digests(cfg, quarantine, next_hop, secret)
     return Runtime(cfg=cfg, table=table, workers=workers, pipeline=pipeline,
                    next_hop=next_hop, smarthost=smarthost, notifier=notifier,

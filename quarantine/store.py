@@ -609,6 +609,16 @@ class Store:
                     "VALUES (?,?,?,?,?,?)", (self._clock(), user, action, target, client, sealed))
         await asyncio.to_thread(_add)
 
+    async def audited(self, target: str, actions: Sequence[str]) -> bool:
+        """Whether the audit log holds one of `actions` about `target` (something done once)."""
+        def _find() -> bool:
+            marks = ",".join("?" * len(actions))
+            with self._lock:
+                return self._conn().execute(
+                    f"SELECT 1 FROM audit WHERE target = ? AND action IN ({marks}) LIMIT 1",
+                    [target, *actions]).fetchone() is not None
+        return bool(actions) and await asyncio.to_thread(_find)
+
     async def audit_log(self, *, limit: int = 100, offset: int = 0,
                         action: str | None = None) -> tuple[list[AuditEntry], int]:
         def _read() -> tuple[list[AuditEntry], int]:

@@ -79,7 +79,7 @@ def names(v) -> set[str]:
     return {s.name for s in v.symbols}
 
 
-@pytest.mark.promise("antivirus-fail-closed")
+@pytest.mark.promise("engines-fail-closed")
 async def test_a_file_only_clamav_knows_is_refused_with_french_550(tmp_path: Path, sink: Sink,
                                                                    clamd: ClamdServer):
     raw = message_with("rapport.dat", SAMPLE)
@@ -139,7 +139,7 @@ async def test_clean_mail_scores_nothing(tmp_path: Path, clamd: ClamdServer):
     assert not {n for n in names(v) if n.startswith("ANTIVIRUS_")}
 
 
-@pytest.mark.promise("antivirus-fail-closed")
+@pytest.mark.promise("engines-fail-closed")
 async def test_clamd_stopped_mid_run_gives_451_and_the_gateway_recovers(tmp_path: Path,
                                                                         sink: Sink,
                                                                         clamd: ClamdServer):
@@ -190,7 +190,7 @@ class HungClamd:
         await self._server.wait_closed()
 
 
-@pytest.mark.promise("antivirus-fail-closed")
+@pytest.mark.promise("engines-fail-closed")
 async def test_a_clamd_that_never_answers_gives_451_in_time(tmp_path: Path, sink: Sink):
     async with HungClamd(tmp_path / "hung.sock") as hung:
         cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"},

@@ -80,7 +80,16 @@ AUDIT_FR = {
     "digest_optout": "rapport de quarantaine désactivé",
     "digest_optout_view": "lien de désinscription du rapport ouvert",
     "digest_optin": "rapport de quarantaine réactivé",
+    "verdict_spam": "jugé spam", "verdict_ham": "jugé légitime (pas un spam)",
+    "learn_spam": "appris comme spam par le filtre antispam",
+    "learn_ham": "appris comme légitime par le filtre antispam",
+    "learn_failed": "filtre antispam non informé (erreur)",
 }
+ITEM_ACTIONS = ("liberer", "liberer-pas-spam", "liberer-autoriser", "bloquer", "supprimer",
+                "supprimer-spam")
+# The actions that say what the message is: spam (True) or not (False).
+LEARNT_AS = {"liberer-pas-spam": False, "liberer-autoriser": False, "bloquer": True,
+             "supprimer-spam": True}
 # Pages opened from a link in a mail, without an account: rate-limited per client address.
 LINK_PATHS = ("/rapport/", "/liberation/")
 LINK_REQUESTS = 60  # per client address (IPv6: its /64) and LINK_WINDOW_S
@@ -473,7 +482,7 @@ class WebApp:
             return refused
         item_id = request.match_info["id"]
         action = request.match_info["action"]
-        if action not in ("liberer", "liberer-autoriser", "bloquer", "supprimer"):
+        if action not in ITEM_ACTIONS:
             raise web.HTTPNotFound()
         if action.startswith("liberer"):
             form = await request.post()
@@ -516,20 +525,28 @@ class WebApp:
         """One action on one item; a French message for the page."""
         assert self.store is not None
         user = request[SESSION].user
+        client = self.client(request)
         try:
             item = await self.store.item(item_id)
-            if action == "supprimer":
-                await self.quarantine.delete(item_id, by=f"web:{user}", client=self.client(request))
-                return "Message supprimé."
+            # The admin's judgement (spam or not), taught to the spam engine when there is
+            # one: before a delete, which removes the message.
+            note = ""
+            if action in LEARNT_AS:
+                note = await self.quarantine.decide(item_id, spam=LEARNT_AS[action],
+                                                    by=f"web:{user}", client=client)
+            if action.startswith("supprimer"):
+                await self.quarantine.delete(item_id, by=f"web:{user}", client=client)
+                return _joined("Message supprimé.", note)
             if action == "bloquer":
                 entry = await asyncio.to_thread(self.lists.add, "block", _sender(item), by=user)
                 await self.audit(request, "block", item_id, entry.value)
-                return f"Expéditeur {entry.value} bloqué pour les prochains messages."
+                return _joined(f"Expéditeur {entry.value} bloqué pour les prochains messages.",
+                               note)
             if action == "liberer-autoriser":
                 entry = await asyncio.to_thread(self.lists.add, "allow", _sender(item), by=user)
                 await self.audit(request, "allow", item_id, entry.value)
-            await self.quarantine.release(item_id, by=f"web:{user}", client=self.client(request))
-            return "Message libéré et remis au destinataire."
+            await self.quarantine.release(item_id, by=f"web:{user}", client=client)
+            return _joined("Message libéré et remis au destinataire.", note)
         except NotFound:
             return "Impossible : message introuvable."
         except NotQuarantined as exc:
@@ -868,6 +885,9 @@ def _yara_rules(item: Item, name: str) -> list[str]:
 def _preview(raw: bytes, show: bool) -> preview.Preview:
     return preview.build(raw, show_identifiers=show)
 
+
+def _joined(*sentences: str) -> str:
+    return " ".join(x for x in sentences if x)
 
 def _sender(item: Item) -> str:
     """The address to allow or block: From's, else the envelope sender's."""
