@@ -138,7 +138,9 @@ class _Html(html.parser.HTMLParser):
     <iframe>/<frame> src, and a <meta> refresh; an <a>'s text is added at its </a>."""
 
     _TARGETS = {"a": "href", "area": "href", "form": "action", "iframe": "src", "frame": "src",
-                "button": "formaction", "input": "formaction"}
+                "button": "formaction", "input": "formaction",
+                # Outlook's VML shapes (a button drawn for Outlook): a click opens their href.
+                "v:roundrect": "href", "v:rect": "href", "v:oval": "href", "v:shape": "href"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -179,6 +181,18 @@ class _Html(html.parser.HTMLParser):
             self.links.append(Link(href=href[:200], host="", text=""))
             return True
         return False
+
+    def handle_comment(self, data: str) -> None:
+        # Outlook shows what a conditional comment holds (<!--[if mso]> ... <![endif]-->):
+        # its links count, the button drawn there in VML for Outlook alone included (other
+        # readers, and filters that skip comments, never see where that one goes).
+        if self._skip or data[:3].lower() != "[if" or len(self.links) >= MAX_LINKS:
+            return
+        inner = _Html()
+        with contextlib.suppress(AssertionError, ValueError):
+            inner.feed(data.partition("]>")[2])
+            inner.close()
+        self.links += inner.links[:MAX_LINKS - len(self.links)]
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("script", "style") and self._skip:

@@ -163,6 +163,65 @@ async def test_unsigned_mail_pressing_to_follow_a_link_elsewhere(runtime):
     assert v.action is Action.ACCEPT
 
 
+def outlook_button(href: str, text: str) -> str:
+    """A button drawn in VML for Outlook alone (inside a conditional comment), as mailing
+    tools write it; other readers see the plain link after it."""
+    return (f"<!--[if mso]><v:roundrect xmlns:v='urn:schemas-microsoft-com:vml' href='{href}' "
+            f"style='height:38px'><center>{text}</center></v:roundrect><![endif]-->"
+            f"<!--[if !mso]><!--><a href='{href}'>{text}</a><!--<![endif]-->")
+
+
+async def test_a_link_drawn_for_outlook_alone_is_read(runtime):
+    """The link Outlook users click, hidden from other readers in a conditional comment,
+    is looked at like any other: here a page on free hosting (an IPFS gateway)."""
+    page = ("<p>Votre boîte de réception a atteint sa limite. Vérifiez votre compte.</p>"
+            "<!--[if mso]><v:roundrect xmlns:v='urn:schemas-microsoft-com:vml' "
+            "href='https://ipfs.io/ipfs/bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi'"
+            "><center>Vérifier</center></v:roundrect><![endif]-->")
+    v = await verdict(runtime, html_only("Messagerie <admin@webmail-service.example>",
+                                         "Quota de messagerie", page))
+    assert "LINK_FREE_HOSTING" in names(v)
+    # A newsletter's Outlook button to its own site, with List-Unsubscribe: nothing.
+    page = ("<p>Nos nouveautés de décembre.</p>"
+            + outlook_button("https://www.medi-boutique.example/promo", "Voir l'offre"))
+    v = await verdict(runtime, mail("Médi-Boutique <promo@medi-boutique.example>", "Nouveautés",
+                                    "Nos nouveautés de décembre.", html=page,
+                                    extra={"List-Unsubscribe": "<https://www.medi-boutique.example/u>"}))
+    assert not {n for n in names(v) if n.startswith("LINK_")}
+    assert v.action is Action.ACCEPT
+
+
+async def test_a_machine_made_sender_pressing_to_its_own_site(runtime):
+    """A throw-away sender (random tokens in its name) that presses to follow a link to its
+    own throw-away host: its site vouches for nothing."""
+    page = ("<p>Final notice: your account will be suspended. Click on the link below to "
+            "verify your account within 24 hours.</p>"
+            "<p><a href='https://qWxTrbZk-notice.example/verify'>Verify</a></p>")
+    v = await verdict(runtime, html_only("Account Service <qWxTrbZkPo@qWxTrbZk-notice.example>",
+                                         "Account notice", page))
+    assert {"LURE", "RANDOM_TOKEN"} <= names(v)
+    assert v.action is not Action.ACCEPT
+    # A supplier's reminder to pay on its own site, from a plain address: no lure.
+    page = ("<p>Paiement en attente pour la facture F118. Pour régler en ligne, "
+            "<a href='https://paiement.medi-fournitures.example/f118'>cliquez ici</a>. "
+            "Dernier rappel avant frais de dossier.</p>")
+    v = await verdict(runtime, html_only(
+        "Comptabilité Médi-Fournitures <compta@medi-fournitures.example>",
+        "Relance facture F118", page))
+    assert "LURE" not in names(v)
+    assert v.action is Action.ACCEPT
+
+
+async def test_click_on_the_link_is_a_lure_phrase(runtime):
+    """English phrasing of "cliquez sur le lien", as "click the link" already was."""
+    page = ("<p>Click on the link below to keep your messages within 24 hours.</p>"
+            "<p><a href='https://verif-acces.example/login'>Keep</a></p>")
+    v = await verdict(runtime, html_only("Mail Admin <no-reply@avis-acces7741>",
+                                         "Re: Messages", page))
+    lure = next(s for s in v.symbols if s.name == "LURE")
+    assert dict(lure.args)["count"] == "2"  # click on the link; within 24 hours
+
+
 ADVANCE_FEE = ("Je suis Maître Kofi, avocat. Mon défunt client, décédé sans héritier, a laissé "
                "la somme de 8,5 millions d'euros sur un compte dormant. Je vous propose d'en "
                "être le bénéficiaire ; cette affaire est strictement confidentielle. Envoyez-"

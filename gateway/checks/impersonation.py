@@ -177,6 +177,9 @@ class ImpersonationCheck:
         invalid = any(h.symbol == "FROM_DOMAIN_INVALID" for r in ctx.earlier for h in r.hits)
         posing = unsigned and (invalid or (disguised and bool(
             self._org_words.search(fold(msg.from_display[:200])))))
+        # A sender made by a machine (random tokens, the recipient in the subject, letters
+        # in disguise) has no site of its own to vouch for: a link there presses as well.
+        made = any(h.symbol in _MACHINE_MADE for r in ctx.earlier for h in r.hits)
         spf = ctx.facts(SpfFacts)
         spf_fail = (isinstance(spf, SpfFacts) and spf.result is AuthStatus.FAIL
                     and spf.identity == "mailfrom")
@@ -184,7 +187,8 @@ class ImpersonationCheck:
                  if strong or spf_fail or (unsigned and disguised) or brand is not None else 0)
         home = org_domain(from_domain) if from_domain else ""
         if found and (strong or posing or (unsigned and disguised and found >= 2 and any(
-                link.host and org_domain(link.host) != home for link in content.links))):
+                link.host and (made or org_domain(link.host) != home)
+                for link in content.links))):
             hits.append(Hit(symbol="LURE", factor=float(min(found, 3)),
                             detail=f"{found} lure phrases", args=(("count", str(found)),)))
         if brand is not None:
@@ -391,6 +395,10 @@ _HIDING = frozenset({
 _REPLIES_ELSEWHERE = frozenset({"FREEMAIL_HEALTH_REPLY_ELSEWHERE", "REPLYTO_FREEMAIL"})
 _BRAND_LINKS = 100  # links whose text is looked at for a brand's site
 _BRAND_LINK_DOMAINS = 20  # distinct sites of links looked at for a brand look-alike
+
+
+_MACHINE_MADE = frozenset({"RANDOM_TOKEN", "DISGUISED_LETTERS", "SUBJECT_HAS_RECIPIENT",
+                           "FROM_NAME_OTHER_ADDRESS"})
 
 
 def _reply_to_domains(msg: ParsedMessage) -> list[str]:
