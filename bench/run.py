@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: the gateway against the bare pass-through proxy, in the same run.
 
-    python bench/run.py [-c 10] [--runs 3] [--workers 0] [--also-c 50]
+    python bench/run.py [-c 10] [--runs 3] [--workers 0] [--also-c 50] [--engines]
 
 For each system (the bare aiosmtpd pass-through `../shared/bench/pyproxy.py` when present, and
 the gateway with its structural checks), starts it in front of Postfix's `smtp-sink` on
@@ -11,11 +11,17 @@ whole process tree. Reports messages/s, p50/p99 latency (connect to final 250) a
 Markdown table and JSON lines (bench/out/results.jsonl). The corpus is the shared reference one
 (`../shared/bench/make_corpus.py -n 500`), else bench/corpus.py; the load generator is
 `../shared/bench/smtpload.py`, else bench/load.py.
+
+`--engines` also measures the gateway with ClamAV on, and with rspamd on, in the same run:
+a real clamd (the signature database of tests/support/clamd.py: the official one cannot be
+downloaded here) and a real rspamd with Redis (the configuration of docker/rspamd/), started
+on loopback for the run. Their own memory is reported apart from the gateway's.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -209,6 +215,8 @@ def main() -> None:
                     help="extra concurrency levels to measure (e.g. 50)")
     ap.add_argument("--compare", metavar="REV", help="also run the gateway of this git "
                     "revision (a temporary worktree), alternating with this one in each run")
+    ap.add_argument("--engines", action="store_true",
+                    help="also the gateway with ClamAV on, and with rspamd on (started here)")
     ap.add_argument("--no-web", action="store_true",
                     help="gateway without its web page (served by one process by default)")
     args = ap.parse_args()
@@ -249,6 +257,19 @@ def main() -> None:
                          "--dns", dns_server.address,
                          "--web-listen", "" if args.no_web else f"127.0.0.1:{free_port()}"], g,
                         None))
+        engines: list[object] = []
+        if args.engines:
+            for name, section in start_engines(data_dir, dns_server.address, engines):
+                e = free_port()
+                engine_conf = data_dir / f"bench-{name}.toml"
+                engine_conf.write_text(conf.read_text() + section)
+                cmd = [a if a != str(conf) else str(engine_conf) for a in systems[-1][1]]
+                cmd[cmd.index("--listen") + 1] = f"127.0.0.1:{e}"
+                cmd[cmd.index("--data-dir") + 1] = str(data_dir / name)
+                if not args.no_web:
+                    cmd[cmd.index("--web-listen") + 1] = f"127.0.0.1:{free_port()}"
+                systems.append((f"gateway + {name} (workers={args.workers or os.cpu_count()})",
+                                cmd, e, None))
         if args.compare:
             # The other revision's gateway, from its own worktree.
             tree = Path(tempfile.mkdtemp(prefix="gw-compare-")) / "tree"
@@ -274,6 +295,11 @@ def main() -> None:
                                                      args.count, cwd))
                 rows += [summarise(runs) for runs in runs_of.values()]
         finally:
+            for server in engines:
+                kb = sum(tree_memory_kb(pid) for pid in server.pids)  # type: ignore[attr-defined]
+                print(f"{type(server).__name__}: memory (PSS) {kb / 1024:.1f} MB at the end "
+                      "of the run", file=sys.stderr)
+                asyncio.run(server.stop())  # type: ignore[attr-defined]
             if args.compare:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                 str(tree)], check=False)
@@ -292,6 +318,22 @@ def main() -> None:
         print(f"| {r['system']} | {r['concurrency']} | {r['msgs_per_s']} | "
               f"{r['p50_ms']} / {r['p99_ms']} | {r['cpu_ms_per_msg']} | {r['peak_mem_mb']} | "
               f"{r['fail']} |")
+
+
+def start_engines(data_dir: Path, dns: str, started: list[object]) -> list[tuple[str, str]]:
+    """clamd and rspamd (with Redis) on loopback, as the tests start them; each engine's
+    name and the configuration section that turns it on."""
+    from tests.support.clamd import ClamdServer
+    from tests.support.rspamd import RspamdServer
+    clamd = ClamdServer(data_dir / "clamd")
+    asyncio.run(clamd.start())
+    started.append(clamd)
+    rspamd = RspamdServer(data_dir / "rspamd", dns)
+    asyncio.run(rspamd.start())
+    started.append(rspamd)
+    return [("clamav", f'[engines.clamav]\nenabled = true\naddress = "{clamd.socket}"\n'),
+            ("rspamd", f'[engines.rspamd]\nenabled = true\nurl = "{rspamd.url}"\n'
+                       f'controller_url = "{rspamd.controller_url}"\n')]
 
 
 def summarise(runs: list[dict[str, object]]) -> dict[str, object]:

@@ -70,6 +70,10 @@ class ClamdServer:
         finally:
             writer.close()
 
+    @property
+    def pids(self) -> list[int]:
+        return [self._proc.pid] if self._proc is not None else []
+
     async def stop(self) -> None:
         if self._proc is None:
             return

@@ -128,6 +128,11 @@ class RspamdServer:
         finally:
             writer.close()
 
+    @property
+    def pids(self) -> list[int]:
+        """Redis, and rspamd's main process (its workers are its children)."""
+        return [p.pid for p in self._procs]
+
     async def stop(self) -> None:
         """rspamd (its main process and workers, one process group), then Redis."""
         for p in reversed(self._procs):
