@@ -58,6 +58,17 @@ def stream_max_from(conf: Path) -> int | None:
     return int(number) * _UNITS[unit.lower()]
 
 
+def max_scan_time_ms(conf: Path) -> int | None:
+    """MaxScanTime of a clamd.conf, in milliseconds (0: no limit; None: unreadable or not
+    set, clamd's default then being 120000)."""
+    try:
+        text = conf.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = re.findall(r"^\s*MaxScanTime\s+(\d+)\s*$", text, re.MULTILINE)
+    return int(found[-1]) if found else None
+
+
 def parse_reply(text: str) -> Found | None:
     """A reply to INSTREAM (its session id already removed). Raises ClamdUnavailable on an
     error reply. ExtendedDetectionInfo adds `(hash:size)` after the name: dropped."""
@@ -97,7 +108,16 @@ class _Session:
             w.write(struct.pack("!L", 0))
             await w.drain()
         except OSError as exc:
-            raise _StreamCut(str(exc)) from exc
+            # clamd stops reading a stream over its StreamMaxLength, says so and closes: when
+            # the connection only ended (no error on it), that reply is still to be read.
+            text = None
+            if self.reader.exception() is None:
+                with contextlib.suppress(OSError, TimeoutError, ClamdUnavailable):
+                    async with asyncio.timeout(1.0):
+                        text = await self._reply()
+            if text is None:
+                raise _StreamCut(str(exc)) from exc
+            return parse_reply(text)
         return parse_reply(await self._reply())
 
     async def _reply(self) -> str:
@@ -158,9 +178,10 @@ class Clamd:
                     if retry:  # one clamd closed while it was idle: once more, fresh
                         retry = False
                         continue
-                    if isinstance(exc, _StreamCut) and await self.ping():
-                        # Alive, yet it stopped reading: a stream over its StreamMaxLength
-                        # (its reply is lost with the connection when our write fails).
+                    if isinstance(exc, _StreamCut) and len(data) > CHUNK and await self.ping():
+                        # Alive, yet it stopped reading a large stream: over its
+                        # StreamMaxLength (its reply lost with the connection when our write
+                        # failed). A small stream cut is clamd's own trouble: unavailable.
                         raise StreamTooLarge(f"clamd at {self.address} cut a stream of "
                                              f"{len(data)} bytes") from exc
                     raise ClamdUnavailable(f"clamd at {self.address}: {exc}") from exc

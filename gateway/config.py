@@ -539,8 +539,9 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     check(rs.weight >= 0 and rs.max_score >= 0, "engines.rspamd",
           "weight et max_score doivent être >= 0")
     for key, url in (("url", rs.url), ("controller_url", rs.controller_url)):
-        check(not url or re.fullmatch(r"https?://[^/\s]+/?", url) is not None,
-              f"engines.rspamd.{key}", f"http://HOTE:PORT attendu, reçu {url!r}")
+        check(not url or re.fullmatch(r"https?://[^/\s@]+/?", url) is not None,
+              f"engines.rspamd.{key}", "http://HOTE:PORT attendu (le mot de passe va dans "
+              f"password_file, jamais dans l'adresse), reçu {url.partition('@')[2] or url!r}")
     if rs.password_file:
         try:
             mode = Path(rs.password_file).stat().st_mode

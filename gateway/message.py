@@ -206,6 +206,10 @@ def decode_transfer(payload: bytes, cte: str | None) -> bytes | None:
         try:
             return binascii.a2b_base64(payload)
         except binascii.Error:
+            pass
+        try:  # its padding left out: mail readers decode it all the same, so do we
+            return binascii.a2b_base64(payload + b"===")
+        except binascii.Error:
             return None
     if cte == "quoted-printable":
         return binascii.a2b_qp(payload)

@@ -372,10 +372,7 @@ class Pipeline:
     async def close(self) -> None:
         """Statistics and tracking saved, correspondents written; then the history closed,
         and the checks' connections (an engine's sessions)."""
-        for check in self.checks:
-            closing = getattr(check, "close", None)
-            if closing is not None and inspect.isawaitable(done := closing()):
-                await done
+        await close_checks(self.checks)
         await self.flush_stats()
         if self._tracking_task is not None:
             await asyncio.wait([self._tracking_task], timeout=5)
@@ -559,6 +556,21 @@ class Pipeline:
         if len(inbound.rcpts) == 1:
             value += f" for <{inbound.rcpts[0]}>"
         return f"{value}; {formatdate(inbound.received_at, localtime=True)}"
+
+
+async def close_checks(checks: Sequence[Check], *, after_s: float = 0.0) -> None:
+    """Close what the checks hold open (an engine's connections), after `after_s`: checks
+    replaced by a reload, once no message analysed with them can still be running."""
+    if after_s:
+        await asyncio.sleep(after_s)
+    for check in checks:
+        closing = getattr(check, "close", None)
+        if closing is not None:
+            try:
+                if inspect.isawaitable(done := closing()):
+                    await done
+            except Exception:  # noqa: BLE001 - one check's connections never stop the rest
+                log.exception("closing check %s failed", check.name)
 
 
 def install(checks: Sequence[Check]) -> None:

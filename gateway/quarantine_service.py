@@ -72,6 +72,7 @@ class QuarantineService:
         self._flush_stats = flush_stats
         self.retention_days = retention_days
         self.learner = learner
+        self._learning: dict[str, asyncio.Lock] = {}  # items being taught to the engine
 
     async def release(self, item_id: str, *, by: str, client: str = "") -> Item:
         """Deliver and mark released. Raises NotFound, NotQuarantined (released, or being
@@ -157,18 +158,28 @@ class QuarantineService:
                                target=item.id, client=client)
         if self.learner is None:
             return ""
-        if await self.store.audited(item.id, LEARNT):
-            return "Ce message avait déjà été transmis au filtre antispam."
+        # One lesson per message: two clicks in this process wait for each other (rspamd
+        # itself refuses a message it learnt, across processes and nodes).
+        lock = self._learning.setdefault(item.id, asyncio.Lock())
         try:
-            async with asyncio.timeout(LEARN_TIMEOUT_S):
-                await self.learner.learn(raw, spam=spam)
-        except Exception as exc:  # noqa: BLE001 - the decision stands, its lesson did not go
-            log.warning("learning %s as %s failed: %s", item.id, "spam" if spam else "ham", exc)
-            await self.store.audit(user=by, action="learn_failed", target=item.id,
-                                   client=client, detail=str(exc)[:200])
-            return "Le filtre antispam n'a pas pu en être informé pour le moment."
-        await self.store.audit(user=by, action="learn_spam" if spam else "learn_ham",
-                               target=item.id, client=client)
+            async with lock:
+                if await self.store.audited(item.id, LEARNT):
+                    return "Ce message avait déjà été transmis au filtre antispam."
+                try:
+                    async with asyncio.timeout(LEARN_TIMEOUT_S):
+                        if not await self.learner.learn(raw, spam=spam):
+                            raise RuntimeError("the engine did not learn it")
+                except Exception as exc:  # noqa: BLE001 - the decision stands, not its lesson
+                    log.warning("learning %s as %s failed: %s", item.id,
+                                "spam" if spam else "ham", exc)
+                    await self.store.audit(user=by, action="learn_failed", target=item.id,
+                                           client=client, detail=str(exc)[:200])
+                    return "Le filtre antispam n'a pas pu en être informé pour le moment."
+                await self.store.audit(user=by, action="learn_spam" if spam else "learn_ham",
+                                       target=item.id, client=client)
+        finally:
+            if not lock.locked() and self._learning.get(item.id) is lock:
+                del self._learning[item.id]
         return ("Le filtre antispam apprendra à reconnaître ce genre de message." if spam else
                 "Le filtre antispam apprendra que ce genre de message est légitime.")
 

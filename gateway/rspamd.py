@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -55,7 +56,9 @@ def read_answer(body: object, ignore: Sequence[str]) -> Answer:
             continue
         try:
             score = float(sym.get("score", 0.0))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if score != score or abs(score) == float("inf"):  # NaN, infinite: not a score
             continue
         counted.append((str(name), score))
     counted.sort(key=lambda s: (-s[1], s[0]))
@@ -105,18 +108,19 @@ class Rspamd:
 
     async def _post(self, url: str, raw: bytes, headers: CIMultiDict[str], *,
                     learning: bool = False) -> object:
-        try:
-            async with self._http().post(url, data=raw, headers=headers) as resp:
+        try:  # never redirected: the controller's password goes to its own address only
+            async with self._http().post(url, data=io.BytesIO(raw), headers=headers,
+                                         allow_redirects=False) as resp:
                 text = await resp.text(errors="replace")
                 if learning and resp.status == 208:  # "already learned": learnt once
                     return {"success": True}
                 if resp.status != 200:
                     raise RspamdUnavailable(f"rspamd {url} answered {resp.status}: {text[:200]}")
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a header value
             raise RspamdUnavailable(f"rspamd {url}: {exc or type(exc).__name__}") from exc
         try:
             return json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise RspamdUnavailable(f"rspamd {url}: not JSON") from exc
 
     async def ping(self) -> bool:

@@ -42,7 +42,7 @@ from gateway.digest import Digests
 from gateway.errors import ConfigError
 from gateway.message import Direction
 from gateway.notice import Notifier, release_token
-from gateway.pipeline import Pipeline, emitted_symbols, install
+from gateway.pipeline import Pipeline, close_checks, emitted_symbols, install
 from gateway.quarantine_service import QuarantineService
 from gateway.relay import create_next_hop, create_smarthost
 from gateway.runtime import Runtime
@@ -256,7 +256,12 @@ class Running:
                         "error": error[:2000]}})
                     return error
                 await asyncio.to_thread(install, checks)
+                replaced = rt.pipeline.checks
                 rt.pipeline.use(table, checks, templates)
+                # Their connections (an engine's) closed once no message can still use them.
+                self.tasks[:] = [t for t in self.tasks if not t.done()]
+                self.tasks.append(asyncio.create_task(close_checks(
+                    replaced, after_s=cfg.scoring.message_budget_s + 5)))
                 rt.table = table
                 if rt.quarantine is not None:
                     rt.quarantine.table = table

@@ -7,6 +7,7 @@ the admin chose to fail open)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import zipfile
@@ -18,7 +19,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from gateway.clamd import stream_max_from
+from gateway.clamd import max_scan_time_ms, stream_max_from
 from gateway.cli import to_crlf
 from gateway.message import Inbound
 from gateway.service import build_runtime, running
@@ -268,3 +269,81 @@ async def test_readyz_says_when_clamd_does_not_answer(tmp_path: Path, sink: Sink
         assert text == f"antivirus: clamd at {clamd.socket} does not answer\n"
         await clamd.start()
         assert await poll(gw.metrics_port, "/readyz", 200) == "ready\n"
+
+
+async def small_clamd(tmp_path: Path, stream_max: str = "8K") -> ClamdServer:
+    require_clamd()
+    server = ClamdServer(tmp_path / f"clamd-{stream_max}", stream_max=stream_max)
+    await server.start()
+    return server
+
+
+def unpadded(pad_lines: int) -> bytes:
+    """The signed file in base64 with its padding left out (mail readers decode it all the
+    same), after two text files that make the message larger than one stream."""
+    b64 = base64.encodebytes(SAMPLE).decode().replace("\n", "\r\n").rstrip("\r\n").rstrip("=")
+    text = ("annexe " * 10 + "\r\n") * pad_lines
+    return (f"From: Laboratoire <resultats@labo.example>\r\nTo: docteur@{DOMAIN}\r\n"
+            "Subject: Documents\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/mixed; boundary=B42\r\n\r\n"
+            "--B42\r\nContent-Type: text/plain\r\n\r\nCi-joint.\r\n"
+            f"--B42\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; "
+            f"filename=annexe.txt\r\n\r\n{text}"
+            f"--B42\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; "
+            f"filename=annexe2.txt\r\n\r\n{text}"
+            "--B42\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: "
+            "base64\r\nContent-Disposition: attachment; filename=rapport.dat\r\n\r\n"
+            f"{b64}\r\n--B42--\r\n").encode()
+
+
+@pytest.mark.promise("engines-fail-closed")
+async def test_what_cannot_be_sent_to_clamd_is_held_never_passed(tmp_path: Path):
+    """A file padded past clamd's stream limit, parts past our parser's limits, a part we
+    cannot decode: each would reach the mailbox unscanned. Held instead."""
+    small = await small_clamd(tmp_path)
+    try:
+        cfg = make_config(tmp_path / "a", engines=engine(small.socket, clamd_conf=str(small.conf)))
+        padded = message_with("rapport.dat", SAMPLE + b"\0" * 20000)
+        v = await verdict(cfg, padded)
+        assert "ANTIVIRUS_TOO_BIG" in names(v)
+        assert v.action is Action.QUARANTINE
+        # The limit unknown to the gateway (clamd.conf not readable, as in a container):
+        # clamd refuses the stream, and the same follows.
+        v = await verdict(make_config(tmp_path / "b", engines=engine(
+            small.socket, clamd_conf=str(tmp_path / "absent"))), padded)
+        assert "ANTIVIRUS_TOO_BIG" in names(v)
+        assert v.action is Action.QUARANTINE
+        # Past the parser's part limit, the last file is never walked: held.
+        m = EmailMessage()
+        m["From"] = "Laboratoire <resultats@labo.example>"
+        m["To"] = f"docteur@{DOMAIN}"
+        m["Subject"] = "Documents"
+        m.set_content("Ci-joint.")
+        for i in range(1001):
+            m.add_attachment(b"x\n", maintype="text", subtype="plain", filename=f"p{i}.txt")
+        m.add_attachment(SAMPLE, maintype="application", subtype="octet-stream",
+                         filename="rapport.dat")
+        v = await verdict(cfg, to_crlf(bytes(m)))
+        assert "ANTIVIRUS_INCOMPLETE" in names(v)
+        assert v.action in (Action.QUARANTINE, Action.REJECT)
+    finally:
+        await small.stop()
+
+
+async def test_base64_without_its_padding_is_read_as_mail_readers_read_it(tmp_path: Path):
+    small = await small_clamd(tmp_path)
+    try:
+        v = await verdict(make_config(tmp_path / "a", engines=engine(
+            small.socket, clamd_conf=str(small.conf))), unpadded(70))
+        assert "ANTIVIRUS_MALWARE" in names(v)  # sent file by file, decoded
+        assert v.action is Action.REJECT
+    finally:
+        await small.stop()
+
+
+def test_max_scan_time_is_read(tmp_path: Path):
+    conf = tmp_path / "clamd.conf"
+    conf.write_text("MaxScanTime 120000\n")
+    assert max_scan_time_ms(conf) == 120000
+    conf.write_text("LocalSocket /x\n")
+    assert max_scan_time_ms(conf) is None

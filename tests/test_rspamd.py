@@ -230,3 +230,64 @@ def test_a_password_file_others_can_read_is_refused(tmp_path: Path):
     secret.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         make_config(tmp_path, engines={"rspamd": {"enabled": True, "password_file": str(secret)}})
+
+
+async def test_a_value_rspamd_cannot_be_sent_follows_the_failure_contract(tmp_path: Path,
+                                                                          rspamd: RspamdServer):
+    """A HELO with a control character (the SMTP side refuses those; this is the check's own
+    guard) cannot be an HTTP header: rspamd is unavailable for it, 451, never skipped."""
+    from gateway.message import Inbound
+    from gateway.service import build_runtime
+    from gateway.symbols import Action
+    rt = await build_runtime(make_config(tmp_path, engines=engine(rspamd)), with_store=False)
+    try:
+        v = (await rt.pipeline.analyse(Inbound(
+            queue_id="t", peer_ip="192.0.2.1", helo="a\rb", mail_from="",
+            rcpts=(f"docteur@{DOMAIN}",), raw=careless()))).verdict
+    finally:
+        await rt.close()
+    assert "RSPAMD_UNAVAILABLE" in {s.name for s in v.symbols}
+    assert v.action is Action.TEMPFAIL
+
+
+async def test_the_controller_password_never_follows_a_redirect(tmp_path: Path):
+    from aiohttp import web
+
+    from gateway.rspamd import Rspamd, RspamdUnavailable
+    seen: list[str | None] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.2:{port}/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Password"))
+        return web.json_response({"success": True})
+
+    app = web.Application()
+    app.router.add_post("/learnspam", moved)
+    app.router.add_post("/elsewhere", elsewhere)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    site2 = web.TCPSite(runner, "127.0.0.2", 0)
+    await site2.start()
+    port = site2._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    first = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = Rspamd("http://127.0.0.1:9", controller_url=f"http://127.0.0.1:{first}",
+                    password="secret-du-controleur")
+    try:
+        with pytest.raises(RspamdUnavailable, match="307"):
+            await client.learn(careless(), spam=True)
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert seen == []
+
+
+def test_a_password_in_the_url_is_refused(tmp_path: Path):
+    from gateway.errors import ConfigError
+    with pytest.raises(ConfigError, match="password_file") as exc:
+        make_config(tmp_path, engines={"rspamd": {
+            "controller_url": "http://admin:secret@127.0.0.1:11334"}})
+    assert "secret" not in str(exc.value)

@@ -16,19 +16,23 @@ from pathlib import Path
 from typing import ClassVar
 
 from gateway.checks.base import CheckContext, CheckResult, Facts, Hit, Services
-from gateway.clamd import DEFAULT_STREAM_MAX, Clamd, ClamdUnavailable, Found, StreamTooLarge, stream_max_from
+from gateway.clamd import (
+    DEFAULT_STREAM_MAX,
+    Clamd,
+    ClamdUnavailable,
+    Found,
+    StreamTooLarge,
+    max_scan_time_ms,
+    stream_max_from,
+)
 from gateway.message import ParsedMessage, decode_transfer
 
 log = logging.getLogger(__name__)
 
 
-def _decoded(parts: list[tuple[str, bytes, str | None]]) -> list[tuple[str, bytes]]:
-    """Each file's bytes without transfer encoding (as sent, when the encoding is unknown)."""
-    out = []
-    for name, payload, cte in parts:
-        data = decode_transfer(payload, cte)
-        out.append((name, payload if data is None else data))
-    return out
+def _decoded(parts: list[tuple[str, bytes, str | None]]) -> list[tuple[str, bytes | None]]:
+    """Each file's bytes without transfer encoding (None: not decodable)."""
+    return [(name, decode_transfer(payload, cte)) for name, payload, cte in parts]
 
 
 class AntivirusCheck:
@@ -38,7 +42,7 @@ class AntivirusCheck:
     symbols: ClassVar[frozenset[str]] = frozenset({
         "ANTIVIRUS_MALWARE", "ANTIVIRUS_MALWARE_HELD", "ANTIVIRUS_PHISHING",
         "ANTIVIRUS_ENCRYPTED", "ANTIVIRUS_HEURISTIC", "ANTIVIRUS_UNAVAILABLE",
-        "ANTIVIRUS_UNCHECKED", "ANTIVIRUS_TOO_BIG",
+        "ANTIVIRUS_UNCHECKED", "ANTIVIRUS_TOO_BIG", "ANTIVIRUS_INCOMPLETE",
     })
 
     def __init__(self, services: Services) -> None:
@@ -46,8 +50,15 @@ class AntivirusCheck:
         self._cfg = av
         self._workers = services.workers
         self._clamd = Clamd(av.address, connections=av.connections) if av.enabled else None
-        self._max = (av.stream_max_bytes or stream_max_from(Path(av.clamd_conf))
-                     or DEFAULT_STREAM_MAX)
+        conf = Path(av.clamd_conf)
+        self._max = av.stream_max_bytes or stream_max_from(conf) or DEFAULT_STREAM_MAX
+        scan_ms = max_scan_time_ms(conf) if av.enabled else None
+        if scan_ms is not None and (scan_ms == 0 or scan_ms / 1000 > av.timeout_s):
+            # clamd goes on scanning what we gave up on, a thread of its held each time:
+            # a few slow files could then keep all mail waiting.
+            log.warning("clamd's MaxScanTime (%s ms) is longer than engines.clamav.timeout_s "
+                        "(%s s): set MaxScanTime to at most %d in %s", scan_ms or "no limit",
+                        av.timeout_s, int(av.timeout_s * 1000), conf)
 
     async def run(self, msg: ParsedMessage, ctx: CheckContext) -> CheckResult:
         if self._clamd is None:
@@ -94,14 +105,21 @@ class AntivirusCheck:
 
     async def _files(self, msg: ParsedMessage, raw: bytes,
                      hits: list[Hit]) -> list[tuple[str, bytes]]:
-        """The leaf parts of a message too large for one stream, decoded (in a thread); those
-        still too large are named in ANTIVIRUS_TOO_BIG."""
+        """The leaf parts of a message too large for one stream, decoded (in a thread).
+        What cannot be sent so is held, never passed: a file still too large
+        (ANTIVIRUS_TOO_BIG), and parts our parser could not walk or decode where clamd, or
+        a mail reader, might (ANTIVIRUS_INCOMPLETE)."""
         parts = [(p.filename or f"partie {p.path}", p.payload(raw), p.transfer_encoding)
                  for p in msg.parts if not p.is_multipart]
         files = await self._workers.run(_decoded, parts, limit_s=self._cfg.timeout_s)
+        if msg.parts_truncated:
+            hits.append(Hit(symbol="ANTIVIRUS_INCOMPLETE", detail="parts past the parser's limits"))
         fitting = []
         for name, data in files:
-            if len(data) <= self._max:
+            if data is None:
+                hits.append(Hit(symbol="ANTIVIRUS_INCOMPLETE", detail=f"{name}: not decodable",
+                                args=(("part", name),)))
+            elif len(data) <= self._max:
                 fitting.append((name, data))
             else:
                 hits.append(self._too_big(name, len(data)))
