@@ -11,7 +11,10 @@
 #      stop on SIGTERM;
 #   5. `docker-compose --profile essai up`: the gateway and the trial mailbox server (Postfix +
 #      Dovecot, built on the same base), a message through the gateway read back over IMAP,
-#      then `down`.
+#      then `down`;
+#   6. the same with the engine profiles (antivirus: ClamAV, antispam: rspamd and Redis), built
+#      on the same base, clamd given the tests' signature database (no download): a file its
+#      signature names is refused, clean mail reaches the mailbox with rspamd's score.
 # Usage: docker/test.sh            (KEEP=1: leave the images; the containers always go)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +28,8 @@ SUITE=${SUITE:-bookworm}
 BASE_IMAGE=local/debian:$SUITE
 IMAGE=gateway-cabinet:test
 BOITE=gateway-cabinet-boite:test
+CLAMAV=gateway-cabinet-clamav:test
+RSPAMD=gateway-cabinet-rspamd:test
 NET=gateway-test
 SUBNET=172.31.254.0/24
 PEER_IP=172.31.254.10
@@ -53,11 +58,12 @@ cleanup() {
   docker rm -f -v "$PREFIX-gw" "$PREFIX-peer" >/dev/null 2>&1 || true
   if [ -f "$WORK/compose.test.yaml" ]; then
     docker-compose -p "$PREFIX" --env-file "$WORK/compose.env" -f docker/compose.yaml \
-      -f "$WORK/compose.test.yaml" --profile essai down -v >/dev/null 2>&1 || true
+      -f "$WORK/compose.test.yaml" --profile essai --profile antivirus --profile antispam \
+      down -v >/dev/null 2>&1 || true
   fi
   docker network rm "$NET" >/dev/null 2>&1 || true
   if [ -z "${KEEP:-}" ] && [ -n "$DOCKERD_PID" ]; then
-    docker rmi "$IMAGE" "$BOITE" >/dev/null 2>&1 || true
+    docker rmi "$IMAGE" "$BOITE" "$CLAMAV" "$RSPAMD" >/dev/null 2>&1 || true
   fi
   if [ -n "$DOCKERD_PID" ]; then
     kill "$DOCKERD_PID" 2>/dev/null || true
@@ -191,4 +197,50 @@ python3 -m tests.support.container_client compose "$port" "$imap_port" \
        fail "mail through compose"; }
 compose --profile essai down -v >/dev/null 2>&1 || fail "docker-compose down"
 say "compose: relayed into the trial mailbox, then down"
+
+# ---- 6. compose with the engines ----
+for engine in clamav rspamd; do
+  tag=$CLAMAV; [ $engine = rspamd ] && tag=$RSPAMD
+  say "building $tag on $BASE_IMAGE"
+  docker build -f "docker/$engine/Dockerfile" --build-arg "BASE=$BASE_IMAGE" -t "$tag" . \
+    >"$WORK/build-$engine.log" 2>&1 \
+    || { tail -n 40 "$WORK/build-$engine.log"; fail "docker build ($engine)"; }
+done
+# No signature download here: the test's own database (tests/support/clamd.py) in the volume.
+python3 -c 'import sys; from pathlib import Path; from tests.support.clamd import ClamdServer
+ClamdServer(Path(sys.argv[1]))' "$WORK/clamd"
+cat >>"$WORK/compose.env" <<EOF
+CLAMAV_IMAGE=$CLAMAV
+RSPAMD_IMAGE=$RSPAMD
+GATEWAY_CLAMAV=clamav:3310
+GATEWAY_RSPAMD=http://rspamd:11333
+GATEWAY_RSPAMD_CONTROLLER=http://rspamd:11334
+GATEWAY_RSPAMD_PASSWORD_FILE=/run/gateway-rspamd/password
+EOF
+cat >"$WORK/compose.test.yaml" <<EOF
+services:
+  gateway:
+    dns: [$PEER_IP]
+    networks: [default, peer]
+  clamav:
+    volumes: ["$WORK/clamd/db:/var/lib/clamav"]
+  rspamd:
+    dns: [$PEER_IP]
+    networks: [default, peer]
+networks:
+  peer:
+    external: true
+    name: $NET
+EOF
+profiles="--profile essai --profile antivirus --profile antispam"
+compose $profiles up -d --no-build >/dev/null 2>&1 \
+  || { compose $profiles up -d --no-build; fail "docker-compose up (engines)"; }
+cid=$(compose ps -q gateway)
+port=$(docker port "$cid" 25/tcp | sed -n '1s/.*://p')
+say "compose with ClamAV and rspamd: gateway on 127.0.0.1:$port"
+python3 -m tests.support.container_client engines "$port" "$imap_port" \
+  || { for s in gateway clamav rspamd; do docker logs "$(compose ps -q $s)" 2>&1 | tail -n 20; done;
+       fail "mail through compose with the engines"; }
+compose $profiles down -v >/dev/null 2>&1 || fail "docker-compose down (engines)"
+say "compose with the engines: malware refused, rspamd's score in the mailbox, then down"
 say "passed in $(( $(date +%s) - START )) s"

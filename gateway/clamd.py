@@ -97,28 +97,36 @@ class _Session:
 
     async def instream(self, data: bytes) -> Found | None:
         w = self.writer
+        w.write(b"zINSTREAM\0")
+        # Already reading while writing: clamd stops reading a stream over its
+        # StreamMaxLength, says so and closes; once the connection breaks, a reply not yet
+        # taken from the socket is lost, and with it the reason.
+        reply = asyncio.ensure_future(self._reply())
+        await asyncio.sleep(0)
         try:
-            w.write(b"zINSTREAM\0")
-            view = memoryview(data)
-            for start in range(0, len(view), CHUNK):
-                piece = view[start:start + CHUNK]
-                w.write(struct.pack("!L", len(piece)))
-                w.write(piece)
+            try:
+                view = memoryview(data)
+                for start in range(0, len(view), CHUNK):
+                    piece = view[start:start + CHUNK]
+                    w.write(struct.pack("!L", len(piece)))
+                    w.write(piece)
+                    await w.drain()
+                w.write(struct.pack("!L", 0))
                 await w.drain()
-            w.write(struct.pack("!L", 0))
-            await w.drain()
-        except OSError as exc:
-            # clamd stops reading a stream over its StreamMaxLength, says so and closes: when
-            # the connection only ended (no error on it), that reply is still to be read.
-            text = None
-            if self.reader.exception() is None:
+            except OSError as exc:
+                text = None
                 with contextlib.suppress(OSError, TimeoutError, ClamdUnavailable):
                     async with asyncio.timeout(1.0):
-                        text = await self._reply()
-            if text is None:
-                raise _StreamCut(str(exc)) from exc
-            return parse_reply(text)
-        return parse_reply(await self._reply())
+                        text = await reply
+                if text is None:
+                    raise _StreamCut(str(exc)) from exc
+                return parse_reply(text)
+            return parse_reply(await reply)
+        finally:
+            if not reply.done():
+                reply.cancel()
+            elif not reply.cancelled():
+                reply.exception()  # retrieved, whatever it was
 
     async def _reply(self) -> str:
         try:
@@ -178,10 +186,11 @@ class Clamd:
                     if retry:  # one clamd closed while it was idle: once more, fresh
                         retry = False
                         continue
-                    if isinstance(exc, _StreamCut) and len(data) > CHUNK and await self.ping():
-                        # Alive, yet it stopped reading a large stream: over its
-                        # StreamMaxLength (its reply lost with the connection when our write
-                        # failed). A small stream cut is clamd's own trouble: unavailable.
+                    if isinstance(exc, _StreamCut) and await self.ping():
+                        # Alive, yet it stopped reading: a stream over its StreamMaxLength,
+                        # its reply lost with the connection when our write failed first.
+                        # Taken wrongly, this only holds mail: the message is then sent file
+                        # by file, and a file still refused is held (ANTIVIRUS_TOO_BIG).
                         raise StreamTooLarge(f"clamd at {self.address} cut a stream of "
                                              f"{len(data)} bytes") from exc
                     raise ClamdUnavailable(f"clamd at {self.address}: {exc}") from exc

@@ -745,7 +745,13 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "GATEWAY_DOMAINS": ("gateway", "domains"),  # separated by commas or spaces
     "GATEWAY_NEXT_HOP": ("next_hop", "address"),
     "GATEWAY_PUBLIC_URL": ("web", "public_url"),
+    # The engines (docker/compose.yaml's profiles): set, they turn the engine on.
+    "GATEWAY_CLAMAV": ("engines.clamav", "address"),
+    "GATEWAY_RSPAMD": ("engines.rspamd", "url"),
+    "GATEWAY_RSPAMD_CONTROLLER": ("engines.rspamd", "controller_url"),
+    "GATEWAY_RSPAMD_PASSWORD_FILE": ("engines.rspamd", "password_file"),
 }
+_TURNS_ON = {"GATEWAY_CLAMAV", "GATEWAY_RSPAMD"}
 
 
 def from_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
@@ -755,11 +761,15 @@ def from_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list[s
         value = environ.get(name, "").strip()
         if not value:
             continue
-        table = data.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{section} : une section [..] est attendue")
+        table: Any = data
+        for part in section.split("."):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section} : une section [..] est attendue")
         table[key] = [d for d in re.split(r"[\s,]+", value) if d] \
             if key == "domains" else value
+        if name in _TURNS_ON:
+            table["enabled"] = True
         used.append(name)
     return used
 

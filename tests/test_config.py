@@ -143,3 +143,22 @@ def test_web_page_beyond_loopback_needs_https(tmp_path):
         cfgmod.build({**base, "web": {"listen": "0.0.0.0:8080"}})
     cfgmod.build({**base, "web": {"listen": "127.0.0.1:8080"}})
     cfgmod.build({**base, "web": {"listen": ""}})
+
+
+def test_the_environment_turns_the_engines_on(tmp_path: Path):
+    """docker/compose.yaml's engine profiles set these: each turns its engine on."""
+    secret = tmp_path / "rspamd-password"
+    secret.write_text("x\n")
+    secret.chmod(0o600)
+    cfg = config.load(None, environ={
+        "GATEWAY_CLAMAV": "clamav:3310", "GATEWAY_RSPAMD": "http://rspamd:11333",
+        "GATEWAY_RSPAMD_CONTROLLER": "http://rspamd:11334",
+        "GATEWAY_RSPAMD_PASSWORD_FILE": str(secret)})
+    assert cfg.engines.clamav.enabled and cfg.engines.clamav.address == "clamav:3310"
+    r = cfg.engines.rspamd
+    assert r.enabled and r.url == "http://rspamd:11333"
+    assert r.controller_url == "http://rspamd:11334" and r.password_file == str(secret)
+    off = config.load(None, environ={})
+    assert not off.engines.clamav.enabled and not off.engines.rspamd.enabled
+    with pytest.raises(ConfigError, match="engines.clamav.address"):
+        config.load(None, environ={"GATEWAY_CLAMAV": "clamav"})

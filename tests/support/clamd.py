@@ -1,6 +1,8 @@
-"""A real clamd (Debian's clamav-daemon) on a Unix socket in a temporary folder, with a
-signature database the test writes: EICAR by its hash, and a byte pattern of our own for a
-test "malware" file. Nothing is downloaded. Tests skip when clamd is not installed."""
+"""A real clamd (Debian's clamav-daemon) on a Unix socket in a temporary folder, configured
+as docker/clamav/clamd.conf says, with a signature database the test writes: EICAR by its
+hash, and a byte pattern of our own for a test "malware" file. Nothing is downloaded. Tests
+skip when clamd is not installed. Standard library only at import (docker/test.sh's client
+reads SAMPLE from here)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
-
 CLAMD = shutil.which("clamd") or "/usr/sbin/clamd"
+SHIPPED = Path(__file__).resolve().parents[2] / "docker" / "clamav" / "clamd.conf"
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 # A file no YARA rule, type or name check of the gateway finds anything in; only the
 # signature below names it.
@@ -23,6 +24,7 @@ MARKER_SIGNATURE = "Gateway.Test.Sample"
 
 
 def require_clamd() -> None:
+    import pytest  # here: docker/test.sh's client imports this module with the host's python3
     if not Path(CLAMD).is_file():
         pytest.skip("clamd not installed (apt-get install clamav-daemon)")
 
@@ -36,11 +38,16 @@ class ClamdServer:
         (db / "gateway-test.hdb").write_text(
             f"{hashlib.md5(EICAR).hexdigest()}:{len(EICAR)}:Gateway.Test.EICAR\n")
         (db / "gateway-test.ndb").write_text(f"{MARKER_SIGNATURE}:0:*:{MARKER.hex()}\n")
+        # The configuration shipped for a practice (docker/clamav/clamd.conf), with this
+        # test's socket, database, limit and log instead of the container's.
+        ours = {"TCPSocket", "TCPAddr", "LocalSocket", "User", "DatabaseDirectory",
+                "StreamMaxLength", "LogFile", "Foreground"}
+        shipped = [line for line in SHIPPED.read_text().splitlines()
+                   if line.split(maxsplit=1)[:1] and line.split()[0] not in ours]
         self.conf = folder / "clamd.conf"
-        self.conf.write_text(
-            f"LocalSocket {self.socket}\nDatabaseDirectory {db}\nForeground yes\n"
-            f"StreamMaxLength {stream_max}\nAlertEncryptedArchive yes\nIdleTimeout 30\n"
-            f"LogFile {folder / 'clamd.log'}\n")
+        self.conf.write_text("\n".join(shipped) + (
+            f"\nLocalSocket {self.socket}\nDatabaseDirectory {db}\nForeground yes\n"
+            f"StreamMaxLength {stream_max}\nLogFile {folder / 'clamd.log'}\n"))
         self._proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:

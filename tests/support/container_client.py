@@ -2,6 +2,7 @@
 
     python3 -m tests.support.container_client direct PORT OUT   the image run alone
     python3 -m tests.support.container_client compose PORT IMAP_PORT  compose, trial mailbox
+    python3 -m tests.support.container_client engines PORT IMAP_PORT  and ClamAV, rspamd
 
 OUT is the folder where the peer container's sink writes what it receives (n.eml).
 """
@@ -82,7 +83,55 @@ def compose(port: int, imap_port: int) -> None:
             if not all(400 <= c < 500 for c in codes) or time.monotonic() > deadline:
                 raise
             time.sleep(1)
-    deadline = time.monotonic() + 30
+    head = _first_header(imap_port)
+    assert "Subject: essai compose\r\n" in head and "X-Gateway-Action: " in head, head
+    print("docker/test.sh: in the trial mailbox (IMAP):",
+          [line for line in head.split("\r\n") if line.startswith("X-Gateway-Action")])
+
+
+def engines(port: int, imap_port: int) -> None:
+    """Compose with the engine profiles (antivirus, antispam) too: until clamd and rspamd
+    answer, the gateway answers 451 and the client retries; then a file clamd's signature
+    names is refused, and clean mail reaches the mailbox with rspamd's score."""
+    from email.message import EmailMessage
+
+    from tests.support.clamd import SAMPLE
+    signed = EmailMessage()
+    signed["From"] = "bob@compose.test"
+    signed["To"] = "secretariat@cabinet.test"
+    signed["Subject"] = "Rapport"
+    signed.set_content("Ci-joint le rapport.")
+    signed.add_attachment(SAMPLE, maintype="application", subtype="octet-stream",
+                          filename="rapport.dat")
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with greeted(port) as client:
+                client.sendmail("bob@compose.test", ["secretariat@cabinet.test"],
+                                b"From: bob@compose.test\r\nTo: secretariat@cabinet.test\r\n"
+                                b"Subject: essai moteurs\r\n\r\nBonjour\r\n")
+            break
+        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPDataError) as exc:
+            codes = ([code for code, _ in exc.recipients.values()]
+                     if isinstance(exc, smtplib.SMTPRecipientsRefused) else [exc.smtp_code])
+            if not all(400 <= c < 500 for c in codes) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    with greeted(port) as client:
+        try:
+            client.sendmail("bob@compose.test", ["secretariat@cabinet.test"],
+                            signed.as_bytes())
+            sys.exit("the file clamd's signature names was accepted")
+        except smtplib.SMTPDataError as exc:
+            assert exc.smtp_code == 550 and b"logiciel malveillant" in exc.smtp_error, exc
+    head = _first_header(imap_port)
+    assert "Subject: essai moteurs" in head and "RSPAMD_SCORE(" in head, head
+    print("docker/test.sh: engines: malware refused (550); in the mailbox with",
+          [line for line in head.split("\r\n") if line.startswith("X-Gateway-Symbols")])
+
+
+def _first_header(imap_port: int, within_s: float = 30) -> str:
+    deadline = time.monotonic() + within_s
     while True:
         try:
             with imaplib.IMAP4("127.0.0.1", imap_port, timeout=10) as box:
@@ -90,20 +139,18 @@ def compose(port: int, imap_port: int) -> None:
                 _, [count] = box.select("INBOX")
                 if count and int(count) >= 1:
                     _, data = box.fetch("1", "(BODY.PEEK[HEADER])")
-                    head = data[0][1].decode()
-                    break
+                    return str(data[0][1].decode())
         except (OSError, imaplib.IMAP4.error):
             pass
         if time.monotonic() > deadline:
-            sys.exit("nothing in the trial mailbox within 30 s")
+            sys.exit(f"nothing in the trial mailbox within {within_s:g} s")
         time.sleep(0.5)
-    assert "Subject: essai compose\r\n" in head and "X-Gateway-Action: " in head, head
-    print("docker/test.sh: in the trial mailbox (IMAP):",
-          [line for line in head.split("\r\n") if line.startswith("X-Gateway-Action")])
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "direct":
         direct(int(sys.argv[2]), pathlib.Path(sys.argv[3]))
+    elif sys.argv[1] == "engines":
+        engines(int(sys.argv[2]), int(sys.argv[3]))
     else:
         compose(int(sys.argv[2]), int(sys.argv[3]))

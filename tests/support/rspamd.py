@@ -61,7 +61,7 @@ class RspamdServer:
 
     def _configure(self) -> Path:
         conf = self.folder / "etc"
-        shutil.copytree(SHIPPED, conf, dirs_exist_ok=True)
+        shutil.copytree(SHIPPED / "local.d", conf / "local.d", dirs_exist_ok=True)
         override = conf / "override.d"
         override.mkdir(exist_ok=True)
         (override / "worker-normal.inc").write_text(
