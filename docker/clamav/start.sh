@@ -5,8 +5,13 @@
 set -eu
 chown -R clamav:clamav /var/lib/clamav
 freshclam --daemon --checks=2 || echo "clamav: freshclam could not start; signatures are not refreshed" >&2
-until ls /var/lib/clamav/*.cvd /var/lib/clamav/*.cld /var/lib/clamav/*.hdb \
-         /var/lib/clamav/*.ndb >/dev/null 2>&1; do
+has_database() {
+  for f in /var/lib/clamav/*.cvd /var/lib/clamav/*.cld /var/lib/clamav/*.[hn]db; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
+}
+until has_database; do
   echo "clamav: waiting for a signature database in /var/lib/clamav (freshclam)" >&2
   sleep 10
 done

@@ -3,7 +3,9 @@
 set -eu
 mkdir -p /var/lib/rspamd/redis /run/rspamd
 chown -R _rspamd:_rspamd /var/lib/rspamd /run/rspamd
+chmod 0751 /var/lib/rspamd  # Redis goes through to its folder
 chown -R redis:redis /var/lib/rspamd/redis
+chmod 0700 /var/lib/rspamd/redis
 setpriv --reuid=redis --regid=redis --init-groups \
   redis-server --bind 127.0.0.1 --port 6379 --dir /var/lib/rspamd/redis --save "900 1" \
   --appendonly no --daemonize no &
