@@ -347,3 +347,23 @@ def test_max_scan_time_is_read(tmp_path: Path):
     assert max_scan_time_ms(conf) == 120000
     conf.write_text("LocalSocket /x\n")
     assert max_scan_time_ms(conf) is None
+
+
+async def test_a_reload_closes_the_sessions_of_the_check_it_replaced(tmp_path: Path, sink: Sink,
+                                                                     clamd: ClamdServer):
+    """The replaced check's sessions to clamd are closed once no message can still use them
+    (after the message budget), not left open at each SIGHUP."""
+    cfg = make_config(tmp_path, next_hop={"address": sink.address, "starttls": "off"},
+                      scoring={"message_budget_s": 0.5}, engines=engine(clamd.socket))
+    async with running(cfg) as gw:
+        assert (await send(gw.port, message_with("cr.txt", b"Compte rendu.\n"))).startswith("2.0.0")
+        before = gw.runtime.pipeline.check("antivirus")
+        idle = list(before._clamd._idle)  # type: ignore[union-attr]
+        assert len(idle) == 1 and not idle[0].writer.is_closing()
+        assert await gw.reload() is None
+        assert gw.runtime.pipeline.check("antivirus") is not before
+        async with asyncio.timeout(10):
+            while not idle[0].writer.is_closing():
+                await asyncio.sleep(0.05)
+        # The new check scans on sessions of its own.
+        assert (await send(gw.port, message_with("cr.txt", b"Compte rendu.\n"))).startswith("2.0.0")
