@@ -187,10 +187,14 @@ compose() {
   docker-compose -p "$PREFIX" --env-file "$WORK/compose.env" -f docker/compose.yaml \
     -f "$WORK/compose.test.yaml" "$@"
 }
-compose --profile essai up -d --no-build >/dev/null 2>&1 \
-  || { compose --profile essai up -d --no-build; fail "docker-compose up"; }
-cid=$(compose ps -q gateway)
-port=$(docker port "$cid" 25/tcp | sed -n '1s/.*://p')
+# Up with these profiles; the gateway's container ($cid) and its published port ($port).
+compose_up() {
+  compose "$@" up -d --no-build >/dev/null 2>&1 \
+    || { compose "$@" up -d --no-build; fail "docker-compose up $*"; }
+  cid=$(compose ps -q gateway)
+  port=$(docker port "$cid" 25/tcp | sed -n '1s/.*://p')
+}
+compose_up --profile essai
 say "compose: gateway on 127.0.0.1:$port"
 python3 -m tests.support.container_client compose "$port" "$imap_port" \
   || { docker logs "$cid" 2>&1 | tail -n 30; docker logs "$(compose ps -q boite)" 2>&1 | tail -n 30;
@@ -233,10 +237,7 @@ networks:
     name: $NET
 EOF
 profiles="--profile essai --profile antivirus --profile antispam"
-compose $profiles up -d --no-build >/dev/null 2>&1 \
-  || { compose $profiles up -d --no-build; fail "docker-compose up (engines)"; }
-cid=$(compose ps -q gateway)
-port=$(docker port "$cid" 25/tcp | sed -n '1s/.*://p')
+compose_up $profiles
 say "compose with ClamAV and rspamd: gateway on 127.0.0.1:$port"
 python3 -m tests.support.container_client engines "$port" "$imap_port" \
   || { for s in gateway clamav rspamd; do docker logs "$(compose ps -q $s)" 2>&1 | tail -n 20; done;

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STREAM_MAX = 25 * 1024 * 1024  # clamd's own default StreamMaxLength
 CHUNK = 1024 * 1024
 _REPLY_MAX = 64 * 1024
-_SIZE = re.compile(r"^\s*StreamMaxLength\s+(\d+)([kKmMgG]?)\s*$", re.MULTILINE)
+_SIZE = re.compile(r"(\d+)([kKmMgG]?)")
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
 
@@ -45,28 +45,28 @@ class Found:
     signature: str
 
 
-def stream_max_from(conf: Path) -> int | None:
-    """StreamMaxLength of a clamd.conf, in bytes (None: unreadable or not set)."""
+def conf_value(conf: Path, option: str) -> str | None:
+    """The value of `option` in a clamd.conf, as clamd reads it (the last line naming it);
+    None when the file cannot be read or does not set it."""
     try:
         text = conf.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    found = _SIZE.findall(text)
-    if not found:
-        return None
-    number, unit = found[-1]  # clamd takes the last one
-    return int(number) * _UNITS[unit.lower()]
+    found = re.findall(rf"^\s*{option}\s+(\S+)\s*$", text, re.MULTILINE)
+    return found[-1] if found else None
+
+
+def stream_max_from(conf: Path) -> int | None:
+    """StreamMaxLength of a clamd.conf, in bytes (None: unreadable or not set)."""
+    match = _SIZE.fullmatch(conf_value(conf, "StreamMaxLength") or "")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()] if match else None
 
 
 def max_scan_time_ms(conf: Path) -> int | None:
     """MaxScanTime of a clamd.conf, in milliseconds (0: no limit; None: unreadable or not
     set, clamd's default then being 120000)."""
-    try:
-        text = conf.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    found = re.findall(r"^\s*MaxScanTime\s+(\d+)\s*$", text, re.MULTILINE)
-    return int(found[-1]) if found else None
+    value = conf_value(conf, "MaxScanTime")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def parse_reply(text: str) -> Found | None:

@@ -80,7 +80,14 @@ class Monitoring:
                 problems.append(f"store: {str(exc) or type(exc).__name__}")
         for check in self._rt.pipeline.checks:  # an engine mail would wait for (clamd)
             probe = getattr(check, "probe", None)
-            if probe is not None and (problem := await probe()):
+            if probe is None:
+                continue
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    problem = await probe()
+            except Exception as exc:  # noqa: BLE001
+                problem = str(exc) or type(exc).__name__
+            if problem:
                 problems.append(f"{check.name}: {problem}")
         if problems:
             log.warning("not ready", extra={"fields": {"problems": problems}})

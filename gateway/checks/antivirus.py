@@ -25,14 +25,15 @@ from gateway.clamd import (
     max_scan_time_ms,
     stream_max_from,
 )
-from gateway.message import ParsedMessage, decode_transfer
+from gateway.message import ParsedMessage, Part, decode_transfer
 
 log = logging.getLogger(__name__)
 
 
-def _decoded(parts: list[tuple[str, bytes, str | None]]) -> list[tuple[str, bytes | None]]:
-    """Each file's bytes without transfer encoding (None: not decodable)."""
-    return [(name, decode_transfer(payload, cte)) for name, payload, cte in parts]
+def _decoded(raw: bytes, parts: list[Part]) -> list[tuple[str, bytes | None]]:
+    """Each leaf part's bytes without transfer encoding (None: not decodable), by name."""
+    return [(p.filename or f"partie {p.path}", decode_transfer(p.payload(raw), p.transfer_encoding))
+            for p in parts]
 
 
 class AntivirusCheck:
@@ -109,9 +110,8 @@ class AntivirusCheck:
         What cannot be sent so is held, never passed: a file still too large
         (ANTIVIRUS_TOO_BIG), and parts our parser could not walk or decode where clamd, or
         a mail reader, might (ANTIVIRUS_INCOMPLETE)."""
-        parts = [(p.filename or f"partie {p.path}", p.payload(raw), p.transfer_encoding)
-                 for p in msg.parts if not p.is_multipart]
-        files = await self._workers.run(_decoded, parts, limit_s=self._cfg.timeout_s)
+        files = await self._workers.run(_decoded, raw, [p for p in msg.parts if not p.is_multipart],
+                                        limit_s=self._cfg.timeout_s)
         if msg.parts_truncated:
             hits.append(Hit(symbol="ANTIVIRUS_INCOMPLETE", detail="parts past the parser's limits"))
         fitting = []

@@ -889,6 +889,7 @@ def _preview(raw: bytes, show: bool) -> preview.Preview:
 def _joined(*sentences: str) -> str:
     return " ".join(x for x in sentences if x)
 
+
 def _sender(item: Item) -> str:
     """The address to allow or block: From's, else the envelope sender's."""
     found = [a for _, a in header_addresses(item.from_header) if "@" in a]

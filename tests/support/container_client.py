@@ -70,19 +70,7 @@ def compose(port: int, imap_port: int) -> None:
     back over IMAP as a mail client would."""
     # SPF neutral for compose.test: the client comes from the compose network's gateway.
     # The mailbox server may still be starting: 4xx, and the client retries, as an MTA does.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with greeted(port) as client:
-                client.sendmail("bob@compose.test", ["secretariat@cabinet.test"],
-                                b"From: bob@compose.test\r\nTo: secretariat@cabinet.test\r\n"
-                                b"Subject: essai compose\r\n\r\nBonjour\r\n")
-            break
-        except smtplib.SMTPRecipientsRefused as exc:
-            codes = [code for code, _ in exc.recipients.values()]
-            if not all(400 <= c < 500 for c in codes) or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    _send_retrying(port, "essai compose", within_s=60)
     head = _first_header(imap_port)
     assert "Subject: essai compose\r\n" in head and "X-Gateway-Action: " in head, head
     print("docker/test.sh: in the trial mailbox (IMAP):",
@@ -103,20 +91,7 @@ def engines(port: int, imap_port: int) -> None:
     signed.set_content("Ci-joint le rapport.")
     signed.add_attachment(SAMPLE, maintype="application", subtype="octet-stream",
                           filename="rapport.dat")
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with greeted(port) as client:
-                client.sendmail("bob@compose.test", ["secretariat@cabinet.test"],
-                                b"From: bob@compose.test\r\nTo: secretariat@cabinet.test\r\n"
-                                b"Subject: essai moteurs\r\n\r\nBonjour\r\n")
-            break
-        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPDataError) as exc:
-            codes = ([code for code, _ in exc.recipients.values()]
-                     if isinstance(exc, smtplib.SMTPRecipientsRefused) else [exc.smtp_code])
-            if not all(400 <= c < 500 for c in codes) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
+    _send_retrying(port, "essai moteurs", within_s=180)
     with greeted(port) as client:
         try:
             client.sendmail("bob@compose.test", ["secretariat@cabinet.test"],
@@ -128,6 +103,25 @@ def engines(port: int, imap_port: int) -> None:
     assert "Subject: essai moteurs" in head and "RSPAMD_SCORE(" in head, head
     print("docker/test.sh: engines: malware refused (550); in the mailbox with",
           [line for line in head.split("\r\n") if line.startswith("X-Gateway-Symbols")])
+
+
+def _send_retrying(port: int, subject: str, *, within_s: float) -> None:
+    """A short message to the trial mailbox, retried on 4xx as an MTA does (a mailbox server
+    or an engine still starting), at RCPT or at the end of DATA."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with greeted(port) as client:
+                client.sendmail("bob@compose.test", ["secretariat@cabinet.test"],
+                                b"From: bob@compose.test\r\nTo: secretariat@cabinet.test\r\n"
+                                + f"Subject: {subject}\r\n\r\nBonjour\r\n".encode())
+            return
+        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPDataError) as exc:
+            codes = ([code for code, _ in exc.recipients.values()]
+                     if isinstance(exc, smtplib.SMTPRecipientsRefused) else [exc.smtp_code])
+            if not all(400 <= c < 500 for c in codes) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _first_header(imap_port: int, within_s: float = 30) -> str:
